@@ -1,0 +1,71 @@
+"""``cliplab classify``: zero-shot classification of images (files or folders)."""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+from ._common import add_image_args, add_model_args, image_kwargs, load_backbone, report_skipped, write_rows
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("classify", help="classify images zero-shot into free-text labels",
+                       description="Classify images zero-shot. A PATH may be a folder (searched recursively).")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    lab = p.add_mutually_exclusive_group(required=True)
+    lab.add_argument("--labels", help='comma-separated class names, e.g. "cat,dog,red car"')
+    lab.add_argument("--labels-file", help="file with one class name per line (or a JSON list)")
+    p.add_argument("--templates", default="default",
+                   help="template set (default, openai-7, openai-80), a file, or a string with {c}")
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    add_model_args(p)
+    add_image_args(p)
+    p.set_defaults(run=run)
+
+
+def parse_labels(args) -> list[str]:
+    from ..zeroshot import read_labels
+
+    if args.labels is not None:
+        labels = [s.strip() for s in args.labels.split(",") if s.strip()]
+    else:
+        labels = read_labels(args.labels_file)
+    if not labels:
+        raise UsageError("no labels given: pass --labels \"a,b,c\" or a non-empty --labels-file")
+    return labels
+
+
+def run(args) -> int:
+    from ..data.images import find_images
+    from ..zeroshot import ZeroShotClassifier
+
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
+    labels = parse_labels(args)
+    files = find_images(args.paths)
+    if not files:
+        raise UsageError(f"no images found under {', '.join(args.paths)}")
+    clf = ZeroShotClassifier(load_backbone(args), labels, templates=args.templates)
+    kw = image_kwargs(args)
+    if args.strict:
+        feats, skipped = clf.backbone.encode_images(files, **kw), []
+    else:
+        feats, skipped = clf.backbone.encode_images(files, on_error="skip", **kw)
+    skipped_idx = {s.index for s in skipped}
+    kept = [f for i, f in enumerate(files) if i not in skipped_idx]
+    names, probs = clf.topk(feats, k=args.top_k)
+    rows = []
+    for path, n, pr in zip(kept, names, probs):
+        if args.format == "json":
+            rows.append({"path": str(path), "predictions": [
+                {"label": str(a), "prob": float(b)} for a, b in zip(n, pr)]})
+        elif args.format == "csv":
+            rows.extend({"path": str(path), "rank": r + 1, "label": str(a), "prob": round(float(b), 6)}
+                        for r, (a, b) in enumerate(zip(n, pr)))
+        else:
+            row = {"path": str(path), "label": str(n[0]), "prob": float(pr[0])}
+            for r in range(1, len(n)):
+                row[f"#{r + 1}"] = f"{n[r]} ({pr[r]:.3f})"
+            rows.append(row)
+    write_rows(rows, args.format)
+    report_skipped(skipped)
+    return 0

@@ -1,0 +1,62 @@
+"""``cliplab`` command line: the root only registers the command modules.
+
+Exit codes: 0 ok, 1 internal error, 2 usage, 3 model load, 4 bad data,
+5 unsafe checkpoint refused, 130 interrupted (see :mod:`cliplab.errors`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ..errors import CliplabError
+
+COMMANDS = ["classify", "embed", "models", "convert", "demo", "shapes", "train"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cliplab", description="Toolkit for CLIP-style image-text models.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"cliplab.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"cliplab.cli.{name}":
+                continue  # command not shipped in this build
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "run", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except CliplabError as e:
+        print(f"cliplab: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("cliplab: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""``cliplab.load``: one entry point for every kind of CLIP checkpoint, offline first.
+
+A spec is resolved by the first registered source whose ``match`` accepts it
+(register more with :func:`register_source`):
+
+==================  ================================================================
+spec                source
+==================  ================================================================
+``shapes-tiny``     a model bundled inside the package
+``hf-hub:org/name`` an open_clip repository on the Hugging Face Hub (or its cache)
+``ARCH:TAG``        an open_clip pretrained tag, e.g. ``ViT-B-32:openai``
+a folder            open_clip folder (``open_clip_config.json`` + weights) or a
+                    Hugging Face ``transformers`` CLIP folder (``config.json``)
+a file              ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin``: open_clip or
+                    OpenAI-format weights; architecture from ``arch=``, a config
+                    JSON beside it, or inferred from the tensor shapes
+==================  ================================================================
+
+Downloads keep open_clip's real path.  Without network they fail at once with
+:class:`cliplab.errors.OfflineError`, whose message says where to put the files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
+
+import torch
+
+from ..errors import CheckpointMismatch, ModelLoadError, OfflineError, UsageError
+from .backbone import Backbone
+
+log = logging.getLogger("cliplab.models.loading")
+
+__all__ = ["load", "register_source", "list_sources", "build_model", "LoadOptions"]
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+
+
+@dataclass
+class LoadOptions:
+    """Everything a source needs besides the spec (see :func:`load`)."""
+
+    device: str = "cpu"
+    precision: str = "fp32"
+    arch: str | None = None
+    config: str | None = None
+    quick_gelu: bool | None = None
+    trust_pickle: bool = False
+    cache_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Resolved:
+    """What a source returns: config, weights and preprocessing, before building."""
+
+    model_cfg: dict
+    state_dict: dict | None
+    preprocess_cfg: dict
+    name: str
+    model: torch.nn.Module | None = None  # set when open_clip built it already
+
+
+_SOURCES: list[tuple[str, Callable[[str], bool], Callable[[str, LoadOptions], Resolved]]] = []
+
+
+def register_source(name: str, match: Callable[[str], bool]):
+    """Register ``fn(spec, options) -> Resolved`` for specs where ``match(spec)`` is true."""
+    def deco(fn):
+        _SOURCES.append((name, match, fn))
+        return fn
+    return deco
+
+
+def list_sources() -> list[str]:
+    return [name for name, _, _ in _SOURCES]
+
+
+# --------------------------------------------------------------------- building
+def default_preprocess_cfg(model_cfg: dict) -> dict:
+    from open_clip.transform import PreprocessCfg
+
+    cfg = asdict(PreprocessCfg())
+    size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
+    cfg["size"] = size if isinstance(size, int) else tuple(size)
+    cfg.update(model_cfg.get("preprocess_cfg", {}))
+    return cfg
+
+
+def build_model(model_cfg: dict, *, precision: str = "fp32", device: str = "cpu") -> torch.nn.Module:
+    """Instantiate an open_clip ``CLIP``/``CustomTextCLIP`` from a model config dict."""
+    from open_clip.factory import _set_model_device_and_precision
+    from open_clip.model import CLIP, CustomTextCLIP, get_cast_dtype
+
+    cfg = {k: v for k, v in model_cfg.items() if k not in ("custom_text", "preprocess_cfg")}
+    custom = model_cfg.get("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
+    cls = CustomTextCLIP if custom else CLIP
+    try:
+        model = cls(**cfg, cast_dtype=get_cast_dtype(precision))
+    except TypeError as e:
+        raise ModelLoadError(f"invalid open_clip model config: {e}") from e
+    _set_model_device_and_precision(model, torch.device(device), precision)
+    return model.eval()
+
+
+def make_tokenizer(model_cfg: dict):
+    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+
+    text_cfg = model_cfg.get("text_cfg", {})
+    ctx = int(text_cfg.get("context_length", 77))
+    hf_name = text_cfg.get("hf_tokenizer_name")
+    if hf_name:
+        try:
+            return HFTokenizer(hf_name, context_length=ctx, **text_cfg.get("tokenizer_kwargs", {}))
+        except Exception as e:  # offline hub
+            raise OfflineError(f"could not load the tokenizer {hf_name!r}: {e}") from e
+    return SimpleTokenizer(context_length=ctx)
+
+
+def _finish(res: Resolved, opts: LoadOptions) -> Backbone:
+    from .state_dicts import check_state_dict
+
+    cfg = dict(res.model_cfg)
+    if opts.quick_gelu is not None:
+        cfg["quick_gelu"] = bool(opts.quick_gelu)
+    model = res.model
+    if model is None:
+        model = build_model(cfg, precision="fp32", device="cpu")
+        if res.state_dict is not None:
+            check_state_dict(model, res.state_dict)
+        from open_clip.factory import _set_model_device_and_precision
+
+        _set_model_device_and_precision(model, torch.device(opts.device), opts.precision)
+    return Backbone(model.eval(), model_cfg=cfg, preprocess_cfg=res.preprocess_cfg,
+                    tokenizer=make_tokenizer(cfg), name=res.name, device=opts.device,
+                    precision=opts.precision)
+
+
+def load(spec: str | os.PathLike, *, device: str = "cpu", precision: str = "fp32",
+         arch: str | None = None, config: str | os.PathLike | None = None,
+         quick_gelu: bool | None = None, trust_pickle: bool = False,
+         cache_dir: str | None = None) -> Backbone:
+    """Load a CLIP model as a :class:`~cliplab.models.backbone.Backbone`.
+
+    Parameters
+    ----------
+    spec : str or path
+        ``"shapes-tiny"``, ``"ARCH:TAG"`` (``"ViT-B-32:openai"``), ``"hf-hub:org/name"``,
+        an open_clip or Hugging Face folder, or a weights file.
+    device : str, default="cpu"
+    precision : {"fp32", "fp16", "bf16"}, default="fp32"
+    arch : str, optional
+        open_clip architecture name for a bare weights file (e.g. ``"ViT-B-32"``).
+    config : path, optional
+        open_clip config JSON for a bare weights file.
+    quick_gelu : bool, optional
+        Force the activation.  OpenAI-trained weights need QuickGELU; cliplab sets
+        it for OpenAI-format files and warns when a name suggests a mismatch.
+    trust_pickle : bool, default=False
+        Allow checkpoints that need arbitrary code to unpickle (TorchScript
+        archives, pickled objects).  Only for files you trust.
+    cache_dir : str, optional
+        Download cache for hub models.
+
+    Raises
+    ------
+    ModelLoadError, OfflineError, CheckpointMismatch, UnsafeCheckpoint
+    """
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    spec = str(spec)
+    opts = LoadOptions(device=device, precision=precision, arch=arch,
+                       config=None if config is None else str(config), quick_gelu=quick_gelu,
+                       trust_pickle=trust_pickle, cache_dir=cache_dir)
+    for name, match, fn in _SOURCES:
+        if match(spec):
+            log.info("loading %r with the %s source", spec, name)
+            return _finish(fn(spec, opts), opts)
+    raise ModelLoadError(
+        f"cannot resolve model spec {spec!r}: not a bundled model ({', '.join(bundled_models())}), "
+        "not 'ARCH:TAG' (see `cliplab models`), not 'hf-hub:org/name', and no such file or folder")
+
+
+# ---------------------------------------------------------------------- sources
+def bundled_models() -> list[str]:
+    if not BUNDLED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "open_clip_config.json").is_file())
+
+
+def _read_open_clip_config(path: Path) -> tuple[dict, dict]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read config {path}: {e}") from e
+    model_cfg = data.get("model_cfg", data)
+    if "embed_dim" not in model_cfg or "vision_cfg" not in model_cfg:
+        raise ModelLoadError(f"{path} is not an open_clip config (needs embed_dim, vision_cfg, text_cfg)")
+    pre = default_preprocess_cfg(model_cfg)
+    pre.update(data.get("preprocess_cfg", {}))
+    return model_cfg, pre
+
+
+def _open_clip_folder(path: Path, opts: LoadOptions, name: str) -> Resolved:
+    from .state_dicts import read_state_dict
+
+    model_cfg, pre = _read_open_clip_config(path / "open_clip_config.json")
+    weights = _find_weights(path)
+    if weights is None:
+        raise ModelLoadError(f"{path} has open_clip_config.json but no weights file "
+                             f"({', '.join(WEIGHT_SUFFIXES)})")
+    return Resolved(model_cfg, read_state_dict(weights, trust_pickle=opts.trust_pickle), pre, name)
+
+
+def _find_weights(folder: Path) -> Path | None:
+    preferred = ["open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                 "model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"]
+    for fname in preferred:
+        if (folder / fname).is_file():
+            return folder / fname
+    found = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    found.sort(key=lambda p: p.suffix != ".safetensors")
+    return found[0] if found else None
+
+
+@register_source("bundled", lambda spec: spec in bundled_models())
+def _load_bundled(spec: str, opts: LoadOptions) -> Resolved:
+    return _open_clip_folder(BUNDLED_DIR / spec, opts, spec)
+
+
+def _is_local(spec: str) -> bool:
+    return Path(spec).expanduser().exists()
+
+
+@register_source("local", _is_local)
+def _load_local(spec: str, opts: LoadOptions) -> Resolved:
+    from .convert import is_hf_folder, read_hf_folder
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "open_clip_config.json").is_file():
+            return _open_clip_folder(path, opts, path.name)
+        if is_hf_folder(path):
+            model_cfg, sd = read_hf_folder(path)
+            return Resolved(model_cfg, sd, default_preprocess_cfg(model_cfg), path.name)
+        raise ModelLoadError(f"{path} is a folder with neither open_clip_config.json nor a "
+                             "Hugging Face CLIP config.json")
+    return _weights_file(path, opts)
+
+
+def _weights_file(path: Path, opts: LoadOptions) -> Resolved:
+    from .state_dicts import _TORCHSCRIPT_INT_ENTRIES, _is_torchscript_archive, infer_model_cfg, read_state_dict
+
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise ModelLoadError(f"{path}: unknown weights format {path.suffix!r}; "
+                             f"expected one of {', '.join(WEIGHT_SUFFIXES)}")
+    sd = read_state_dict(path, trust_pickle=opts.trust_pickle)
+    if any(k.startswith(("text_model.", "vision_model.")) for k in sd):
+        raise CheckpointMismatch(f"{path} holds Hugging Face transformers weights: load the folder "
+                                 "that contains it and its config.json instead")
+    # OpenAI's own releases are TorchScript archives whose state dicts carry integer
+    # entries (input_resolution, context_length, vocab_size); they need QuickGELU.
+    openai_format = _is_torchscript_archive(path) or any(k in sd for k in _TORCHSCRIPT_INT_ENTRIES)
+    for key in _TORCHSCRIPT_INT_ENTRIES:
+        sd.pop(key, None)
+    beside = [Path(opts.config)] if opts.config else [path.with_suffix(".json"),
+                                                      path.parent / "open_clip_config.json"]
+    if opts.arch:
+        model_cfg = _arch_config(opts.arch)
+        if openai_format and not model_cfg.get("quick_gelu"):
+            log.warning("%s is in OpenAI's format, trained with QuickGELU, but arch %r uses GELU: "
+                        "switching to QuickGELU (pass arch='%s-quickgelu' to silence, or "
+                        "quick_gelu=False to force GELU)", path.name, opts.arch, opts.arch)
+            model_cfg["quick_gelu"] = True
+        pre = default_preprocess_cfg(model_cfg)
+    elif any(p.is_file() for p in beside):
+        model_cfg, pre = _read_open_clip_config(next(p for p in beside if p.is_file()))
+    else:
+        # Tensor shapes give the architecture but cannot tell GELU from QuickGELU.
+        model_cfg = infer_model_cfg(sd)
+        model_cfg["quick_gelu"] = openai_format
+        if not openai_format:
+            log.warning("%s: architecture inferred from the weights with GELU; if these are "
+                        "OpenAI-trained weights pass quick_gelu=True (--arch NAME-quickgelu)", path.name)
+        pre = default_preprocess_cfg(model_cfg)
+    return Resolved(model_cfg, sd, pre, path.stem)
+
+
+def _arch_config(arch: str) -> dict:
+    import open_clip
+
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise ModelLoadError(f"unknown open_clip architecture {arch!r}; `cliplab models --all` lists them")
+    cfg = dict(cfg)
+    if arch.endswith("-quickgelu"):
+        cfg["quick_gelu"] = True
+    return cfg
+
+
+# ---------------------------------------------------------------------- network
+def _hub_endpoint() -> tuple[str, int]:
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connection within ``timeout`` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(_hub_endpoint(), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _cached(repo_id: str, filename: str, cache_dir: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
+    return isinstance(hit, str)
+
+
+def _offline_message(what: str, repo_id: str, filenames: list[str], hint: str) -> str:
+    host, _ = _hub_endpoint()
+    return (f"cannot download {what}: the Hugging Face Hub ({host}) is not reachable and the files "
+            f"are not in the cache. Either run once with network access (files go to "
+            f"~/.cache/huggingface/hub, or HF_HOME), or download {' / '.join(filenames)} from "
+            f"https://{host}/{repo_id} and load it locally: {hint}")
+
+
+def _is_tag(spec: str) -> bool:
+    if ":" not in spec or spec.startswith("hf-hub:") or _is_local(spec):
+        return False
+    import open_clip
+
+    arch, _, tag = spec.partition(":")
+    return arch in open_clip.list_models() and bool(tag)
+
+
+@register_source("open_clip-tag", _is_tag)
+def _load_tag(spec: str, opts: LoadOptions) -> Resolved:
+    import open_clip
+    from open_clip.pretrained import get_pretrained_cfg
+
+    arch, _, tag = spec.partition(":")
+    pcfg = get_pretrained_cfg(arch, tag)
+    if not pcfg:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        raise ModelLoadError(f"no pretrained tag {tag!r} for {arch}; known tags: {', '.join(tags) or 'none'}")
+    model_cfg = _arch_config(arch)
+    if pcfg.get("quick_gelu", False) and not model_cfg.get("quick_gelu", False):
+        log.info("%s was trained with QuickGELU; using it (open_clip name %s-quickgelu)", spec, arch)
+        model_cfg["quick_gelu"] = True
+    repo = pcfg.get("hf_hub", "").rstrip("/")
+    if repo and not hub_reachable():
+        files = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if not any(_cached(repo, f, opts.cache_dir) for f in files):
+            raise OfflineError(_offline_message(
+                spec, repo, files, f"cliplab.load('/path/to/file', arch='{arch}"
+                f"{'-quickgelu' if model_cfg.get('quick_gelu') else ''}')"))
+    elif not repo and pcfg.get("url") and not _url_reachable(pcfg["url"]):
+        raise OfflineError(f"cannot download {spec} from {pcfg['url']} (no network); download it "
+                           f"elsewhere and run cliplab.load('/path/to/file', arch='{arch}')")
+    try:
+        model = open_clip.create_model(arch, pretrained=tag, cache_dir=opts.cache_dir,
+                                       force_quick_gelu=bool(model_cfg.get("quick_gelu")))
+    except Exception as e:
+        raise ModelLoadError(f"open_clip could not load {spec}: {e}") from e
+    pre = default_preprocess_cfg(model_cfg)
+    pre.update({k: pcfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pcfg})
+    return Resolved(model_cfg, None, pre, spec, model=model)
+
+
+def _url_reachable(url: str, timeout: float = 3.0) -> bool:
+    u = urlparse(url)
+    try:
+        socket.create_connection((u.hostname, u.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@register_source("hf-hub", lambda spec: spec.startswith("hf-hub:"))
+def _load_hf_hub(spec: str, opts: LoadOptions) -> Resolved:
+    repo = spec[len("hf-hub:"):].strip("/")
+    if not repo or "/" not in repo:
+        raise UsageError(f"expected 'hf-hub:org/name', got {spec!r}")
+    if not hub_reachable() and not _cached(repo, "open_clip_config.json", opts.cache_dir):
+        raise OfflineError(_offline_message(
+            spec, repo, ["open_clip_config.json", "open_clip_model.safetensors"],
+            "put both in one folder and run cliplab.load('/path/to/folder')"))
+    from huggingface_hub import hf_hub_download
+
+    try:
+        cfg_path = Path(hf_hub_download(repo, "open_clip_config.json", cache_dir=opts.cache_dir))
+    except Exception as e:
+        raise ModelLoadError(f"could not fetch open_clip_config.json from {repo}: {e}") from e
+    model_cfg, pre = _read_open_clip_config(cfg_path)
+    from .state_dicts import read_state_dict
+
+    for fname in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        try:
+            weights = hf_hub_download(repo, fname, cache_dir=opts.cache_dir)
+        except Exception:
+            continue
+        return Resolved(model_cfg, read_state_dict(weights, trust_pickle=opts.trust_pickle), pre, spec)
+    raise ModelLoadError(f"{repo} has no open_clip weights (open_clip_model.safetensors)")

@@ -1,0 +1,16 @@
+"""A tiny random-init CLIP config for fast tests."""
+
+import torch
+
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def make_model(cfg=TINY_CFG, seed=0, **overrides):
+    from cliplab.models.loading import build_model
+
+    torch.manual_seed(seed)
+    return build_model({**cfg, **overrides})

@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny random-init CLIP models saved to disk, as a user would have them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from _tiny import TINY_CFG, make_model
+
+os.environ.setdefault("CLIPLAB_PROGRESS", "0")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """An open_clip folder (config + safetensors) of a tiny random CLIP."""
+    from cliplab.models.convert import save_open_clip_folder
+
+    out = tmp_path_factory.mktemp("tiny-clip")
+    save_open_clip_folder(out, TINY_CFG, make_model().state_dict())
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    import cliplab
+
+    return cliplab.load(tiny_dir)
