@@ -35,7 +35,8 @@ def add_image_args(p) -> None:
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--workers", type=int, default=None, help="decoding threads (default: up to 4)")
     g.add_argument("--max-pixels", type=int, default=None,
-                   help="refuse images with more pixels than this (default: cliplab's limit)")
+                   help="refuse images with more pixels than this; 0 = no limit "
+                        "(default: CLIPLAB_MAX_PIXELS or about 179 million)")
     g.add_argument("--draft", action="store_true", help="fast reduced-size JPEG decoding")
     g.add_argument("--strict", action="store_true", help="stop at the first bad image instead of skipping it")
 
@@ -44,7 +45,7 @@ def image_kwargs(args) -> dict:
     from ..data.images import DEFAULT_MAX_PIXELS
 
     return dict(batch_size=args.batch_size, workers=args.workers, draft=args.draft,
-                max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
+                max_pixels=DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None))
 
 
 def report_skipped(skipped) -> None:

@@ -8,6 +8,7 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("shapes", help="ShapesWorld synthetic data",
                        description="ShapesWorld: procedural coloured-shape scenes with captions, masks and boxes.")
+    p.set_defaults(run=run)  # without a sub-command, run() names the choices
     commands = p.add_subparsers(dest="shapes_command", metavar="SUBCOMMAND")
     e = commands.add_parser("export", help="write scenes as class folders, CSV, JSONL, WebDataset or COCO",
                             description="Render N scenes of a split and write them in a standard format. "

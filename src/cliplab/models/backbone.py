@@ -25,8 +25,6 @@ import logging
 import os
 import threading
 import warnings
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -38,8 +36,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .._progress import progress_bar
-from ..data.images import DEFAULT_MAX_PIXELS, load_image
-from ..errors import BadImage, UsageError
+from ..data.images import DEFAULT_MAX_PIXELS, iter_decoded, load_image
+from ..errors import UsageError
 
 log = logging.getLogger("cliplab.models.backbone")
 
@@ -53,6 +51,10 @@ class Skipped:
     index: int
     source: str
     reason: str
+
+
+def _describe(source, index: int) -> str:
+    return str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__} #{index}>"
 
 
 def _default_workers() -> int:
@@ -310,36 +312,6 @@ class Backbone:
             return list(images) if images.ndim == 4 else [images]
         return list(images)
 
-    def _iter_batches(self, items: list, batch_size: int, *, on_error: str, workers: int,
-                      max_pixels, draft: bool):
-        """Yield (indices, (B, 3, H, W) tensor, skipped) with decoding overlapped.
-
-        Decoding and preprocessing run in a thread pool (PIL releases the GIL),
-        keeping at most two batches in flight ahead of the model.
-        """
-        def work(i):
-            try:
-                return i, self._prepare(items[i], max_pixels, draft), None
-            except BadImage as e:
-                if on_error == "raise":
-                    raise
-                return i, None, Skipped(i, e.source, e.reason)
-
-        ahead = max(2 * batch_size, workers)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cliplab-decode") as pool:
-            pending = deque()
-            nxt = 0
-            while nxt < len(items) or pending:
-                while nxt < len(items) and len(pending) < ahead:
-                    pending.append(pool.submit(work, nxt))
-                    nxt += 1
-                take = min(batch_size, len(pending))
-                done = [pending.popleft().result() for _ in range(take)]
-                idx = [i for i, t, _ in done if t is not None]
-                skipped = [s for _, _, s in done if s is not None]
-                batch = torch.stack([t for _, t, _ in done if t is not None]) if idx else None
-                yield idx, batch, skipped
-
     @torch.inference_mode()
     def _run_images(self, images, *, batch_size, progress, on_error, workers, max_pixels,
                     draft, fn, desc):
@@ -348,17 +320,20 @@ class Backbone:
         if batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         items = self._expand(images)
-        workers = workers or _default_workers()
         outs, skipped = [], []
         bar = progress_bar(total=len(items), progress=progress if len(items) > batch_size else False,
                            desc=desc, unit="img")
+        # Decoding + preprocessing run in threads (PIL releases the GIL), two batches
+        # ahead of the model, so they overlap with compute.
+        batches = iter_decoded(items, batch_size, on_error=on_error, prefetch=2,
+                               workers=workers or _default_workers(),
+                               load=lambda item: self._prepare(item, max_pixels, draft))
         with bar:
-            for idx, batch, skip in self._iter_batches(items, batch_size, on_error=on_error,
-                                                       workers=workers, max_pixels=max_pixels,
-                                                       draft=draft):
-                skipped.extend(skip)
-                if batch is not None:
-                    outs.append(fn(batch.to(self.device, self._dtype)).float().cpu())
+            for idx, tensors, skip in batches:
+                skipped.extend(Skipped(i, _describe(src, i), why) for i, src, why in skip)
+                if tensors:
+                    batch = torch.stack(tensors).to(self.device, self._dtype)  # (B, 3, H, W)
+                    outs.append(fn(batch).float().cpu())
                 bar.update(len(idx) + len(skip))
         if skipped:
             log.warning("skipped %d of %d images (first: %s: %s)", len(skipped), len(items),

@@ -243,7 +243,7 @@ def _is_local(spec: str) -> bool:
 
 @register_source("local", _is_local)
 def _load_local(spec: str, opts: LoadOptions) -> Resolved:
-    from .convert import is_hf_folder, read_hf_folder
+    from .convert import is_hf_folder, read_hf_folder, read_hf_preprocess_cfg
 
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -251,7 +251,8 @@ def _load_local(spec: str, opts: LoadOptions) -> Resolved:
             return _open_clip_folder(path, opts, path.name)
         if is_hf_folder(path):
             model_cfg, sd = read_hf_folder(path)
-            return Resolved(model_cfg, sd, default_preprocess_cfg(model_cfg), path.name)
+            pre = {**default_preprocess_cfg(model_cfg), **(read_hf_preprocess_cfg(path) or {})}
+            return Resolved(model_cfg, sd, pre, path.name)
         raise ModelLoadError(f"{path} is a folder with neither open_clip_config.json nor a "
                              "Hugging Face CLIP config.json")
     return _weights_file(path, opts)

@@ -1,0 +1,785 @@
+"""Safe image decoding: one function turns any image source into an RGB PIL image.
+
+Every image that enters cliplab goes through :func:`load_image` (directly, or through
+:func:`decode_many` / :func:`iter_decoded`, which decode many images in a thread pool).
+It guarantees that
+
+- the result is a fully decoded ``"RGB"`` :class:`PIL.Image.Image`, with the EXIF
+  orientation applied and every other mode converted by :func:`to_rgb`;
+- any problem with the data — missing, empty, truncated or corrupt file, unknown format,
+  more pixels than the limit — raises :class:`cliplab.errors.BadImage` naming the source
+  and the reason, never a PIL exception and never later, at first pixel access;
+- the pixel limit (the decompression-bomb guard) is cliplab's own ``max_pixels``, checked
+  from the header before any pixel is decoded, not PIL's process-wide
+  ``Image.MAX_IMAGE_PIXELS``.
+
+:func:`find_images` expands files and folders given by the user into a list of image
+files.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import logging
+import os
+import re
+import threading
+import warnings
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, NamedTuple, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from cliplab._progress import progress_bar
+from cliplab.errors import BadImage, UsageError
+
+logger = logging.getLogger("cliplab.data.images")
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "MAX_PIXELS_ENV",
+    "DecodedBatch",
+    "decode_many",
+    "default_max_pixels",
+    "find_images",
+    "iter_decoded",
+    "load_image",
+    "to_rgb",
+]
+
+DEFAULT_MAX_PIXELS = 178_956_970
+"""Default pixel limit (width × height) of one image: 178,956,970 pixels.
+
+This is the size at which PIL itself refuses an image by default (twice its
+``Image.MAX_IMAGE_PIXELS``), about 13,377 × 13,377 pixels, or 537 MB once decoded to
+RGB.  Passing ``max_pixels=DEFAULT_MAX_PIXELS`` (the default of every function here)
+means "the value of the ``CLIPLAB_MAX_PIXELS`` environment variable if it is set, else
+this number"; see :func:`default_max_pixels`.
+"""
+
+MAX_PIXELS_ENV = "CLIPLAB_MAX_PIXELS"
+"""Environment variable that overrides :data:`DEFAULT_MAX_PIXELS`."""
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+"""File suffixes (lower case) that :func:`find_images` collects from folders."""
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image]
+
+_UNLIMITED_WORDS = frozenset({"0", "none", "off", "unlimited", "inf"})
+_ON_ERROR = ("raise", "skip")
+
+# PIL reads its decompression-bomb limit from a module global.  Around Image.open we set
+# it to our limit, and turn its DecompressionBombWarning into an exception, under this
+# lock, so that concurrent decodes in our threads never see each other's setting.
+_PIL_GUARD_LOCK = threading.Lock()
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def default_max_pixels() -> int | None:
+    """Return the pixel limit used when a caller passes the default.
+
+    Returns
+    -------
+    int or None
+        ``CLIPLAB_MAX_PIXELS`` parsed as a positive integer when that variable is set
+        (``0``, ``none``, ``off`` or ``unlimited`` mean no limit, returned as ``None``),
+        else :data:`DEFAULT_MAX_PIXELS`.
+
+    Raises
+    ------
+    cliplab.errors.UsageError
+        If the variable is set to something else.
+    """
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip().replace("_", "")
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    if raw.lower() in _UNLIMITED_WORDS:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise UsageError(
+            f"{MAX_PIXELS_ENV}={os.environ[MAX_PIXELS_ENV]!r} is not a pixel count; "
+            "set it to a positive integer, or to 0 / none for no limit"
+        )
+    return value
+
+
+def _resolve_max_pixels(max_pixels: int | None) -> int | None:
+    """Validate ``max_pixels``; the default value defers to :func:`default_max_pixels`."""
+    if max_pixels is None:
+        return None
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)):
+        raise UsageError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
+    if max_pixels == DEFAULT_MAX_PIXELS:
+        return default_max_pixels()
+    if max_pixels < 1:
+        raise UsageError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
+    return int(max_pixels)
+
+
+def _too_large(pixels: int | None, max_pixels: int | None, size: tuple[int, int] | None = None) -> str:
+    """The reason given for an image over the pixel limit."""
+    if pixels is None:
+        count = "the image"
+    elif size is None:
+        count = f"{pixels:,} pixels"
+    else:
+        count = f"{size[0]}x{size[1]} = {pixels:,} pixels"
+    limit = "PIL's limit" if max_pixels is None else f"the limit of {max_pixels:,} pixels"
+    allow = "a larger value" if pixels is None else str(pixels)
+    return (
+        f"{count} exceeds {limit}; pass max_pixels={allow} "
+        f"(or --max-pixels / {MAX_PIXELS_ENV}) to allow it"
+    )
+
+
+def _refused_by_pil(max_pixels: int | None, exc: Exception) -> str:
+    """Reason for PIL's own DecompressionBombError / Warning raised under :func:`_pil_limit`."""
+    match = re.search(r"\((\d+) pixels\)", str(exc))
+    return _too_large(int(match.group(1)) if match else None, max_pixels)
+
+
+@contextlib.contextmanager
+def _pil_limit(max_pixels: int | None) -> Iterator[None]:
+    """Make PIL's own bomb check enforce ``max_pixels``, for the ``with`` block only.
+
+    PIL warns above ``MAX_IMAGE_PIXELS`` and raises above twice that; with the global set
+    to ``max_pixels`` and the warning turned into an error, PIL raises exactly when
+    ``width * height > max_pixels``.  The previous value is restored on exit.
+    """
+    with _PIL_GUARD_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _white_composite(rgba: Image.Image) -> Image.Image:
+    """Composite an ``"RGBA"`` image over opaque white; returns ``"RGB"``."""
+    background = Image.new("RGB", rgba.size, (255, 255, 255))
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
+
+
+def _to_uint8(values: np.ndarray, full_scale: float | None) -> np.ndarray:
+    """Map one channel of integer or float samples to ``uint8``.
+
+    With ``full_scale`` the samples are divided by it (``0..full_scale`` → ``0..255``);
+    without, the finite range ``[min, max]`` is stretched to ``0..255``.
+    """
+    values = values.astype(np.float64)
+    finite = np.isfinite(values)
+    if full_scale is None:
+        lo = float(values[finite].min()) if finite.any() else 0.0
+        hi = float(values[finite].max()) if finite.any() else 0.0
+        values = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+    else:
+        values = values * (255.0 / full_scale)
+    values = np.where(finite, values, 0.0)
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def _high_depth_to_l(image: Image.Image) -> Image.Image:
+    """Scale an ``"I;16*"``, ``"I"`` or ``"F"`` image to an 8-bit ``"L"`` image."""
+    values = np.asarray(image)  # (H, W)
+    if image.mode.startswith("I;16"):
+        full_scale = 65535.0
+    else:
+        finite = values[np.isfinite(values)] if image.mode == "F" else values
+        lo = finite.min() if finite.size else 0
+        hi = finite.max() if finite.size else 0
+        if image.mode == "F" and lo >= 0 and hi <= 1:
+            full_scale = 1.0  # float images in [0, 1]
+        elif image.mode == "I" and lo >= 0 and hi <= 65535:
+            full_scale = 65535.0  # 16-bit data held in a 32-bit image
+        else:
+            full_scale = None  # anything else: stretch [min, max]
+    return Image.fromarray(_to_uint8(values, full_scale), mode="L")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert a PIL image of any mode to 8-bit ``"RGB"``.
+
+    An ``"RGB"`` image without a transparency key is returned as is (the same object);
+    every other image gives a new one.
+
+    Parameters
+    ----------
+    image : PIL.Image.Image
+        Image in any PIL mode.
+
+    Returns
+    -------
+    PIL.Image.Image
+        ``"RGB"`` image of the same size.
+
+    Raises
+    ------
+    cliplab.errors.BadImage
+        If PIL cannot convert the mode.
+
+    Notes
+    -----
+    - Transparency (``"RGBA"``, ``"LA"``, ``"PA"``, ``"RGBa"``, ``"La"``, and ``"P"``,
+      ``"L"`` or ``"RGB"`` images with a ``transparency`` key) is composited over an
+      opaque **white** background: transparent pixels become white, as a viewer shows
+      them, instead of the arbitrary colour stored under alpha 0.
+    - 16-bit images (``"I;16"``, ``"I;16B"``, ``"I;16L"``, ``"I;16N"``) are scaled, not
+      clipped: ``v`` → ``round(v * 255 / 65535)``.  A 32-bit ``"I"`` image whose values
+      lie in ``0..65535`` is read as 16-bit data the same way; one with values outside
+      that range is stretched from its ``[min, max]`` to ``0..255``.
+    - Float ``"F"`` images with values in ``[0, 1]`` are multiplied by 255; others are
+      stretched from ``[min, max]``; NaN and infinities become 0.
+    - ``"CMYK"`` goes through PIL's conversion (PIL's JPEG reader has already undone the
+      inverted CMYK that Adobe applications write).  ``"1"``, ``"L"``, ``"P"``,
+      ``"YCbCr"``, ``"HSV"``, ``"LAB"`` and other modes use PIL's ``convert("RGB")``.
+    - Only the current frame of a multi-frame image is converted.
+    """
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    try:
+        if mode.startswith("I;16") or mode in ("I", "F"):
+            return _high_depth_to_l(image).convert("RGB")
+        if mode == "La":
+            # premultiplied: over white, out = L·a + 255·(1 − a) = L_premul + 255 − A
+            lum, alpha = (np.asarray(band, dtype=np.int16) for band in image.split())
+            grey = np.clip(lum + 255 - alpha, 0, 255).astype(np.uint8)  # (H, W)
+            return Image.fromarray(grey, mode="L").convert("RGB")
+        has_alpha = mode in ("RGBA", "RGBa", "LA", "PA") or "transparency" in image.info
+        if has_alpha:
+            return _white_composite(image.convert("RGBA"))
+        return image.convert("RGB")
+    except (ValueError, OSError) as exc:
+        source = image.filename if isinstance(getattr(image, "filename", None), str) else "<image>"
+        raise BadImage(source, f"cannot convert mode {mode!r} to RGB ({exc})") from exc
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _describe(source: Any) -> str:
+    """A short name for ``source`` in error messages and logs."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fsdecode(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    name = getattr(source, "name", None)
+    if isinstance(name, str):
+        return name
+    return f"<{type(source).__name__}>"
+
+
+def _open_source(source: Any, label: str) -> BinaryIO:
+    """Return a new readable binary stream over ``source``; the caller closes it."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(os.fsdecode(source))
+        try:
+            stream = path.open("rb")
+        except FileNotFoundError:
+            raise BadImage(label, "file not found") from None
+        except IsADirectoryError:
+            raise BadImage(label, "is a directory, not an image file") from None
+        except OSError as exc:
+            raise BadImage(label, f"cannot open file ({exc.strerror or exc})") from None
+        try:
+            size = os.fstat(stream.fileno()).st_size
+        except OSError:
+            size = None
+        if size == 0:
+            stream.close()
+            raise BadImage(label, "empty file (0 bytes)")
+        return stream
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise BadImage(label, "empty data (0 bytes)")
+        return io.BytesIO(bytes(source))
+    if callable(getattr(source, "read", None)):
+        # read it all: PIL's Image.close() would close the caller's file object
+        try:
+            data = source.read()
+        except OSError as exc:
+            raise BadImage(label, f"cannot read file object ({exc})") from None
+        if not isinstance(data, (bytes, bytearray)):
+            raise BadImage(label, "file object is not opened in binary mode ('rb')")
+        if len(data) == 0:
+            raise BadImage(label, "empty data (0 bytes)")
+        return io.BytesIO(data)
+    raise BadImage(
+        label,
+        f"unsupported source type {type(source).__name__}; expected a path, bytes, "
+        "a binary file object or a PIL image",
+    )
+
+
+def _apply_draft(image: Image.Image, draft_size: int, label: str) -> None:
+    """Let libjpeg decode a large JPEG at 1/2, 1/4 or 1/8 scale, keeping both sides
+    at least ``draft_size``."""
+    if image.format != "JPEG" or min(image.size) < 2 * draft_size:
+        return
+    original = image.size
+    # JpegImageFile.draft picks the largest scale 1/s (s in 8, 4, 2) with
+    # s <= min(W // draft_size, H // draft_size), so both sides stay >= draft_size.
+    image.draft("RGB", (draft_size, draft_size))
+    if image.size != original:
+        logger.debug("%s: draft decode %s -> %s", label, original, image.size)
+
+
+def _decode(stream: BinaryIO, label: str, max_pixels: int | None, draft_size: int | None):
+    """Open, check, decode and orient one image; the caller converts and closes."""
+    try:
+        with _pil_limit(max_pixels):
+            image = Image.open(stream)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage(label, _refused_by_pil(max_pixels, exc)) from None
+    except Image.UnidentifiedImageError:
+        raise BadImage(label, "not an image, or a format PIL cannot read") from None
+    except Exception as exc:  # corrupt headers raise an assortment of types
+        raise BadImage(label, f"cannot read image header ({type(exc).__name__}: {exc})") from None
+
+    try:
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise BadImage(label, _too_large(width * height, max_pixels, (width, height)))
+        if draft_size is not None:
+            _apply_draft(image, draft_size, label)
+        with _PIL_GUARD_LOCK:
+            pil_limit = Image.MAX_IMAGE_PIXELS
+        try:
+            if pil_limit is not None and width * height > pil_limit:
+                # some decoders (TIFF, GIF) re-check PIL's global limit while loading:
+                # keep ours in force for this (rare, very large) image
+                with _pil_limit(max_pixels):
+                    image.load()
+            else:
+                image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise BadImage(label, _refused_by_pil(max_pixels, exc)) from None
+        except MemoryError:
+            raise BadImage(label, f"out of memory decoding a {width}x{height} image") from None
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+            if "truncated" in reason:
+                reason = f"truncated file ({reason})"
+            else:
+                reason = f"corrupt image data ({type(exc).__name__}: {reason})"
+            raise BadImage(label, reason) from None
+        try:
+            ImageOps.exif_transpose(image, in_place=True)
+        except Exception as exc:  # a broken EXIF block must not cost a good image
+            logger.warning("%s: ignoring unreadable EXIF orientation (%s)", label, exc)
+        return image
+    except BaseException:
+        image.close()
+        raise
+
+
+def load_image(
+    source: ImageSource,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+) -> Image.Image:
+    """Decode one image safely into an ``"RGB"`` PIL image.
+
+    Parameters
+    ----------
+    source : str, os.PathLike, bytes, binary file object or PIL.Image.Image
+        A path, the encoded bytes, an open binary file (read to its end from its
+        current position, not closed), or an image already in memory.  A PIL image is only
+        passed through :func:`to_rgb`: no EXIF orientation, no pixel limit.
+    max_pixels : int or None, default DEFAULT_MAX_PIXELS
+        Largest ``width * height`` accepted, checked from the header before any pixel
+        is decoded.  The default means ``CLIPLAB_MAX_PIXELS`` if set, else
+        178,956,970 (see :func:`default_max_pixels`); ``None`` means no limit.
+    draft_size : int or None, default None
+        Size the caller will resize to (the model's input size).  A JPEG whose short
+        side is at least twice this is decoded by libjpeg at 1/2, 1/4 or 1/8 scale,
+        choosing the smallest result whose both sides are still ``>= draft_size``:
+        several times faster, and the later resize and centre crop start from an image
+        larger than the model input.  Other formats ignore it.
+
+    Returns
+    -------
+    PIL.Image.Image
+        Fully decoded ``"RGB"`` image, EXIF orientation applied (the first frame of an
+        animated or multi-page file).
+
+    Raises
+    ------
+    cliplab.errors.BadImage
+        If the file is missing, empty, not an image, truncated or corrupt, or has more
+        than ``max_pixels`` pixels.  Its ``source`` and ``reason`` attributes say which
+        and why.
+    cliplab.errors.UsageError
+        If ``max_pixels`` or ``draft_size`` is not a valid value.
+
+    Notes
+    -----
+    PIL's process-wide ``Image.MAX_IMAGE_PIXELS`` is set to ``max_pixels``, and its
+    ``DecompressionBombWarning`` made an error, only while this function parses the
+    header (and, for an image larger than PIL's own limit, decodes it), under a lock
+    shared by all cliplab decoding threads; both are restored afterwards.  So cliplab's
+    limit governs, and PIL's ``DecompressionBombWarning`` / ``DecompressionBombError``
+    come out as :class:`~cliplab.errors.BadImage`.  Threads outside cliplab that open
+    images at that very moment see the same temporary setting.  ``ImageFile.LOAD_TRUNCATED_IMAGES`` is
+    honoured: if the application sets it, truncated files decode with grey filling.
+    Colour conversion follows :func:`to_rgb` (transparency over white).
+
+    Examples
+    --------
+    >>> import io
+    >>> from PIL import Image
+    >>> buffer = io.BytesIO()
+    >>> Image.new("LA", (4, 3), (0, 0)).save(buffer, format="PNG")
+    >>> image = load_image(buffer.getvalue())
+    >>> image.mode, image.size, image.getpixel((0, 0))
+    ('RGB', (4, 3), (255, 255, 255))
+    """
+    max_pixels = _resolve_max_pixels(max_pixels)
+    draft_size = _resolve_draft_size(draft_size)
+    return _load(source, max_pixels, draft_size)
+
+
+def _resolve_draft_size(draft_size: int | None) -> int | None:
+    if draft_size is None:
+        return None
+    if isinstance(draft_size, bool) or not isinstance(draft_size, (int, np.integer)) or draft_size < 1:
+        raise UsageError(f"draft_size must be a positive integer or None, got {draft_size!r}")
+    return int(draft_size)
+
+
+def _load(source: Any, max_pixels: int | None, draft_size: int | None) -> Image.Image:
+    """:func:`load_image` with arguments already validated."""
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    label = _describe(source)
+    stream = _open_source(source, label)
+    try:
+        image = _decode(stream, label, max_pixels, draft_size)
+        try:
+            result = to_rgb(image)
+        except BadImage as exc:
+            image.close()
+            raise BadImage(label, exc.reason) from None
+        if result is image:
+            if getattr(image, "n_frames", 1) > 1:
+                result = image.copy()  # detach from the file that later frames need
+                image.close()
+        else:
+            image.close()
+        return result
+    finally:
+        stream.close()
+
+
+# --------------------------------------------------------------------------- many images
+
+
+class DecodedBatch(NamedTuple):
+    """One batch from :func:`iter_decoded`.
+
+    Attributes
+    ----------
+    indices : list of int
+        Positions in the input of the images decoded, ascending; ``len(images)``.
+    images : list of PIL.Image.Image
+        The ``"RGB"`` images, in input order.
+    skipped : list of (int, object, str)
+        ``(index, source, reason)`` of each image of this batch that failed (only with
+        ``on_error="skip"``).
+    """
+
+    indices: list[int]
+    images: list[Image.Image]
+    skipped: list[tuple[int, Any, str]]
+
+
+def _check_many_args(on_error: str, workers: int, batch_size: int | None = None) -> None:
+    if on_error not in _ON_ERROR:
+        raise UsageError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise UsageError(f"workers must be an integer >= 0 (0: decode in this thread), got {workers!r}")
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def _safe_call(load: Callable[[Any], Any], source: Any) -> Any:
+    """Run ``load(source)``, returning (not raising) a :class:`BadImage`."""
+    try:
+        return load(source)
+    except BadImage as exc:
+        return exc
+
+
+def iter_decoded(
+    sources: Iterable[ImageSource],
+    batch_size: int,
+    *,
+    on_error: str = "raise",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+    workers: int = 4,
+    prefetch: int = 2,
+    load: Callable[[Any], Any] | None = None,
+) -> Iterator[DecodedBatch]:
+    """Decode images in batches, in a thread pool, while the caller uses earlier batches.
+
+    While the caller works on one batch (for example runs the model on it), the
+    following ``prefetch`` batches are being decoded: PIL releases the GIL while it
+    decodes, so decoding overlaps with the caller's compute.
+
+    Parameters
+    ----------
+    sources : iterable of image sources
+        Anything :func:`load_image` accepts; read lazily, at most
+        ``(1 + prefetch) * batch_size`` ahead of the caller.
+    batch_size : int
+        Number of sources per batch (the last one may be shorter).
+    on_error : {"raise", "skip"}, default "raise"
+        ``"raise"``: the first bad image, in input order, raises its
+        :class:`~cliplab.errors.BadImage` when its batch is reached.  ``"skip"``: bad
+        images are left out, reported in the batch's ``skipped`` and logged.
+    max_pixels, draft_size
+        As in :func:`load_image`.
+    workers : int, default 4
+        Decoding threads; 0 decodes in the calling thread, without read-ahead.
+    prefetch : int, default 2
+        Number of batches decoded ahead of the one being returned.
+    load : callable, optional
+        Replaces the per-source work done in the threads (default: :func:`load_image`
+        with ``max_pixels`` and ``draft_size``); it may raise
+        :class:`~cliplab.errors.BadImage`.  The Backbone passes decode + preprocess
+        here so that both overlap with the model.
+
+    Yields
+    ------
+    DecodedBatch
+        ``(indices, images, skipped)`` for each ``batch_size`` consecutive sources, in
+        order; a batch whose images all failed still comes, with empty ``images``.
+
+    Notes
+    -----
+    Closing the generator early (``break`` in a ``for`` loop) cancels the decodes not
+    yet started and waits for the running ones.
+    """
+    _check_many_args(on_error, workers, batch_size)
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise UsageError(f"prefetch must be an integer >= 0, got {prefetch!r}")
+    max_pixels = _resolve_max_pixels(max_pixels)  # once, in the caller's thread
+    draft_size = _resolve_draft_size(draft_size)
+    # not a generator itself, so that bad arguments raise here, not at the first next()
+    if load is None:
+        def load(source):
+            return _load(source, max_pixels, draft_size)
+    return _iter_decoded(sources, batch_size, on_error, load, workers, prefetch)
+
+
+def _iter_decoded(
+    sources: Iterable[Any],
+    batch_size: int,
+    on_error: str,
+    load: Callable[[Any], Any],
+    workers: int,
+    prefetch: int,
+) -> Iterator[DecodedBatch]:
+    """The generator behind :func:`iter_decoded`, arguments already validated."""
+    numbered = enumerate(sources)
+
+    def next_chunk() -> list[tuple[int, Any]]:
+        chunk = []
+        for item in numbered:
+            chunk.append(item)
+            if len(chunk) == batch_size:
+                break
+        return chunk
+
+    def collect(chunk: list[tuple[int, Any]], results: list) -> DecodedBatch:
+        batch = DecodedBatch([], [], [])
+        for (index, source), result in zip(chunk, results):
+            if isinstance(result, Future):
+                result = result.result()
+            if isinstance(result, BadImage):
+                if on_error == "raise":
+                    raise result
+                logger.warning("skipping image %d: %s", index, result)
+                batch.skipped.append((index, source, result.reason))
+            else:
+                batch.indices.append(index)
+                batch.images.append(result)
+        return batch
+
+    if workers == 0:
+        while chunk := next_chunk():
+            yield collect(chunk, [_safe_call(load, s) for _, s in chunk])
+        return
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cliplab-decode")
+    pending: collections.deque = collections.deque()
+    try:
+
+        def submit_next() -> bool:
+            chunk = next_chunk()
+            if chunk:
+                futures = [pool.submit(_safe_call, load, s) for _, s in chunk]
+                pending.append((chunk, futures))
+            return bool(chunk)
+
+        for _ in range(1 + prefetch):
+            if not submit_next():
+                break
+        while pending:
+            chunk, futures = pending.popleft()
+            submit_next()
+            yield collect(chunk, futures)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def decode_many(
+    sources: Iterable[ImageSource],
+    *,
+    on_error: str = "raise",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+    workers: int = 4,
+    progress: bool | None = None,
+) -> tuple[list[Image.Image], list[tuple[int, Any, str]]]:
+    """Decode many images in a thread pool, keeping their order.
+
+    Parameters
+    ----------
+    sources : iterable of image sources
+        Anything :func:`load_image` accepts.
+    on_error : {"raise", "skip"}, default "raise"
+        ``"raise"``: the first bad image (in input order) raises its
+        :class:`~cliplab.errors.BadImage`.  ``"skip"``: bad images are left out of
+        ``images`` and listed in ``skipped``.
+    max_pixels, draft_size
+        As in :func:`load_image`.
+    workers : int, default 4
+        Decoding threads; 0 decodes in the calling thread.
+    progress : bool or None, default None
+        Show a progress bar; ``None`` follows ``CLIPLAB_PROGRESS``.
+
+    Returns
+    -------
+    images : list of PIL.Image.Image
+        The ``"RGB"`` images that decoded, in input order.
+    skipped : list of (int, object, str)
+        ``(index, source, reason)`` of every image left out, by ascending index.
+
+    Examples
+    --------
+    >>> import io
+    >>> from PIL import Image
+    >>> buffer = io.BytesIO()
+    >>> Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    >>> images, skipped = decode_many([buffer.getvalue(), b"not an image"], on_error="skip")
+    >>> len(images), skipped[0][0], skipped[0][2]
+    (1, 1, 'not an image, or a format PIL cannot read')
+    """
+    _check_many_args(on_error, workers)
+    sources = list(sources)
+    images: list[Image.Image] = []
+    skipped: list[tuple[int, Any, str]] = []
+    batch_size = max(1, 4 * workers)
+    with progress_bar(total=len(sources), progress=progress, desc="decode", unit="img") as bar:
+        for batch in iter_decoded(
+            sources,
+            batch_size,
+            on_error=on_error,
+            max_pixels=max_pixels,
+            draft_size=draft_size,
+            workers=workers,
+        ):
+            images.extend(batch.images)
+            skipped.extend(batch.skipped)
+            bar.update(len(batch.images) + len(batch.skipped))
+    return images, skipped
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def find_images(
+    paths: str | os.PathLike | Iterable[str | os.PathLike], *, recursive: bool = True
+) -> list[Path]:
+    """Expand files and folders into a list of image files.
+
+    Parameters
+    ----------
+    paths : path or iterable of paths
+        Files are kept as given, whatever their extension (a bad one then fails
+        with a :class:`~cliplab.errors.BadImage` when decoded, rather than being
+        dropped silently).  Folders are searched for files whose suffix, in any case,
+        is in :data:`IMAGE_EXTENSIONS`; hidden files and folders (name starting with
+        ``.``) are not searched.
+    recursive : bool, default True
+        Search sub-folders too.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The given paths in the given order, each folder replaced by its images sorted
+        by path; a file reached twice is listed once, where first reached.
+
+    Raises
+    ------
+    cliplab.errors.UsageError
+        If a path does not exist.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    found: list[Path] = []
+    seen: set[Path] = set()
+
+    def add(path: Path) -> None:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            found.append(path)
+
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            files = []
+            for root, dirs, names in os.walk(path):
+                dirs[:] = [] if not recursive else [d for d in dirs if not _is_hidden(d)]
+                files.extend(
+                    Path(root, name)
+                    for name in names
+                    if not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+                )
+            for file in sorted(files, key=lambda p: p.parts):
+                add(file)
+            if not files:
+                logger.warning("%s: no image files (%s) found", path, ", ".join(sorted(IMAGE_EXTENSIONS)))
+        elif path.exists():
+            add(path)
+        else:
+            raise UsageError(f"{path}: no such file or directory")
+    return found

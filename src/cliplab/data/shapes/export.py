@@ -1,0 +1,333 @@
+"""Write ShapesWorld scenes in the standard formats the rest of cliplab reads.
+
+Formats
+-------
+``folder``
+    ``out_dir/<class>/<split>_<index>.png``, one sub-folder per class (``"red star"``,
+    ``"star"`` or ``"red"``).  Only for the classification tasks; those tasks force
+    ``n_objects=1`` so every image has exactly one label.
+``csv``
+    ``out_dir/images/*.png`` and ``out_dir/captions.csv`` with **one row per caption**
+    (rows of the same image are consecutive and share ``filepath``; the canonical caption
+    comes first).  Columns: ``filepath,caption,label,split,index,background,n_objects,
+    colors,shapes,defect`` (``colors``/``shapes`` are ``;``-joined, in drawing order).
+    :func:`cliplab.data.sources.read_caption_table` merges the rows back into one record
+    per image.
+``jsonl``
+    ``out_dir/captions.jsonl``, one object per image: ``{"image", "captions", "label",
+    "split", "index", "background", "objects": [{shape, color, size, position, box}],
+    "defects": [{kind, box}]}``.
+``wds``
+    WebDataset shards ``out_dir/shard-000000.tar``... of ``{key}.png``, ``{key}.txt``
+    (captions, one per line) and ``{key}.json`` (the JSONL record without ``image``).
+``coco``
+    ``out_dir/images/*.png`` and ``out_dir/annotations.json``: COCO instances with one
+    category per shape, ``bbox`` as ``[x, y, w, h]``, ``segmentation`` as uncompressed
+    RLE (column-major counts starting with background), plus ``color``/``size``/
+    ``position`` attributes on each annotation.
+
+Tasks: ``color-shape``, ``shape``, ``color`` (classification, label = class name),
+``captions`` (retrieval, no label) and ``detection`` (boxes; label = the ``;``-joined
+object names).  Scenes are indices ``0 .. n-1`` of the split.  Boxes are
+``(x0, y0, x1, y1)`` with exclusive ``x1``/``y1``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..._progress import progress_bar
+from ...errors import UsageError
+from .world import Scene, ShapesWorld
+
+logger = logging.getLogger("cliplab.data.shapes")
+
+EXPORT_FORMATS: tuple[str, ...] = ("folder", "csv", "jsonl", "wds", "coco")
+EXPORT_TASKS: tuple[str, ...] = ("color-shape", "shape", "color", "captions", "detection")
+CLASSIFICATION_TASKS: tuple[str, ...] = ("color-shape", "shape", "color")
+CSV_COLUMNS: tuple[str, ...] = (
+    "filepath", "caption", "label", "split", "index", "background", "n_objects", "colors", "shapes", "defect",
+)
+SHARD_SIZE = 1000
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export` wrote.
+
+    Attributes
+    ----------
+    out_dir : Path
+    fmt, task, split : str
+    n_images : int
+    index_file : Path or None
+        The table / annotation file, or ``None`` for ``folder``.
+    files : list of Path
+        Shards (``wds``) or the index file.
+    classes : list of str
+        Class names for the classification tasks, else empty.
+    """
+
+    out_dir: Path
+    fmt: str
+    task: str
+    split: str
+    n_images: int
+    index_file: Path | None = None
+    files: list[Path] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for the CLI."""
+        where = self.index_file or self.out_dir
+        return f"wrote {self.n_images} {self.split} scenes ({self.task}, {self.fmt}) to {where}"
+
+
+def scene_label(scene: Scene, task: str) -> str | None:
+    """Label of a scene for ``task``: ``"red star"``/``"star"``/``"red"`` of the first
+    object, the ``;``-joined object names for ``detection``, ``None`` for ``captions``."""
+    if task == "captions":
+        return None
+    if task == "detection":
+        return ";".join(o.name for o in scene.objects)
+    obj = scene.objects[0]
+    return {"color-shape": obj.name, "shape": obj.shape, "color": obj.color}[task]
+
+
+def task_classes(world: ShapesWorld, task: str, split: str) -> list[str]:
+    """All class names of a classification task in ``split`` (sorted)."""
+    from .world import COLORS
+
+    shapes = world.shapes_of(split)
+    if task == "shape":
+        return sorted(shapes)
+    if task == "color":
+        return sorted(COLORS)
+    if task == "color-shape":
+        pairs = [f"{c} {s}" for c in COLORS for s in shapes]
+        if split in ("train", "val"):
+            pairs = [p for p in pairs if tuple(p.split(" ")) not in set(world.heldout)]
+        return sorted(pairs)
+    return []
+
+
+def _record(scene: Scene, task: str) -> dict:
+    return {
+        "captions": list(scene.captions),
+        "label": scene_label(scene, task),
+        "split": scene.split,
+        "index": scene.index,
+        "background": scene.background,
+        "objects": [
+            {"shape": o.shape, "color": o.color, "size": o.size, "position": o.position, "box": list(o.box)}
+            for o in scene.objects
+        ],
+        "defects": [{"kind": d["kind"], "box": list(d["box"])} for d in scene.defects],
+    }
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def rle_encode(mask: np.ndarray) -> dict:
+    """Uncompressed COCO RLE of a bool mask (H, W): column-major run lengths, first run
+    counts background pixels."""
+    flat = np.asarray(mask, dtype=np.uint8).ravel(order="F")  # (H*W,) column-major
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0] == 1:
+        counts = [0] + counts
+    return {"counts": counts, "size": [int(mask.shape[0]), int(mask.shape[1])]}
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """Inverse of :func:`rle_encode`: (H, W) bool."""
+    h, w = rle["size"]
+    values = np.zeros(len(rle["counts"]), dtype=bool)
+    values[1::2] = True
+    flat = np.repeat(values, rle["counts"])  # (H*W,)
+    return flat.reshape((h, w), order="F")
+
+
+def export(
+    world: ShapesWorld,
+    out_dir,
+    *,
+    n: int,
+    split: str = "test",
+    task: str = "color-shape",
+    fmt: str = "folder",
+    progress: bool | None = None,
+) -> ExportResult:
+    """Render ``n`` scenes of ``split`` and write them as ``fmt`` for ``task``.
+
+    Parameters
+    ----------
+    world : ShapesWorld
+    out_dir : str or Path
+        Created if missing; existing files of the same names are overwritten.
+    n : int
+        Number of scenes (indices ``0 .. n-1``).
+    split : str, default="test"
+    task : {"color-shape", "shape", "color", "captions", "detection"}
+        Classification tasks render single-object scenes (``n_objects=1``).
+    fmt : {"folder", "csv", "jsonl", "wds", "coco"}
+    progress : bool, optional
+        Progress bar; ``None`` follows ``CLIPLAB_PROGRESS``.
+
+    Returns
+    -------
+    ExportResult
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"unknown format {fmt!r}; choose from {', '.join(EXPORT_FORMATS)}")
+    if task not in EXPORT_TASKS:
+        raise UsageError(f"unknown task {task!r}; choose from {', '.join(EXPORT_TASKS)}")
+    if fmt == "folder" and task not in CLASSIFICATION_TASKS:
+        raise UsageError(f"format 'folder' needs a classification task ({', '.join(CLASSIFICATION_TASKS)}), got {task!r}")
+    world.split(split)  # validates the split name
+    if int(n) != n or n < 1:
+        raise UsageError(f"n must be a positive integer, got {n!r}")
+    n = int(n)
+    if n > world.split_sizes[split]:
+        raise UsageError(f"split {split!r} has {world.split_sizes[split]} scenes, asked for {n}; pass split_sizes")
+    if task in CLASSIFICATION_TASKS and world.n_objects != (1, 1):
+        world = world.replace(n_objects=1)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scenes = progress_bar(
+        (world.scene(split, i) for i in range(n)), progress=progress, total=n, desc=f"export {fmt}", unit="img"
+    )
+    writer = {"folder": _write_folder, "csv": _write_csv, "jsonl": _write_jsonl, "wds": _write_wds, "coco": _write_coco}[fmt]
+    result = ExportResult(out, fmt, task, split, n)
+    writer(scenes, out, task, result)
+    if task in CLASSIFICATION_TASKS:
+        result.classes = task_classes(world, task, split)
+    manifest = {"world": world.config(), "split": split, "task": task, "format": fmt, "n": n}
+    (out / "shapesworld.json").write_text(json.dumps(manifest, indent=1))
+    logger.info(result.summary())
+    return result
+
+
+def _name(scene: Scene) -> str:
+    return f"{scene.split}_{scene.index:07d}"
+
+
+def _save_png(scene: Scene, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(scene.image).save(path, format="PNG")
+
+
+def _write_folder(scenes, out: Path, task: str, result: ExportResult) -> None:
+    for scene in scenes:
+        _save_png(scene, out / scene_label(scene, task) / f"{_name(scene)}.png")
+
+
+def _write_csv(scenes, out: Path, task: str, result: ExportResult) -> None:
+    path = out / "captions.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        for scene in scenes:
+            rel = f"images/{_name(scene)}.png"
+            _save_png(scene, out / rel)
+            label = scene_label(scene, task) or ""
+            colors = ";".join(o.color for o in scene.objects)
+            shapes = ";".join(o.shape for o in scene.objects)
+            defect = scene.defects[0]["kind"] if scene.defects else ""
+            for caption in scene.captions:
+                w.writerow([rel, caption, label, scene.split, scene.index, scene.background,
+                            len(scene.objects), colors, shapes, defect])
+    result.index_file = path
+    result.files = [path]
+
+
+def _write_jsonl(scenes, out: Path, task: str, result: ExportResult) -> None:
+    path = out / "captions.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for scene in scenes:
+            rel = f"images/{_name(scene)}.png"
+            _save_png(scene, out / rel)
+            f.write(json.dumps({"image": rel, **_record(scene, task)}) + "\n")
+    result.index_file = path
+    result.files = [path]
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_wds(scenes, out: Path, task: str, result: ExportResult) -> None:
+    tar, count = None, 0
+    try:
+        for scene in scenes:
+            if count % SHARD_SIZE == 0:
+                if tar is not None:
+                    tar.close()
+                shard = out / f"shard-{count // SHARD_SIZE:06d}.tar"
+                tar = tarfile.open(shard, "w")
+                result.files.append(shard)
+            key = _name(scene)
+            _add_member(tar, f"{key}.png", _png_bytes(scene.image))
+            _add_member(tar, f"{key}.txt", "\n".join(scene.captions).encode("utf-8"))
+            _add_member(tar, f"{key}.json", json.dumps(_record(scene, task)).encode("utf-8"))
+            count += 1
+    finally:
+        if tar is not None:
+            tar.close()
+    result.index_file = result.files[0] if result.files else None
+
+
+def _write_coco(scenes, out: Path, task: str, result: ExportResult) -> None:
+    from .world import SHAPES
+
+    categories = [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]
+    cat_id = {s: i + 1 for i, s in enumerate(SHAPES)}
+    images, annotations = [], []
+    for image_id, scene in enumerate(scenes, start=1):
+        rel = f"images/{_name(scene)}.png"
+        _save_png(scene, out / rel)
+        h, w = scene.image.shape[:2]
+        images.append({"id": image_id, "file_name": rel, "width": w, "height": h,
+                       "captions": list(scene.captions), "background": scene.background})
+        for obj in scene.objects:
+            x0, y0, x1, y1 = obj.box
+            annotations.append({
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": cat_id[obj.shape],
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "area": int(obj.mask.sum()),
+                "iscrowd": 0,
+                "segmentation": rle_encode(obj.mask),
+                "color": obj.color,
+                "size": obj.size,
+                "position": obj.position,
+            })
+    path = out / "annotations.json"
+    coco = {
+        "info": {"description": "ShapesWorld scenes exported by cliplab"},
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
+    path.write_text(json.dumps(coco))
+    result.index_file = path
+    result.files = [path]

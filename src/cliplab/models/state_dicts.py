@@ -1,0 +1,471 @@
+"""Read, inspect and check open_clip / OpenAI-format CLIP state dicts.
+
+Three jobs, each a function:
+
+* :func:`read_state_dict` turns a checkpoint file (safetensors, a ``torch.save``
+  pickle, or OpenAI's original TorchScript archive) into a flat
+  ``{name: tensor}`` dict, refusing anything that needs pickled code unless the
+  caller trusts the file.
+* :func:`infer_model_cfg` reads the architecture off the tensor shapes, the way
+  OpenAI's ``build_model`` does, and returns an open_clip ``model_cfg`` dict.
+* :func:`check_state_dict` loads a state dict strictly into a model and, when
+  it does not fit, raises :class:`~cliplab.errors.CheckpointMismatch` with a
+  message that names the likely fix.
+
+The key layout is the one of ``open_clip.model.CLIP`` (which is also OpenAI's):
+``visual.*`` for the image tower, ``transformer.*``, ``token_embedding``,
+``positional_embedding``, ``ln_final``, ``text_projection`` for the text tower,
+and ``logit_scale``.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from cliplab.errors import CheckpointMismatch, ModelLoadError, UnsafeCheckpoint
+
+__all__ = ["read_state_dict", "infer_model_cfg", "check_state_dict", "mismatch_hints"]
+
+logger = logging.getLogger("cliplab.models.convert")
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# Integer attributes that OpenAI's TorchScript archives keep next to the weights.
+_TORCHSCRIPT_INT_ENTRIES = ("input_resolution", "context_length", "vocab_size")
+# Wrappers used by training scripts around the model weights, tried in order.
+_WRAPPER_KEYS = ("state_dict", "model")
+# How many offending keys an error message lists.
+_SHOW = 5
+
+_TRUST_HINT = "pass trust_pickle=True (command line: --trust-pickle) only if you trust its origin"
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+
+
+def read_state_dict(path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read a CLIP checkpoint file into a flat state dict on the CPU.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A ``.safetensors`` file, or a ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt``
+        file written by ``torch.save`` (or OpenAI's TorchScript archive).
+    trust_pickle : bool, default=False
+        Allow files whose loading runs pickled code: TorchScript archives and
+        pickles holding objects other than tensors and plain containers.  Leave
+        it off for files from the internet; safetensors never need it.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        The weights.  A ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is
+        unwrapped, a ``module.`` prefix (DataParallel / DDP) is removed and
+        non-tensor entries (epoch counters, optimizer settings) are dropped.
+
+    Raises
+    ------
+    ModelLoadError
+        The file is missing, unreadable, corrupt or holds no tensors.
+    UnsafeCheckpoint
+        Loading needs pickled code and ``trust_pickle`` is False.
+
+    Notes
+    -----
+    OpenAI's original ``ViT-B-32.pt`` and friends are TorchScript archives: a
+    zip holding ``code/`` and ``constants.pkl`` besides the weights.  With
+    ``trust_pickle=True`` they are opened with ``torch.jit.load`` and their
+    ``state_dict()`` is returned without the integer entries
+    ``input_resolution``, ``context_length`` and ``vocab_size``.
+
+    Examples
+    --------
+    >>> import tempfile, os, torch
+    >>> f = os.path.join(tempfile.mkdtemp(), "w.pt")
+    >>> torch.save({"state_dict": {"module.logit_scale": torch.tensor(4.6)}}, f)
+    >>> list(read_state_dict(f))
+    ['logit_scale']
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a checkpoint file" if path.is_dir() else "no such file"
+        raise ModelLoadError(f"{path}: {what}")
+    if path.suffix == ".safetensors":
+        raw = _read_safetensors(path)
+    elif _is_torchscript_archive(path):
+        raw = _read_torchscript(path, trust_pickle)
+    else:
+        raw = _read_pickle(path, trust_pickle)
+    return _flatten(raw, path)
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    """True for a zip written by ``torch.jit.save`` (it holds code, not only data)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+
+
+def _read_torchscript(path: Path, trust_pickle: bool) -> dict:
+    if not trust_pickle:
+        raise UnsafeCheckpoint(
+            f"{path} is a TorchScript archive (OpenAI's original format): opening it runs "
+            f"the code stored inside; {_TRUST_HINT}, or convert it once to safetensors"
+        )
+    logger.warning("opening TorchScript archive %s (trusted by the caller)", path)
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot open TorchScript archive ({exc})") from exc
+    state_dict = dict(module.state_dict())
+    for key in _TORCHSCRIPT_INT_ENTRIES:
+        state_dict.pop(key, None)
+    return state_dict
+
+
+def _read_pickle(path: Path, trust_pickle: bool):
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses globals it does not know: the pickle needs code.
+        if not trust_pickle:
+            raise UnsafeCheckpoint(
+                f"{path} is a pickle that needs code to load ({_first_line(exc)}); {_TRUST_HINT}"
+            ) from exc
+    except Exception as exc:  # truncated zip, wrong magic number, I/O error...
+        raise ModelLoadError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from exc
+    logger.warning("unpickling %s with code execution allowed (trusted by the caller)", path)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _flatten(raw, path: Path) -> dict[str, torch.Tensor]:
+    """Unwrap training-script wrappers and return only the tensors."""
+    if isinstance(raw, torch.nn.Module):  # a pickled or scripted whole model
+        raw = {k: v for k, v in raw.state_dict().items() if k not in _TORCHSCRIPT_INT_ENTRIES}
+    for key in _WRAPPER_KEYS:
+        if isinstance(raw, Mapping) and isinstance(raw.get(key), (Mapping, torch.nn.Module)):
+            raw = raw[key]
+            if isinstance(raw, torch.nn.Module):
+                raw = raw.state_dict()
+            break
+    if not isinstance(raw, Mapping):
+        raise ModelLoadError(f"{path}: holds a {type(raw).__name__}, not a state dict")
+    tensors = {str(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    dropped = [str(k) for k in raw if str(k) not in tensors]
+    if dropped:
+        logger.debug("%s: ignoring %d non-tensor entries: %s", path, len(dropped), dropped[:_SHOW])
+    if not tensors:
+        raise ModelLoadError(f"{path}: holds no tensors")
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+# --------------------------------------------------------------------------------------
+# Inferring the architecture
+# --------------------------------------------------------------------------------------
+
+
+def _count_blocks(state_dict: Mapping, prefix: str) -> int:
+    """Number of distinct ``{prefix}{i}.`` indices among the keys."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return len({m.group(1) for k in state_dict if (m := pattern.match(k))})
+
+
+def infer_model_cfg(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """Infer the open_clip ``model_cfg`` of a CLIP from its weight shapes.
+
+    Parameters
+    ----------
+    state_dict : mapping of str to torch.Tensor
+        Weights in the OpenAI / ``open_clip.model.CLIP`` layout, with a ViT or a
+        ModifiedResNet image tower.
+
+    Returns
+    -------
+    dict
+        ``{"embed_dim": int, "vision_cfg": {...}, "text_cfg": {...}}``, ready
+        for ``open_clip.model.CLIP(**model_cfg)``.  ``quick_gelu`` is left out:
+        the activation has no weights, so the caller must decide it (OpenAI's
+        own checkpoints and open_clip's ``*-quickgelu`` models use QuickGELU).
+
+    Raises
+    ------
+    CheckpointMismatch
+        The keys are not those of an open_clip ``CLIP`` (e.g. a Hugging Face
+        transformers checkpoint or a ``CustomTextCLIP`` with a ``text.`` tower).
+
+    Notes
+    -----
+    Read off the shapes, as OpenAI's ``build_model`` does:
+
+    * ``embed_dim`` = ``text_projection.shape[1]``;
+    * ViT: ``width`` = ``visual.conv1.weight.shape[0]``, ``patch_size`` = its
+      kernel size, ``image_size`` = ``patch_size * sqrt(P - 1)`` with ``P`` rows
+      in ``visual.positional_embedding``, ``layers`` = number of residual blocks;
+    * ModifiedResNet: ``layers`` = blocks in each of ``visual.layer1..4``,
+      ``width`` = ``visual.layer1.0.conv1.weight.shape[0]``, ``image_size`` =
+      ``32 * sqrt(P - 1)`` with ``P`` rows in ``visual.attnpool.positional_embedding``;
+    * text: ``context_length``, ``vocab_size``, ``width`` from the embeddings,
+      ``layers`` from the residual blocks; ``mlp_ratio`` of both towers from
+      ``mlp.c_fc.weight``.
+
+    Attention heads leave no trace in the shapes (they split the same
+    ``in_proj_weight``), yet a wrong count loads without error and computes
+    something else.  Like OpenAI, we assume 64-wide heads: text ``heads =
+    width // 64`` and vision ``head_width = 64`` (open_clip's default).  Every
+    OpenAI and LAION CLIP follows this; a model trained otherwise needs its
+    real config.
+
+    Examples
+    --------
+    >>> import open_clip
+    >>> cfg = dict(embed_dim=32, vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2),
+    ...            text_cfg=dict(context_length=16, vocab_size=100, width=64, heads=1, layers=2))
+    >>> model = open_clip.model.CLIP(**cfg)
+    >>> infer_model_cfg(model.state_dict())["vision_cfg"]["image_size"]
+    32
+    """
+    keys = list(state_dict)
+    if "text_projection" not in state_dict or "token_embedding.weight" not in state_dict:
+        hint = _layout_hint(keys)
+        raise CheckpointMismatch(
+            "cannot infer the architecture: the weights lack 'text_projection' / "
+            f"'token_embedding.weight' of an open_clip CLIP{'; ' + hint if hint else ''}"
+        )
+    if "visual.conv1.weight" in state_dict and "visual.proj" in state_dict:
+        vision_cfg = _infer_vit(state_dict)
+    elif "visual.attnpool.positional_embedding" in state_dict:
+        vision_cfg = _infer_resnet(state_dict)
+    else:
+        raise CheckpointMismatch(
+            "cannot infer the image tower: neither a ViT ('visual.conv1.weight', 'visual.proj') "
+            "nor a ModifiedResNet ('visual.attnpool.*'); pass the model config explicitly"
+        )
+    text_projection = state_dict["text_projection"]
+    if text_projection.ndim != 2:
+        raise CheckpointMismatch(f"text_projection has shape {tuple(text_projection.shape)}, expected 2-D")
+    return {
+        "embed_dim": int(text_projection.shape[1]),
+        "vision_cfg": vision_cfg,
+        "text_cfg": _infer_text(state_dict),
+    }
+
+
+def _mlp_ratio(state_dict: Mapping, block_prefix: str, width: int) -> float:
+    c_fc = state_dict.get(block_prefix + "0.mlp.c_fc.weight")
+    return float(c_fc.shape[0] / width) if c_fc is not None else 4.0
+
+
+def _infer_vit(sd: Mapping) -> dict:
+    conv1 = sd["visual.conv1.weight"]  # (D, 3, p, p)
+    width, patch_size = int(conv1.shape[0]), int(conv1.shape[-1])
+    n_pos = int(sd["visual.positional_embedding"].shape[0])  # grid**2 + 1 (class token)
+    grid = round((n_pos - 1) ** 0.5)
+    if grid * grid + 1 != n_pos:
+        raise CheckpointMismatch(
+            f"visual.positional_embedding has {n_pos} rows, not a square grid plus a class token; "
+            "pass the model config explicitly"
+        )
+    cfg = {
+        "image_size": patch_size * grid,
+        "layers": _count_blocks(sd, "visual.transformer.resblocks."),
+        "width": width,
+        "patch_size": patch_size,
+        "head_width": 64,
+        "mlp_ratio": _mlp_ratio(sd, "visual.transformer.resblocks.", width),
+    }
+    if "visual.ln_pre.weight" not in sd:
+        cfg["no_ln_pre"] = True
+    if "visual.transformer.resblocks.0.ls_1.gamma" in sd:
+        cfg["ls_init_value"] = 1e-5  # any value: the trained gammas are loaded over it
+    return cfg
+
+
+def _infer_resnet(sd: Mapping) -> dict:
+    layers = [_count_blocks(sd, f"visual.layer{b}.") for b in (1, 2, 3, 4)]
+    n_pos = int(sd["visual.attnpool.positional_embedding"].shape[0])  # (image_size/32)**2 + 1
+    grid = round((n_pos - 1) ** 0.5)
+    if grid * grid + 1 != n_pos:
+        raise CheckpointMismatch(
+            f"visual.attnpool.positional_embedding has {n_pos} rows, not a square grid plus one"
+        )
+    return {
+        "image_size": grid * 32,
+        "layers": layers,
+        "width": int(sd["visual.layer1.0.conv1.weight"].shape[0]),
+        "head_width": 64,
+    }
+
+
+def _infer_text(sd: Mapping) -> dict:
+    width = int(sd["ln_final.weight"].shape[0])
+    cfg = {
+        "context_length": int(sd["positional_embedding"].shape[0]),
+        "vocab_size": int(sd["token_embedding.weight"].shape[0]),
+        "width": width,
+        "heads": max(width // 64, 1),
+        "layers": _count_blocks(sd, "transformer.resblocks."),
+        "mlp_ratio": _mlp_ratio(sd, "transformer.resblocks.", width),
+    }
+    if "transformer.resblocks.0.ls_1.gamma" in sd:
+        cfg["ls_init_value"] = 1e-5
+    return cfg
+
+
+# --------------------------------------------------------------------------------------
+# Checking
+# --------------------------------------------------------------------------------------
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load ``state_dict`` strictly into ``model``, or explain why it does not fit.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Usually an ``open_clip.model.CLIP``; it receives the weights.
+    state_dict : mapping of str to torch.Tensor
+        The checkpoint's weights.
+
+    Raises
+    ------
+    CheckpointMismatch
+        Keys are missing or unexpected, or shapes differ.  The message lists the
+        first few of each and the likely fix (see :func:`mismatch_hints`).
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = {
+        k: (tuple(state_dict[k].shape), tuple(v.shape))
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    }
+    if missing or unexpected or shapes:
+        raise CheckpointMismatch(_mismatch_message(missing, unexpected, shapes))
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:  # e.g. a dtype that cannot be copied
+        raise CheckpointMismatch(f"checkpoint does not load into the model: {_first_line(exc)}") from exc
+
+
+def _mismatch_message(missing: list, unexpected: list, shapes: dict) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({', '.join(missing[:_SHOW])}{', ...' * (len(missing) > _SHOW)})")
+    if unexpected:
+        parts.append(
+            f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:_SHOW])}{', ...' * (len(unexpected) > _SHOW)})"
+        )
+    if shapes:
+        shown = [f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, (a, b) in list(shapes.items())[:_SHOW]]
+        parts.append(f"{len(shapes)} shape mismatches ({'; '.join(shown)}{'; ...' * (len(shapes) > _SHOW)})")
+    hints = mismatch_hints(missing, unexpected, shapes)
+    return "checkpoint does not fit the model: " + "; ".join(parts) + ". Likely fix: " + " ".join(hints)
+
+
+def _layout_hint(keys: list) -> str:
+    """A hint when the keys belong to another layout altogether (or '')."""
+    if any(k.startswith(("text_model.", "vision_model.")) for k in keys):
+        return (
+            "keys start with 'text_model.'/'vision_model.': this is a Hugging Face transformers "
+            "checkpoint; point cliplab at its folder (with config.json) so it is converted"
+        )
+    if keys and all(k.startswith("module.") for k in keys):
+        return "every key starts with 'module.': strip that prefix (read_state_dict does)"
+    if any(k.startswith("text.") for k in keys):
+        return (
+            "keys start with 'text.': the text tower is a separate module (open_clip "
+            "CustomTextCLIP, custom_text=True in the model config), not the plain CLIP layout"
+        )
+    return ""
+
+
+def mismatch_hints(missing: list, unexpected: list, shapes: Mapping[str, tuple]) -> list[str]:
+    """Turn a failed strict load into likely fixes, most specific first.
+
+    Parameters
+    ----------
+    missing : list of str
+        Keys the model has and the checkpoint lacks.
+    unexpected : list of str
+        Keys the checkpoint has and the model lacks.
+    shapes : mapping of str to (tuple, tuple)
+        ``key -> (checkpoint shape, model shape)`` for keys present in both.
+
+    Returns
+    -------
+    list of str
+        One sentence per recognised cause; a generic one when none is recognised.
+    """
+    hints = []
+    layout = _layout_hint(list(unexpected))
+    if layout:
+        hints.append(layout + ".")
+    if "positional_embedding" in shapes:
+        (ckpt_n, _), (model_n, _) = shapes["positional_embedding"]
+        hints.append(
+            f"positional_embedding has {ckpt_n} positions but the config says {model_n}: "
+            f"pass context_length={ckpt_n} or the right config."
+        )
+    if "visual.positional_embedding" in shapes:
+        ckpt_n, model_n = shapes["visual.positional_embedding"][0][0], shapes["visual.positional_embedding"][1][0]
+        hints.append(
+            f"visual.positional_embedding has {ckpt_n} rows (a {round((ckpt_n - 1) ** 0.5)}-patch grid) "
+            f"but the config makes {model_n}: the image_size / patch_size in the config are wrong."
+        )
+    for key in ("text_projection", "visual.proj"):
+        if key in shapes and shapes[key][0][-1:] != shapes[key][1][-1:]:
+            hints.append(
+                f"embed dims {shapes[key][0][-1]} vs {shapes[key][1][-1]}: wrong architecture name; "
+                "omit it to infer the config from the weights."
+            )
+            break
+    if any(k.startswith("visual.attnpool.") for k in unexpected) and any(k.startswith("visual.conv1") for k in missing):
+        hints.append("the checkpoint has a ModifiedResNet image tower but the config builds a ViT.")
+    elif any(k.startswith("visual.attnpool.") for k in missing) and any(k == "visual.proj" for k in unexpected):
+        hints.append("the checkpoint has a ViT image tower but the config builds a ModifiedResNet.")
+    for tower, prefix in (("text", "transformer.resblocks."), ("vision", "visual.transformer.resblocks.")):
+        extra = _count_blocks(dict.fromkeys(unexpected), prefix)
+        lacking = _count_blocks(dict.fromkeys(missing), prefix)
+        if extra and not lacking:
+            hints.append(f"the checkpoint has {extra} more {tower} layers than the config.")
+        elif lacking and not extra:
+            hints.append(f"the checkpoint has {lacking} fewer {tower} layers than the config.")
+    if not hints:
+        hints.append(
+            "the config does not describe these weights: wrong architecture name; omit it to "
+            "infer the config from the weights."
+        )
+    return hints

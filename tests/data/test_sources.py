@@ -1,0 +1,141 @@
+"""Caption tables and WebDataset shards: reading, merging, skipping and counting."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from cliplab.data.sources import CaptionRecord, SkipLog, iter_webdataset, read_caption_table
+from cliplab.errors import DataError
+
+
+def test_skiplog():
+    log = SkipLog()
+    assert log.count == 0 and len(log) == 0 and log.summary() == "nothing skipped"
+    log.add("a.csv:3", "malformed row: 2 fields")
+    log.add("a.csv:5", "malformed row: 4 fields")
+    log.add("s.tar:k", "no image: x")
+    assert log.count == 3 and len(log) == 3
+    assert log.to_list()[2] == ("s.tar:k", "no image: x")
+    assert log.summary() == "skipped 3 samples: 2 malformed row, 1 no image"
+
+
+def test_csv_merges_rows_and_resolves_paths(tmp_path):
+    (tmp_path / "t.csv").write_text(
+        "filepath,caption,label\n"
+        "img/a.png,a red star,red star\n"
+        "img/a.png,a small red star,red star\n"
+        "/abs/b.png,\"a blue ring, large\",blue ring\n"
+    )
+    recs = read_caption_table(tmp_path / "t.csv")
+    assert recs == [
+        CaptionRecord(tmp_path / "img/a.png", ["a red star", "a small red star"], {"label": "red star"}),
+        CaptionRecord(Path("/abs/b.png"), ["a blue ring, large"], {"label": "blue ring"}),
+    ]
+    recs = read_caption_table(tmp_path / "t.csv", root=tmp_path / "elsewhere")
+    assert recs[0].image == tmp_path / "elsewhere/img/a.png"
+
+
+def test_tsv_and_custom_keys(tmp_path):
+    (tmp_path / "t.tsv").write_text("path\ttext\nx.jpg\thello, world\n")
+    recs = read_caption_table(tmp_path / "t.tsv")  # default keys fall back to aliases
+    assert recs[0].captions == ["hello, world"] and recs[0].image.name == "x.jpg"
+    (tmp_path / "u.csv").write_text("img,desc\nx.jpg,hi\n")
+    recs = read_caption_table(tmp_path / "u.csv", image_key="img", caption_key="desc")
+    assert recs[0].captions == ["hi"]
+
+
+def test_csv_header_problems_raise(tmp_path):
+    (tmp_path / "t.csv").write_text("filepath,label\na.png,x\n")
+    with pytest.raises(DataError, match=r"t\.csv:1: no column 'caption'.*caption_key"):
+        read_caption_table(tmp_path / "t.csv")
+    (tmp_path / "e.csv").write_text("")
+    with pytest.raises(DataError, match="empty file"):
+        read_caption_table(tmp_path / "e.csv")
+    with pytest.raises(DataError, match="no such file"):
+        read_caption_table(tmp_path / "missing.csv")
+    (tmp_path / "t.parquet").write_text("x")
+    with pytest.raises(DataError, match="unknown table type"):
+        read_caption_table(tmp_path / "t.parquet")
+
+
+def test_csv_bad_rows_skipped_and_counted(tmp_path):
+    (tmp_path / "t.csv").write_text(
+        "filepath,caption\n"
+        "a.png,ok\n"
+        "b.png,too,many\n"
+        "c.png,\n"
+        ",no image\n"
+        "\n"
+        "d.png,fine\n"
+    )
+    log = SkipLog()
+    recs = read_caption_table(tmp_path / "t.csv", skip_log=log)
+    assert [r.image.name for r in recs] == ["a.png", "d.png"]
+    assert log.count == 3
+    sources = [s for s, _ in log.to_list()]
+    assert sources == [f"{tmp_path / 't.csv'}:3", f"{tmp_path / 't.csv'}:4", f"{tmp_path / 't.csv'}:5"]
+
+
+def test_jsonl(tmp_path):
+    lines = [
+        json.dumps({"image": "a.png", "captions": ["one", "two"], "label": 3}),
+        "{not json",
+        json.dumps({"image": "b.png", "caption": "three"}),
+        json.dumps({"image": "c.png"}),
+        json.dumps([1, 2]),
+    ]
+    (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
+    log = SkipLog()
+    recs = read_caption_table(tmp_path / "t.jsonl", skip_log=log)
+    assert [(r.image.name, r.captions) for r in recs] == [("a.png", ["one", "two"]), ("b.png", ["three"])]
+    assert recs[0].meta == {"label": 3}
+    assert log.count == 3
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+PNG = b"\x89PNG fake"
+
+
+def test_webdataset_groups_and_skips(tmp_path):
+    _tar(tmp_path / "s0.tar", [
+        ("a.png", PNG), ("a.txt", b"cap a\ncap a2\n"), ("a.json", b'{"label": 1}'),
+        ("b.png", PNG),                                       # no text
+        ("c.txt", b"only text"),                              # no image
+        ("d.jpg", PNG), ("d.json", b'{"caption": "from json"}'),
+        ("dir/e.x.png", PNG), ("dir/e.x.txt", b"nested"),
+    ])
+    _tar(tmp_path / "s1.tar", [("f.png", PNG), ("f.txt", b"shard two")])
+    log = SkipLog()
+    got = list(iter_webdataset([tmp_path / "s0.tar", tmp_path / "s1.tar"], skip_log=log))
+    assert [g[0] for g in got] == ["a", "d", "dir/e", "f"]
+    assert got[0][1] == PNG and got[0][2] == ["cap a", "cap a2"] and got[0][3]["label"] == 1
+    assert got[1][2] == ["from json"]
+    assert got[2][2] == ["nested"]
+    reasons = sorted(r.split(":")[0] for _, r in log.to_list())
+    assert reasons == ["no image", "no text"]
+
+
+def test_webdataset_truncated_shard_reported(tmp_path):
+    members = [(f"k{i}.png", PNG * 200) for i in range(5)]
+    members = [m for i, m in enumerate(members) for m in (m, (f"k{i}.txt", b"t"))]
+    _tar(tmp_path / "s.tar", members)
+    data = (tmp_path / "s.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
+    log = SkipLog()
+    got = list(iter_webdataset(tmp_path / "cut.tar", skip_log=log))
+    assert 0 < len(got) < 5
+    assert any("truncated" in r for _, r in log.to_list())
+    with pytest.raises(DataError, match="no such shard"):
+        list(iter_webdataset(tmp_path / "nope.tar"))
