@@ -237,15 +237,20 @@ def _load_bundled(spec: str, opts: LoadOptions) -> Resolved:
     return _open_clip_folder(BUNDLED_DIR / spec, opts, spec)
 
 
+def _local_path(spec: str) -> Path:
+    """A file or folder spec; open_clip's ``local-dir:`` prefix is accepted too."""
+    return Path(spec.removeprefix("local-dir:")).expanduser()
+
+
 def _is_local(spec: str) -> bool:
-    return Path(spec).expanduser().exists()
+    return _local_path(spec).exists()
 
 
 @register_source("local", _is_local)
 def _load_local(spec: str, opts: LoadOptions) -> Resolved:
     from .convert import is_hf_folder, read_hf_folder, read_hf_preprocess_cfg
 
-    path = Path(spec).expanduser()
+    path = _local_path(spec)
     if path.is_dir():
         if (path / "open_clip_config.json").is_file():
             return _open_clip_folder(path, opts, path.name)

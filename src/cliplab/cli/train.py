@@ -1,0 +1,100 @@
+"""``cliplab train``: train a CLIP model with a recipe or on a caption table.
+
+Runs on one process, or data-parallel under ``torchrun --nproc_per_node K -m
+cliplab.cli.main train ...`` (the global ``--batch-size`` is split over ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import UsageError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a CLIP model (recipe or caption table)",
+        description="Train with a named recipe (--recipe shapes-tiny) or on a CSV/JSONL caption table "
+                    "(--data FILE --model-config CFG). Writes metrics.jsonl/csv and checkpoints "
+                    "loadable as local-dir:OUT/checkpoints/step_N.")
+    src = p.add_argument_group("what to train")
+    src.add_argument("--recipe", help="a registered recipe, e.g. shapes-tiny")
+    src.add_argument("--data", help="CSV/JSONL caption table (image path + one or more captions)")
+    src.add_argument("--model-config",
+                     help="open_clip architecture: a JSON file (model_cfg or open_clip_config.json) "
+                          "or a built-in open_clip name such as ViT-B-32 (with --data)")
+    src.add_argument("--loss", help="infonce (default) or sigmoid")
+    run_g = p.add_argument_group("run")
+    run_g.add_argument("--out", help="output folder (recipe default: runs/<recipe>)")
+    run_g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+    run_g.add_argument("--steps", type=int)
+    run_g.add_argument("--stop-at", type=int, help="stop after this step (the schedule still spans --steps)")
+    run_g.add_argument("--seed", type=int)
+    run_g.add_argument("--batch-size", type=int, help="global batch size")
+    run_g.add_argument("--lr", type=float)
+    run_g.add_argument("--weight-decay", type=float)
+    run_g.add_argument("--warmup-steps", type=int)
+    run_g.add_argument("--grad-clip", type=float, help="max gradient norm; 0 disables clipping")
+    run_g.add_argument("--precision", choices=["fp32", "amp", "amp_bf16"], help="AMP is used on CUDA only")
+    run_g.add_argument("--ckpt-every", type=int)
+    run_g.add_argument("--eval-every", type=int)
+    run_g.add_argument("--log-every", type=int)
+    run_g.add_argument("--num-workers", type=int, help="data-loading processes")
+    run_g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1...")
+    p.set_defaults(run=run)
+
+
+def _overrides(args) -> dict:
+    out = {"steps": args.steps, "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr,
+           "weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps, "loss": args.loss,
+           "precision": args.precision, "ckpt_every": args.ckpt_every, "eval_every": args.eval_every,
+           "log_every": args.log_every, "num_workers": args.num_workers, "device": args.device,
+           "out_dir": args.out}
+    if args.grad_clip is not None:
+        out["grad_clip"] = args.grad_clip or None
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _read_model_config(spec: str) -> tuple[dict, dict]:
+    path = Path(spec)
+    if path.is_file():
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read model config {spec}: {e}") from e
+        if "model_cfg" in cfg:
+            return cfg["model_cfg"], cfg.get("preprocess_cfg", {})
+        return cfg, {}
+    from open_clip import get_model_config
+
+    cfg = get_model_config(spec)
+    if cfg is None:
+        raise UsageError(f"--model-config {spec!r} is neither a JSON file nor an open_clip architecture name")
+    return cfg, {}
+
+
+def run(args) -> int:
+    from ..train.recipes import get_recipe, recipe_from_table, run_recipe
+
+    if bool(args.recipe) == bool(args.data):
+        raise UsageError("give --recipe NAME or --data FILE (exactly one of them)")
+    overrides = _overrides(args)
+    if args.recipe:
+        if args.model_config:
+            raise UsageError("--model-config goes with --data; a recipe defines its own model")
+        recipe = get_recipe(args.recipe, **overrides)
+    else:
+        if not args.model_config:
+            raise UsageError("--data needs --model-config (a JSON file or an open_clip name)")
+        overrides.setdefault("out_dir", "runs/train")
+        model_cfg, preprocess_cfg = _read_model_config(args.model_config)
+        recipe = recipe_from_table(args.data, model_cfg, preprocess_cfg, **overrides)
+    result = run_recipe(recipe, resume=args.resume, stop_at=args.stop_at)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for key, value in result.items():
+            print(f"{key:>16}  {value:.4f}" if isinstance(value, float) else f"{key:>16}  {value}")
+        if result.get("checkpoint"):
+            print(f"load it with --model local-dir:{result['checkpoint']}")
+    return 0

@@ -1,0 +1,24 @@
+"""Training: contrastive losses, one Trainer (resumable, data-parallel) and recipes.
+
+>>> from cliplab.train import get_recipe, list_recipes
+>>> "shapes-tiny" in list_recipes()
+True
+"""
+
+from cliplab.train.losses import get_loss, list_losses, register_loss
+from cliplab.train.recipes import Recipe, build_model, get_recipe, list_recipes, register_recipe
+from cliplab.train.trainer import TrainConfig, Trainer, latest_checkpoint
+
+__all__ = [
+    "Trainer",
+    "TrainConfig",
+    "get_loss",
+    "list_losses",
+    "register_loss",
+    "Recipe",
+    "build_model",
+    "get_recipe",
+    "list_recipes",
+    "register_recipe",
+    "latest_checkpoint",
+]

@@ -1,0 +1,200 @@
+"""Training sets of the Trainer and the deterministic batch order.
+
+A training set is any map-style dataset (``len(ds)``, ``ds[i]``) whose items
+are ``(image, captions)``: ``image`` an RGB ``uint8`` array of shape (H, W, 3)
+or a PIL image, ``captions`` a non-empty list of strings (several phrasings of
+one caption, LaCLIP-style).  A set may also offer
+``get_batch(indices) -> (images, captions_lists)`` to load many items at once.
+
+The data a step sees is a pure function of ``(seed, step)``:
+:func:`global_batch_indices` walks through one permutation per epoch and
+:func:`caption_choice` picks one caption per sample.  Resumed and
+data-parallel runs therefore see exactly the batches of a single
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from cliplab.errors import DataError
+
+# Domain tags keep the streams of the batch order and the caption choice apart.
+_ORDER_STREAM = 0
+_CAPTION_STREAM = 1
+
+
+@runtime_checkable
+class ImageTextDataset(Protocol):
+    """Map-style dataset of ``(image, captions)`` items."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int): ...
+
+
+@lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, _ORDER_STREAM, epoch]).permutation(n)
+
+
+def global_batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Dataset indices of the global batch of ``step`` (a pure function).
+
+    Sample ``p = step * batch_size + j`` of the stream is element
+    ``p mod n`` of epoch ``p // n``'s permutation, drawn from
+    ``np.random.default_rng([seed, 0, epoch])``; batches may straddle epochs.
+
+    Parameters
+    ----------
+    n : int
+        Dataset length.
+    batch_size : int
+        Global batch size.
+    seed, step : int
+
+    Returns
+    -------
+    numpy.ndarray of shape (batch_size,), int64
+    """
+    positions = step * batch_size + np.arange(batch_size, dtype=np.int64)
+    epochs, offsets = np.divmod(positions, n)
+    out = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        mask = epochs == epoch
+        out[mask] = _epoch_permutation(n, seed, int(epoch))[offsets[mask]]
+    return out
+
+
+def caption_choice(n_captions: Sequence[int], seed: int, step: int, start: int = 0) -> list[int]:
+    """Which caption each sample of a step uses (LaCLIP: uniform over phrasings).
+
+    Sample ``start + j`` of the global batch of ``step`` takes caption
+    ``floor(u_j * n_captions[j])`` with ``u`` uniform from
+    ``np.random.default_rng([seed, 1, step])``.  A rank holding the slice
+    starting at ``start`` gets the same choices as one process.
+    """
+    u = np.random.default_rng([seed, _CAPTION_STREAM, step]).random(start + len(n_captions))[start:]
+    return [min(int(x * k), k - 1) for x, k in zip(u, n_captions)]
+
+
+class ShapesTrainSet:
+    """A ShapesWorld split as a training set.
+
+    Parameters
+    ----------
+    world : cliplab.data.shapes.ShapesWorld
+    split : str, default "train"
+
+    Examples
+    --------
+    >>> from cliplab.data.shapes import ShapesWorld          # doctest: +SKIP
+    >>> ds = ShapesTrainSet(ShapesWorld(seed=0), "train")    # doctest: +SKIP
+    >>> image, captions = ds[0]                              # doctest: +SKIP
+    """
+
+    def __init__(self, world, split: str = "train"):
+        self.world = world
+        self.split = split
+        self._scenes = world.split(split)
+
+    def __len__(self) -> int:
+        return len(self._scenes)
+
+    def __getitem__(self, index: int):
+        scene = self._scenes[int(index)]
+        return scene.image, list(scene.captions)
+
+    def get_batch(self, indices):
+        """``(uint8 array (N, H, W, 3), list of caption lists)`` in one render call."""
+        images, scenes = self.world.render_batch(self.split, [int(i) for i in indices])
+        return images, [list(s.captions) for s in scenes]
+
+
+class CaptionTableSet:
+    """Image files with captions (rows of a CSV/JSONL/WebDataset caption table).
+
+    Parameters
+    ----------
+    records : sequence of CaptionRecord
+        Objects with ``.image`` (a path) and ``.captions`` (list of str), as
+        returned by :func:`cliplab.data.sources.read_caption_table`.
+    loader : callable, optional
+        ``path -> PIL.Image``; default :func:`cliplab.data.images.load_image`,
+        which raises :class:`~cliplab.errors.BadImage` on broken files (the
+        Trainer counts and replaces those samples).
+
+    Raises
+    ------
+    DataError
+        If the table is empty or a record has no caption.
+    """
+
+    def __init__(self, records, *, loader=None):
+        self.records = list(records)
+        if not self.records:
+            raise DataError("the caption table has no rows")
+        for r in self.records:
+            if not r.captions:
+                raise DataError(f"{r.image}: the row has no caption")
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        record = self.records[int(index)]
+        loader = self.loader
+        if loader is None:
+            from cliplab.data.images import load_image
+
+            loader = load_image
+        return loader(record.image), list(record.captions)
+
+
+class ConcatSet:
+    """Several training sets one after another (e.g. a mixture of scene kinds).
+
+    Item ``i`` comes from the first set whose cumulative length exceeds ``i``;
+    with uniform batch sampling, each set's share of the batches is its share
+    of the total length.
+    """
+
+    def __init__(self, *sets):
+        if not sets:
+            raise ValueError("ConcatSet needs at least one set")
+        self.sets = sets
+        self.offsets = np.cumsum([0] + [len(s) for s in sets])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        k = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        return k, int(index - self.offsets[k])
+
+    def __getitem__(self, index: int):
+        k, i = self._locate(int(index))
+        return self.sets[k][i]
+
+    def get_batch(self, indices):
+        """Load per member set (with its own ``get_batch`` when it has one), in the given order."""
+        located = [self._locate(int(i)) for i in indices]
+        images, captions = [None] * len(located), [None] * len(located)
+        for k, member in enumerate(self.sets):
+            pos = [j for j, (kk, _) in enumerate(located) if kk == k]
+            if not pos:
+                continue
+            local = [located[j][1] for j in pos]
+            if hasattr(member, "get_batch"):
+                imgs, caps = member.get_batch(local)
+            else:
+                imgs, caps = zip(*(member[i] for i in local))
+            for j, im, c in zip(pos, imgs, caps):
+                images[j], captions[j] = im, list(c)
+        return images, captions

@@ -1,0 +1,294 @@
+"""Training recipes: an architecture, its data, its hyper-parameters and its validation.
+
+A recipe is a function registered with :func:`register_recipe` that returns a
+:class:`Recipe`; :func:`get_recipe` looks one up and applies overrides of
+:class:`~cliplab.train.TrainConfig` fields::
+
+    recipe = get_recipe("shapes-tiny", steps=100, out_dir="runs/quick")
+    built = build_model(recipe.model_cfg, recipe.preprocess_cfg, loss=recipe.config.loss,
+                        seed=recipe.config.seed)
+    Trainer(built.model, built.tokenizer, built.preprocess, recipe.train_set, recipe.config,
+            recipe.evaluate, model_cfg=built.model_cfg).fit()
+
+``shapes-tiny``
+    The embedded default model: a 7.6M-parameter CLIP (ViT 64 px / patch 8,
+    width 128, 3 + 3 layers, 4 heads, embedding 128, CLIP BPE vocabulary,
+    context 32 tokens) trained with InfoNCE on ShapesWorld scenes, 80 % with
+    one object and 20 % with two or three, one of five caption phrasings per
+    step (LaCLIP).  Validation: 64-way colour x shape zero-shot accuracy on 512
+    single-object ``val`` scenes with the prompt "a photo of a {colour} {shape}.".
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+
+from cliplab.errors import UsageError
+from cliplab.train.datasets import ConcatSet, ShapesTrainSet
+from cliplab.train.losses import get_loss_class
+from cliplab.train.trainer import TrainConfig, images_to_tensor
+
+_RECIPES: dict[str, Callable[..., "Recipe"]] = {}
+
+
+@dataclass
+class Recipe:
+    """Everything a training run needs besides the model weights.
+
+    Attributes
+    ----------
+    name : str
+    model_cfg : dict
+        open_clip architecture (``embed_dim``, ``vision_cfg``, ``text_cfg``).
+    preprocess_cfg : dict
+        open_clip preprocessing (``size``, ``mean``, ``std``...).
+    config : TrainConfig
+    train_set : map-style dataset of ``(image, captions)``
+    evaluate : callable or None
+        ``evaluate(model) -> dict`` of validation metrics.
+    """
+
+    name: str
+    model_cfg: dict
+    preprocess_cfg: dict
+    config: TrainConfig
+    train_set: object
+    evaluate: Callable | None = None
+
+
+class BuiltModel(NamedTuple):
+    """A freshly initialised model with its tokenizer and preprocessing."""
+
+    model: torch.nn.Module
+    tokenizer: Callable
+    preprocess: Callable
+    model_cfg: dict
+
+
+def register_recipe(name: str):
+    """Function decorator: make ``fn(**train_config_overrides) -> Recipe`` a named recipe."""
+
+    def decorator(fn):
+        _RECIPES[name] = fn
+        return fn
+
+    return decorator
+
+
+def list_recipes() -> list[str]:
+    """Names of the registered recipes, sorted."""
+    return sorted(_RECIPES)
+
+
+def get_recipe(name: str, **overrides) -> Recipe:
+    """Build recipe ``name``; keyword arguments override its :class:`TrainConfig` fields.
+
+    Raises
+    ------
+    UsageError
+        For an unknown recipe or an override that is not a TrainConfig field.
+    """
+    if name not in _RECIPES:
+        raise UsageError(f"unknown recipe {name!r}; choose one of {', '.join(list_recipes())}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UsageError(f"not TrainConfig fields: {', '.join(unknown)}")
+    return _RECIPES[name](**{k: v for k, v in overrides.items() if v is not None})
+
+
+def build_model(model_cfg: dict, preprocess_cfg: dict | None = None, *, loss: str = "infonce",
+                seed: int = 0) -> BuiltModel:
+    """Initialise an open_clip CLIP from an architecture dict, ready for ``loss``.
+
+    Parameters
+    ----------
+    model_cfg : dict
+        open_clip architecture (the ``model_cfg`` of ``open_clip_config.json``).
+    preprocess_cfg : dict, optional
+        Overrides of open_clip's default preprocessing; ``size`` follows the model.
+    loss : str, default "infonce"
+        The loss to train with; a loss with a bias (sigmoid) adds
+        ``init_logit_scale``/``init_logit_bias`` to the returned ``model_cfg``
+        unless it sets them.
+    seed : int, default 0
+        Seeds the random initialisation (the global torch RNG is left untouched).
+
+    Returns
+    -------
+    BuiltModel
+        ``(model, tokenizer, preprocess, model_cfg)``; save ``model_cfg``
+        with the weights.
+    """
+    from open_clip.model import set_model_preprocess_cfg
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from cliplab.models.loading import build_model as build_open_clip, make_tokenizer
+
+    cfg = copy.deepcopy(model_cfg)
+    if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise UsageError("a model config needs 'embed_dim', 'vision_cfg' and 'text_cfg' (open_clip format)")
+    if cfg.get("custom_text") or "hf_model_name" in cfg["text_cfg"] or "timm_model_name" in cfg["vision_cfg"]:
+        raise UsageError("training supports open_clip's built-in ViT + text transformer configs only")
+    loss_cls = get_loss_class(loss)
+    if loss_cls.init_logit_bias is not None and "init_logit_bias" not in cfg:
+        cfg["init_logit_bias"] = loss_cls.init_logit_bias
+        cfg.setdefault("init_logit_scale", loss_cls.init_logit_scale)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_open_clip(cfg)
+    pp = dataclasses.asdict(PreprocessCfg())
+    pp.update(preprocess_cfg or {})
+    pp["size"] = model.visual.image_size
+    pp = {k: list(v) if isinstance(v, tuple) else v for k, v in pp.items()}
+    set_model_preprocess_cfg(model, pp)
+    preprocess = image_transform_v2(PreprocessCfg(**pp), is_train=False)
+    tokenizer = make_tokenizer(cfg)
+    return BuiltModel(model, tokenizer, preprocess, cfg)
+
+
+class ShapesZeroShot:
+    """Colour x shape zero-shot accuracy on single-object ShapesWorld scenes.
+
+    Parameters
+    ----------
+    world : ShapesWorld
+        Its seed, held-out pairs and image size are used; scenes are single-object.
+    split : {"val", "test"}, default "val"
+        ``test`` also holds the held-out compositions.
+    n : int, default 512
+        Number of scenes (the first ``n`` of the split).
+    template : str, default "a photo of a {} {}."
+        Filled with (colour, shape).
+    tokenizer : callable, optional
+        Default: CLIP's BPE tokenizer with the model's context length.
+
+    Returns (when called on a model)
+    --------------------------------
+    dict
+        ``acc`` (64-way, all scenes), ``acc_seen`` and ``acc_heldout`` (when the
+        split has held-out pairs), ``acc_color`` and ``acc_shape`` (8-way,
+        read from the 64-way prediction).
+    """
+
+    def __init__(self, world, split: str = "val", n: int = 512, template: str = "a photo of a {} {}.",
+                 tokenizer: Callable | None = None):
+        self.world = world.replace(n_objects=1)
+        self.split, self.n, self.template, self.tokenizer = split, n, template, tokenizer
+        self._data = None
+
+    def _load(self):
+        from cliplab.data.shapes import COLORS
+
+        images, scenes = self.world.render_batch(self.split, range(self.n))
+        shapes = self.world.shapes_of(self.split)
+        pairs = [(c, s) for c in COLORS for s in shapes]
+        labels = np.array([pairs.index((sc.objects[0].color, sc.objects[0].shape)) for sc in scenes])
+        heldout = np.array([tuple(pairs[k]) in set(self.world.heldout) for k in labels])
+        self._data = images, pairs, labels, heldout
+
+    @torch.no_grad()
+    def __call__(self, model) -> dict:
+        from open_clip import SimpleTokenizer, get_model_preprocess_cfg
+
+        if self._data is None:
+            self._load()
+        images, pairs, labels, heldout = self._data
+        tokenizer = self.tokenizer or SimpleTokenizer(context_length=model.context_length)
+        device = next(model.parameters()).device
+        x = images_to_tensor(images, None, get_model_preprocess_cfg(model)).to(device)  # (N, 3, H, W)
+        texts = tokenizer([self.template.format(c, s) for c, s in pairs]).to(device)
+        img_f = torch.cat([model.encode_image(b, normalize=True) for b in x.split(256)])  # (N, D)
+        txt_f = model.encode_text(texts, normalize=True)  # (C, D)
+        pred = (img_f @ txt_f.T).argmax(1).cpu().numpy()  # (N,)
+        correct = pred == labels
+        out = {"acc": float(correct.mean())}
+        if heldout.any():
+            out["acc_seen"] = float(correct[~heldout].mean())
+            out["acc_heldout"] = float(correct[heldout].mean())
+        out["acc_color"] = float(np.mean([pairs[p][0] == pairs[t][0] for p, t in zip(pred, labels)]))
+        out["acc_shape"] = float(np.mean([pairs[p][1] == pairs[t][1] for p, t in zip(pred, labels)]))
+        return out
+
+
+SHAPES_TINY_MODEL = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 3, "head_width": 32},
+    # context 32: the longest caption of 1-3 object scenes is 31 tokens with start/end
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+}
+
+
+# Two of ShapesWorld's ten shapes are kept out of training as out-of-distribution
+# classes, leaving 8 colours x 8 shapes = 64 in-distribution classes.
+SHAPES_TINY_OOD = ("heart", "crescent")
+
+
+def shapes_world(seed: int = 0, **options):
+    """The ShapesWorld of the shapes-tiny recipe: 64 px, single objects, 2 OOD shapes."""
+    from cliplab.data.shapes import ShapesWorld
+
+    options = {"image_size": 64, "n_objects": 1, "ood_shapes": SHAPES_TINY_OOD, **options}
+    return ShapesWorld(seed=seed, **options)
+
+
+@register_recipe("shapes-tiny")
+def shapes_tiny(**overrides) -> Recipe:
+    """The embedded default model trained on ShapesWorld (see the module docstring)."""
+    config = TrainConfig(steps=4000, batch_size=128, lr=1e-3, weight_decay=0.1, warmup_steps=100,
+                         grad_clip=1.0, seed=0, loss="infonce", ckpt_every=500, eval_every=500,
+                         log_every=25, out_dir="runs/shapes-tiny")
+    config = dataclasses.replace(config, **overrides)
+    world = shapes_world(config.seed)
+    multi = world.replace(seed=config.seed + 1, n_objects=(2, 3), split_sizes={"train": 250_000})
+    train_set = ConcatSet(ShapesTrainSet(world, "train"), ShapesTrainSet(multi, "train"))  # 80 % / 20 %
+    return Recipe("shapes-tiny", copy.deepcopy(SHAPES_TINY_MODEL), {}, config, train_set,
+                  ShapesZeroShot(world, "val", n=512))
+
+
+def recipe_from_table(path, model_cfg: dict, preprocess_cfg: dict | None = None, **overrides) -> Recipe:
+    """A recipe that trains ``model_cfg`` on a CSV/JSONL caption table.
+
+    Parameters
+    ----------
+    path : str or Path
+        Read with :func:`cliplab.data.sources.read_caption_table`.
+    model_cfg, preprocess_cfg : dict
+        open_clip architecture and preprocessing.
+    **overrides
+        :class:`TrainConfig` fields.
+    """
+    from cliplab.data.sources import read_caption_table
+    from cliplab.train.datasets import CaptionTableSet
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UsageError(f"not TrainConfig fields: {', '.join(unknown)}")
+    config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    return Recipe(f"table:{path}", copy.deepcopy(model_cfg), dict(preprocess_cfg or {}), config,
+                  CaptionTableSet(read_caption_table(path)))
+
+
+def run_recipe(recipe: Recipe, *, resume: bool = False, stop_at: int | None = None,
+               progress: bool | None = None) -> dict:
+    """Initialise the recipe's model (seeded by ``config.seed``) and train it.
+
+    Returns the Trainer's last metric row plus ``checkpoint`` (the folder of
+    the last checkpoint, loadable as ``local-dir:<folder>``).
+    """
+    from cliplab.train.trainer import Trainer, latest_checkpoint
+
+    built = build_model(recipe.model_cfg, recipe.preprocess_cfg, loss=recipe.config.loss,
+                        seed=recipe.config.seed)
+    trainer = Trainer(built.model, built.tokenizer, built.preprocess, recipe.train_set, recipe.config,
+                      recipe.evaluate, model_cfg=built.model_cfg, progress=progress)
+    row = trainer.fit(resume=resume, stop_at=stop_at)
+    ckpt = latest_checkpoint(recipe.config.out_dir)
+    return {**row, "checkpoint": str(ckpt) if ckpt else None}

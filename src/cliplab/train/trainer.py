@@ -1,0 +1,565 @@
+"""The training loop of cliplab: contrastive image-text training of an open_clip model.
+
+One :class:`Trainer` serves every training method (CLIP, SigLIP, and later
+CLOOB, distillation, prompt learning): a method plugs in a loss from
+:mod:`cliplab.train.losses`, a training set from :mod:`cliplab.train.datasets`
+and an ``evaluate(model) -> dict`` callback.
+
+What a step does (``t`` counts optimizer steps from 0):
+
+1. take the global batch ``global_batch_indices(n, B, seed, t)``; rank ``r`` of
+   ``W`` keeps the contiguous slice ``[r B/W, (r+1) B/W)``;
+2. pick one caption per image (LaCLIP), ``caption_choice(..., seed, t)``;
+3. forward, sum the loss terms, backward, clip the gradient norm, AdamW step,
+   learning rate from :func:`~cliplab.train.schedule.warmup_cosine_factor`;
+4. clamp ``logit_scale`` to [0, ln 100] as CLIP does.
+
+Everything random is a function of ``(seed, t)`` or lives in the checkpoint, so
+``fit(resume=True)`` continues exactly as if never stopped.
+
+Deviation from open_clip's training script: besides 1-D gains and biases and
+``logit_scale``, the positional and token embeddings are also exempt from
+weight decay.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cliplab._progress import progress_bar
+from cliplab.errors import BadImage, DataError, UsageError
+from cliplab.train import distributed
+from cliplab.train.datasets import caption_choice, global_batch_indices
+from cliplab.train.losses import get_loss
+from cliplab.train.schedule import warmup_cosine_scheduler
+
+logger = logging.getLogger("cliplab.train")
+
+ADAMW_BETAS = (0.9, 0.98)  # open_clip's defaults for ViT models
+ADAMW_EPS = 1e-6
+MAX_LOGIT_SCALE = math.log(100)
+_PRECISIONS = {"fp32": None, "amp": torch.float16, "amp_bf16": torch.bfloat16}
+_MAX_IMAGE_RETRIES = 16
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters and bookkeeping of one training run.
+
+    Parameters
+    ----------
+    steps : int, default 1000
+        Optimizer steps of the whole run (the schedule ends there).
+    batch_size : int, default 128
+        GLOBAL batch size, split evenly over data-parallel ranks.
+    lr : float, default 5e-4
+        Peak learning rate of AdamW (betas (0.9, 0.98), eps 1e-6).
+    weight_decay : float, default 0.2
+        Decoupled weight decay on weight matrices only.
+    warmup_steps : int, default 100
+        Linear warm-up, then cosine decay to 0.
+    grad_clip : float or None, default 1.0
+        Max global gradient norm; None disables clipping.
+    seed : int, default 0
+        Seeds the batch order, the caption choice and torch's RNG.
+    loss : str, default "infonce"
+        A name from :func:`cliplab.train.losses.list_losses`.
+    precision : {"fp32", "amp", "amp_bf16"}, default "fp32"
+        Mixed precision is used on CUDA only; on CPU the run is fp32.
+    ckpt_every : int, default 500
+        Checkpoint period in steps (0: only at the end).
+    eval_every : int, default 0
+        Period of the ``evaluate`` callback (0: only at the end).
+    log_every : int, default 10
+        Period of metric rows and log lines.
+    out_dir : str, default "runs/train"
+        Receives ``metrics.jsonl``, ``metrics.csv`` and ``checkpoints/``.
+    num_workers : int, default 0
+        Data-loading processes (0 loads in the training process).
+    device : str, default "auto"
+        ``"auto"``: ``cuda:LOCAL_RANK`` if available, else CPU.
+    """
+
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    warmup_steps: int = 100
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    loss: str = "infonce"
+    precision: str = "fp32"
+    ckpt_every: int = 500
+    eval_every: int = 0
+    log_every: int = 10
+    out_dir: str = "runs/train"
+    num_workers: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        """Raise :class:`UsageError` naming the first bad field."""
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "ckpt_every", "eval_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.log_every < 1:
+            raise UsageError(f"log_every must be >= 1, got {self.log_every}")
+        if not self.lr > 0:
+            raise UsageError(f"lr must be > 0, got {self.lr}")
+        if self.precision not in _PRECISIONS:
+            raise UsageError(f"precision must be one of {', '.join(_PRECISIONS)}, got {self.precision!r}")
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weight matrices; none on gains, biases, embeddings, temperature."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim < 2 or "embedding" in name or "logit_" in name
+        (no_decay if exempt else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def images_to_tensor(images, preprocess: Callable | None, preprocess_cfg: dict | None) -> torch.Tensor:
+    """Turn a batch of images into a normalised (B, 3, H, W) float tensor.
+
+    ``uint8`` arrays already at the model's size go through one vectorised
+    torch conversion (scale to [0, 1], subtract mean, divide by std), which is
+    what ``preprocess`` would compute; anything else (PIL images, other sizes)
+    goes through ``preprocess`` one by one.
+    """
+    size = (preprocess_cfg or {}).get("size")
+    hw = (size, size) if isinstance(size, int) else tuple(size) if size else None
+    if isinstance(images, np.ndarray):
+        arrays = images
+    else:
+        arrays = images if all(isinstance(x, np.ndarray) for x in images) else None
+    fast = (hw is not None and arrays is not None
+            and all(a.dtype == np.uint8 and a.shape == (*hw, 3) for a in arrays))
+    if fast:
+        x = torch.from_numpy(np.ascontiguousarray(np.stack(arrays))).permute(0, 3, 1, 2)  # (B, 3, H, W)
+        mean = torch.tensor(preprocess_cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(preprocess_cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
+        return x.float().div_(255).sub_(mean).div_(std)
+    if preprocess is None:
+        raise UsageError("images are not uint8 arrays at the model's size; pass a preprocess transform")
+    pils = [Image.fromarray(x) if isinstance(x, np.ndarray) else x.convert("RGB") for x in images]
+    return torch.stack([preprocess(p) for p in pils])  # (B, 3, H, W)
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Item ``k``: this rank's ready-to-use batch of step ``first + k``."""
+
+    def __init__(self, train_set, tokenizer, preprocess, preprocess_cfg, *, seed, batch_size,
+                 first, last, rank, world_size):
+        self.train_set, self.tokenizer, self.preprocess = train_set, tokenizer, preprocess
+        self.preprocess_cfg = preprocess_cfg
+        self.seed, self.batch_size, self.first, self.last = seed, batch_size, first, last
+        self.local = batch_size // world_size
+        self.start = rank * self.local
+
+    def __len__(self) -> int:
+        return self.last - self.first
+
+    def __getitem__(self, k: int):
+        step = self.first + k
+        idx = global_batch_indices(len(self.train_set), self.batch_size, self.seed, step)
+        idx = idx[self.start:self.start + self.local]
+        images, caption_lists, n_bad = self._load(idx)
+        choice = caption_choice([len(c) for c in caption_lists], self.seed, step, self.start)
+        texts = [c[i] for c, i in zip(caption_lists, choice)]
+        return images_to_tensor(images, self.preprocess, self.preprocess_cfg), self.tokenizer(texts), n_bad
+
+    def _load(self, idx):
+        ds = self.train_set
+        if hasattr(ds, "get_batch"):
+            try:
+                images, captions = ds.get_batch(idx)
+                self._check_captions(captions, idx)
+                return images, captions, 0
+            except BadImage:
+                pass  # find the broken ones item by item
+        images, captions, n_bad = [], [], 0
+        for i in idx:
+            image, caps, bad = self._load_one(int(i))
+            images.append(image)
+            captions.append(caps)
+            n_bad += bad
+        self._check_captions(captions, idx)
+        return images, captions, n_bad
+
+    def _load_one(self, i: int):
+        """Item ``i``, or the next readable one (counted) if its image is broken."""
+        n = len(self.train_set)
+        for attempt in range(_MAX_IMAGE_RETRIES):
+            try:
+                image, caps = self.train_set[(i + attempt) % n]
+                return image, caps, attempt
+            except BadImage as err:
+                logger.warning("skipping unreadable image (%s); using the next item instead", err)
+        raise DataError(f"{_MAX_IMAGE_RETRIES} consecutive unreadable images from item {i}")
+
+    @staticmethod
+    def _check_captions(captions, idx):
+        for c, i in zip(captions, idx):
+            if not c:
+                raise DataError(f"training item {int(i)} has no caption")
+
+
+class _MetricsLog:
+    """Rows of metrics in ``metrics.jsonl`` and ``metrics.csv`` (main rank only)."""
+
+    def __init__(self, out_dir: Path, *, enabled: bool, keep_until: int):
+        self.enabled = enabled
+        self.jsonl, self.csv = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
+        self.rows: list[dict] = []
+        if not enabled:
+            return
+        if keep_until > 0 and self.jsonl.exists():  # resumed: drop rows after the checkpoint
+            rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+            self.rows = [r for r in rows if r["step"] <= keep_until]
+        self._rewrite()
+
+    def append(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self._write_csv()
+
+    def _rewrite(self) -> None:
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        columns = list(dict.fromkeys(k for r in self.rows for k in r))
+        with open(self.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+
+class Trainer:
+    """Contrastive training of an open_clip model, resumable and data-parallel.
+
+    Parameters
+    ----------
+    model : open_clip.CLIP
+        The model to train (trained in place).  For the sigmoid loss it must
+        have a ``logit_bias``.
+    tokenizer : callable
+        ``list[str] -> LongTensor (B, T)``, e.g. open_clip's tokenizer.
+    preprocess : callable or None
+        ``PIL.Image -> FloatTensor (3, H, W)``; used for PIL images and arrays
+        not at the model's size.
+    train_set : map-style dataset
+        Items ``(image, captions)``; see :mod:`cliplab.train.datasets`.
+    config : TrainConfig
+    evaluate : callable, optional
+        ``evaluate(model) -> dict`` of float metrics, called on the main rank
+        every ``eval_every`` steps and at the end, with the model in eval mode.
+    model_cfg : dict, optional
+        The open_clip architecture dict; when given, each checkpoint gets an
+        ``open_clip_config.json`` so that ``open_clip.create_model("local-dir:<ckpt>")``
+        loads it.
+    progress : bool, optional
+        Show a progress bar (default: ``CLIPLAB_PROGRESS``).
+
+    Examples
+    --------
+    >>> trainer = Trainer(model, tokenizer, preprocess, train_set,
+    ...                   TrainConfig(steps=1500, out_dir="runs/x"))   # doctest: +SKIP
+    >>> trainer.fit()                                                   # doctest: +SKIP
+    """
+
+    def __init__(self, model, tokenizer, preprocess, train_set, config: TrainConfig,
+                 evaluate: Callable | None = None, *, model_cfg: dict | None = None,
+                 progress: bool | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.train_set = train_set
+        self.config = config
+        self.evaluate = evaluate
+        self.model_cfg = model_cfg
+        self.progress = progress
+
+    # ----------------------------------------------------------------- loop
+    def fit(self, resume: bool = False, *, stop_at: int | None = None) -> dict:
+        """Train to ``config.steps`` (or ``stop_at``) and return the last metrics.
+
+        Parameters
+        ----------
+        resume : bool, default False
+            Continue from ``out_dir/checkpoints/latest`` if it exists.
+        stop_at : int, optional
+            Stop after this global step (a checkpoint is written there); the
+            schedule still spans ``config.steps``.
+
+        Returns
+        -------
+        dict
+            The last metric row (step, loss terms, lr, eval metrics...).
+        """
+        cfg = self.config
+        cfg.validate()
+        if len(self.train_set) < 1:
+            raise DataError("the training set is empty")
+        env = distributed.setup(cfg.device)
+        try:
+            return self._fit(env, resume, stop_at)
+        finally:
+            distributed.cleanup(env)
+
+    def _fit(self, env: distributed.DistEnv, resume: bool, stop_at: int | None) -> dict:
+        cfg = self.config
+        if cfg.batch_size % env.world_size:
+            raise UsageError(f"batch_size {cfg.batch_size} is not divisible by {env.world_size} ranks")
+        out_dir = Path(cfg.out_dir)
+        if env.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed + env.rank)
+        model = self.model.to(env.device).train()
+        loss_fn = get_loss(cfg.loss, rank=env.rank, world_size=env.world_size)
+        self._check_bias(model, loss_fn)
+        optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                      betas=ADAMW_BETAS, eps=ADAMW_EPS)
+        scheduler = warmup_cosine_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
+        amp_dtype = _PRECISIONS[cfg.precision] if env.device.type == "cuda" else None
+        if _PRECISIONS[cfg.precision] is not None and amp_dtype is None:
+            logger.warning("precision %r needs CUDA; training in fp32 on %s", cfg.precision, env.device)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+        start = self._resume(env, model, optimizer, scheduler, scaler) if resume else 0
+        end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
+        ddp_model = distributed.wrap(model, env)
+        metrics = _MetricsLog(out_dir, enabled=env.is_main, keep_until=start)
+        pp_cfg = _preprocess_cfg(model)
+        batches = _StepBatches(self.train_set, self.tokenizer, self.preprocess, pp_cfg, seed=cfg.seed,
+                               batch_size=cfg.batch_size, first=start, last=end,
+                               rank=env.rank, world_size=env.world_size)
+        loader = (batches[k] for k in range(len(batches))) if cfg.num_workers == 0 else torch.utils.data.DataLoader(
+            batches, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
+            pin_memory=env.device.type == "cuda", persistent_workers=False)
+        logger.info("training steps %d..%d of %d, global batch %d on %d rank(s), %s, %d threads",
+                    start, end, cfg.steps, cfg.batch_size, env.world_size, env.device, torch.get_num_threads())
+
+        bar = progress_bar(total=end, initial=start, desc="train", unit="step",
+                           progress=self.progress if env.is_main else False)
+        row: dict = {"step": start}
+        window_time, window_steps, bad_images = 0.0, 0, 0
+        tic = time.perf_counter()
+        for step, (images, texts, n_bad) in enumerate(loader, start=start):
+            images = images.to(env.device, non_blocking=True)
+            texts = texts.to(env.device, non_blocking=True)
+            with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                image_f, text_f, scale, bias = _features(ddp_model(images, texts))
+                terms = loss_fn(image_f, text_f, scale, bias)
+                loss = sum(terms.values())
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            done = step + 1
+            bad_images += n_bad
+            window_steps += 1
+            window_time += time.perf_counter() - tic
+
+            is_last = done == end
+            is_eval = self.evaluate is not None and (
+                (cfg.eval_every and done % cfg.eval_every == 0) or is_last)
+            if done % cfg.log_every == 0 or is_last or is_eval:
+                row = self._log_row(env, done, terms, loss, model, lr, bad_images,
+                                    cfg.batch_size * window_steps / max(window_time, 1e-9))
+                window_time, window_steps = 0.0, 0
+                if is_eval:
+                    row.update(self._run_evaluate(env, model, done))
+                metrics.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+            if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or is_last:
+                self._save(env, done, model, optimizer, scheduler, scaler)
+            bar.update(1)
+            tic = time.perf_counter()
+        bar.close()
+        return row
+
+    # ------------------------------------------------------------ helpers
+    @staticmethod
+    def _check_bias(model, loss_fn) -> None:
+        has_bias = getattr(model, "logit_bias", None) is not None
+        wants_bias = loss_fn.init_logit_bias is not None
+        if has_bias != wants_bias:
+            raise UsageError(
+                f"the {loss_fn.name!r} loss {'needs' if wants_bias else 'takes no'} logit_bias but the model "
+                f"{'has one' if has_bias else 'has none'}; build it with "
+                "cliplab.train.recipes.build_model(model_cfg, loss=...)")
+
+    def _log_row(self, env, step, terms, loss, model, lr, bad_images, samples_per_s) -> dict:
+        values = torch.stack([loss.detach().float()] + [t.detach().float() for t in terms.values()])
+        if env.is_distributed:  # the mean over ranks is the global-batch loss for every family
+            torch.distributed.all_reduce(values)
+            values /= env.world_size
+        values = values.tolist()
+        row = {"step": step, "epoch": step * self.config.batch_size / len(self.train_set), "loss": values[0]}
+        row.update({f"loss_{name}": v for name, v in zip(terms, values[1:])})
+        row["lr"] = lr
+        row["logit_scale"] = float(model.logit_scale.detach().exp())
+        if getattr(model, "logit_bias", None) is not None:
+            row["logit_bias"] = float(model.logit_bias.detach())
+        row["samples_per_s"] = samples_per_s
+        row["bad_images"] = bad_images
+        if env.is_main:
+            logger.info("step %d/%d loss %.4f lr %.3g scale %.1f %.0f samples/s", step, self.config.steps,
+                        row["loss"], row["lr"], row["logit_scale"], samples_per_s)
+        return row
+
+    def _run_evaluate(self, env, model, step) -> dict:
+        if self.evaluate is None:
+            return {}
+        result = {}
+        if env.is_main:
+            model.eval()
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):  # evaluation never shifts training RNG
+                result = {f"eval_{k}": float(v) for k, v in self.evaluate(model).items()}
+            model.train()
+            logger.info("step %d eval %s", step, ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        distributed.barrier(env)
+        return result
+
+    # -------------------------------------------------------- checkpoints
+    def _save(self, env, step, model, optimizer, scheduler, scaler) -> None:
+        rng = _rng_state(env)
+        if env.is_main:
+            from safetensors.torch import save_file
+
+            root = Path(self.config.out_dir) / "checkpoints"
+            name = f"step_{step:07d}"
+            tmp = root / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            save_file(weights, str(tmp / "open_clip_model.safetensors"))
+            if self.model_cfg is not None:
+                config = {"model_cfg": self.model_cfg, "preprocess_cfg": _preprocess_cfg(model)}
+                (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+            state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": rng, "config": asdict(self.config),
+                     "world_size": env.world_size}
+            torch.save(state, tmp / "trainer_state.pt")
+            final = root / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            (root / "latest.tmp").write_text(name + "\n")
+            os.replace(root / "latest.tmp", root / "latest")
+            logger.info("saved checkpoint %s", final)
+        distributed.barrier(env)
+
+    def _resume(self, env, model, optimizer, scheduler, scaler) -> int:
+        """Load the latest checkpoint into the run's objects; return its step (0 if none)."""
+        ckpt = latest_checkpoint(self.config.out_dir)
+        if ckpt is None:
+            logger.info("no checkpoint in %s; starting from step 0", self.config.out_dir)
+            return 0
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(ckpt / "open_clip_model.safetensors"), device=str(env.device)))
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+        _warn_config_changes(state["config"], self.config)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if state["world_size"] == env.world_size:
+            _set_rng_state(state["rng"], env)
+        else:
+            logger.warning("checkpoint was written by %d rank(s), now %d: data order is exact, "
+                           "dropout randomness is not", state["world_size"], env.world_size)
+        logger.info("resumed from %s (step %d)", ckpt, state["step"])
+        return int(state["step"])
+
+
+def latest_checkpoint(out_dir) -> Path | None:
+    """The checkpoint folder named by ``out_dir/checkpoints/latest``, or None."""
+    pointer = Path(out_dir) / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def _features(out):
+    """(image features, text features, logit scale, logit bias or None) of a CLIP forward."""
+    if isinstance(out, dict):
+        return out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias")
+    return out[0], out[1], out[2], (out[3] if len(out) > 3 else None)
+
+
+def _preprocess_cfg(model) -> dict | None:
+    from open_clip import get_model_preprocess_cfg
+
+    try:
+        cfg = dict(get_model_preprocess_cfg(model))
+    except AttributeError:
+        return None
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()} or None
+
+
+def _rng_state(env) -> dict:
+    """RNG states of every rank (torch) and of the main rank (numpy, random), as tensors/primitives."""
+    torch_state = torch.get_rng_state()
+    states = [torch_state]
+    if env.is_distributed:
+        states = [torch.empty_like(torch_state) for _ in range(env.world_size)]
+        torch.distributed.all_gather_object(states, torch_state)
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    out = {"torch": states,
+           "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                     "has_gauss": int(has_gauss), "gauss": float(gauss)},
+           "python": random.getstate()}
+    if env.device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(env.device)
+    return out
+
+
+def _set_rng_state(rng: dict, env) -> None:
+    torch.set_rng_state(rng["torch"][env.rank])
+    np_state = rng["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in rng and env.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], env.device)
+
+
+def _warn_config_changes(saved: dict, config: TrainConfig) -> None:
+    harmless = {"steps", "ckpt_every", "eval_every", "log_every", "out_dir", "num_workers", "device"}
+    for f in fields(config):
+        old, new = saved.get(f.name), getattr(config, f.name)
+        if f.name not in harmless and old != new:
+            logger.warning("resuming with %s=%r (checkpoint had %r)", f.name, new, old)
