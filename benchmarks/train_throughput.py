@@ -29,7 +29,8 @@ import torch
 
 from cliplab.train.datasets import caption_choice, global_batch_indices
 from cliplab.train.recipes import build_model, get_recipe
-from cliplab.train.trainer import ADAMW_BETAS, ADAMW_EPS, Trainer, images_to_tensor, parameter_groups
+from cliplab.models.transforms import images_to_tensor
+from cliplab.train.trainer import ADAMW_BETAS, ADAMW_EPS, Trainer, parameter_groups
 
 RESULTS = Path(__file__).parent / "results"
 

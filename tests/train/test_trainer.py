@@ -17,7 +17,8 @@ from cliplab.train import TrainConfig, Trainer, build_model, get_recipe, latest_
 from cliplab.train.datasets import (CaptionTableSet, ConcatSet, ShapesTrainSet, caption_choice,
                                     global_batch_indices)
 from cliplab.train.schedule import warmup_cosine_factor, warmup_cosine_scheduler
-from cliplab.train.trainer import images_to_tensor, parameter_groups
+from cliplab.models.transforms import images_to_tensor
+from cliplab.train.trainer import parameter_groups
 
 TINY = {
     "embed_dim": 32,

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cliplab.errors import UsageError
+from cliplab.errors import DataError, UsageError
 from cliplab.zeroshot import ZeroShotClassifier, get_templates, list_template_sets, read_labels
 
 CLASSES = ["red star", "blue circle", "green square"]
@@ -58,5 +58,9 @@ def test_read_labels(tmp_path):
     (tmp_path / "l.json").write_text('{"1": "dog", "0": "cat"}')
     assert read_labels(tmp_path / "l.txt") == ["cat", "dog"]
     assert read_labels(tmp_path / "l.json") == ["cat", "dog"]
-    with pytest.raises(UsageError):
+    with pytest.raises(DataError):
         read_labels(tmp_path / "missing.txt")
+    for bad in ['"cat"', '{"a": "x", "0": "y"}', '[1, 2]', '[oops']:
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(DataError):
+            read_labels(tmp_path / "bad.json")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import UsageError
+from ..errors import DataError, UsageError
 from ._common import add_image_args, add_model_args, image_kwargs, load_backbone, report_skipped, write_rows
 
 
@@ -50,6 +50,9 @@ def run(args) -> int:
         feats, skipped = clf.backbone.encode_images(files, **kw), []
     else:
         feats, skipped = clf.backbone.encode_images(files, on_error="skip", **kw)
+    if len(skipped) == len(files):
+        report_skipped(skipped)
+        raise DataError(f"none of the {len(files)} images could be read")
     skipped_idx = {s.index for s in skipped}
     kept = [f for i, f in enumerate(files) if i not in skipped_idx]
     names, probs = clf.topk(feats, k=args.top_k)

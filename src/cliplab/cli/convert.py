@@ -26,15 +26,17 @@ def run(args) -> int:
     from ..models.convert import open_clip_to_hf, save_hf_folder
 
     dst = Path(args.dst)
+    if dst.exists() and not dst.is_dir():
+        raise UsageError(f"{dst} is a file; DST must be a folder")
     if dst.exists() and any(dst.iterdir()) and not args.force:
         raise UsageError(f"{dst} exists and is not empty; pass --force to write into it")
     args.model = args.src
     bb = load_backbone(args)
-    sd = {k: v.float() for k, v in bb.model.state_dict().items()}
     if args.to == "open_clip":
         bb.save(dst)
     else:
+        sd = {k: v.float() for k, v in bb.model.state_dict().items()}
         open_clip_to_hf(bb.model_cfg, sd)  # validates before anything is written
-        save_hf_folder(dst, bb.model_cfg, sd)
+        save_hf_folder(dst, bb.model_cfg, sd, bb.preprocess_cfg)
     print(f"wrote {args.to} checkpoint of {bb.name} to {dst}", file=sys.stderr)
     return 0

@@ -1,7 +1,8 @@
 """``cliplab`` command line: the root only registers the command modules.
 
-Exit codes: 0 ok, 1 internal error, 2 usage, 3 model load, 4 bad data,
-5 unsafe checkpoint refused, 130 interrupted (see :mod:`cliplab.errors`).
+Exit codes: 0 ok, 1 internal error, 2 usage, 3 model load, 4 bad data or a file
+that cannot be read or written, 5 unsafe checkpoint refused, 130 interrupted
+(see :mod:`cliplab.errors`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     except CliplabError as e:
         print(f"cliplab: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # unwritable output, full disk, a file where a folder should be...
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"cliplab: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         print("cliplab: interrupted", file=sys.stderr)
         return 130

@@ -1,4 +1,4 @@
-"""``cliplab train``: train a CLIP model with a recipe or on a caption table.
+"""``cliplab train``: train a CLIP model with a recipe, a caption table or WebDataset shards.
 
 Runs on one process, or data-parallel under ``torchrun --nproc_per_node K -m
 cliplab.cli.main train ...`` (the global ``--batch-size`` is split over ranks).
@@ -15,13 +15,15 @@ from ..errors import UsageError
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "train", help="train a CLIP model (recipe or caption table)",
-        description="Train with a named recipe (--recipe shapes-tiny) or on a CSV/JSONL caption table "
-                    "(--data FILE --model-config CFG). Writes metrics.jsonl/csv and checkpoints "
-                    "loadable as local-dir:OUT/checkpoints/step_N.")
+        "train", help="train a CLIP model (recipe, caption table or WebDataset shards)",
+        description="Train with a named recipe (--recipe shapes-tiny) or on a CSV/JSONL caption table or "
+                    "WebDataset shards (--data PATH --model-config CFG). Writes metrics.jsonl/csv and "
+                    "checkpoints loadable as local-dir:OUT/checkpoints/step_N.")
     src = p.add_argument_group("what to train")
     src.add_argument("--recipe", help="a registered recipe, e.g. shapes-tiny")
-    src.add_argument("--data", help="CSV/JSONL caption table (image path + one or more captions)")
+    src.add_argument("--data", help="CSV/JSONL caption table (image path + one or more captions), or "
+                                    "WebDataset .tar shards (image + txt/json per key): a .tar file, a folder "
+                                    "of shards, a glob or a brace pattern such as 'shard-{0000..0003}.tar'")
     src.add_argument("--model-config",
                      help="open_clip architecture: a JSON file (model_cfg or open_clip_config.json) "
                           "or a built-in open_clip name such as ViT-B-32 (with --data)")
@@ -79,7 +81,7 @@ def run(args) -> int:
     from ..train.recipes import get_recipe, recipe_from_table, run_recipe
 
     if bool(args.recipe) == bool(args.data):
-        raise UsageError("give --recipe NAME or --data FILE (exactly one of them)")
+        raise UsageError("give --recipe NAME or --data PATH (exactly one of them)")
     overrides = _overrides(args)
     if args.recipe:
         if args.model_config:

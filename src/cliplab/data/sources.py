@@ -11,8 +11,10 @@ Images are not decoded here (see :mod:`cliplab.data.images`).
 from __future__ import annotations
 
 import csv
+import glob as globlib
 import json
 import logging
+import re
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -260,8 +262,15 @@ def _split_member(name: str) -> tuple[str, str]:
     return key, ext.lower() if dot else ""
 
 
+def _is_image(ext: str) -> bool:
+    return ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
+
+
 def _finish(source: str, key: str, files: dict, skip_log: SkipLog):
-    image_ext = next((e for e in files if e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
+    """One grouped sample as ``(key, image, captions, meta)``, or ``None`` (recorded in
+    ``skip_log``) without image or text.  ``image`` is whatever ``files`` holds for the
+    image member: its bytes, or its ``TarInfo`` when indexing."""
+    image_ext = next((e for e in files if _is_image(e)), None)
     text_ext = next((e for e in files if e.rsplit(".", 1)[-1] in TEXT_EXTENSIONS), None)
     json_ext = next((e for e in files if e.rsplit(".", 1)[-1] == "json"), None)
     meta = {}
@@ -296,6 +305,13 @@ def _finish(source: str, key: str, files: dict, skip_log: SkipLog):
     return key, files[image_ext], captions, meta
 
 
+def _require_shard(shard) -> Path:
+    shard = Path(shard)
+    if not shard.is_file():
+        raise DataError(f"{shard}: no such shard; check the path or the brace pattern")
+    return shard
+
+
 def iter_webdataset(paths, *, skip_log: SkipLog | None = None) -> Iterator[tuple[str, bytes, list[str], dict]]:
     """Stream samples from WebDataset ``.tar`` shards.
 
@@ -324,13 +340,21 @@ def iter_webdataset(paths, *, skip_log: SkipLog | None = None) -> Iterator[tuple
         paths = [paths]
     skip_log = skip_log if skip_log is not None else SkipLog()
     for shard in paths:
-        shard = Path(shard)
-        if not shard.is_file():
-            raise DataError(f"{shard}: no such shard; check the path or the brace pattern")
-        yield from _iter_shard(shard, skip_log)
+        shard = _require_shard(shard)
+        for key, files in _shard_groups(shard, skip_log):
+            sample = _finish(str(shard), key, files, skip_log)
+            if sample is not None:
+                yield sample
 
 
-def _iter_shard(shard: Path, skip_log: SkipLog):
+def _shard_groups(shard: Path, skip_log: SkipLog, *, read_images: bool = True):
+    """Yield ``(key, files)`` for each run of consecutive members sharing a key.
+
+    ``files`` maps extension to the member's bytes; with ``read_images=False`` image
+    members map to their ``TarInfo`` instead and their data is skipped, not read.  A
+    truncated or unreadable shard ends the groups: the group being read is dropped and
+    the damage recorded in ``skip_log``.
+    """
     source = str(shard)
     key, files = None, {}
     n = 0
@@ -342,11 +366,12 @@ def _iter_shard(shard: Path, skip_log: SkipLog):
                 mkey, ext = _split_member(member.name)
                 if mkey != key:
                     if key is not None:
-                        sample = _finish(source, key, files, skip_log)
-                        if sample is not None:
-                            n += 1
-                            yield sample
+                        n += 1
+                        yield key, files
                     key, files = mkey, {}
+                if not read_images and _is_image(ext):
+                    files[ext] = member
+                    continue
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:
                     raise tarfile.ReadError("unexpected end of data")
@@ -356,6 +381,177 @@ def _iter_shard(shard: Path, skip_log: SkipLog):
         logger.warning("%s: unreadable after %d samples (%s); the rest of the shard is skipped", source, n, e)
         return
     if key is not None:
-        sample = _finish(source, key, files, skip_log)
-        if sample is not None:
-            yield sample
+        yield key, files
+
+
+@dataclass(slots=True)
+class ShardSample:
+    """Where one WebDataset sample's image lies in its (uncompressed) shard.
+
+    Attributes
+    ----------
+    shard : Path
+    key : str
+        The sample's key (member names up to the first dot).
+    offset, size : int
+        Byte offset and length of the image member's data in ``shard``.
+    captions : list of str
+        At least one.
+    """
+
+    shard: Path
+    key: str
+    offset: int
+    size: int
+    captions: list[str]
+
+
+# gzip, bzip2, xz: their members have no byte offsets in the file
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
+def index_webdataset(paths, *, skip_log: SkipLog | None = None) -> list[ShardSample]:
+    """Scan WebDataset ``.tar`` shards once and record where each usable sample's image is.
+
+    Text and json members are read (for the captions); image members are skipped and only
+    their offset and size kept, so a :class:`~cliplab.train.datasets.WebDatasetSet` can
+    later read any image by seeking.  Samples are grouped and parsed as in
+    :func:`iter_webdataset`.
+
+    Parameters
+    ----------
+    paths : str, Path or iterable of them
+        Uncompressed shard files, in order (see :func:`expand_shards`).
+    skip_log : SkipLog, optional
+        Receives what :func:`iter_webdataset` skips, plus images cut off by a truncated shard.
+
+    Returns
+    -------
+    list of ShardSample
+        In shard order, then member order.
+
+    Raises
+    ------
+    DataError
+        A shard is missing or compressed (``.tar.gz`` and the like).
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    skip_log = skip_log if skip_log is not None else SkipLog()
+    samples: list[ShardSample] = []
+    for shard in paths:
+        shard = _require_shard(shard)
+        with open(shard, "rb") as f:
+            if f.read(6).startswith(_COMPRESSED_MAGIC):
+                raise DataError(f"{shard}: compressed shard; training reads images by byte offset, "
+                                f"so decompress it to a plain .tar (e.g. gunzip)")
+        file_size = shard.stat().st_size
+        for key, files in _shard_groups(shard, skip_log, read_images=False):
+            sample = _finish(str(shard), key, files, skip_log)
+            if sample is None:
+                continue
+            member, captions = sample[1], sample[2]
+            if member.offset_data + member.size > file_size:
+                skip_log.add(f"{shard}:{key}", "truncated shard: the image ends past the end of the file")
+                continue
+            samples.append(ShardSample(shard, key, member.offset_data, member.size, captions))
+    return samples
+
+
+_GLOB_CHARS = frozenset("*?[")
+_BRACE_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style brace expansion: ``{0000..0003}`` zero-padded ranges and ``{x,y}`` lists.
+
+    A range is padded to the width of its longer end when either end has a leading zero,
+    as in bash; braces that are neither stay as they are.
+
+    Examples
+    --------
+    >>> expand_braces("shard-{08..10}.tar")
+    ['shard-08.tar', 'shard-09.tar', 'shard-10.tar']
+    >>> expand_braces("{a,b}/{0..1}.tar")
+    ['a/0.tar', 'a/1.tar', 'b/0.tar', 'b/1.tar']
+    """
+    depth, open_at = 0, 0
+    for i, ch in enumerate(pattern):
+        if ch == "{":
+            open_at = i if depth == 0 else open_at
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                alternatives = _brace_alternatives(pattern[open_at + 1:i])
+                if alternatives is not None:
+                    head, tail = pattern[:open_at], pattern[i + 1:]
+                    return [s for alt in alternatives for s in expand_braces(head + alt + tail)]
+    return [pattern]
+
+
+def _brace_alternatives(body: str) -> list[str] | None:
+    m = _BRACE_RANGE.fullmatch(body)
+    if m:
+        a, b = m.groups()
+        padded = any(len(x.lstrip("-")) > 1 and x.lstrip("-").startswith("0") for x in (a, b))
+        width = max(len(a), len(b)) if padded else 0
+        step = 1 if int(b) >= int(a) else -1
+        return [str(k).zfill(width) for k in range(int(a), int(b) + step, step)]
+    parts, depth, current = [], 0, []
+    for ch in body:
+        if ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        depth += (ch == "{") - (ch == "}")
+        current.append(ch)
+    parts.append("".join(current))
+    return parts if len(parts) > 1 else None
+
+
+def expand_shards(spec) -> list[Path]:
+    """The shard files named by ``spec``.
+
+    Parameters
+    ----------
+    spec : str or Path
+        A folder (its ``*.tar`` files, sorted), one ``.tar`` file, a glob
+        (``data/*.tar``, matches sorted) or a brace pattern
+        (``data/shard-{0000..0003}.tar``, in expansion order; may contain globs).
+
+    Returns
+    -------
+    list of Path
+
+    Raises
+    ------
+    DataError
+        Nothing matches, a named shard is missing, or a single file is not a ``.tar``.
+    """
+    path = Path(spec)
+    if path.is_dir():
+        shards = sorted(path.glob("*.tar"))
+        if not shards:
+            raise DataError(f"{path}: no .tar shards in this folder")
+        return shards
+    text = str(spec)
+    patterns = expand_braces(text)
+    if len(patterns) == 1 and not _GLOB_CHARS & set(text):
+        if path.is_file() and path.suffix.lower() != ".tar":
+            raise DataError(f"{path}: not a .tar shard; pass a .tar file, a folder of shards, "
+                            f"a glob or a brace pattern such as shard-{{0000..0003}}.tar")
+    shards: list[Path] = []
+    for pattern in patterns:
+        if _GLOB_CHARS & set(pattern):
+            matches = sorted(globlib.glob(pattern))
+            if not matches:
+                raise DataError(f"{pattern}: no file matches this pattern")
+            shards.extend(Path(m) for m in matches)
+        else:
+            shards.append(Path(pattern))
+    missing = [str(p) for p in shards if not p.is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise DataError(f"no such shard: {', '.join(missing[:3])}{more}; check the path or the pattern")
+    return shards

@@ -38,6 +38,7 @@ from PIL import Image
 from .._progress import progress_bar
 from ..data.images import DEFAULT_MAX_PIXELS, iter_decoded, load_image
 from ..errors import UsageError
+from .transforms import is_model_sized, make_preprocess, uint8_to_tensor
 
 log = logging.getLogger("cliplab.models.backbone")
 
@@ -158,19 +159,7 @@ class Backbone:
     @cached_property
     def preprocess(self):
         """The eval-time image transform: PIL image -> (3, H, W) float tensor."""
-        from open_clip.transform import PreprocessCfg, image_transform_v2
-
-        fields = PreprocessCfg.__dataclass_fields__
-        cfg = PreprocessCfg(**{k: v for k, v in self.preprocess_cfg.items() if k in fields})
-        return image_transform_v2(cfg, is_train=False)
-
-    @cached_property
-    def _mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-        mean = torch.tensor(self.preprocess_cfg.get("mean", OPENAI_DATASET_MEAN)).view(1, 3, 1, 1)
-        std = torch.tensor(self.preprocess_cfg.get("std", OPENAI_DATASET_STD)).view(1, 3, 1, 1)
-        return mean, std
+        return make_preprocess(self.preprocess_cfg)
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -270,20 +259,14 @@ class Backbone:
                  if fast else torch.arange(len(texts)))
         out = torch.empty(len(texts), self.embed_dim, dtype=torch.float32)
         starts = range(0, len(texts), batch_size)
-        bar = progress_bar(starts, progress=None if len(starts) > 1 and progress is None else progress,
-                           desc="encode texts", unit="batch") if len(starts) > 1 else starts
+        bar = progress_bar(starts, progress=progress if len(starts) > 1 else False,
+                           desc="encode texts", unit="batch")
         for s in bar:
             idx = order[s:s + batch_size]
             out[idx] = self._encode_tokens(tokens[idx], fast).float().cpu()
         return F.normalize(out, dim=-1).numpy()
 
     # -------------------------------------------------------------------- images
-    def _array_to_tensor(self, arr: np.ndarray) -> torch.Tensor:
-        """uint8 (H, W, 3) already at the model size -> normalised (3, H, W), no PIL."""
-        mean, std = self._mean_std
-        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255)
-        return (t - mean[0]) / std[0]
-
     def _prepare(self, item, max_pixels, draft) -> torch.Tensor:
         """One input -> preprocessed (3, H, W) tensor.  Runs in worker threads."""
         if isinstance(item, torch.Tensor):
@@ -294,15 +277,15 @@ class Backbone:
             if item.dtype != np.uint8 or item.ndim not in (2, 3):
                 raise UsageError("image arrays must be uint8 (H, W) or (H, W, 3); got "
                                  f"{item.dtype} {item.shape}")
-            if item.ndim == 3 and item.shape[:2] == (self.image_size,) * 2 and item.shape[2] == 3:
-                return self._array_to_tensor(item)
+            if is_model_sized(item, self.preprocess_cfg):
+                return uint8_to_tensor([item], self.preprocess_cfg)[0]
             item = Image.fromarray(item)
         img = load_image(item, max_pixels=max_pixels,
                          draft_size=self.image_size if draft else None)
         return self.preprocess(img)
 
     def _expand(self, images) -> list:
-        if isinstance(images, (str, Path, Image.Image)):
+        if isinstance(images, (str, Path, Image.Image, bytes, bytearray, memoryview)):
             return [images]
         if isinstance(images, np.ndarray) and images.ndim == 4:
             return list(images)
@@ -326,7 +309,7 @@ class Backbone:
         # Decoding + preprocessing run in threads (PIL releases the GIL), two batches
         # ahead of the model, so they overlap with compute.
         batches = iter_decoded(items, batch_size, on_error=on_error, prefetch=2,
-                               workers=workers or _default_workers(),
+                               workers=_default_workers() if workers is None else workers,
                                load=lambda item: self._prepare(item, max_pixels, draft))
         with bar:
             for idx, tensors, skip in batches:
@@ -360,7 +343,7 @@ class Backbone:
             :class:`Skipped` records and ``features`` has one row per kept image,
             in input order.
         workers : int, optional
-            Decoding threads (default: up to 4).
+            Decoding threads (default: up to 4); 0 decodes in the calling thread.
         max_pixels : int or None
             Decompression-bomb guard; ``None`` disables it.
         draft : bool, default=False

@@ -71,8 +71,7 @@ __all__ = [
 
 logger = logging.getLogger("cliplab.models.convert")
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+from open_clip.constants import OPENAI_DATASET_MEAN as OPENAI_MEAN, OPENAI_DATASET_STD as OPENAI_STD
 
 # transformers' CLIPTextConfig / CLIPVisionConfig / CLIPConfig defaults: config.json
 # files may leave out any field that equals its default.

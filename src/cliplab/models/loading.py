@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
@@ -35,13 +35,14 @@ import torch
 
 from ..errors import CheckpointMismatch, ModelLoadError, OfflineError, UsageError
 from .backbone import Backbone
+from .transforms import default_preprocess_cfg
 
 log = logging.getLogger("cliplab.models.loading")
 
 __all__ = ["load", "register_source", "list_sources", "build_model", "LoadOptions"]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 
 
@@ -56,7 +57,6 @@ class LoadOptions:
     quick_gelu: bool | None = None
     trust_pickle: bool = False
     cache_dir: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -86,16 +86,6 @@ def list_sources() -> list[str]:
 
 
 # --------------------------------------------------------------------- building
-def default_preprocess_cfg(model_cfg: dict) -> dict:
-    from open_clip.transform import PreprocessCfg
-
-    cfg = asdict(PreprocessCfg())
-    size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
-    cfg["size"] = size if isinstance(size, int) else tuple(size)
-    cfg.update(model_cfg.get("preprocess_cfg", {}))
-    return cfg
-
-
 def build_model(model_cfg: dict, *, precision: str = "fp32", device: str = "cpu") -> torch.nn.Module:
     """Instantiate an open_clip ``CLIP``/``CustomTextCLIP`` from a model config dict."""
     from open_clip.factory import _set_model_device_and_precision
@@ -127,6 +117,8 @@ def make_tokenizer(model_cfg: dict):
 
 
 def _finish(res: Resolved, opts: LoadOptions) -> Backbone:
+    from open_clip.factory import _set_model_device_and_precision
+
     from .state_dicts import check_state_dict
 
     cfg = dict(res.model_cfg)
@@ -137,12 +129,21 @@ def _finish(res: Resolved, opts: LoadOptions) -> Backbone:
         model = build_model(cfg, precision="fp32", device="cpu")
         if res.state_dict is not None:
             check_state_dict(model, res.state_dict)
-        from open_clip.factory import _set_model_device_and_precision
-
-        _set_model_device_and_precision(model, torch.device(opts.device), opts.precision)
+    _set_model_device_and_precision(model, torch.device(opts.device), opts.precision)
     return Backbone(model.eval(), model_cfg=cfg, preprocess_cfg=res.preprocess_cfg,
                     tokenizer=make_tokenizer(cfg), name=res.name, device=opts.device,
                     precision=opts.precision)
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"invalid device {device!r}: {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device {device!r} requested but MPS is not available; use device='cpu'")
 
 
 def load(spec: str | os.PathLike, *, device: str = "cpu", precision: str = "fp32",
@@ -177,6 +178,7 @@ def load(spec: str | os.PathLike, *, device: str = "cpu", precision: str = "fp32
     """
     if precision not in PRECISIONS:
         raise UsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    _check_device(device)
     spec = str(spec)
     opts = LoadOptions(device=device, precision=precision, arch=arch,
                        config=None if config is None else str(config), quick_gelu=quick_gelu,
@@ -264,7 +266,7 @@ def _load_local(spec: str, opts: LoadOptions) -> Resolved:
 
 
 def _weights_file(path: Path, opts: LoadOptions) -> Resolved:
-    from .state_dicts import _TORCHSCRIPT_INT_ENTRIES, _is_torchscript_archive, infer_model_cfg, read_state_dict
+    from .state_dicts import TORCHSCRIPT_INT_ENTRIES, infer_model_cfg, is_torchscript_archive, read_state_dict
 
     if path.suffix not in WEIGHT_SUFFIXES:
         raise ModelLoadError(f"{path}: unknown weights format {path.suffix!r}; "
@@ -275,8 +277,8 @@ def _weights_file(path: Path, opts: LoadOptions) -> Resolved:
                                  "that contains it and its config.json instead")
     # OpenAI's own releases are TorchScript archives whose state dicts carry integer
     # entries (input_resolution, context_length, vocab_size); they need QuickGELU.
-    openai_format = _is_torchscript_archive(path) or any(k in sd for k in _TORCHSCRIPT_INT_ENTRIES)
-    for key in _TORCHSCRIPT_INT_ENTRIES:
+    openai_format = is_torchscript_archive(path) or any(k in sd for k in TORCHSCRIPT_INT_ENTRIES)
+    for key in TORCHSCRIPT_INT_ENTRIES:
         sd.pop(key, None)
     beside = [Path(opts.config)] if opts.config else [path.with_suffix(".json"),
                                                       path.parent / "open_clip_config.json"]
@@ -380,7 +382,7 @@ def _load_tag(spec: str, opts: LoadOptions) -> Resolved:
                            f"elsewhere and run cliplab.load('/path/to/file', arch='{arch}')")
     try:
         model = open_clip.create_model(arch, pretrained=tag, cache_dir=opts.cache_dir,
-                                       force_quick_gelu=bool(model_cfg.get("quick_gelu")))
+                                       force_quick_gelu=bool(model_cfg.get("quick_gelu")))  # on CPU, fp32
     except Exception as e:
         raise ModelLoadError(f"open_clip could not load {spec}: {e}") from e
     pre = default_preprocess_cfg(model_cfg)

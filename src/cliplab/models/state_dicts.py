@@ -33,11 +33,11 @@ from cliplab.errors import CheckpointMismatch, ModelLoadError, UnsafeCheckpoint
 
 __all__ = ["read_state_dict", "infer_model_cfg", "check_state_dict", "mismatch_hints"]
 
-logger = logging.getLogger("cliplab.models.convert")
+logger = logging.getLogger("cliplab.models.state_dicts")
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Integer attributes that OpenAI's TorchScript archives keep next to the weights.
-_TORCHSCRIPT_INT_ENTRIES = ("input_resolution", "context_length", "vocab_size")
+TORCHSCRIPT_INT_ENTRIES = ("input_resolution", "context_length", "vocab_size")
 # Wrappers used by training scripts around the model weights, tried in order.
 _WRAPPER_KEYS = ("state_dict", "model")
 # How many offending keys an error message lists.
@@ -100,7 +100,7 @@ def read_state_dict(path, *, trust_pickle: bool = False) -> dict[str, torch.Tens
         raise ModelLoadError(f"{path}: {what}")
     if path.suffix == ".safetensors":
         raw = _read_safetensors(path)
-    elif _is_torchscript_archive(path):
+    elif is_torchscript_archive(path):
         raw = _read_torchscript(path, trust_pickle)
     else:
         raw = _read_pickle(path, trust_pickle)
@@ -116,7 +116,7 @@ def _read_safetensors(path: Path) -> dict:
         raise ModelLoadError(f"{path}: not a readable safetensors file ({exc})") from exc
 
 
-def _is_torchscript_archive(path: Path) -> bool:
+def is_torchscript_archive(path: Path) -> bool:
     """True for a zip written by ``torch.jit.save`` (it holds code, not only data)."""
     if not zipfile.is_zipfile(path):
         return False
@@ -140,7 +140,7 @@ def _read_torchscript(path: Path, trust_pickle: bool) -> dict:
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot open TorchScript archive ({exc})") from exc
     state_dict = dict(module.state_dict())
-    for key in _TORCHSCRIPT_INT_ENTRIES:
+    for key in TORCHSCRIPT_INT_ENTRIES:
         state_dict.pop(key, None)
     return state_dict
 
@@ -171,7 +171,7 @@ def _first_line(exc: BaseException) -> str:
 def _flatten(raw, path: Path) -> dict[str, torch.Tensor]:
     """Unwrap training-script wrappers and return only the tensors."""
     if isinstance(raw, torch.nn.Module):  # a pickled or scripted whole model
-        raw = {k: v for k, v in raw.state_dict().items() if k not in _TORCHSCRIPT_INT_ENTRIES}
+        raw = {k: v for k, v in raw.state_dict().items() if k not in TORCHSCRIPT_INT_ENTRIES}
     for key in _WRAPPER_KEYS:
         if isinstance(raw, Mapping) and isinstance(raw.get(key), (Mapping, torch.nn.Module)):
             raw = raw[key]
@@ -437,7 +437,8 @@ def mismatch_hints(missing: list, unexpected: list, shapes: Mapping[str, tuple])
         (ckpt_n, _), (model_n, _) = shapes["positional_embedding"]
         hints.append(
             f"positional_embedding has {ckpt_n} positions but the config says {model_n}: "
-            f"pass context_length={ckpt_n} or the right config."
+            f"pass the checkpoint's own config (config= / --config) or omit the architecture "
+            f"to infer it from the weights."
         )
     if "visual.positional_embedding" in shapes:
         ckpt_n, model_n = shapes["visual.positional_embedding"][0][0], shapes["visual.positional_embedding"][1][0]

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -32,7 +34,10 @@ import torch
 from cliplab.errors import UsageError
 from cliplab.train.datasets import ConcatSet, ShapesTrainSet
 from cliplab.train.losses import get_loss_class
-from cliplab.train.trainer import TrainConfig, images_to_tensor
+from cliplab.models.transforms import images_to_tensor, make_preprocess
+from cliplab.train.trainer import TrainConfig
+
+logger = logging.getLogger("cliplab.train")
 
 _RECIPES: dict[str, Callable[..., "Recipe"]] = {}
 
@@ -127,7 +132,7 @@ def build_model(model_cfg: dict, preprocess_cfg: dict | None = None, *, loss: st
         with the weights.
     """
     from open_clip.model import set_model_preprocess_cfg
-    from open_clip.transform import PreprocessCfg, image_transform_v2
+    from open_clip.transform import PreprocessCfg
 
     from cliplab.models.loading import build_model as build_open_clip, make_tokenizer
 
@@ -148,7 +153,7 @@ def build_model(model_cfg: dict, preprocess_cfg: dict | None = None, *, loss: st
     pp["size"] = model.visual.image_size
     pp = {k: list(v) if isinstance(v, tuple) else v for k, v in pp.items()}
     set_model_preprocess_cfg(model, pp)
-    preprocess = image_transform_v2(PreprocessCfg(**pp), is_train=False)
+    preprocess = make_preprocess(pp)
     tokenizer = make_tokenizer(cfg)
     return BuiltModel(model, tokenizer, preprocess, cfg)
 
@@ -253,27 +258,46 @@ def shapes_tiny(**overrides) -> Recipe:
 
 
 def recipe_from_table(path, model_cfg: dict, preprocess_cfg: dict | None = None, **overrides) -> Recipe:
-    """A recipe that trains ``model_cfg`` on a CSV/JSONL caption table.
+    """A recipe that trains ``model_cfg`` on a caption table or WebDataset shards.
 
     Parameters
     ----------
     path : str or Path
-        Read with :func:`cliplab.data.sources.read_caption_table`.
+        A ``.csv``/``.tsv``/``.jsonl`` table, read with
+        :func:`cliplab.data.sources.read_caption_table`; otherwise ``.tar``
+        shards (a file, a folder, a glob or a brace pattern such as
+        ``shard-{0000..0003}.tar``), indexed with
+        :func:`cliplab.data.sources.index_webdataset`.
     model_cfg, preprocess_cfg : dict
         open_clip architecture and preprocessing.
     **overrides
         :class:`TrainConfig` fields.
     """
-    from cliplab.data.sources import read_caption_table
-    from cliplab.train.datasets import CaptionTableSet
-
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise UsageError(f"not TrainConfig fields: {', '.join(unknown)}")
     config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
     return Recipe(f"table:{path}", copy.deepcopy(model_cfg), dict(preprocess_cfg or {}), config,
-                  CaptionTableSet(read_caption_table(path)))
+                  _data_set(path))
+
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
+
+
+def _data_set(path):
+    """The training set of ``path``: a caption table, else WebDataset shards."""
+    from cliplab.data.sources import SkipLog, expand_shards, index_webdataset, read_caption_table
+    from cliplab.train.datasets import CaptionTableSet, WebDatasetSet
+
+    if Path(path).suffix.lower() in TABLE_SUFFIXES:
+        return CaptionTableSet(read_caption_table(path))
+    shards = expand_shards(path)
+    skipped = SkipLog()
+    samples = index_webdataset(shards, skip_log=skipped)
+    logger.log(logging.WARNING if skipped.count else logging.INFO, "%s: indexed %d samples in %d shard(s); %s",
+               path, len(samples), len(shards), skipped.summary())
+    return WebDatasetSet(samples)
 
 
 def run_recipe(recipe: Recipe, *, resume: bool = False, stop_at: int | None = None,

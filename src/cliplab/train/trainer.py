@@ -38,10 +38,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
 from cliplab._progress import progress_bar
 from cliplab.errors import BadImage, DataError, UsageError
+from cliplab.models.convert import save_open_clip_folder
+from cliplab.models.transforms import images_to_tensor
 from cliplab.train import distributed
 from cliplab.train.datasets import caption_choice, global_batch_indices
 from cliplab.train.losses import get_loss
@@ -135,33 +136,6 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         exempt = p.ndim < 2 or "embedding" in name or "logit_" in name
         (no_decay if exempt else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def images_to_tensor(images, preprocess: Callable | None, preprocess_cfg: dict | None) -> torch.Tensor:
-    """Turn a batch of images into a normalised (B, 3, H, W) float tensor.
-
-    ``uint8`` arrays already at the model's size go through one vectorised
-    torch conversion (scale to [0, 1], subtract mean, divide by std), which is
-    what ``preprocess`` would compute; anything else (PIL images, other sizes)
-    goes through ``preprocess`` one by one.
-    """
-    size = (preprocess_cfg or {}).get("size")
-    hw = (size, size) if isinstance(size, int) else tuple(size) if size else None
-    if isinstance(images, np.ndarray):
-        arrays = images
-    else:
-        arrays = images if all(isinstance(x, np.ndarray) for x in images) else None
-    fast = (hw is not None and arrays is not None
-            and all(a.dtype == np.uint8 and a.shape == (*hw, 3) for a in arrays))
-    if fast:
-        x = torch.from_numpy(np.ascontiguousarray(np.stack(arrays))).permute(0, 3, 1, 2)  # (B, 3, H, W)
-        mean = torch.tensor(preprocess_cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(preprocess_cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
-        return x.float().div_(255).sub_(mean).div_(std)
-    if preprocess is None:
-        raise UsageError("images are not uint8 arrays at the model's size; pass a preprocess transform")
-    pils = [Image.fromarray(x) if isinstance(x, np.ndarray) else x.convert("RGB") for x in images]
-    return torch.stack([preprocess(p) for p in pils])  # (B, 3, H, W)
 
 
 class _StepBatches(torch.utils.data.Dataset):
@@ -463,10 +437,10 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            save_file(weights, str(tmp / "open_clip_model.safetensors"))
-            if self.model_cfg is not None:
-                config = {"model_cfg": self.model_cfg, "preprocess_cfg": _preprocess_cfg(model)}
-                (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+            if self.model_cfg is not None:  # an open_clip folder: loadable by cliplab and open_clip
+                save_open_clip_folder(tmp, self.model_cfg, weights, _preprocess_cfg(model))
+            else:
+                save_file(weights, str(tmp / "open_clip_model.safetensors"))
             state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "rng": rng, "config": asdict(self.config),
                      "world_size": env.world_size}

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import DataError, UsageError
 from .templates import fill, get_templates
 
 __all__ = ["ZeroShotClassifier", "class_weights"]
@@ -80,6 +80,9 @@ class ZeroShotClassifier:
     def _features(self, images, **kwargs) -> np.ndarray:
         if isinstance(images, np.ndarray) and images.dtype == np.float32 and images.ndim == 2:
             return images  # already image features (N, D)
+        if kwargs.get("on_error", "raise") != "raise":
+            raise UsageError("to skip bad images, call backbone.encode_images(..., on_error='skip') "
+                             "and pass the features")
         return self.backbone.encode_images(images, **kwargs)
 
     def decision_function(self, images, **kwargs) -> np.ndarray:
@@ -104,20 +107,28 @@ class ZeroShotClassifier:
 
 
 def read_labels(path: str | Path) -> list[str]:
-    """Class names from a file: one per line, or a JSON list / {index: name} mapping."""
+    """Class names from a file: one per line, or a JSON list / {index: name} mapping.
+
+    Raises :class:`~cliplab.errors.DataError` for an unreadable or malformed file.
+    """
     import json
 
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UsageError(f"cannot read labels file {p}: {e.strerror or e}") from e
-    if p.suffix == ".json":
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read labels file {p}: {getattr(e, 'strerror', None) or e}") from e
+    if p.suffix != ".json":
+        return [s.strip() for s in text.splitlines() if s.strip() and not s.lstrip().startswith("#")]
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise DataError(f"{p} is not valid JSON: {e}") from e
+    if isinstance(data, dict):
         try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise UsageError(f"{p} is not valid JSON: {e}") from e
-        if isinstance(data, dict):
-            data = [data[k] for k in sorted(data, key=lambda k: int(k) if str(k).isdigit() else k)]
-        return [str(x) for x in data]
-    return [s.strip() for s in text.splitlines() if s.strip() and not s.lstrip().startswith("#")]
+            data = [data[k] for k in sorted(data, key=int)]
+        except ValueError:
+            raise DataError(f"{p}: a JSON object of labels needs integer keys (\"0\": \"cat\", ...)") from None
+    if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+        raise DataError(f"{p}: expected a JSON list of class names or an {{index: name}} object")
+    return data
