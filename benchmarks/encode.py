@@ -119,6 +119,7 @@ def bench_images(bb, paths: list[Path], repeats: int, batch_size: int = 32) -> d
 
     exact = bb.encode_images(paths, batch_size=batch_size, progress=False)
     draft = bb.encode_images(paths, batch_size=batch_size, progress=False, draft=True)
+    model_only(), plain_loop()  # every path warmed once before timing
     t = {
         "model_only_s": median_time(model_only, repeats),
         "plain_open_clip_s": median_time(plain_loop, repeats),

@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
                     "checkpoints loadable as local-dir:OUT/checkpoints/step_N.")
     src = p.add_argument_group("what to train")
     src.add_argument("--recipe", help="a registered recipe, e.g. shapes-tiny")
-    src.add_argument("--data", help="CSV/JSONL caption table (image path + one or more captions), or "
+    src.add_argument("--data", metavar="PATH", help="CSV/JSONL caption table (image path + one or more captions), or "
                                     "WebDataset .tar shards (image + txt/json per key): a .tar file, a folder "
                                     "of shards, a glob or a brace pattern such as 'shard-{0000..0003}.tar'")
     src.add_argument("--model-config",

@@ -350,16 +350,17 @@ def iter_webdataset(paths, *, skip_log: SkipLog | None = None) -> Iterator[tuple
 def _shard_groups(shard: Path, skip_log: SkipLog, *, read_images: bool = True):
     """Yield ``(key, files)`` for each run of consecutive members sharing a key.
 
-    ``files`` maps extension to the member's bytes; with ``read_images=False`` image
-    members map to their ``TarInfo`` instead and their data is skipped, not read.  A
-    truncated or unreadable shard ends the groups: the group being read is dropped and
-    the damage recorded in ``skip_log``.
+    ``files`` maps extension to the member's bytes; with ``read_images=False`` (plain,
+    uncompressed tar only) image members map to their ``TarInfo`` instead and their data
+    is seeked past, not read.  A truncated or unreadable shard ends the groups: the group
+    being read is dropped and the damage recorded in ``skip_log``.
     """
     source = str(shard)
     key, files = None, {}
     n = 0
+    end = shard.stat().st_size
     try:
-        with tarfile.open(shard, mode="r|*") as tar:
+        with tarfile.open(shard, mode="r|*" if read_images else "r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -370,6 +371,8 @@ def _shard_groups(shard: Path, skip_log: SkipLog, *, read_images: bool = True):
                         yield key, files
                     key, files = mkey, {}
                 if not read_images and _is_image(ext):
+                    if member.offset_data + member.size > end:
+                        raise tarfile.ReadError("unexpected end of data")
                     files[ext] = member
                     continue
                 data = tar.extractfile(member).read()
@@ -413,8 +416,8 @@ _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 def index_webdataset(paths, *, skip_log: SkipLog | None = None) -> list[ShardSample]:
     """Scan WebDataset ``.tar`` shards once and record where each usable sample's image is.
 
-    Text and json members are read (for the captions); image members are skipped and only
-    their offset and size kept, so a :class:`~cliplab.train.datasets.WebDatasetSet` can
+    Text and json members are read (for the captions); image data is seeked past and only
+    its offset and size kept, so a :class:`~cliplab.train.datasets.WebDatasetSet` can
     later read any image by seeking.  Samples are grouped and parsed as in
     :func:`iter_webdataset`.
 
@@ -423,7 +426,8 @@ def index_webdataset(paths, *, skip_log: SkipLog | None = None) -> list[ShardSam
     paths : str, Path or iterable of them
         Uncompressed shard files, in order (see :func:`expand_shards`).
     skip_log : SkipLog, optional
-        Receives what :func:`iter_webdataset` skips, plus images cut off by a truncated shard.
+        Receives what :func:`iter_webdataset` skips (samples without image or text,
+        undecodable members, truncated or unreadable shards).
 
     Returns
     -------
@@ -445,16 +449,11 @@ def index_webdataset(paths, *, skip_log: SkipLog | None = None) -> list[ShardSam
             if f.read(6).startswith(_COMPRESSED_MAGIC):
                 raise DataError(f"{shard}: compressed shard; training reads images by byte offset, "
                                 f"so decompress it to a plain .tar (e.g. gunzip)")
-        file_size = shard.stat().st_size
         for key, files in _shard_groups(shard, skip_log, read_images=False):
             sample = _finish(str(shard), key, files, skip_log)
-            if sample is None:
-                continue
-            member, captions = sample[1], sample[2]
-            if member.offset_data + member.size > file_size:
-                skip_log.add(f"{shard}:{key}", "truncated shard: the image ends past the end of the file")
-                continue
-            samples.append(ShardSample(shard, key, member.offset_data, member.size, captions))
+            if sample is not None:
+                _, member, captions, _ = sample
+                samples.append(ShardSample(shard, key, member.offset_data, member.size, captions))
     return samples
 
 
@@ -535,14 +534,11 @@ def expand_shards(spec) -> list[Path]:
         if not shards:
             raise DataError(f"{path}: no .tar shards in this folder")
         return shards
-    text = str(spec)
-    patterns = expand_braces(text)
-    if len(patterns) == 1 and not _GLOB_CHARS & set(text):
-        if path.is_file() and path.suffix.lower() != ".tar":
-            raise DataError(f"{path}: not a .tar shard; pass a .tar file, a folder of shards, "
-                            f"a glob or a brace pattern such as shard-{{0000..0003}}.tar")
+    if path.is_file() and path.suffix.lower() != ".tar":
+        raise DataError(f"{path}: not a .tar shard; pass a .tar file, a folder of shards, "
+                        f"a glob or a brace pattern such as shard-{{0000..0003}}.tar")
     shards: list[Path] = []
-    for pattern in patterns:
+    for pattern in expand_braces(str(spec)):
         if _GLOB_CHARS & set(pattern):
             matches = sorted(globlib.glob(pattern))
             if not matches:

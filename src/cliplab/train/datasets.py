@@ -175,6 +175,8 @@ class WebDatasetSet:
     ------
     DataError
         If there are no samples.
+    ValueError
+        If ``max_open < 1``.
 
     Notes
     -----
@@ -187,8 +189,10 @@ class WebDatasetSet:
         self.samples = list(samples)
         if not self.samples:
             raise DataError("the shards hold no usable sample (image + caption)")
+        if int(max_open) < 1:
+            raise ValueError(f"max_open must be at least 1, got {max_open!r}")
         self.loader = loader
-        self.max_open = max_open
+        self.max_open = int(max_open)
         self._files: OrderedDict = OrderedDict()
         self._pid = os.getpid()
 
