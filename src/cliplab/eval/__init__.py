@@ -1,0 +1,41 @@
+"""Evaluation: datasets, tasks, metrics, results and reports."""
+
+from .datasets import (
+    SHAPES_DEFAULT_N,
+    SHAPES_TASKS,
+    ClassificationData,
+    RetrievalData,
+    classification_from_csv,
+    classification_from_folder,
+    fewshot_subset,
+    load_dataset,
+    retrieval_from_file,
+    split_train_val,
+)
+
+__all__ = [
+    "SHAPES_DEFAULT_N",
+    "SHAPES_TASKS",
+    "ClassificationData",
+    "RetrievalData",
+    "classification_from_csv",
+    "classification_from_folder",
+    "fewshot_subset",
+    "load_dataset",
+    "retrieval_from_file",
+    "split_train_val",
+]
+
+from .metrics import accuracy, confusion_matrix, mean_per_class_recall, retrieval_recall, topk_accuracy
+from .report import build_report
+from .results import make_result, read_results, write_results
+from .suite import SUITES, evaluate, run_suite
+from .tasks import (TaskResult, fewshot, linear_probe, select_on_validation, sweep_C, zeroshot_classification,
+                    zeroshot_retrieval)
+
+__all__ += [
+    "accuracy", "confusion_matrix", "mean_per_class_recall", "retrieval_recall", "topk_accuracy",
+    "build_report", "make_result", "read_results", "write_results", "SUITES", "evaluate", "run_suite",
+    "TaskResult", "fewshot", "linear_probe", "select_on_validation", "sweep_C",
+    "zeroshot_classification", "zeroshot_retrieval",
+]

@@ -1,0 +1,619 @@
+"""Evaluation datasets: image classification and image-text retrieval.
+
+Two kinds of data, each a small dataclass whose ``kind`` says which tasks take it:
+
+:class:`ClassificationData` (``kind == "classification"``)
+    Images with integer labels that index ``classnames``.  Read from an image folder
+    (one sub-folder per class), a CSV of ``path,label``, or a ShapesWorld task.
+:class:`RetrievalData` (``kind == "retrieval"``)
+    Images with one or more captions each.  Read from a CSV/TSV/JSONL caption table,
+    WebDataset ``.tar`` shards, or ShapesWorld multi-object scenes.
+
+:func:`load_dataset` turns a spec string into either.  Images are not decoded here: an
+item is a path, the encoded bytes of a shard member, or (ShapesWorld) an in-memory uint8
+array; unreadable images are skipped and reported later, when features are computed
+(:class:`cliplab.features.FeatureStore`).  Malformed rows are skipped, counted in the
+``skipped`` list and logged, never dropped silently.
+
+:func:`split_train_val` carves a stratified validation split from a training set with a
+fixed seed (hyper-parameters are chosen on it, never on test), and
+:func:`fewshot_subset` draws k examples per class.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from ..data.images import find_images
+from ..data.sources import SkipLog, expand_shards, index_webdataset, read_caption_table
+from ..errors import DataError, UsageError
+
+logger = logging.getLogger("cliplab.eval.datasets")
+
+__all__ = [
+    "SHAPES_TASKS",
+    "SHAPES_DEFAULT_N",
+    "ClassificationData",
+    "RetrievalData",
+    "classification_from_csv",
+    "classification_from_folder",
+    "fewshot_subset",
+    "load_dataset",
+    "retrieval_from_file",
+    "split_train_val",
+]
+
+SHAPES_TASKS: tuple[str, ...] = ("color-shape", "shape", "color", "color-shape-heldout", "retrieval")
+"""ShapesWorld tasks that :func:`load_dataset` accepts as ``"shapes:<task>"``."""
+
+SHAPES_DEFAULT_N: dict[str, int] = {"train": 2000, "val": 1000, "test": 1000}
+"""Scenes per split of a ShapesWorld task when ``n`` is not given."""
+
+_SPLIT_NAMES = ("train", "val", "test")
+_TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
+_LABEL_ALIASES = ("label", "class", "classname", "target", "y")
+
+
+@dataclass
+class ClassificationData:
+    """Images with class labels.
+
+    Attributes
+    ----------
+    items : list
+        N images: paths, encoded bytes or uint8 arrays (H, W, 3).
+    labels : ndarray of int, shape (N,)
+        Index into ``classnames``.
+    classnames : list of str
+        C human-readable class names (used in prompts).
+    name : str
+    skipped : list of (source, reason)
+        Rows left out while reading.
+    meta : dict
+        Extra facts (split, seed, ShapesWorld attributes...).
+    """
+
+    items: list
+    labels: np.ndarray
+    classnames: list
+    name: str
+    skipped: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    kind: ClassVar[str] = "classification"
+
+    def __post_init__(self):
+        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        if len(self.items) != len(self.labels):
+            raise UsageError(f"{self.name}: {len(self.items)} items but {len(self.labels)} labels")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classnames)):
+            raise UsageError(f"{self.name}: labels must index the {len(self.classnames)} classnames")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, indices, name: str | None = None) -> "ClassificationData":
+        """The examples at ``indices`` (in that order), same classes."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return replace(self, items=[self.items[i] for i in idx], labels=self.labels[idx],
+                       classnames=list(self.classnames), name=name or self.name,
+                       skipped=list(self.skipped), meta=dict(self.meta))
+
+
+@dataclass
+class RetrievalData:
+    """Images with one or more captions each.
+
+    Attributes
+    ----------
+    items : list
+        N images: paths, encoded bytes or uint8 arrays (H, W, 3).
+    captions : list of list of str
+        The captions of each image (at least one).
+    name : str
+    skipped : list of (source, reason)
+    meta : dict
+    """
+
+    items: list
+    captions: list
+    name: str
+    skipped: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    kind: ClassVar[str] = "retrieval"
+
+    def __post_init__(self):
+        if len(self.items) != len(self.captions):
+            raise UsageError(f"{self.name}: {len(self.items)} items but {len(self.captions)} caption lists")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, indices, name: str | None = None) -> "RetrievalData":
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return replace(self, items=[self.items[i] for i in idx],
+                       captions=[list(self.captions[i]) for i in idx], name=name or self.name,
+                       skipped=list(self.skipped), meta=dict(self.meta))
+
+
+# --------------------------------------------------------------------- class names
+
+
+def _read_names(classnames_json):
+    """A JSON file path, or an already loaded dict/list, -> dict or list."""
+    if classnames_json is None or isinstance(classnames_json, (dict, list, tuple)):
+        return classnames_json
+    path = Path(classnames_json)
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such class-name file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a JSON class-name file ({e})") from None
+    if not isinstance(names, (dict, list)):
+        raise DataError(f"{path}: class names must be a JSON object {{folder: name}} or a list")
+    return names
+
+
+def _names_for(keys: list[str], names, source: str) -> list[str]:
+    """Human-readable names for class ``keys`` (folder names / label values)."""
+    if names is None:
+        return [k.replace("_", " ") for k in keys]
+    if isinstance(names, dict):
+        missing = [k for k in keys if k not in names]
+        if missing:
+            raise DataError(f"{source}: class names JSON has no entry for {missing[:5]}"
+                            f"{' ...' if len(missing) > 5 else ''}; add them")
+        return [str(names[k]) for k in keys]
+    names = [str(n) for n in names]
+    if len(names) != len(keys):
+        raise DataError(f"{source}: class names list has {len(names)} entries for {len(keys)} "
+                        f"classes; give one name per class, in sorted folder/label order")
+    return names
+
+
+# --------------------------------------------------------------------- classification
+
+
+def classification_from_folder(root, *, classnames_json=None) -> ClassificationData:
+    """Read an image folder with one sub-folder per class.
+
+    Parameters
+    ----------
+    root : str or Path
+        ``root/<class>/**/<image>``; classes are the sub-folders in sorted order (hidden
+        ones ignored), images are found by :func:`cliplab.data.images.find_images`.
+    classnames_json : path, dict or list, optional
+        Class names: ``{folder: name}``, or a list of names in sorted folder order.
+        Default: the folder names with ``_`` read as spaces.
+
+    Raises
+    ------
+    DataError
+        ``root`` is not a folder, has no class folders or no images, or the names do
+        not cover the classes.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder; pass a folder with one sub-folder per class")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(f"{root}: no class sub-folders; put each class's images in root/<class>/")
+    classnames = _names_for([f.name for f in folders], _read_names(classnames_json), str(root))
+    items, labels = [], []
+    for c, folder in enumerate(folders):
+        found = find_images(folder)
+        if not found:
+            logger.warning("%s: class %r has no images", root, folder.name)
+        items.extend(found)
+        labels.extend([c] * len(found))
+    if not items:
+        raise DataError(f"{root}: the class folders hold no images")
+    logger.info("%s: %d images, %d classes", root, len(items), len(folders))
+    return ClassificationData(items, np.asarray(labels), classnames, root.name or str(root),
+                              meta={"source": str(root)})
+
+
+def _csv_header(path: Path, delimiter: str) -> list[str]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        try:
+            return [h.strip() for h in next(csv.reader(f, delimiter=delimiter))]
+        except StopIteration:
+            raise DataError(f"{path}: empty file; the first line must be a header") from None
+        except csv.Error as e:
+            raise DataError(f"{path}:1: unreadable header ({e})") from None
+
+
+def classification_from_csv(path, *, image_key: str = "filepath", label_key: str = "label",
+                            classnames_json=None, root=None,
+                            skip_log: SkipLog | None = None) -> ClassificationData:
+    """Read a CSV/TSV of image paths and class labels.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``.csv`` or ``.tsv`` with a header.  Relative image paths are resolved against
+        ``root`` (default: the table's folder).
+    image_key, label_key : str
+        Column names; at their defaults, common aliases are tried (``image``, ``path``...
+        and ``class``, ``target``...).
+    classnames_json : path, dict or list, optional
+        With integer labels: a list indexed by label (or ``{"0": name}``).  With string
+        labels: ``{label: name}``, or a list that orders the classes (labels must be
+        among its entries).  Default: integer labels ``0..max`` are named by their
+        number, string labels are the names, sorted.
+    skip_log : SkipLog, optional
+        Receives malformed rows (wrong field count, empty path or label, label not in
+        the class list), each as ``path:line``.  They are also in ``data.skipped``.
+
+    Raises
+    ------
+    DataError
+        Missing file, missing column, no usable row, or names that do not cover the labels.
+    """
+    from ..data.sources import _IMAGE_ALIASES, _pick_key  # the caption tables' column rule
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; pass the path of a .csv or .tsv table")
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    base = Path(root) if root is not None else path.parent
+    skip_log = skip_log if skip_log is not None else SkipLog()
+    before = skip_log.count
+    header = _csv_header(path, delimiter)
+    ikey = _pick_key(image_key, "filepath", _IMAGE_ALIASES, header)
+    lkey = _pick_key(label_key, "label", _LABEL_ALIASES, header)
+    for key, given, flag in ((ikey, image_key, "image_key"), (lkey, label_key, "label_key")):
+        if key is None:
+            raise DataError(f"{path}:1: no column {given!r} in header {header}; "
+                            f"rename the column or pass {flag}=<column name>")
+    ii, li = header.index(ikey), header.index(lkey)
+    rows: list[tuple[int, str, str]] = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        next(reader)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                skip_log.add(f"{path}:{reader.line_num}", f"malformed row: {e}")
+                continue
+            line = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                skip_log.add(f"{path}:{line}", f"malformed row: {len(row)} fields, header has {len(header)}")
+                continue
+            image, label = row[ii].strip(), row[li].strip()
+            if not image:
+                skip_log.add(f"{path}:{line}", "empty image path")
+                continue
+            if not label:
+                skip_log.add(f"{path}:{line}", "empty label")
+                continue
+            rows.append((line, image, label))
+
+    names = _read_names(classnames_json)
+    integer = bool(rows) and all(_is_int(lab) for _, _, lab in rows)
+    if integer:
+        if isinstance(names, dict):
+            keys = sorted(names, key=lambda k: int(k) if _is_int(k) else -1)
+            classnames = [str(names[k]) for k in keys]
+            if [int(k) for k in keys if _is_int(k)] != list(range(len(keys))):
+                raise DataError(f"{path}: with integer labels the class-name JSON keys must be 0..C-1")
+        elif names is not None:
+            classnames = [str(n) for n in names]
+        else:
+            classnames = [str(i) for i in range(max(int(lab) for _, _, lab in rows) + 1)]
+        lookup = {str(i): i for i in range(len(classnames))}
+        to_index = lambda lab: lookup.get(str(int(lab)))  # noqa: E731
+    else:
+        values = sorted({lab for _, _, lab in rows})
+        if isinstance(names, dict):
+            keys = sorted(names)
+            classnames = [str(names[k]) for k in keys]
+        elif names is not None:
+            keys = classnames = [str(n) for n in names]
+        else:
+            keys = classnames = values
+        lookup = {k: i for i, k in enumerate(keys)}
+        to_index = lookup.get
+
+    items, labels = [], []
+    for line, image, label in rows:
+        idx = to_index(label)
+        if idx is None:
+            skip_log.add(f"{path}:{line}", f"unknown label {label!r}: not in the class names")
+            continue
+        p = Path(image)
+        items.append(p if p.is_absolute() else base / p)
+        labels.append(idx)
+    skipped = skip_log.to_list()[before:]
+    if skipped:
+        logger.warning("%s: skipped %d row(s); %s", path, len(skipped), skip_log.summary())
+    if not items:
+        raise DataError(f"{path}: no usable row ({len(skipped)} skipped); "
+                        f"each row needs an image path and a label")
+    logger.info("%s: %d images, %d classes", path, len(items), len(classnames))
+    return ClassificationData(items, np.asarray(labels), list(classnames), path.stem, skipped,
+                              meta={"source": str(path)})
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# --------------------------------------------------------------------- retrieval
+
+
+def retrieval_from_file(path) -> RetrievalData:
+    """Read image-caption pairs for retrieval.
+
+    Parameters
+    ----------
+    path : str or Path
+        A ``.csv``/``.tsv``/``.jsonl`` caption table (rows naming the same image are
+        merged, so an image may have several captions), or WebDataset shards: a ``.tar``
+        file, a folder of them, a glob or a brace pattern (``shard-{0000..0003}.tar``).
+
+    Returns
+    -------
+    RetrievalData
+        ``items`` are resolved paths for a table, and the encoded image bytes (read by
+        byte offset from the uncompressed shards) for WebDataset.
+
+    Raises
+    ------
+    DataError
+        Missing file or shard, missing column, compressed shards, or no usable sample.
+    """
+    skip_log = SkipLog()
+    spath = Path(str(path))
+    if spath.suffix.lower() in _TABLE_SUFFIXES:
+        records = read_caption_table(spath, skip_log=skip_log)
+        items = [r.image for r in records]
+        captions = [list(r.captions) for r in records]
+        name = spath.stem
+    else:
+        from ..train.datasets import WebDatasetSet
+
+        shards = expand_shards(path)
+        samples = index_webdataset(shards, skip_log=skip_log)
+        if not samples:
+            raise DataError(f"{path}: the shards hold no usable sample (image + caption)")
+        reader = WebDatasetSet(samples, loader=bytes)  # raw bytes; decoded with the features
+        try:
+            items = [reader[i][0] for i in range(len(reader))]
+        finally:
+            reader.close()
+        captions = [list(s.captions) for s in samples]
+        name = spath.name if spath.is_dir() else spath.stem.split("{")[0].rstrip("-_") or spath.stem
+    if not items:
+        raise DataError(f"{path}: no usable image-caption pair ({skip_log.summary()})")
+    if skip_log.count:
+        logger.warning("%s: %s", path, skip_log.summary())
+    return RetrievalData(items, captions, name, skip_log.to_list(), meta={"source": str(path)})
+
+
+# --------------------------------------------------------------------- ShapesWorld
+
+
+def _shapes(task: str, split: str, n: int | None, seed: int):
+    from ..data.shapes import COLORS
+    from ..train.recipes import shapes_world
+
+    if task not in SHAPES_TASKS:
+        raise UsageError(f"unknown ShapesWorld task {task!r}; choose one of "
+                         f"{', '.join('shapes:' + t for t in SHAPES_TASKS)}")
+    if split not in _SPLIT_NAMES:
+        raise UsageError(f"unknown split {split!r}; choose one of {', '.join(_SPLIT_NAMES)}")
+    n = SHAPES_DEFAULT_N[split] if n is None else int(n)
+    if n < 1:
+        raise UsageError(f"n must be >= 1, got {n}")
+    world = shapes_world(seed)
+    meta = {"source": f"shapes:{task}", "split": split, "n": n, "seed": seed, "world": world.config()}
+    name = f"shapes:{task}"
+
+    if task == "retrieval":
+        world = world.replace(n_objects=(1, 3), split_sizes={split: max(n, world.split_sizes[split])})
+        meta["world"] = world.config()
+        images, scenes = world.render_batch(split, range(n))
+        return RetrievalData(list(images), [list(s.captions) for s in scenes], name, meta=meta)
+
+    shapes = world.shapes_of(split)
+    pairs = [(c, s) for c in COLORS for s in shapes]
+    if task == "color-shape-heldout":
+        if split != "test":
+            raise UsageError("shapes:color-shape-heldout exists only for split 'test' "
+                             "(held-out compositions never occur in train or val)")
+        heldout = set(world.heldout)
+        limit = max(world.split_sizes["test"], 32 * n)
+        world = world.replace(split_sizes={"test": limit})
+        images, scenes = [], []
+        for i in range(limit):
+            scene = world.scene("test", i)
+            obj = scene.objects[0]
+            if (obj.color, obj.shape) in heldout:
+                images.append(scene.image)
+                scenes.append(scene)
+                if len(scenes) == n:
+                    break
+        if len(scenes) < n:
+            logger.warning("%s: found %d held-out scenes of %d asked in %d test scenes",
+                           name, len(scenes), n, limit)
+        meta["heldout"] = sorted([list(p) for p in heldout if p[1] in shapes])
+    else:
+        world = world.replace(split_sizes={split: max(n, world.split_sizes[split])})
+        batch, scenes = world.render_batch(split, range(n))
+        images = list(batch)
+
+    objs = [s.objects[0] for s in scenes]
+    if task in ("color-shape", "color-shape-heldout"):
+        classnames = [f"{c} {s}" for c, s in pairs]
+        labels = [pairs.index((o.color, o.shape)) for o in objs]
+    elif task == "shape":
+        classnames = list(shapes)
+        labels = [shapes.index(o.shape) for o in objs]
+    else:
+        classnames = list(COLORS)
+        labels = [COLORS.index(o.color) for o in objs]
+    return ClassificationData(list(images), np.asarray(labels, dtype=np.int64), classnames, name, meta=meta)
+
+
+# --------------------------------------------------------------------- load_dataset
+
+
+def _table_kind(path: Path) -> str:
+    """``"classification"`` for a CSV with a label column and no caption column."""
+    if path.suffix.lower() not in (".csv", ".tsv"):
+        return "retrieval"
+    header = _csv_header(path, "\t" if path.suffix.lower() == ".tsv" else ",")
+    has_caption = any(h in header for h in ("caption", "captions", "text", "title"))
+    has_label = any(h in header for h in _LABEL_ALIASES)
+    return "classification" if has_label and not has_caption else "retrieval"
+
+
+def load_dataset(spec, split: str = "test", *, n: int | None = None, seed: int = 0):
+    """Load an evaluation dataset from a spec.
+
+    Parameters
+    ----------
+    spec : str or Path
+        ``"shapes:<task>"``
+            A ShapesWorld task on the world of the shapes-tiny recipe
+            (:func:`cliplab.train.recipes.shapes_world`, single-object 64 px scenes,
+            8 in-distribution shapes); images are uint8 arrays in memory.
+
+            - ``color-shape``: 64-way colour x shape classification;
+            - ``shape``, ``color``: 8-way;
+            - ``color-shape-heldout``: test scenes whose (colour, shape) is held out
+              of train/val, classified among all 64 colour-shape classes;
+            - ``retrieval``: scenes of 1-3 objects with all their captions.
+        a folder
+            One sub-folder per class (classification); if its sub-folders are split
+            names (``train``/``val``/``test``), the one named ``split``.  A folder of
+            ``.tar`` files is WebDataset shards (retrieval).
+        a ``.csv``/``.tsv``
+            Classification when it has a label column (``label``, ``class``...) and no
+            caption column, else retrieval.
+        a ``.jsonl``, ``.tar``, glob or brace pattern
+            Retrieval.
+    split : {"train", "val", "test"}, default "test"
+        ShapesWorld split, or split folder (see above).  File datasets without split
+        folders are used whole.
+    n : int, optional
+        Number of examples.  ShapesWorld: the first ``n`` scenes of the split, default
+        :data:`SHAPES_DEFAULT_N` (2000 train, 1000 val, 1000 test).  Files: a random
+        subset of ``n`` (seeded, kept in file order); default all.
+    seed : int, default 0
+        ShapesWorld world seed; subset seed for files.
+
+    Returns
+    -------
+    ClassificationData or RetrievalData
+        Tell them apart by ``data.kind``.
+    """
+    if isinstance(spec, str) and spec.startswith("shapes:"):
+        return _shapes(spec.split(":", 1)[1], split, n, seed)
+    path = Path(spec)
+    if path.is_dir():
+        subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        if subdirs and all(p.name in _SPLIT_NAMES for p in subdirs):
+            if not (path / split).is_dir():
+                raise DataError(f"{path}: no {split!r} split folder; it has "
+                                f"{sorted(p.name for p in subdirs)}")
+            path = path / split
+            subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        if not subdirs and any(path.glob("*.tar")):
+            data = retrieval_from_file(path)
+        else:
+            data = classification_from_folder(path)
+    elif path.suffix.lower() in _TABLE_SUFFIXES:
+        if not path.is_file():
+            raise DataError(f"{path}: no such file; pass the path of a .csv, .tsv or .jsonl table")
+        if _table_kind(path) == "classification":
+            data = classification_from_csv(path)
+        else:
+            data = retrieval_from_file(path)
+    elif path.is_file() and path.suffix.lower() != ".tar":
+        raise UsageError(f"{spec}: unknown dataset type; pass a folder, .csv, .jsonl, .tar shards "
+                         f"or shapes:<task> ({', '.join(SHAPES_TASKS)})")
+    else:
+        data = retrieval_from_file(spec)
+    data.meta["split"] = split
+    if n is not None and n < len(data):
+        rng = np.random.default_rng(seed)
+        data = data.subset(np.sort(rng.choice(len(data), size=int(n), replace=False)))
+        data.meta.update({"n": int(n), "seed": seed})
+    return data
+
+
+# --------------------------------------------------------------------- splits
+
+
+def split_train_val(data, *, val_fraction: float = 0.2, seed: int = 0):
+    """Carve a validation split from a training set.
+
+    Classification data is stratified: each class with at least two examples gives
+    ``round(val_fraction * n_c)`` of them (at least one, never all) to validation.
+    Retrieval data is split at random.  Both keep the original order within each part.
+
+    Returns
+    -------
+    (train, val)
+        Same type as ``data``; ``meta["split"]`` is ``"train"`` / ``"val"``.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise UsageError(f"val_fraction must be between 0 and 1, got {val_fraction!r}")
+    rng = np.random.default_rng(seed)
+    if isinstance(data, ClassificationData):
+        val = []
+        for c in range(len(data.classnames)):
+            idx = np.flatnonzero(data.labels == c)
+            if len(idx) < 2:
+                continue
+            k = int(np.clip(round(val_fraction * len(idx)), 1, len(idx) - 1))
+            val.extend(rng.permutation(idx)[:k].tolist())
+    else:
+        k = int(np.clip(round(val_fraction * len(data)), 1, max(1, len(data) - 1)))
+        val = rng.permutation(len(data))[:k].tolist()
+    is_val = np.zeros(len(data), dtype=bool)
+    is_val[val] = True
+    train_part = data.subset(np.flatnonzero(~is_val))
+    val_part = data.subset(np.flatnonzero(is_val))
+    train_part.meta.update(split="train", val_fraction=val_fraction, split_seed=seed)
+    val_part.meta.update(split="val", val_fraction=val_fraction, split_seed=seed)
+    return train_part, val_part
+
+
+def fewshot_subset(data: ClassificationData, k: int, seed: int = 0) -> ClassificationData:
+    """``k`` examples of each class (all of a class with fewer), deterministic in ``seed``.
+
+    Each class draws from its own stream ``default_rng([seed, class])``, taking a prefix
+    of a permutation, so the ``k``-shot set contains the smaller-``k`` sets of the same
+    seed.  Examples keep their original order.
+    """
+    if not isinstance(data, ClassificationData):
+        raise UsageError("few-shot subsets need classification data")
+    if int(k) != k or k < 1:
+        raise UsageError(f"k must be a positive integer, got {k!r}")
+    chosen = []
+    for c in range(len(data.classnames)):
+        idx = np.flatnonzero(data.labels == c)
+        rng = np.random.default_rng([int(seed), c])
+        chosen.extend(rng.permutation(idx)[:int(k)].tolist())
+    out = data.subset(np.sort(np.asarray(chosen, dtype=np.int64)))
+    out.meta.update(shots=int(k), fewshot_seed=int(seed))
+    return out
