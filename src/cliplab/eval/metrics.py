@@ -1,0 +1,151 @@
+"""Evaluation metrics as pure NumPy functions.
+
+Definitions follow CLIP_benchmark (LAION-AI/CLIP_benchmark, ``clip_benchmark/metrics``),
+so numbers computed here can be compared with its results files:
+
+- ``acc1`` / ``acc5``: top-k accuracy of the class logits;
+- ``mean_per_class_recall``: the mean over classes present in the labels of the recall
+  of that class (scikit-learn's ``balanced_accuracy_score``);
+- ``image_retrieval_recall@k``: text -> image; a caption is a hit when its image is among
+  the k images most similar to it;
+- ``text_retrieval_recall@k``: image -> text; an image is a hit when at least one of its
+  captions is among the k captions most similar to it (the CLIP paper convention).
+
+Ties are broken by index (a stable sort), so results are deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import UsageError
+
+__all__ = ["topk_accuracy", "mean_per_class_recall", "confusion_matrix", "retrieval_recall",
+           "accuracy"]
+
+
+def _labels(labels, n: int | None = None, name: str = "labels") -> np.ndarray:
+    y = np.asarray(labels)
+    if y.ndim != 1 or (y.size and not np.issubdtype(y.dtype, np.integer)):
+        raise UsageError(f"{name} must be a 1-d integer array, got {y.dtype} {y.shape}")
+    if n is not None and len(y) != n:
+        raise UsageError(f"{name} has {len(y)} entries but there are {n} predictions")
+    return y.astype(np.int64)
+
+
+def accuracy(pred, labels) -> float:
+    """Fraction of predictions equal to the labels (any comparable dtype)."""
+    pred, labels = np.asarray(pred), np.asarray(labels)
+    if pred.shape != labels.shape:
+        raise UsageError(f"pred {pred.shape} and labels {labels.shape} differ in shape")
+    return float((pred == labels).mean()) if len(labels) else float("nan")
+
+
+def topk_accuracy(logits, labels, k: int = 1) -> float:
+    """Top-k accuracy.
+
+    acc@k = 1/N sum_i [ y_i in topk_c(z_ic) ]
+
+    Parameters
+    ----------
+    logits : array (N, C)
+    labels : int array (N,)
+    k : int, default=1
+        Capped at C (with 3 classes, acc@5 is 1).
+    """
+    z = np.asarray(logits)
+    if z.ndim != 2:
+        raise UsageError(f"logits must be (N, C), got shape {z.shape}")
+    y = _labels(labels, len(z))
+    if k < 1:
+        raise UsageError(f"k must be >= 1, got {k}")
+    if not len(y):
+        return float("nan")
+    k = min(k, z.shape[1])
+    top = np.argsort(-z, axis=1, kind="stable")[:, :k]                 # (N, k)
+    return float((top == y[:, None]).any(axis=1).mean())
+
+
+def confusion_matrix(pred, labels, n_classes: int) -> np.ndarray:
+    """Counts M[i, j] = #{n : y_n = i and pred_n = j}; rows are true classes. int64 (C, C)."""
+    p = _labels(pred, name="pred")
+    y = _labels(labels, len(p))
+    if len(y) and (min(y.min(), p.min()) < 0 or max(y.max(), p.max()) >= n_classes):
+        raise UsageError(f"labels and predictions must lie in [0, {n_classes})")
+    m = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(m, (y, p), 1)
+    return m
+
+
+def mean_per_class_recall(pred, labels, n_classes: int) -> float:
+    """Balanced accuracy: the mean recall over the classes that occur in ``labels``.
+
+    recall_c = M[c, c] / sum_j M[c, j];  mpcr = mean_{c : sum_j M[c, j] > 0} recall_c
+
+    Classes without test examples are left out of the mean (as in scikit-learn's
+    ``balanced_accuracy_score``, which CLIP_benchmark uses).
+    """
+    m = confusion_matrix(pred, labels, n_classes)
+    support = m.sum(axis=1)                                               # (C,)
+    present = support > 0
+    if not present.any():
+        return float("nan")
+    return float((np.diag(m)[present] / support[present]).mean())
+
+
+def _hits_at(scores: np.ndarray, positive: np.ndarray, ks: Sequence[int], chunk: int = 1024) -> dict:
+    """For each query row: is any positive among the top k columns?  -> {k: bool (Q,)}."""
+    kmax = min(max(ks), scores.shape[1])
+    out = {k: np.zeros(len(scores), dtype=bool) for k in ks}
+    for s in range(0, len(scores), chunk):
+        top = np.argsort(-scores[s:s + chunk], axis=1, kind="stable")[:, :kmax]     # (q, kmax)
+        pos = np.take_along_axis(positive[s:s + chunk], top, axis=1)                # (q, kmax)
+        first = np.where(pos.any(axis=1), pos.argmax(axis=1), kmax)                  # rank of 1st hit
+        for k in ks:
+            out[k][s:s + chunk] = first < k
+    return out
+
+
+def retrieval_recall(image_feats, text_feats, text_to_image, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Image-text retrieval recall@k with several captions per image.
+
+    S = F_img F_txtᵀ  (I, T); positive P[i, t] = [text_to_image[t] = i]
+
+    - ``image_retrieval_recall@k`` (text -> image) = 1/T sum_t [ text_to_image[t] in topk_i S[:, t] ]
+    - ``text_retrieval_recall@k`` (image -> text)  = 1/I sum_i [ exists t: P[i, t] and t in topk_t S[i, :] ]
+
+    Parameters
+    ----------
+    image_feats : float array (I, D)
+    text_feats : float array (T, D)
+    text_to_image : int array (T,)
+        The image each caption describes.
+    ks : sequence of int, default=(1, 5, 10)
+
+    Returns
+    -------
+    dict
+        ``{"image_retrieval_recall@k": float, "text_retrieval_recall@k": float}`` per k.
+    """
+    fi, ft = np.asarray(image_feats, np.float32), np.asarray(text_feats, np.float32)
+    if fi.ndim != 2 or ft.ndim != 2 or fi.shape[1] != ft.shape[1]:
+        raise UsageError(f"image features {fi.shape} and text features {ft.shape} must be (N, D) "
+                         "with the same D")
+    t2i = _labels(text_to_image, len(ft), name="text_to_image")
+    if len(t2i) and (t2i.min() < 0 or t2i.max() >= len(fi)):
+        raise UsageError(f"text_to_image must index the {len(fi)} images")
+    ks = [int(k) for k in ks]
+    if not ks or min(ks) < 1:
+        raise UsageError(f"ks must be positive integers, got {ks}")
+    scores = fi @ ft.T                                                    # (I, T)
+    positive = np.zeros(scores.shape, dtype=bool)
+    positive[t2i, np.arange(len(t2i))] = True                             # (I, T)
+    t2i_hits = _hits_at(scores.T, positive.T, ks)                         # text -> image
+    i2t_hits = _hits_at(scores, positive, ks)                             # image -> text
+    out = {}
+    for k in ks:
+        out[f"image_retrieval_recall@{k}"] = float(t2i_hits[k].mean()) if len(ft) else float("nan")
+        out[f"text_retrieval_recall@{k}"] = float(i2t_hits[k].mean()) if len(fi) else float("nan")
+    return out

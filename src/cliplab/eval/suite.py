@@ -1,0 +1,147 @@
+"""Run evaluation tasks on dataset specs and the ShapesWorld suite; returns results records.
+
+:func:`evaluate` is what ``cliplab eval --task`` calls: it loads the dataset, computes
+(cached) features and runs one task of :mod:`cliplab.eval.tasks`.  :func:`run_suite`
+runs a named list of such evaluations (``SUITES``).
+
+The ``shapes`` suite; with shapes-tiny it takes well under a minute on 2 CPU cores
+(``benchmarks/eval_suite.py`` measures it).  Test sets are shared between tasks, so their
+features are computed once.  Linear probe and few-shot use the 8-way shape task, whose
+classes all occur in train (the colour x shape task holds out compositions that train
+never shows):
+
+=============================  ==========================  ========================================
+dataset                        task                        images
+=============================  ==========================  ========================================
+shapes:color-shape             zeroshot_classification     test 1280
+shapes:shape                   zeroshot_classification     test 800 ("a photo of a {c}.")
+shapes:color                   zeroshot_classification     test 800 ("a photo of a {c} shape.")
+shapes:color-shape-heldout     zeroshot_classification     test 400
+shapes:retrieval               zeroshot_retrieval          test 1000 (all captions)
+shapes:shape                   linear_probe                train 2560 (20 % val), test 800
+shapes:shape                   fewshot (linear probe)      same; k 1,2,4,8,16; seeds 0,1,2
+=============================  ==========================  ========================================
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import UsageError
+from .results import make_result
+from .tasks import (fewshot, image_features, linear_probe, logistic_regression, zeroshot_classification,
+                    zeroshot_retrieval)
+
+__all__ = ["TASKS", "SUITES", "evaluate", "run_suite", "FEWSHOT_C_GRID"]
+
+TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot")
+
+#: C candidates of the few-shot linear probe, chosen on validation per (k, seed).
+FEWSHOT_C_GRID = {"C": [1e-2, 1e-1, 1.0, 10.0, 100.0]}
+
+SUITES = {
+    "shapes": [
+        dict(task="zeroshot_classification", dataset="shapes:color-shape", n=1280),
+        dict(task="zeroshot_classification", dataset="shapes:shape", n=800, templates="a photo of a {c}."),
+        dict(task="zeroshot_classification", dataset="shapes:color", n=800,
+             templates="a photo of a {c} shape."),
+        dict(task="zeroshot_classification", dataset="shapes:color-shape-heldout", n=400),
+        dict(task="zeroshot_retrieval", dataset="shapes:retrieval", n=1000),
+        dict(task="linear_probe", dataset="shapes:shape", n=800, n_train=2560),
+        dict(task="fewshot", dataset="shapes:shape", n=800, n_train=2560),
+    ],
+}
+
+
+def _load(spec, split, n, seed=0):
+    from .datasets import load_dataset
+
+    return load_dataset(spec, split, n=n, seed=seed)
+
+
+def _labelled_features(backbone, data, store, progress, split_name):
+    x, kept, skipped = image_features(backbone, data.items, store=store, progress=progress)
+    for s in skipped:
+        s.setdefault("split", split_name)
+    return x, np.asarray(data.labels)[kept], skipped
+
+
+def _require_classification(data, task):
+    if not hasattr(data, "labels"):
+        raise UsageError(f"task {task} needs a classification dataset (images with class labels); "
+                         f"{data.name} is a retrieval dataset")
+
+
+def evaluate(backbone, *, model_spec: str, task: str, dataset: str, split: str = "test",
+             templates=None, store=None, n: int | None = None, n_train: int | None = None,
+             seeds: Sequence[int] = (0, 1, 2), shots: Sequence[int] = (1, 2, 4, 8, 16),
+             val_fraction: float = 0.2, progress=None) -> dict:
+    """Run one task on one dataset spec; return a results record (see :mod:`.results`).
+
+    ``n`` limits the evaluated split, ``n_train`` the train split of ``linear_probe`` and
+    ``fewshot`` (default: ``2 * n`` when ``n`` is given); the validation split is
+    ``val_fraction`` of train (fixed seed).
+    """
+    if task not in TASKS:
+        raise UsageError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    t0 = time.perf_counter()
+    data = _load(dataset, split, n)
+    load_s = time.perf_counter() - t0
+    seeds = list(seeds)
+    if task == "zeroshot_classification":
+        _require_classification(data, task)
+        res = zeroshot_classification(backbone, data, templates=templates, store=store, progress=progress)
+    elif task == "zeroshot_retrieval":
+        if not hasattr(data, "captions"):
+            raise UsageError(f"task zeroshot_retrieval needs an image-caption dataset; {data.name} has "
+                             "class labels (try shapes:retrieval or a CSV/JSONL of image,caption)")
+        res = zeroshot_retrieval(backbone, data, store=store, progress=progress)
+    else:
+        from .datasets import split_train_val
+
+        _require_classification(data, task)
+        t0 = time.perf_counter()
+        train_all = _load(dataset, "train", n_train if n_train is not None else (2 * n if n else None))
+        train, val = split_train_val(train_all, val_fraction=val_fraction, seed=0)
+        load_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        xt, yt, sk_t = _labelled_features(backbone, train, store, progress, "train")
+        xv, yv, sk_v = _labelled_features(backbone, val, store, progress, "val")
+        xs, ys, sk_s = _labelled_features(backbone, data, store, progress, split)
+        feat_s = time.perf_counter() - t0
+        if task == "linear_probe":
+            res = linear_probe(xt, yt, xv, yv, xs, ys, seed=seeds[0] if seeds else 0, progress=progress,
+                               dataset=data.name, classnames=data.classnames)
+        else:
+            res = fewshot(lambda **p: logistic_regression(**p), (xt, yt), (xv, yv), (xs, ys),
+                          ks=shots, seeds=seeds, grid=FEWSHOT_C_GRID, method="linear probe",
+                          classnames=data.classnames, dataset=data.name, progress=progress)
+        res.skipped = sk_t + sk_v + sk_s
+        res.timings = {"image_features": round(feat_s, 4), **res.timings}
+    res.timings = {"load_dataset": round(load_s, 4), **res.timings}
+    read_skips = [{"source": str(src), "reason": str(why), "stage": "read"}
+                  for src, why in getattr(data, "skipped", None) or []]
+    res.skipped = read_skips + list(res.skipped)
+    return make_result(res, model_spec=model_spec, fingerprint=backbone.fingerprint,
+                       seeds=seeds if task == "fewshot" else None,
+                       extra={"split": split, "n": n})
+
+
+def run_suite(backbone, name: str, *, model_spec: str, store=None, progress=None,
+              seeds: Sequence[int] = (0, 1, 2), shots: Sequence[int] = (1, 2, 4, 8, 16),
+              on_result=None) -> list[dict]:
+    """Run every evaluation of ``SUITES[name]``; ``on_result(record)`` is called after each."""
+    if name not in SUITES:
+        raise UsageError(f"unknown suite {name!r}: use one of {', '.join(SUITES)}")
+    out = []
+    for entry in SUITES[name]:
+        kw = dict(entry)
+        rec = evaluate(backbone, model_spec=model_spec, store=store, progress=progress, seeds=seeds,
+                       shots=shots, task=kw.pop("task"), dataset=kw.pop("dataset"), **kw)
+        out.append(rec)
+        if on_result is not None:
+            on_result(rec)
+    return out

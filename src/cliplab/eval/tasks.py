@@ -1,0 +1,410 @@
+"""Evaluation tasks: zero-shot classification and retrieval, linear probe, few-shot.
+
+Every task returns a :class:`TaskResult`: CLIP_benchmark-style ``metrics`` plus the
+extras cliplab records (confusion matrix, chosen hyper-parameters, few-shot curves,
+skipped images, seconds per stage).  :func:`cliplab.eval.results.make_result` turns
+one into a results-file record.
+
+Protocol rules, enforced by the signatures: hyper-parameters are chosen on a
+validation split only (:func:`select_on_validation`, :func:`sweep_C`); test features
+and labels are used once, to score the final fitted model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from .._progress import progress_bar
+from ..errors import DataError, UsageError
+from ..zeroshot.templates import fill, get_templates
+from .metrics import accuracy, confusion_matrix, mean_per_class_recall, retrieval_recall, topk_accuracy
+
+log = logging.getLogger("cliplab.eval.tasks")
+
+__all__ = ["TaskResult", "zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot",
+           "select_on_validation", "sweep_C", "logistic_regression", "image_features"]
+
+
+@dataclass
+class TaskResult:
+    """What a task measured.
+
+    Attributes
+    ----------
+    task : str
+        CLIP_benchmark task name (``zeroshot_classification``, ``zeroshot_retrieval``,
+        ``linear_probe``) or ``fewshot``.
+    dataset : str
+    metrics : dict of str -> float
+    details : dict
+        Task extras: ``confusion_matrix`` + ``classnames``, ``C``, ``fewshot`` curves...
+    timings : dict of str -> float
+        Seconds per stage.
+    skipped : list of dict
+        Images left out (``index``, ``source``, ``reason``).
+    """
+
+    task: str
+    dataset: str
+    metrics: dict
+    details: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    skipped: list = field(default_factory=list)
+
+
+@contextmanager
+def _timed(timings: dict, stage: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - t0, 4)
+
+
+# ---------------------------------------------------------------------------- features
+def image_features(backbone, items, *, store=None, batch_size: int = 64, progress=None):
+    """Image features of ``items``, skipping unreadable ones.
+
+    Returns ``(features (M, D) float32, kept int array (M,), skipped list of dict)``;
+    with a FeatureStore the features come from (and go to) its cache.
+    """
+    if store is not None:
+        r = store.image_features(items, batch_size=batch_size)
+        skipped = [dict(s) if isinstance(s, Mapping) else vars(s) for s in r.skipped]
+        return np.asarray(r.features, np.float32), np.asarray(r.kept, np.int64), skipped
+    feats, skipped = backbone.encode_images(items, batch_size=batch_size, progress=progress,
+                                            on_error="skip")
+    bad = {s.index for s in skipped}
+    kept = np.array([i for i in range(len(items)) if i not in bad], dtype=np.int64)
+    return feats, kept, [{"index": s.index, "source": s.source, "reason": s.reason} for s in skipped]
+
+
+def _text_features(backbone, texts, store=None, progress=None) -> np.ndarray:
+    if store is not None:
+        return np.asarray(store.text_features(list(texts)), np.float32)
+    return backbone.encode_texts(list(texts), progress=progress)
+
+
+def _class_weights(backbone, classnames, templates, store=None, progress=None) -> np.ndarray:
+    """Prompt-ensemble class embeddings (C, D), as :func:`cliplab.zeroshot.class_weights`."""
+    prompts = [fill(t, c) for c in classnames for t in templates]
+    emb = _text_features(backbone, prompts, store, progress)                  # (C*T, D)
+    emb = emb.reshape(len(classnames), len(templates), -1).mean(axis=1)       # (C, D)
+    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _all_skipped(name: str, n: int):
+    raise DataError(f"none of the {n} images of {name} could be read")
+
+
+# ------------------------------------------------------------------------- zero-shot
+def zeroshot_classification(backbone, data, *, templates=None, store=None,
+                            batch_size: int = 64, progress=None) -> TaskResult:
+    """Zero-shot classification of a ClassificationData with prompt-ensemble class weights.
+
+    ``templates`` is a template spec (:func:`cliplab.zeroshot.get_templates`); ``None`` uses
+    the dataset's own templates when it has them (``data.templates``), else ``"default"``.
+
+    Metrics: ``acc1``, ``acc5``, ``mean_per_class_recall``; details: ``confusion_matrix``
+    (C, C) as nested lists (rows true), ``classnames``, ``templates``, ``n``.
+    """
+    timings: dict = {}
+    if templates is None:
+        templates = getattr(data, "templates", None) or "default"
+    templates = get_templates(templates)
+    classnames = list(data.classnames)
+    with _timed(timings, "text_features"):
+        w = _class_weights(backbone, classnames, templates, store, progress)  # (C, D)
+    with _timed(timings, "image_features"):
+        x, kept, skipped = image_features(backbone, data.items, store=store, batch_size=batch_size,
+                                          progress=progress)
+    if not len(kept):
+        _all_skipped(data.name, len(data.items))
+    with _timed(timings, "metrics"):
+        y = np.asarray(data.labels)[kept]                                     # (N,)
+        logits = backbone.logit_scale * x @ w.T                               # (N, C)
+        pred = logits.argmax(axis=1)
+        c = len(classnames)
+        metrics = {"acc1": topk_accuracy(logits, y, 1), "acc5": topk_accuracy(logits, y, 5),
+                   "mean_per_class_recall": mean_per_class_recall(pred, y, c)}
+        cm = confusion_matrix(pred, y, c)
+    details = {"confusion_matrix": cm.tolist(), "classnames": classnames, "templates": templates,
+               "n": int(len(y))}
+    return TaskResult("zeroshot_classification", data.name, metrics, details, timings, skipped)
+
+
+def zeroshot_retrieval(backbone, data, *, store=None, ks: Sequence[int] = (1, 5, 10),
+                       batch_size: int = 64, progress=None) -> TaskResult:
+    """Image-text retrieval on a RetrievalData (several captions per image).
+
+    Metrics: ``image_retrieval_recall@k`` (text -> image) and ``text_retrieval_recall@k``
+    (image -> text), k in ``ks``.  Captions of unreadable images are left out with them.
+    """
+    timings: dict = {}
+    with _timed(timings, "image_features"):
+        x, kept, skipped = image_features(backbone, data.items, store=store, batch_size=batch_size,
+                                          progress=progress)
+    if not len(kept):
+        _all_skipped(data.name, len(data.items))
+    texts, t2i = [], []
+    for pos, i in enumerate(kept):                 # captions follow their (kept) image
+        caps = data.captions[i]
+        texts.extend(caps)
+        t2i.extend([pos] * len(caps))
+    if not texts:
+        raise DataError(f"{data.name} has no captions for its readable images")
+    with _timed(timings, "text_features"):
+        t = _text_features(backbone, texts, store, progress)                 # (T, D)
+    with _timed(timings, "metrics"):
+        metrics = retrieval_recall(x, t, np.asarray(t2i), ks)
+    details = {"n_images": int(len(kept)), "n_texts": len(texts), "ks": list(ks)}
+    return TaskResult("zeroshot_retrieval", data.name, metrics, details, timings, skipped)
+
+
+# --------------------------------------------------------------- hyper-parameter choice
+def logistic_regression(C: float = 1.0, *, seed: int = 0, max_iter: int = 1000):
+    """The linear-probe estimator: scikit-learn L-BFGS multinomial logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
+
+
+def _param_grid(grid) -> list[dict]:
+    if isinstance(grid, Mapping):
+        keys = list(grid)
+        return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
+    grid = [dict(g) for g in grid]
+    return grid or [{}]
+
+
+def select_on_validation(estimator_factory: Callable, grid, train, val) -> tuple[dict, float, list]:
+    """Choose hyper-parameters by validation accuracy.
+
+    Parameters
+    ----------
+    estimator_factory : callable
+        ``estimator_factory(**params)`` -> an object with ``fit(X, y)`` and ``predict(X)``.
+    grid : dict of lists or list of dicts
+        Candidate parameters (a dict is expanded to its Cartesian product).
+    train, val : (X, y) pairs
+        The estimator is fit on ``train`` and scored on ``val``.  There is no test argument:
+        the test split cannot take part in the choice.
+
+    Returns
+    -------
+    (best_params, best_val_accuracy, [(params, val_accuracy), ...])
+        Ties go to the earlier candidate.
+    """
+    (xt, yt), (xv, yv) = train, val
+    if not len(yv):
+        raise UsageError("the validation split is empty; hyper-parameters need a validation split")
+    scores = []
+    for params in _param_grid(grid):
+        with _quiet_fits(np.size(xt)):
+            est = estimator_factory(**params).fit(xt, yt)
+        scores.append((params, accuracy(est.predict(xv), yv)))
+    best = max(range(len(scores)), key=lambda i: (scores[i][1], -i))
+    return scores[best][0], scores[best][1], scores
+
+
+def sweep_C(train, val, *, seed: int = 0, lo: float = 1e-6, hi: float = 1e6, coarse: int = 7,
+            refine: int = 4, progress=None) -> tuple[float, float, list]:
+    """Choose the logistic-regression C on validation, as in the CLIP paper (App. A.3).
+
+    The paper sweeps the L2 strength over [1e-6, 1e6] "with a parametric binary search that
+    starts with λ = [1e-6, 1e-4, ..., 1e6] and iteratively halves the interval around the
+    peak until it reaches a resolution of 8 steps per decade".  Here:
+
+    1. Coarse sweep: ``coarse`` log-spaced values of C in [lo, hi] (1e-6, 1e-4, ..., 1e6).
+    2. Refinement: ``refine`` times, try the log-midpoints between the best C and its two
+       neighbours at the current step, keep the best, halve the step.  With the defaults
+       the step goes 1, 1/2, 1/4, 1/8 decade: 8 steps per decade, as in the paper.
+
+    Returns ``(best_C, best_val_accuracy, [(C, val_accuracy), ...])``.  Deviation: the
+    paper sweeps λ = 1/C over the same symmetric range; scikit-learn is parameterised by C.
+    """
+    (xt, yt), (xv, yv) = train, val
+    tried: dict[float, float] = {}
+
+    def score(C: float) -> float:
+        if C not in tried:
+            with _quiet_fits(np.size(xt)):
+                est = logistic_regression(C, seed=seed).fit(xt, yt)
+            tried[C] = accuracy(est.predict(xv), yv)
+            bar.update(1)
+        return tried[C]
+
+    log_grid = np.linspace(np.log10(lo), np.log10(hi), coarse)
+    bar = progress_bar(total=coarse + 2 * refine, progress=progress, desc="linear probe C", unit="fit")
+    with bar:
+        best = max((10.0 ** g for g in log_grid), key=lambda C: (score(C), -abs(np.log10(C))))
+        step = (log_grid[1] - log_grid[0]) / 2 if coarse > 1 else 1.0                # in log10 units
+        for _ in range(refine):
+            cands = [best, 10.0 ** (np.log10(best) - step), 10.0 ** (np.log10(best) + step)]
+            best = max(cands, key=lambda C: (score(C), C == best))
+            step /= 2
+    return float(best), tried[best], sorted(tried.items())
+
+
+def _xy(x, y, name):
+    x, y = np.asarray(x, np.float32), np.asarray(y)
+    if x.ndim != 2 or len(x) != len(y):
+        raise UsageError(f"{name}: features must be (N, D) with one label per row; got {x.shape} "
+                         f"and {y.shape}")
+    return x, y
+
+
+def _probe_metrics(est, xs, ys, n_classes=None) -> tuple[dict, list]:
+    """acc1/acc5/mean_per_class_recall of a fitted classifier, in the dataset's label space.
+
+    Classes absent from the training data get score -inf: their test examples count as
+    errors (and their recall as 0) instead of being dropped.
+    """
+    raw = est.decision_function(xs)
+    raw = raw[:, None] if raw.ndim == 1 else raw
+    if raw.shape[1] == 1:                                                  # binary: one column
+        raw = np.concatenate([-raw, raw], axis=1)
+    classes = np.asarray(est.classes_, dtype=np.int64)
+    c = int(max(n_classes or 0, classes.max() + 1, ys.max() + 1 if len(ys) else 0))
+    scores = np.full((len(xs), c), -np.inf, dtype=np.float64)              # (N, C)
+    scores[:, classes] = raw
+    pred = scores.argmax(axis=1)
+    unseen = sorted(set(np.unique(ys).tolist()) - set(classes.tolist()))
+    if unseen:
+        log.warning("%d test classes never occur in train/val; their examples count as errors", len(unseen))
+    return ({"acc1": accuracy(pred, ys), "acc5": topk_accuracy(scores, ys, 5),
+             "mean_per_class_recall": mean_per_class_recall(pred, ys, c)}, unseen)
+
+
+#: Below this many feature values (N * D) fits run with one BLAS/OpenMP thread: small
+#: L-BFGS problems are dominated by thread start-up and, on a busy machine, by spinning
+#: threads (measured on 2 cores beside a training run: 1280 x 128 features, 8 classes,
+#: one fit 2.5-15 s with 2 threads, 0.01 s with 1).
+SINGLE_THREAD_BELOW = 4_000_000
+
+
+@contextmanager
+def _quiet_fits(n_values: int = 0):
+    """Run small scikit-learn fits single-threaded and hide their expected warnings.
+
+    Few-shot subsets have few samples per class ("unique classes > 50 % of samples") and
+    the C sweep reaches values where L-BFGS stops at ``max_iter`` (ConvergenceWarning);
+    both are part of the protocol, not user errors.
+    """
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from threadpoolctl import threadpool_limits
+
+    with warnings.catch_warnings(), threadpool_limits(1 if n_values < SINGLE_THREAD_BELOW else None):
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.filterwarnings("ignore", message="The number of unique classes is greater")
+        yield
+
+
+def linear_probe(train_feats, train_y, val_feats, val_y, test_feats, test_y, *, seed: int = 0,
+                 coarse: int = 7, refine: int = 4, progress=None, dataset: str = "features",
+                 classnames: Sequence[str] | None = None) -> TaskResult:
+    """Logistic-regression linear probe on frozen features (CLIP paper protocol).
+
+    C is chosen on (train -> val) by :func:`sweep_C`; the probe is then refit on
+    train + val with that C and scored once on test.  Metrics: ``acc1``, ``acc5``,
+    ``mean_per_class_recall``; details: ``C``, ``val_accuracy``, ``sweep``.
+    """
+    timings: dict = {}
+    xt, yt = _xy(train_feats, train_y, "train")
+    xv, yv = _xy(val_feats, val_y, "val")
+    xs, ys = _xy(test_feats, test_y, "test")
+    with _timed(timings, "select_C"):
+        C, val_acc, sweep = sweep_C((xt, yt), (xv, yv), seed=seed, coarse=coarse, refine=refine,
+                                    progress=progress)
+    with _timed(timings, "fit"), _quiet_fits(np.size(xt) + np.size(xv)):
+        est = logistic_regression(C, seed=seed).fit(np.concatenate([xt, xv]), np.concatenate([yt, yv]))
+    with _timed(timings, "metrics"):
+        metrics, unseen = _probe_metrics(est, xs, ys, len(classnames) if classnames is not None else None)
+    details = {"C": C, "val_accuracy": val_acc, "sweep": [[c, a] for c, a in sweep],
+               "n_train": int(len(yt)), "n_val": int(len(yv)), "n_test": int(len(ys)), "seed": seed,
+               "unseen_test_classes": unseen}
+    if classnames is not None:
+        details["classnames"] = list(classnames)
+    return TaskResult("linear_probe", dataset, metrics, details, timings)
+
+
+# -------------------------------------------------------------------------- few-shot
+def _index_data(y, classnames, name):
+    from .datasets import ClassificationData
+
+    return ClassificationData(list(range(len(y))), np.asarray(y), list(classnames), name)
+
+
+def fewshot(make_estimator: Callable, train, val, test, *, ks: Sequence[int] = (1, 2, 4, 8, 16),
+            seeds: Sequence[int] = (0, 1, 2), grid=None, method: str = "method",
+            classnames: Sequence[str] | None = None, dataset: str = "features",
+            progress=None) -> TaskResult:
+    """The few-shot protocol: every adaptation method is measured with this one function.
+
+    For each k and seed: draw ``fewshot_subset(train, k, seed)`` (k labelled examples per
+    class), choose hyper-parameters on ``val`` with :func:`select_on_validation` (when a
+    ``grid`` is given), fit on the k-shot subset, score on ``test``.
+
+    Parameters
+    ----------
+    make_estimator : callable
+        ``make_estimator(**params)`` -> an sklearn-style estimator (``fit``/``predict``).
+    train, val, test : (X, y) pairs of features (N, D) and integer labels (N,)
+    ks, seeds : sequences of int
+    grid : dict of lists or list of dicts, optional
+        Hyper-parameter candidates; chosen on ``val`` only.
+    method : str
+        Name of the method in the results.
+
+    Returns
+    -------
+    TaskResult
+        metrics ``acc1@{k}shot`` (mean over seeds); details ``fewshot``:
+        ``{method, ks, seeds, mean, std, per_seed, params}``.
+    """
+    from .datasets import fewshot_subset
+
+    timings: dict = {}
+    xt, yt = _xy(*train, "train")
+    xv, yv = _xy(*val, "val")
+    xs, ys = _xy(*test, "test")
+    if not np.issubdtype(yt.dtype, np.integer) or (len(yt) and yt.min() < 0):
+        raise UsageError("few-shot labels must be class indices 0..C-1")
+    names = (list(classnames) if classnames is not None
+             else [str(c) for c in range(int(max(yt.max(), ys.max(), yv.max())) + 1)])
+    pool = _index_data(yt, names, dataset)
+    per_seed: dict[int, list] = {}
+    params: dict[int, list] = {}
+    bar = progress_bar(total=len(ks) * len(seeds), progress=progress, desc=f"few-shot {method}",
+                       unit="fit")
+    with bar, _timed(timings, "fewshot"):
+        for k in ks:
+            per_seed[k], params[k] = [], []
+            for seed in seeds:
+                idx = np.asarray(fewshot_subset(pool, k, seed).items, dtype=np.int64)
+                sub = (xt[idx], yt[idx])
+                best = {}
+                if grid is not None:
+                    best, _, _ = select_on_validation(make_estimator, grid, sub, (xv, yv))
+                with _quiet_fits(np.size(sub[0])):
+                    est = make_estimator(**best).fit(*sub)
+                per_seed[k].append(accuracy(est.predict(xs), ys))
+                params[k].append(best)
+                bar.update(1)
+    mean = {k: float(np.mean(v)) for k, v in per_seed.items()}
+    std = {k: float(np.std(v)) for k, v in per_seed.items()}
+    metrics = {f"acc1@{k}shot": mean[k] for k in ks}
+    curve = {"method": method, "ks": list(ks), "seeds": list(seeds),
+             "mean": [mean[k] for k in ks], "std": [std[k] for k in ks],
+             "per_seed": [per_seed[k] for k in ks], "params": [params[k] for k in ks]}
+    details = {"fewshot": [curve], "seeds": list(seeds), "n_val": int(len(yv)), "n_test": int(len(ys))}
+    return TaskResult("fewshot", dataset, metrics, details, timings)
