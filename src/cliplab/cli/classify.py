@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..errors import DataError, UsageError
 from ._common import add_image_args, add_model_args, image_kwargs, load_backbone, report_skipped, write_rows
 
@@ -10,9 +12,11 @@ def add_parser(sub) -> None:
     p = sub.add_parser("classify", help="classify images zero-shot into free-text labels",
                        description="Classify images zero-shot. A PATH may be a folder (searched recursively).")
     p.add_argument("paths", nargs="+", metavar="PATH")
-    lab = p.add_mutually_exclusive_group(required=True)
+    lab = p.add_mutually_exclusive_group()
     lab.add_argument("--labels", help='comma-separated class names, e.g. "cat,dog,red car"')
     lab.add_argument("--labels-file", help="file with one class name per line (or a JSON list)")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="classify with a few-shot adapter made by 'cliplab adapt' (its classes replace --labels)")
     p.add_argument("--templates", default="default",
                    help="template set (default, openai-7, openai-80), a file, or a string with {c}")
     p.add_argument("--top-k", type=int, default=1)
@@ -34,28 +38,49 @@ def parse_labels(args) -> list[str]:
     return labels
 
 
+def _topk(proba: np.ndarray, classes: np.ndarray, k: int):
+    """The k most probable classes per row: (labels (N, k), probabilities (N, k))."""
+    k = min(k, proba.shape[1])
+    idx = np.argsort(-proba, axis=1, kind="stable")[:, :k]
+    return classes[idx], np.take_along_axis(proba, idx, axis=1)
+
+
 def run(args) -> int:
     from ..data.images import find_images
     from ..zeroshot import ZeroShotClassifier
 
     if args.top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
-    labels = parse_labels(args)
+    given = args.labels is not None or args.labels_file is not None
+    if args.adapter and given:
+        raise UsageError("--adapter brings its own classes; drop --labels/--labels-file")
+    if not args.adapter and not given:
+        raise UsageError("give the classes: --labels \"a,b,c\", --labels-file FILE or --adapter DIR")
+    labels = None if args.adapter else parse_labels(args)
     files = find_images(args.paths)
     if not files:
         raise UsageError(f"no images found under {', '.join(args.paths)}")
-    clf = ZeroShotClassifier(load_backbone(args), labels, templates=args.templates)
+    backbone = load_backbone(args)
+    if args.adapter:
+        from .adapt import load as load_adapter_dir
+
+        est, names = load_adapter_dir(args.adapter, backbone)
+    else:
+        clf = ZeroShotClassifier(backbone, labels, templates=args.templates)
     kw = image_kwargs(args)
     if args.strict:
-        feats, skipped = clf.backbone.encode_images(files, **kw), []
+        feats, skipped = backbone.encode_images(files, **kw), []
     else:
-        feats, skipped = clf.backbone.encode_images(files, on_error="skip", **kw)
+        feats, skipped = backbone.encode_images(files, on_error="skip", **kw)
     if len(skipped) == len(files):
         report_skipped(skipped)
         raise DataError(f"none of the {len(files)} images could be read")
     skipped_idx = {s.index for s in skipped}
     kept = [f for i, f in enumerate(files) if i not in skipped_idx]
-    names, probs = clf.topk(feats, k=args.top_k)
+    if args.adapter:
+        names, probs = _topk(est.predict_proba(feats), np.asarray(names), args.top_k)
+    else:
+        names, probs = clf.topk(feats, k=args.top_k)
     rows = []
     for path, n, pr in zip(kept, names, probs):
         if args.format == "json":

@@ -14,7 +14,7 @@ import sys
 
 from ..errors import CliplabError
 
-COMMANDS = ["classify", "embed", "models", "convert", "demo", "shapes", "train", "eval", "report"]
+COMMANDS = ["classify", "embed", "models", "convert", "demo", "shapes", "train", "eval", "report", "adapt"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import UsageError
 
 __all__ = ["topk_accuracy", "mean_per_class_recall", "confusion_matrix", "retrieval_recall",
-           "accuracy"]
+           "accuracy", "group_accuracies", "worst_group_accuracy"]
 
 
 def _labels(labels, n: int | None = None, name: str = "labels") -> np.ndarray:
@@ -93,6 +93,35 @@ def mean_per_class_recall(pred, labels, n_classes: int) -> float:
     if not present.any():
         return float("nan")
     return float((np.diag(m)[present] / support[present]).mean())
+
+
+def group_accuracies(pred, labels, groups) -> dict:
+    """Accuracy within each group: ``{group: acc}`` over the groups that occur.
+
+    ``groups`` is (N,) group ids, or (N, k) attribute columns (a group is one row's
+    tuple, e.g. (shape, background)).
+    """
+    pred, labels = np.asarray(pred), np.asarray(labels)
+    g = np.asarray(groups)
+    if pred.shape != labels.shape or len(g) != len(labels):
+        raise UsageError(f"pred {pred.shape}, labels {labels.shape} and groups {g.shape} must have "
+                         "one entry per example")
+    keys = [tuple(r.tolist()) for r in g] if g.ndim == 2 else g.tolist()
+    hit = pred == labels
+    out: dict = {}
+    for key, h in zip(keys, hit):
+        n, k = out.get(key, (0, 0))
+        out[key] = (n + 1, k + int(h))
+    return {key: k / n for key, (n, k) in out.items()}
+
+
+def worst_group_accuracy(pred, labels, groups) -> float:
+    """The lowest accuracy over the groups that occur (Sagawa et al., ICLR 2020, arXiv:1911.08731).
+
+    wga = min_g  1/|G_g| sum_{i in G_g} [pred_i = y_i]
+    """
+    acc = group_accuracies(pred, labels, groups)
+    return float(min(acc.values())) if acc else float("nan")
 
 
 def _hits_at(scores: np.ndarray, positive: np.ndarray, ks: Sequence[int], chunk: int = 1024) -> dict:

@@ -1,0 +1,109 @@
+"""Linear probe: L2-regularised multinomial logistic regression on frozen features.
+
+Paper: Alec Radford et al., "Learning Transferable Visual Models From Natural Language
+Supervision", ICML 2021, arXiv:2103.00020, Sec. 3.2 and App. A.3; the few-shot protocol
+follows CoOp's re-implementation (Kaiyang Zhou et al., "Learning to Prompt for
+Vision-Language Models", IJCV 2022, arXiv:2109.01134; ``lpclip/linear_probe.py``).
+
+Algorithm:
+
+    (1) logits = f W^T + b,  W, b = argmin  CE(f W^T + b, y) + ||W||^2 / (2 C)    (L-BFGS)
+    (2) C chosen on validation by :func:`cliplab.eval.tasks.sweep_C`: 1e-6 ... 1e6 coarse,
+        then log-midpoint refinement to 8 steps per decade.
+
+Defaults: ``C=None`` (swept on validation); 1.0 when no validation split can be had;
+``max_iter=1000``; the estimator is :func:`cliplab.eval.tasks.logistic_regression`.
+
+Deviations
+----------
+- The CLIP paper and CoOp feed unnormalised image features; cliplab's features are
+  L2-normalised at the boundary, and the probe uses them as they are.
+- The final probe is fit on the training data only; :func:`cliplab.eval.tasks.linear_probe`
+  (the benchmark protocol) refits on train + validation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._base import FeatureAdapter
+
+__all__ = ["LinearProbe"]
+
+DEFAULT_C = 1.0
+
+
+class LinearProbe(FeatureAdapter):
+    """Logistic-regression probe with C chosen on validation.
+
+    Parameters
+    ----------
+    C : float or None, default=None
+        Inverse L2 strength.  ``None``: chosen on validation (eq. 2).
+    max_iter : int, default=1000
+    val_fraction : float, default=0.25
+        Share of each class carved for validation when ``fit`` gets no validation split.
+    random_state : int, default=0
+        Seed of that split and of the solver.
+
+    Attributes
+    ----------
+    classes_ : ndarray (C,)
+    coef_ : ndarray (C, D)
+        One row per class (two rows, ``-w/2`` and ``w/2``, for two classes).
+    intercept_ : ndarray (C,)
+    C_ : float
+    n_iter_ : int
+        L-BFGS iterations of the final fit.
+    val_score_ : float or None
+    selection_ : str
+
+    References
+    ----------
+    Radford et al., ICML 2021, arXiv:2103.00020.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(40, 8)); y = np.repeat(np.arange(4), 10)
+    >>> X[np.arange(40), y] += 3
+    >>> LinearProbe(C=1.0).fit(X, y).score(X, y) > 0.9
+    True
+    """
+
+    def __init__(self, *, C=None, max_iter=1000, val_fraction=0.25, random_state=0):
+        self.C = C
+        self.max_iter = max_iter
+        self.val_fraction = val_fraction
+        self.random_state = random_state
+
+    def _fit(self, X, y, X_val, y_val):
+        from ..eval.tasks import _quiet_fits, logistic_regression, sweep_C
+
+        self.text_weights_ = None
+        self.val_score_ = None
+        if self.C is not None:
+            self.C_, self.selection_ = float(self.C), "fixed"
+        else:
+            train = (X, y)
+            if X_val is None:
+                split = self._carve(y)
+                if split is not None:
+                    tr, va = split
+                    train, X_val, y_val = (X[tr], y[tr]), X[va], y[va]
+            if X_val is None:
+                self.C_ = DEFAULT_C
+            else:
+                self.C_, self.val_score_, _ = sweep_C(train, (X_val, y_val), seed=self.random_state,
+                                                      progress=False)                # eq. (2)
+        with _quiet_fits(np.size(X)):
+            lr = logistic_regression(self.C_, seed=self.random_state, max_iter=self.max_iter).fit(X, y)
+        self.n_iter_ = int(np.max(lr.n_iter_))
+        coef, icpt = lr.coef_, lr.intercept_                                          # eq. (1)
+        if coef.shape[0] == 1:                    # binary: softmax([-z/2, z/2]) = sigmoid(z)
+            coef, icpt = np.concatenate([-coef, coef]) / 2, np.concatenate([-icpt, icpt]) / 2
+        self.coef_, self.intercept_ = coef.astype(self._dtype), icpt.astype(self._dtype)
+
+    def _logits(self, X):
+        return X @ self.coef_.T + self.intercept_                                     # eq. (1)
