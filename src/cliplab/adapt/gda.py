@@ -70,7 +70,10 @@ def shared_precision(X: np.ndarray, y: np.ndarray, means: np.ndarray, ridge: str
         tr = np.trace(scatter) / max(n - 1, 1)                                # tr(Sigma)
         scatter = scatter + tr * np.eye(d)                                    # + tr(Sigma) I
         if tr > 0:   # positive definite: pinv = inverse, and inv is several times faster
-            return d * np.linalg.inv(scatter)                                 # eq. (2)
+            try:
+                return d * np.linalg.inv(scatter)                             # eq. (2)
+            except np.linalg.LinAlgError:  # numerically singular (tiny tr): fall back to pinv
+                pass
     # 1 shot per class leaves Sigma = 0; pinv(0) = 0 then, as in the reference
     return d * np.linalg.pinv(scatter, hermitian=True)                       # eq. (2)
 

@@ -1,24 +1,12 @@
-"""``cliplab adapt``: fit a few-shot adapter on image features and save it.
-
-The adapter folder holds what :func:`cliplab.adapt.save_adapter` writes plus
-``cliplab_adapter.json``: the class names, the method, the data it was fit on and the
-fingerprint of the model whose features it was fit on, so ``cliplab classify --adapter``
-can refuse a different model.
-"""
+"""``cliplab adapt``: fit a few-shot adapter on image features and save it (see
+:mod:`cliplab.adapt.fewshot`)."""
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
-import numpy as np
-
-from ..errors import DataError, UsageError
+from ..adapt.fewshot import METHODS
 from ._common import add_model_args, load_backbone
-
-METHODS = ("linear", "gda", "tip", "tip-f", "caps")
-META_FILE = "cliplab_adapter.json"
 
 
 def add_parser(sub) -> None:
@@ -43,133 +31,9 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _has_val_split(spec: str) -> bool:
-    return spec.startswith("shapes:") or (Path(spec) / "val").is_dir()
-
-
-def _load_splits(spec: str, n_train, n_val, seed: int):
-    """(train, val) ClassificationData of ``spec``: its own val split, else 20 % of train."""
-    from ..eval.datasets import load_dataset, split_train_val
-
-    if spec.startswith("shapes:") and spec.split(":", 1)[1] not in ("color-shape", "shape", "color"):
-        raise UsageError(f"{spec}: adapt needs a ShapesWorld task with train and val splits: "
-                         "shapes:color-shape, shapes:shape or shapes:color")
-    train = load_dataset(spec, "train", n=n_train, seed=0)
-    if not hasattr(train, "labels"):
-        raise UsageError(f"{spec} is an image-caption dataset; adapt needs images with class labels")
-    if _has_val_split(spec):
-        val = load_dataset(spec, "val", n=n_val, seed=0)
-    else:
-        train, val = split_train_val(train, seed=seed)
-    return train, val
-
-
-def _caption_features(backbone, data, idx, store) -> np.ndarray:
-    """Mean caption feature (unit norm) of each ShapesWorld training image ``idx``: (K*C, D)."""
-    from ..data.shapes import ShapesWorld
-
-    cfg = data.meta.get("world")
-    if not cfg:
-        raise UsageError("--method caps needs captions of the training images; the CLI has them for "
-                         "ShapesWorld datasets (shapes:...) only")
-    world = ShapesWorld(**cfg)
-    caps = [world.scene("train", int(i)).captions for i in idx]
-    flat = [c for cs in caps for c in cs]
-    emb = store.text_features(flat) if store is not None else backbone.encode_texts(flat)   # (sum, D)
-    out, s = [], 0
-    for cs in caps:
-        m = emb[s:s + len(cs)].mean(axis=0)
-        out.append(m / np.linalg.norm(m))
-        s += len(cs)
-    return np.asarray(out, np.float32)                                                      # (N, D)
-
-
-def make_adapter(method: str, **params):
-    """``ADAPTERS[method]`` built with those of ``params`` it takes (a linear probe has no text head)."""
-    from ..adapt import ADAPTERS
-
-    cls = ADAPTERS[method]
-    accepted = cls().get_params()
-    return cls(**{k: v for k, v in params.items() if k in accepted})
-
-
-def fit_adapter(backbone, *, method: str, dataset: str, shots: int, seed: int = 0, store=None,
-                templates="default", n_train=None, n_val=None, model_spec: str = ""):
-    """Fit ``method`` on ``shots`` images per class of ``dataset``; returns (estimator, meta)."""
-    from ..adapt import ADAPTERS
-    from ..eval.datasets import ClassificationData, fewshot_subset
-    from ..eval.tasks import image_features
-    from ..zeroshot import class_weights, get_templates
-
-    if method not in ADAPTERS:
-        raise UsageError(f"unknown method {method!r}: use one of {', '.join(sorted(ADAPTERS))}")
-    if shots < 1:
-        raise UsageError(f"--shots must be >= 1, got {shots}")
-    train, val = _load_splits(dataset, n_train, n_val, seed)
-    pool = ClassificationData(list(range(len(train))), train.labels, train.classnames, train.name)
-    idx = np.asarray(fewshot_subset(pool, shots, seed).items, dtype=np.int64)
-    xt, kept_t, _ = image_features(backbone, [train.items[i] for i in idx], store=store)
-    idx = idx[kept_t]
-    yt = train.labels[idx]
-    xv, kept_v, _ = image_features(backbone, val.items, store=store)
-    yv = val.labels[kept_v]
-    present = np.unique(yt)
-    if len(present) < 2:
-        raise DataError(f"{dataset}: the {shots}-shot draw has {len(present)} class(es); need at least 2")
-    on = np.isin(yv, present)           # validation images of classes the adapter can predict
-    if not on.any():
-        raise DataError(f"{dataset}: no validation image belongs to a training class")
-    tpl = get_templates(templates)
-    names = list(train.classnames)
-    text = class_weights(backbone, [names[c] for c in present], tpl)                       # (C', D)
-    est = make_adapter(method, text_weights=text, logit_scale=backbone.logit_scale)
-    extra = {}
-    if method == "caps":
-        extra["captions_X"] = _caption_features(backbone, train, idx, store)
-    est.fit(xt, yt, X_val=xv[on], y_val=yv[on], **extra)
-    val_acc = float(np.mean(est.predict(xv) == yv))
-    meta = {"method": method, "classnames": [names[int(c)] for c in est.classes_],
-            "fingerprint": backbone.fingerprint, "model_spec": str(model_spec), "dataset": dataset,
-            "shots": int(shots), "seed": int(seed), "templates": tpl, "n_train": int(len(yt)),
-            "n_val": int(len(yv)), "val_accuracy": val_acc}
-    if len(present) < len(names):
-        meta["classes_without_examples"] = [n for c, n in enumerate(names) if c not in set(present.tolist())]
-    return est, meta
-
-
-def save(est, meta: dict, out) -> Path:
-    from ..adapt import save_adapter
-
-    out = Path(out)
-    save_adapter(est, out)
-    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return out
-
-
-def load(path, backbone):
-    """(estimator, class names) of an adapter folder, refusing one fit on another model."""
-    from ..adapt import load_adapter
-
-    path = Path(path)
-    meta_path = path / META_FILE
-    if not meta_path.is_file():
-        raise DataError(f"{path}: not an adapter folder (no {META_FILE}); make one with 'cliplab adapt'")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        names, fp = list(meta["classnames"]), str(meta["fingerprint"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{meta_path}: malformed adapter metadata ({e})") from None
-    if fp != backbone.fingerprint:
-        raise UsageError(f"adapter {path} was fit on the features of model {meta.get('model_spec') or '?'} "
-                         f"(fingerprint {fp[:12]}), not of --model {backbone.name} "
-                         f"({backbone.fingerprint[:12]}); pass the model it was fit with")
-    est = load_adapter(path)
-    if len(est.classes_) != len(names):
-        raise DataError(f"{path}: the adapter has {len(est.classes_)} classes but {META_FILE} names {len(names)}")
-    return est, names
-
-
 def run(args) -> int:
+    from ..adapt.fewshot import fit_adapter, save_fitted
+
     store = None
     backbone = load_backbone(args)
     if args.cache:
@@ -179,7 +43,7 @@ def run(args) -> int:
     est, meta = fit_adapter(backbone, method=args.method, dataset=args.dataset, shots=args.shots,
                             seed=args.seed, store=store, templates=args.templates, n_train=args.n_train,
                             n_val=args.n_val, model_spec=args.model)
-    out = save(est, meta, args.out)
+    out = save_fitted(est, meta, args.out)
     print(f"{args.method} {args.shots}-shot on {args.dataset}: {len(meta['classnames'])} classes, "
           f"{meta['n_train']} train / {meta['n_val']} val images, val accuracy {meta['val_accuracy']:.4f} "
           f"-> {out}")

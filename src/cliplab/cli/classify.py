@@ -62,7 +62,7 @@ def run(args) -> int:
         raise UsageError(f"no images found under {', '.join(args.paths)}")
     backbone = load_backbone(args)
     if args.adapter:
-        from .adapt import load as load_adapter_dir
+        from ..adapt.fewshot import load_fitted as load_adapter_dir
 
         est, names = load_adapter_dir(args.adapter, backbone)
     else:

@@ -12,6 +12,8 @@ and labels are used once, to score the final fitted model.
 
 from __future__ import annotations
 
+import inspect
+
 import itertools
 import logging
 import time
@@ -395,8 +397,12 @@ def fewshot(make_estimator: Callable, train, val, test, *, ks: Sequence[int] = (
                 best = {}
                 if grid is not None:
                     best, _, _ = select_on_validation(make_estimator, grid, sub, (xv, yv))
+                est = make_estimator(**best)
+                # estimators that search their own hyper-parameters (the adapters) get the
+                # validation split; test labels never reach fit
+                own_val = "X_val" in inspect.signature(est.fit).parameters
                 with _quiet_fits(np.size(sub[0])):
-                    est = make_estimator(**best).fit(*sub)
+                    est.fit(*sub, **({"X_val": xv, "y_val": yv} if own_val else {}))
                 per_seed[k].append(accuracy(est.predict(xs), ys))
                 params[k].append(best)
                 bar.update(1)
