@@ -198,30 +198,38 @@ def _csv_rows(path: Path, delimiter: str, image_key: str, caption_key: str, skip
                 raise DataError(f"{path}:1: no column {given!r} in header {header}; "
                                 f"rename the column or pass {flag}=<column name>")
         ii, ci = header.index(ikey), header.index(ckey)
-        line = 1
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                skip_log.add(f"{path}:{reader.line_num}", f"malformed row: {e}")
-                continue
-            line = reader.line_num
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != len(header):
-                skip_log.add(f"{path}:{line}", f"malformed row: {len(row)} fields, header has {len(header)}")
-                continue
+        for _, row in valid_csv_rows(reader, path, len(header), {"image path": ii, "caption": ci}, skip_log):
             image, caption = row[ii].strip(), row[ci].strip()
-            if not image:
-                skip_log.add(f"{path}:{line}", "empty image path")
-                continue
-            if not caption:
-                skip_log.add(f"{path}:{line}", "empty caption")
-                continue
             meta = {k: v for k, v in zip(header, row) if k not in (ikey, ckey)}
             yield image, [caption], meta
+
+
+def valid_csv_rows(reader, path, n_fields: int, required: dict, skip_log: SkipLog):
+    """``(line, row)`` of a ``csv.reader`` past its header, skipping bad rows.
+
+    Blank rows are ignored; unparsable rows, rows with the wrong number of fields and
+    rows whose ``required`` fields (``{"what": column index}``) are empty are counted in
+    ``skip_log`` as ``path:line`` with the reason.
+    """
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            skip_log.add(f"{path}:{reader.line_num}", f"malformed row: {e}")
+            continue
+        line = reader.line_num
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != n_fields:
+            skip_log.add(f"{path}:{line}", f"malformed row: {len(row)} fields, header has {n_fields}")
+            continue
+        empty = next((what for what, i in required.items() if not row[i].strip()), None)
+        if empty is not None:
+            skip_log.add(f"{path}:{line}", f"empty {empty}")
+            continue
+        yield line, row
 
 
 def _jsonl_rows(path: Path, image_key: str, caption_key: str, skip_log: SkipLog):

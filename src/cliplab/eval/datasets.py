@@ -32,7 +32,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..data.images import find_images
-from ..data.sources import SkipLog, expand_shards, index_webdataset, read_caption_table
+from ..data.sources import SkipLog, expand_shards, index_webdataset, read_caption_table, valid_csv_rows
 from ..errors import DataError, UsageError
 
 logger = logging.getLogger("cliplab.eval.datasets")
@@ -278,28 +278,8 @@ def classification_from_csv(path, *, image_key: str = "filepath", label_key: str
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter=delimiter)
         next(reader)
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                skip_log.add(f"{path}:{reader.line_num}", f"malformed row: {e}")
-                continue
-            line = reader.line_num
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != len(header):
-                skip_log.add(f"{path}:{line}", f"malformed row: {len(row)} fields, header has {len(header)}")
-                continue
-            image, label = row[ii].strip(), row[li].strip()
-            if not image:
-                skip_log.add(f"{path}:{line}", "empty image path")
-                continue
-            if not label:
-                skip_log.add(f"{path}:{line}", "empty label")
-                continue
-            rows.append((line, image, label))
+        for line, row in valid_csv_rows(reader, path, len(header), {"image path": ii, "label": li}, skip_log):
+            rows.append((line, row[ii].strip(), row[li].strip()))
 
     names = _read_names(classnames_json)
     integer = bool(rows) and all(_is_int(lab) for _, _, lab in rows)
