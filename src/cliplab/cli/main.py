@@ -14,7 +14,8 @@ import sys
 
 from ..errors import CliplabError
 
-COMMANDS = ["classify", "embed", "models", "convert", "demo", "shapes", "train", "eval", "report", "adapt"]
+COMMANDS = ["classify", "embed", "models", "convert", "demo", "shapes", "train", "eval", "report", "adapt",
+            "interpolate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

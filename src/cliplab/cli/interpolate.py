@@ -1,0 +1,115 @@
+"""``cliplab interpolate``: WiSE-FT weight interpolation between a zero-shot and a fine-tuned
+model (see :mod:`cliplab.surgery.wise_ft`)."""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import UsageError
+from ._common import write_rows
+
+TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "interpolate", help="WiSE-FT: mix a zero-shot and a fine-tuned model's weights",
+        description="Mix two models of the same architecture, (1 - alpha) * ZERO_SHOT + alpha * "
+                    "FINETUNED (WiSE-FT, arXiv:2109.01903). With --alpha, write the mixed model as an "
+                    "open_clip folder (--out). With --sweep, evaluate the mixed model at each alpha on "
+                    "--task/--dataset, print alpha vs metrics and optionally write the results records.")
+    p.add_argument("zero_shot", metavar="ZERO_SHOT", help="model spec of the zero-shot model")
+    p.add_argument("finetuned", metavar="FINETUNED", help="model spec of the fine-tuned model")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--alpha", type=float,
+                      help="weight of the fine-tuned model (0 = zero-shot, 1 = fine-tuned)")
+    what.add_argument("--sweep", help="comma-separated alphas to evaluate, e.g. 0,0.25,0.5,0.75,1")
+    p.add_argument("--extrapolate", action="store_true", help="allow alpha outside [0, 1]")
+    p.add_argument("--out", help="with --alpha: model folder to write (required); "
+                                 "with --sweep: results JSON (list of records)")
+    p.add_argument("--task", choices=TASKS, default="zeroshot_classification",
+                   help="with --sweep: evaluation task (default: zeroshot_classification)")
+    p.add_argument("--dataset", help="with --sweep: dataset spec, e.g. shapes:shape (required)")
+    p.add_argument("--split", default="test", help="with --sweep: split to evaluate (default: test)")
+    p.add_argument("--templates", default=None, help="with --sweep: zero-shot template set")
+    p.add_argument("--n", type=int, help="with --sweep: use at most N images of the evaluated split")
+    p.add_argument("--cache", help="with --sweep: feature cache folder (default: no cache)")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table",
+                   help="how to print the sweep (default: table)")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", help="open_clip architecture for bare weights files (both models)")
+    g.add_argument("--config", help="open_clip config JSON for bare weights files (both models)")
+    g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    g.add_argument("--trust-pickle", action="store_true",
+                   help="allow checkpoints that need code to unpickle (only for files you trust)")
+    p.set_defaults(run=run)
+
+
+def _alphas(text: str) -> list[float]:
+    try:
+        vals = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--sweep takes comma-separated numbers, got {text!r}") from None
+    if not vals:
+        raise UsageError("--sweep is empty")
+    return vals
+
+
+def _validate(args) -> list[float] | None:
+    if args.alpha is not None:
+        if not args.out:
+            raise UsageError("--alpha needs --out (the model folder to write)")
+        return None
+    if not args.dataset:
+        raise UsageError("--sweep needs --dataset (a folder, CSV/JSONL, shards or shapes:NAME)")
+    if args.n is not None and args.n < 1:
+        raise UsageError(f"--n must be >= 1, got {args.n}")
+    return _alphas(args.sweep)
+
+
+def run(args) -> int:
+    from ..models.loading import load
+    from ..surgery.wise_ft import check_alpha, interpolate, sweep
+
+    alphas = _validate(args)
+    for a in alphas or [args.alpha]:
+        check_alpha(a, args.extrapolate)                      # before loading anything
+    kw = dict(device=args.device, precision=args.precision, arch=args.arch, config=args.config,
+              trust_pickle=args.trust_pickle)
+    zero_shot, finetuned = load(args.zero_shot, **kw), load(args.finetuned, **kw)
+    if alphas is None:
+        out = interpolate(zero_shot, finetuned, args.alpha, extrapolate=args.extrapolate).save(args.out)
+        print(f"alpha {args.alpha:g}: (1 - alpha) * {args.zero_shot} + alpha * {args.finetuned} -> {out}")
+        return 0
+
+    from ..eval.suite import evaluate
+
+    records = []
+
+    def evaluate_fn(backbone):
+        store = None
+        if args.cache:
+            from ..features import FeatureStore
+
+            store = FeatureStore(args.cache, backbone)
+        rec = evaluate(backbone, model_spec=args.finetuned, task=args.task, dataset=args.dataset,
+                       split=args.split, templates=args.templates, store=store, n=args.n)
+        records.append(rec)
+        print(f"[{len(records)}/{len(alphas)}] alpha {alphas[len(records) - 1]:g}: "
+              + ", ".join(f"{k}={v:.4f}" for k, v in rec["metrics"].items() if isinstance(v, float)),
+              file=sys.stderr)
+        return {k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float))}
+
+    rows = sweep(zero_shot, finetuned, alphas, evaluate_fn, extrapolate=args.extrapolate)
+    for a, rec in zip(alphas, records):
+        rec["cliplab"].update({"alpha": a, "zero_shot_spec": str(args.zero_shot),
+                               "finetuned_spec": str(args.finetuned)})
+    if args.out:
+        from ..eval.results import write_results
+
+        write_results(args.out, records)
+    if args.format == "table":
+        rows = [{**r, "alpha": f"{r['alpha']:g}"} for r in rows]
+    write_rows(rows, args.format)
+    return 0
