@@ -14,3 +14,15 @@ def make_model(cfg=TINY_CFG, seed=0, **overrides):
 
     torch.manual_seed(seed)
     return build_model({**cfg, **overrides})
+
+
+# Shared by the surgery tests: prompts, features of a Backbone, a copy of its weights.
+TEXTS = ["a photo of a red star.", "two blue squares on a striped background", "a circle"]
+
+
+def features(bb, images):
+    return bb.encode_images(images), bb.encode_texts(TEXTS)
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

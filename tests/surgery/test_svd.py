@@ -10,20 +10,12 @@ from cliplab.surgery import apply_lora, apply_svd, trainable_parameters
 from cliplab.surgery.lora import find_layers
 from cliplab.surgery.svd import SVDWeight
 
-TEXTS = ["a photo of a red star.", "two blue squares on a striped background", "a circle"]
+from _tiny import TEXTS, features, snapshot
 
 
 @pytest.fixture(scope="module")
 def images():
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # (B, 3, H, W)
-
-
-def features(bb, images):
-    return bb.encode_images(images), bb.encode_texts(TEXTS)
-
-
-def snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def test_identity_at_init(tiny, images):

@@ -10,11 +10,13 @@ import sys
 DEFAULT_MODEL = "shapes-tiny"
 
 
-def add_model_args(p) -> None:
+def add_model_args(p, *, spec: bool = True) -> None:
+    """Model options; ``spec=False`` leaves out ``--model`` (commands taking specs as positionals)."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="model spec: bundled name, ARCH:TAG, hf-hub:org/name, folder or weights file "
-                        f"(default: {DEFAULT_MODEL})")
+    if spec:
+        g.add_argument("--model", default=DEFAULT_MODEL,
+                       help="model spec: bundled name, ARCH:TAG, hf-hub:org/name, folder or weights file "
+                            f"(default: {DEFAULT_MODEL})")
     g.add_argument("--arch", help="open_clip architecture for a bare weights file (e.g. ViT-B-32)")
     g.add_argument("--config", help="open_clip config JSON for a bare weights file")
     g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -23,10 +25,11 @@ def add_model_args(p) -> None:
                    help="allow checkpoints that need code to unpickle (only for files you trust)")
 
 
-def load_backbone(args):
+def load_backbone(args, spec: str | None = None):
+    """Load ``spec`` (default ``args.model``) with the options of :func:`add_model_args`."""
     from ..models.loading import load
 
-    return load(args.model, device=args.device, precision=args.precision, arch=args.arch,
+    return load(spec or args.model, device=args.device, precision=args.precision, arch=args.arch,
                 config=args.config, trust_pickle=args.trust_pickle)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import UsageError
-from ._common import write_rows
+from ._common import add_model_args, load_backbone, write_rows
 
 TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot")
 
@@ -36,13 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--cache", help="with --sweep: feature cache folder (default: no cache)")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table",
                    help="how to print the sweep (default: table)")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", help="open_clip architecture for bare weights files (both models)")
-    g.add_argument("--config", help="open_clip config JSON for bare weights files (both models)")
-    g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
-    g.add_argument("--trust-pickle", action="store_true",
-                   help="allow checkpoints that need code to unpickle (only for files you trust)")
+    add_model_args(p, spec=False)  # applied to both models
     p.set_defaults(run=run)
 
 
@@ -69,15 +63,12 @@ def _validate(args) -> list[float] | None:
 
 
 def run(args) -> int:
-    from ..models.loading import load
     from ..surgery.wise_ft import check_alpha, interpolate, sweep
 
     alphas = _validate(args)
     for a in alphas or [args.alpha]:
         check_alpha(a, args.extrapolate)                      # before loading anything
-    kw = dict(device=args.device, precision=args.precision, arch=args.arch, config=args.config,
-              trust_pickle=args.trust_pickle)
-    zero_shot, finetuned = load(args.zero_shot, **kw), load(args.finetuned, **kw)
+    zero_shot, finetuned = load_backbone(args, args.zero_shot), load_backbone(args, args.finetuned)
     if alphas is None:
         out = interpolate(zero_shot, finetuned, args.alpha, extrapolate=args.extrapolate).save(args.out)
         print(f"alpha {args.alpha:g}: (1 - alpha) * {args.zero_shot} + alpha * {args.finetuned} -> {out}")
