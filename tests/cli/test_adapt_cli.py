@@ -88,3 +88,35 @@ def test_adapt_errors(tiny_dir, tmp_path, capsys):
                  "--model", str(tiny_dir), "--out", str(tmp_path / "b")]) == 2
     assert "train and val" in capsys.readouterr().err
     assert main(["classify", "x.png", "--adapter", str(tmp_path), "--model", str(tiny_dir)]) in (2, 4)
+
+
+@pytest.mark.parametrize("method", ["coop", "lora"])
+def test_learner_from_the_cli_then_classify(method, image, tiny_dir, tiny, tmp_path, capsys):
+    out = tmp_path / method
+    rc = main(["adapt", "--method", method, "--shots", "1", "--dataset", "shapes:shape", "--model",
+               str(tiny_dir), "--out", str(out), "--n-train", "64", "--n-val", "16", "--epochs", "1"])
+    printed, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "trained" in printed and "parameters in" in printed
+    meta = json.loads((out / "cliplab_adapter.json").read_text())
+    assert meta["method"] == method and meta["trainable_parameters"] > 0
+    rc = main(["classify", str(image), "--adapter", str(out), "--model", str(tiny_dir), "--format", "json",
+               "--top-k", "2"])
+    printed, err = capsys.readouterr()
+    assert rc == 0, err
+    (row,) = json.loads(printed)
+    from cliplab.adapt._base import softmax
+    from cliplab.adapt.fewshot import load_fitted
+
+    est, names = load_fitted(out, tiny)                     # the library path: the learner's own encoder
+    assert (est.image_backbone() is tiny) == (est.input_kind == "features")
+    proba = softmax(est.logits_from_features(est.image_backbone().encode_images([image])))[0]
+    top = np.argsort(-proba, kind="stable")[:2]
+    assert [p["label"] for p in row["predictions"]] == [names[i] for i in top]
+    np.testing.assert_allclose([p["prob"] for p in row["predictions"]], proba[top], rtol=1e-4)
+
+
+def test_learner_options_are_refused_for_adapters(tiny_dir, tmp_path, capsys):
+    assert main(["adapt", "--method", "gda", "--shots", "1", "--dataset", "shapes:shape", "--model",
+                 str(tiny_dir), "--out", str(tmp_path / "g"), "--epochs", "3"]) == 2
+    assert "only apply to learners" in capsys.readouterr().err

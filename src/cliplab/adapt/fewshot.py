@@ -1,4 +1,4 @@
-"""Fit a few-shot adapter from a dataset spec and save/load it with its metadata.
+"""Fit a few-shot adapter or learner from a dataset spec and save/load it with its metadata.
 
 What ``cliplab adapt`` and ``cliplab classify --adapter`` call.  The adapter folder holds
 what :func:`cliplab.adapt.save_adapter` writes plus ``cliplab_adapter.json``: the class
@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import DataError, UsageError
 
-METHODS = ("linear", "gda", "tip", "tip-f", "caps")
+METHODS = ("linear", "gda", "tip", "tip-f", "caps", "coop", "kgcoop", "mocoop", "lora", "svd", "full")
 META_FILE = "cliplab_adapter.json"
 
 
@@ -69,21 +69,96 @@ def make_adapter(method: str, **params):
     return cls(**{k: v for k, v in params.items() if k in accepted})
 
 
+def images_at_model_size(backbone, items) -> tuple[np.ndarray, np.ndarray]:
+    """Items (paths, arrays, PIL images) as uint8 arrays (M, S, S, 3) at the model's input size.
+
+    Arrays already at that size pass unchanged; others are decoded, resized (short side)
+    and centre-cropped.  Returns the arrays and the indices of the items kept (unreadable
+    ones are skipped and logged).
+    """
+    import logging
+
+    from PIL import Image, ImageOps
+
+    from ..data.images import load_image
+    from ..errors import BadImage
+
+    size = int(backbone.image_size)
+    out, kept = [], []
+    for i, item in enumerate(items):
+        if isinstance(item, np.ndarray) and item.shape == (size, size, 3) and item.dtype == np.uint8:
+            out.append(item)
+        else:
+            try:
+                img = Image.fromarray(item) if isinstance(item, np.ndarray) else load_image(item)
+            except (BadImage, OSError, ValueError) as e:
+                logging.getLogger("cliplab.adapt").warning("skipping unreadable image %s: %s", item, e)
+                continue
+            out.append(np.asarray(ImageOps.fit(img.convert("RGB"), (size, size), Image.BICUBIC)))
+        kept.append(i)
+    return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8), np.asarray(kept, np.int64)
+
+
+def make_learner(method: str, backbone, classnames, **params):
+    """``LEARNERS[method]`` over ``backbone`` and ``classnames`` with those ``params`` it takes."""
+    from . import LEARNERS
+
+    cls = LEARNERS[method]
+    accepted = cls().get_params()
+    return cls(backbone=backbone, classnames=list(classnames),
+               **{k: v for k, v in params.items() if k in accepted and v is not None})
+
+
+def _fit_learner(backbone, method, train, val, idx, store, params):
+    """Train a learner on the K-shot items ``idx`` of ``train``; returns (est, n_train, n_val, val_acc)."""
+    from ..eval.tasks import image_features
+
+    names = list(train.classnames)
+    est = make_learner(method, backbone, names, **params)
+    if est.input_kind == "images":
+        xt, kept_t = images_at_model_size(backbone, [train.items[i] for i in idx])
+        xv, kept_v = images_at_model_size(backbone, val.items)
+    else:
+        xt, kept_t, _ = image_features(backbone, [train.items[i] for i in idx], store=store)
+        xv, kept_v, _ = image_features(backbone, val.items, store=store)
+    yt, yv = train.labels[idx[kept_t]], val.labels[kept_v]
+    if len(np.unique(yt)) < 2:
+        raise DataError(f"the few-shot draw has {len(np.unique(yt))} readable class(es); need at least 2")
+    est.fit(xt, yt, X_val=xv, y_val=yv)
+    return est, len(yt), len(yv), float(est.val_accuracy_), sorted(set(range(len(names))) - set(yt.tolist()))
+
+
 def fit_adapter(backbone, *, method: str, dataset: str, shots: int, seed: int = 0, store=None,
-                templates="default", n_train=None, n_val=None, model_spec: str = ""):
-    """Fit ``method`` on ``shots`` images per class of ``dataset``; returns (estimator, meta)."""
-    from . import ADAPTERS
+                templates="default", n_train=None, n_val=None, model_spec: str = "", **params):
+    """Fit ``method`` on ``shots`` images per class of ``dataset``; returns (estimator, meta).
+
+    ``params`` go to a learner's constructor (``epochs``, ``lr``...; None means its default).
+    """
+    from . import ADAPTERS, LEARNERS
     from ..eval.datasets import ClassificationData, fewshot_subset
     from ..eval.tasks import image_features
     from ..zeroshot import class_weights, get_templates
 
-    if method not in ADAPTERS:
-        raise UsageError(f"unknown method {method!r}: use one of {', '.join(sorted(ADAPTERS))}")
+    if method not in ADAPTERS and method not in LEARNERS:
+        raise UsageError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    given = sorted(k for k, v in params.items() if v is not None)
+    if method in ADAPTERS and given:
+        raise UsageError(f"{', '.join(given)} only apply to learners ({', '.join(LEARNERS)}); "
+                         f"{method} chooses its hyper-parameters on the validation split")
     if shots < 1:
         raise UsageError(f"--shots must be >= 1, got {shots}")
     train, val = _load_splits(dataset, n_train, n_val, seed)
     pool = ClassificationData(list(range(len(train))), train.labels, train.classnames, train.name)
     idx = np.asarray(fewshot_subset(pool, shots, seed).items, dtype=np.int64)
+    if method in LEARNERS:
+        est, n_t, n_v, val_acc, missing = _fit_learner(backbone, method, train, val, idx, store, params)
+        meta = {"method": method, "classnames": list(est.classnames_), "fingerprint": backbone.fingerprint,
+                "model_spec": str(model_spec), "dataset": dataset, "shots": int(shots), "seed": int(seed),
+                "n_train": n_t, "n_val": n_v, "val_accuracy": val_acc, "trainable_parameters": est.n_trainable_,
+                "fit_seconds": round(est.fit_time_, 2)}
+        if missing:
+            meta["classes_without_examples"] = [train.classnames[c] for c in missing]
+        return est, meta
     xt, kept_t, _ = image_features(backbone, [train.items[i] for i in idx], store=store)
     idx = idx[kept_t]
     yt = train.labels[idx]
@@ -141,6 +216,8 @@ def load_fitted(path, backbone):
                          f"(fingerprint {fp[:12]}), not of --model {backbone.name} "
                          f"({backbone.fingerprint[:12]}); pass the model it was fit with")
     est = load_adapter(path)
+    if hasattr(est, "backbone"):         # learners keep using the towers of the model
+        est.backbone = backbone
     if len(est.classes_) != len(names):
         raise DataError(f"{path}: the adapter has {len(est.classes_)} classes but {META_FILE} names {len(names)}")
     return est, names

@@ -29,21 +29,29 @@ def _jsonable(v):
     return v
 
 
+def _classes() -> dict:
+    """Class name -> class of every saveable estimator (training-free adapters and learners)."""
+    from . import ADAPTERS, LEARNERS
+
+    return {c.__name__: c for c in [*ADAPTERS.values(), *LEARNERS.values()]}
+
+
 def save_adapter(est, directory) -> Path:
     """Write a fitted adapter to ``directory`` (created if needed); returns the folder."""
     from safetensors.numpy import save_file
     from sklearn.utils.validation import check_is_fitted
 
     from .. import __version__
-    from . import ADAPTERS
 
     cls = type(est).__name__
-    if cls not in {c.__name__ for c in ADAPTERS.values()}:
+    if cls not in _classes():
         raise UsageError(f"save_adapter saves cliplab adapters; got {cls}")
     check_is_fitted(est)
     tensors, params, tuples, fitted = {}, {}, [], {}
     for name, v in est.get_params(deep=False).items():
-        if isinstance(v, np.ndarray):
+        if name == "backbone":       # the model is not part of the adapter; load_fitted gives it back
+            params[name] = None
+        elif isinstance(v, np.ndarray):
             tensors[f"param.{name}"] = np.ascontiguousarray(v)
         elif callable(v):
             params[name] = None
@@ -56,6 +64,9 @@ def save_adapter(est, directory) -> Path:
             continue
         if isinstance(v, np.ndarray) and v.dtype.kind in "biuf":
             tensors[f"fitted.{name}"] = np.ascontiguousarray(v)
+        elif isinstance(v, dict) and v and all(isinstance(a, np.ndarray) for a in v.values()):
+            for key, a in v.items():             # e.g. trained tensors by parameter name
+                tensors[f"fitted_dict.{name}.{key}"] = np.ascontiguousarray(a)
         elif isinstance(v, np.ndarray):
             fitted[name] = {"list": [_jsonable(x) for x in v.tolist()], "dtype": v.dtype.str}
         else:
@@ -73,15 +84,13 @@ def load_adapter(directory):
     """The fitted adapter saved in ``directory`` by :func:`save_adapter`."""
     from safetensors.numpy import load_file
 
-    from . import ADAPTERS
-
     d = Path(directory)
     try:
         meta = json.loads((d / "adapter.json").read_text(encoding="utf-8"))
         tensors = load_file(str(d / "adapter.safetensors"))
     except (OSError, ValueError) as e:
         raise DataError(f"{d} is not a saved adapter (adapter.json + adapter.safetensors): {e}") from e
-    classes = {c.__name__: c for c in ADAPTERS.values()}
+    classes = _classes()
     if meta.get("class") not in classes:
         raise DataError(f"{d}: unknown adapter class {meta.get('class')!r}")
     params = dict(meta["params"])
@@ -99,4 +108,9 @@ def load_adapter(directory):
     for key, v in tensors.items():
         if key.startswith("fitted."):
             setattr(est, key[len("fitted."):], v)
+        elif key.startswith("fitted_dict."):
+            name, sub = key[len("fitted_dict."):].split(".", 1)
+            if not isinstance(getattr(est, name, None), dict):
+                setattr(est, name, {})
+            getattr(est, name)[sub] = v
     return est

@@ -11,10 +11,13 @@ from ._common import add_model_args, load_backbone
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "adapt", help="fit a few-shot adapter (linear probe, GDA, Tip-Adapter, CapS) on a dataset",
-        description="Draw K labelled images per class from the train split of DS, choose the "
-                    "method's hyper-parameters on the validation split, fit on image features "
-                    "and save the adapter for 'cliplab classify --adapter'.")
+        "adapt", help="fit a few-shot adapter (linear probe, GDA, Tip-Adapter, CapS) or train a "
+                      "prompt learner / fine-tuner (CoOp, KgCoOp, MoCoOp, LoRA, CLIP-SVD) on a dataset",
+        description="Draw K labelled images per class from the train split of DS and fit METHOD: "
+                    "training-free adapters choose their hyper-parameters on the validation split "
+                    "and fit on image features; learners (coop, kgcoop, mocoop on frozen image "
+                    "features; lora, svd, full on images) train by gradient descent and report "
+                    "their validation accuracy.  The result is saved for 'cliplab classify --adapter'.")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--shots", type=int, required=True, help="labelled images per class (K)")
     p.add_argument("--dataset", required=True,
@@ -27,6 +30,10 @@ def add_parser(sub) -> None:
                    help="prompt templates of the zero-shot text weights (default: 'a photo of a {c}.')")
     p.add_argument("--n-train", type=int, help="train images to draw the K shots from (default: all)")
     p.add_argument("--n-val", type=int, help="validation images (default: all)")
+    g = p.add_argument_group("learners (coop, kgcoop, mocoop, lora, svd, full)")
+    g.add_argument("--epochs", type=int, help="training epochs (default: the method's)")
+    g.add_argument("--lr", type=float, help="learning rate (default: the method's)")
+    g.add_argument("--batch-size", type=int, help="mini-batch size (default: the method's)")
     add_model_args(p)
     p.set_defaults(run=run)
 
@@ -42,12 +49,17 @@ def run(args) -> int:
         store = FeatureStore(args.cache, backbone)
     est, meta = fit_adapter(backbone, method=args.method, dataset=args.dataset, shots=args.shots,
                             seed=args.seed, store=store, templates=args.templates, n_train=args.n_train,
-                            n_val=args.n_val, model_spec=args.model)
+                            n_val=args.n_val, model_spec=args.model, epochs=args.epochs, lr=args.lr,
+                            batch_size=args.batch_size)
     out = save_fitted(est, meta, args.out)
     print(f"{args.method} {args.shots}-shot on {args.dataset}: {len(meta['classnames'])} classes, "
           f"{meta['n_train']} train / {meta['n_val']} val images, val accuracy {meta['val_accuracy']:.4f} "
           f"-> {out}")
+    if "trainable_parameters" in meta:
+        print(f"trained {meta['trainable_parameters']:,} parameters in {meta['fit_seconds']:.1f} s")
     if meta.get("classes_without_examples"):
-        print(f"note: {len(meta['classes_without_examples'])} class(es) have no training image and "
-              "cannot be predicted", file=sys.stderr)
+        how = ("are scored through their prompts only" if "trainable_parameters" in meta
+               else "cannot be predicted")
+        print(f"note: {len(meta['classes_without_examples'])} class(es) have no training image and {how}",
+              file=sys.stderr)
     return 0

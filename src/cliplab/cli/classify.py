@@ -47,6 +47,7 @@ def _topk(proba: np.ndarray, classes: np.ndarray, k: int):
 
 def run(args) -> int:
     from ..data.images import find_images
+    from ..adapt._base import softmax
     from ..zeroshot import ZeroShotClassifier
 
     if args.top_k < 1:
@@ -68,17 +69,21 @@ def run(args) -> int:
     else:
         clf = ZeroShotClassifier(backbone, labels, templates=args.templates)
     kw = image_kwargs(args)
+    # a fine-tuned learner encodes images with its own adapted image tower
+    encoder = est.image_backbone() if args.adapter and hasattr(est, "image_backbone") else backbone
     if args.strict:
-        feats, skipped = backbone.encode_images(files, **kw), []
+        feats, skipped = encoder.encode_images(files, **kw), []
     else:
-        feats, skipped = backbone.encode_images(files, on_error="skip", **kw)
+        feats, skipped = encoder.encode_images(files, on_error="skip", **kw)
     if len(skipped) == len(files):
         report_skipped(skipped)
         raise DataError(f"none of the {len(files)} images could be read")
     skipped_idx = {s.index for s in skipped}
     kept = [f for i, f in enumerate(files) if i not in skipped_idx]
     if args.adapter:
-        names, probs = _topk(est.predict_proba(feats), np.asarray(names), args.top_k)
+        probs = (softmax(est.logits_from_features(feats)) if hasattr(est, "logits_from_features")
+                 else est.predict_proba(feats))
+        names, probs = _topk(probs, np.asarray(names), args.top_k)
     else:
         names, probs = clf.topk(feats, k=args.top_k)
     rows = []

@@ -256,10 +256,14 @@ def sweep_C(train, val, *, seed: int = 0, lo: float = 1e-6, hi: float = 1e6, coa
 
 
 def _xy(x, y, name):
-    x, y = np.asarray(x, np.float32), np.asarray(y)
-    if x.ndim != 2 or len(x) != len(y):
-        raise UsageError(f"{name}: features must be (N, D) with one label per row; got {x.shape} "
-                         f"and {y.shape}")
+    """Features (N, D) as float32, or uint8 images (N, H, W, 3) as they are (fine-tuners)."""
+    x, y = np.asarray(x), np.asarray(y)
+    images = x.ndim == 4 and x.dtype == np.uint8
+    if not images:
+        x = x.astype(np.float32, copy=False)
+    if (x.ndim != 2 and not images) or len(x) != len(y):
+        raise UsageError(f"{name}: give features (N, D) or uint8 images (N, H, W, 3) with one label per "
+                         f"row; got {x.shape} and {y.shape}")
     return x, y
 
 

@@ -42,7 +42,7 @@ from .transforms import is_model_sized, make_preprocess, uint8_to_tensor
 
 log = logging.getLogger("cliplab.models.backbone")
 
-__all__ = ["Backbone", "Skipped"]
+__all__ = ["Backbone", "Skipped", "encode_token_embeddings"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,37 @@ def _describe(source, index: int) -> str:
 
 def _default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
+
+
+def encode_token_embeddings(model, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Text features (B, D) of an open_clip ``CLIP`` from token embeddings instead of ids.
+
+    The part of ``model.encode_text`` after the embedding lookup: add positions, run the
+    causal transformer, final LayerNorm, pool the EOT position of ``tokens`` and project.
+    Prompt learners (:mod:`cliplab.adapt.prompts`) pass embeddings in which some positions
+    are learnable vectors; the fast text path passes ``model.token_embedding(tokens)``.
+
+    Parameters
+    ----------
+    model : open_clip.CLIP
+        With the built-in text tower (``token_embedding``, ``transformer``, ``attn_mask``).
+    x : Tensor (B, L, W)
+        Token embeddings, ``L`` <= the context length (trailing padding may be cut).
+    tokens : LongTensor (B, L)
+        The ids the positions stand for; only used to find the pooled (EOT) position.
+    """
+    from open_clip.transformer import text_global_pool
+
+    m = model
+    L = x.shape[1]
+    cast = m.transformer.get_cast_dtype()
+    x = x.to(cast) + m.positional_embedding[:L].to(cast)           # (B, L, W)
+    x = m.transformer(x, attn_mask=m.attn_mask[:L, :L])
+    x = m.ln_final(x)
+    x = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+    if m.text_projection is not None:
+        x = m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
+    return x                                                          # (B, D)
 
 
 class Backbone:
@@ -113,6 +144,16 @@ class Backbone:
         self.device = torch.device(device)
         self.precision = precision
         self._truncation_warned = False
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        """Picklable / deep-copyable state: everything but the lock (a copy gets its own)."""
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -222,17 +263,7 @@ class Backbone:
             return m.encode_text(tokens)
         L = int(self._text_lengths(tokens).max())
         tokens = tokens[:, :L]                                        # (B, L)
-        cast = m.transformer.get_cast_dtype()
-        x = m.token_embedding(tokens).to(cast)                        # (B, L, W)
-        x = x + m.positional_embedding[:L].to(cast)
-        x = m.transformer(x, attn_mask=m.attn_mask[:L, :L])
-        x = m.ln_final(x)
-        from open_clip.transformer import text_global_pool
-
-        x = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
-        if m.text_projection is not None:
-            x = m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
-        return x                                                      # (B, D)
+        return encode_token_embeddings(m, m.token_embedding(tokens), tokens)
 
     def encode_texts(self, texts: str | Sequence[str], *, batch_size: int = 256,
                      progress: bool | None = None, fast: bool = True) -> np.ndarray:

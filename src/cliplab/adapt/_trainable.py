@@ -1,0 +1,262 @@
+"""What the few-shot methods that train by gradient descent share: one supervised loop.
+
+Prompt learners (CoOp, KgCoOp, MoCoOp) and the fine-tuners (LoRA, CLIP-SVD, full) are
+scikit-learn classifiers over the Backbone.  ``fit(X, y)`` takes image features (N, D)
+(prompt learners: the image tower is frozen, so its features are computed once) or
+images (N, H, W, 3) uint8 at the model's size (fine-tuners); ``y`` holds indices into
+``classnames``.  Every class of ``classnames`` can be predicted, also those without
+training examples (base-to-novel: see :meth:`TrainedClassifier.with_classnames`).
+
+The loop (:meth:`TrainedClassifier._train`): ``epochs`` passes over the K-shot set in a
+seeded random order, mini-batches of ``batch_size``, the method's loss terms summed,
+backward, optional gradient clipping, an SGD or AdamW step, learning rate from
+:func:`cliplab.train.schedule.warmup_cosine_factor` per step.  It is not the contrastive
+:class:`cliplab.train.Trainer`: few-shot training is supervised by class labels rather
+than captions, its data fits in memory, and it needs no checkpoints or ranks.
+
+Deviation shared by all: no image augmentation (the reference repos use random resized
+crops and flips); warm-up is linear over ``warmup_epochs`` (CoOp holds lr at 1e-5 instead).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted
+
+from .._progress import progress_bar
+from ..errors import UsageError
+from ._base import softmax
+
+__all__ = ["TrainedClassifier", "count_trainable", "frozen"]
+
+
+@contextmanager
+def frozen(model: torch.nn.Module):
+    """Turn off ``requires_grad`` of every parameter of ``model`` for the block, then restore it.
+
+    Gradients still flow *through* the model to the trainable prompt/adapter tensors,
+    but none accumulate on the shared Backbone's weights.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    model.requires_grad_(False).eval()
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def count_trainable(*modules) -> int:
+    """Number of trainable scalars in ``modules`` (each parameter counted once)."""
+    seen = {id(p): p for m in modules if m is not None for p in m.parameters() if p.requires_grad}
+    return int(sum(p.numel() for p in seen.values()))
+
+
+class TrainedClassifier(ClassifierMixin, BaseEstimator):
+    """Base class: input checks, the training loop, prediction.
+
+    Subclasses set ``input_kind`` ("features" or "images") and implement
+    ``_setup()`` (build the trainable modules, return them as a list),
+    ``_loss(xb, yb) -> dict[str, Tensor]`` (loss terms of a mini-batch, ``xb`` a float
+    tensor, ``yb`` class indices) and ``_finish()`` (after training: store what
+    prediction needs as fitted attributes) and ``_logits(X) -> ndarray (N, C)``.
+    Constructor parameters every subclass takes: ``backbone``, ``classnames``,
+    ``epochs``, ``batch_size``, ``lr``, ``warmup_epochs``, ``seed``, ``progress``.
+    """
+
+    input_kind = "features"
+    optimizer = "sgd"
+    weight_decay = 5e-4
+    momentum = 0.9
+    grad_clip: float | None = None
+
+    # --------------------------------------------------------------- inputs
+    def _check_common(self):
+        if self.backbone is None:
+            raise UsageError(f"{type(self).__name__} needs backbone= (the model whose towers it adapts)")
+        if not self.classnames:
+            raise UsageError(f"{type(self).__name__} needs classnames= (one name per class index)")
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if not (v is None and name == "epochs") and int(v) < 1:
+                raise UsageError(f"{name} must be >= 1, got {v}")
+        if not self.lr > 0:
+            raise UsageError(f"lr must be > 0, got {self.lr}")
+
+    def _as_input(self, X) -> np.ndarray:
+        X = np.asarray(X)
+        if self.input_kind == "features":
+            if X.ndim != 2 or X.shape[1] != self.backbone_dim_:
+                raise UsageError(f"{type(self).__name__} takes image features (N, {self.backbone_dim_}); "
+                                 f"got {X.shape}")
+            return X.astype(np.float32, copy=False)
+        if X.ndim != 4 or X.shape[-1] != 3 or X.dtype != np.uint8:
+            raise UsageError(f"{type(self).__name__} takes uint8 images (N, H, W, 3) at the model's size; "
+                             f"got {X.shape} {X.dtype}")
+        return X
+
+    def _to_tensor(self, X: np.ndarray) -> torch.Tensor:
+        if self.input_kind == "features":
+            return torch.from_numpy(np.ascontiguousarray(X))
+        from ..models.transforms import images_to_tensor
+
+        return images_to_tensor(list(X), self.backbone.preprocess, self.backbone.preprocess_cfg)
+
+    def _check_labels(self, y, n) -> np.ndarray:
+        y = np.asarray(y)
+        if len(y) != n:
+            raise UsageError(f"X has {n} rows but y has {len(y)} labels")
+        if not np.issubdtype(y.dtype, np.integer) or (len(y) and (y.min() < 0 or y.max() >= len(self.classnames))):
+            raise UsageError(f"y must hold class indices 0..{len(self.classnames) - 1} into classnames")
+        return y.astype(np.int64)
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X, y, X_val=None, y_val=None):
+        """Train on ``X`` (features or images, see the module notes) and labels ``y``.
+
+        ``X_val``, ``y_val`` (optional) are only scored after training
+        (``val_accuracy_``); nothing is selected on them.
+        """
+        self._check_common()
+        self.backbone_dim_ = int(self.backbone.embed_dim)
+        X = self._as_input(X)
+        y = self._check_labels(y, len(X))
+        if len(X) == 0:
+            raise UsageError("no training examples")
+        self.classes_ = np.arange(len(self.classnames))
+        self.classnames_ = [str(c) for c in self.classnames]
+        self.n_features_in_ = X.shape[1] if self.input_kind == "features" else int(np.prod(X.shape[1:]))
+        self.epochs_ = self._epochs(y)
+        torch.manual_seed(self.seed)
+        modules = self._setup()
+        self.n_trainable_ = count_trainable(*modules)
+        tic = time.perf_counter()
+        with frozen(self.backbone.model):
+            self.history_ = self._train(modules, X, y)
+        self.fit_time_ = time.perf_counter() - tic
+        self.epoch_time_ = self.fit_time_ / self.epochs_
+        with torch.no_grad():
+            self._finish()
+        if X_val is not None and y_val is not None:
+            self.val_accuracy_ = float(np.mean(self.predict(X_val) == np.asarray(y_val)))
+        return self
+
+    def _epochs(self, y: np.ndarray) -> int:
+        """``epochs``, or with ``epochs=None`` CoOp's schedule by shots K (the smallest class):
+        50 for K = 1, 100 for K <= 4, 200 above."""
+        if self.epochs is not None:
+            return int(self.epochs)
+        k = int(np.bincount(y)[np.unique(y)].min())
+        return 50 if k <= 1 else 100 if k <= 4 else 200
+
+    def _optimizer(self, params):
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def _train(self, modules, X: np.ndarray, y: np.ndarray) -> list[dict]:
+        from ..train.schedule import warmup_cosine_factor
+
+        params = list({id(p): p for m in modules for p in m.parameters() if p.requires_grad}.values())
+        if not params:
+            raise UsageError(f"{type(self).__name__}: nothing to train")
+        opt = self._optimizer(params)
+        n, B = len(X), int(self.batch_size)
+        per_epoch = -(-n // B)
+        total, warmup = per_epoch * self.epochs_, per_epoch * int(self.warmup_epochs)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda t: warmup_cosine_factor(t, warmup_steps=warmup, total_steps=total))
+        gen = torch.Generator().manual_seed(int(self.seed))
+        yt = torch.from_numpy(y)
+        history = []
+        bar = progress_bar(total=total, progress=self.progress, desc=type(self).__name__, unit="step")
+        with bar:
+            for epoch in range(self.epochs_):
+                sums: dict[str, float] = {}
+                order = torch.randperm(n, generator=gen)
+                for s in range(0, n, B):
+                    bi = order[s:s + B].numpy()
+                    terms = self._loss(self._to_tensor(X[bi]), yt[bi])
+                    loss = sum(terms.values())
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if self.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+                    opt.step()
+                    sched.step()
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(bi) / n
+                    bar.update(1)
+                history.append({"epoch": epoch + 1, "loss": sum(sums.values()), **sums})
+                bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+        return history
+
+    # -------------------------------------------------------------- predict
+    def with_classnames(self, classnames):
+        """A copy of the fitted classifier over other classes, keeping what was learned.
+
+        Base-to-novel generalisation: train on base classes, then score classes never seen
+        in training.  Needs ``backbone`` (a loaded classifier gets it from
+        :func:`cliplab.adapt.fewshot.load_fitted`).
+        """
+        check_is_fitted(self)
+        if self.backbone is None:
+            raise UsageError("with_classnames needs the backbone; set est.backbone first")
+        classnames = [str(c) for c in classnames]
+        if not classnames:
+            raise UsageError("with_classnames needs at least one class name")
+        new = copy.copy(self)
+        new.classnames, new.classnames_ = list(classnames), list(classnames)
+        new.classes_ = np.arange(len(classnames))
+        with torch.no_grad():
+            new._relabel(classnames)
+        return new
+
+    def _image_features(self, X: np.ndarray) -> np.ndarray:
+        """L2-normalised image features (N, D) of the input rows."""
+        x = X.astype(np.float32, copy=False)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    def logits_from_features(self, F: np.ndarray) -> np.ndarray:
+        """``logit_scale · f · t_cᵀ`` (N, C) from image features ``F`` (N, D) of :meth:`image_backbone`."""
+        check_is_fitted(self)
+        F = np.asarray(F, dtype=np.float32)
+        F = F / np.maximum(np.linalg.norm(F, axis=1, keepdims=True), 1e-12)
+        return self.logit_scale_ * (F @ self.text_features_.T)
+
+    def image_backbone(self):
+        """The Backbone whose image features :meth:`logits_from_features` takes (the frozen one)."""
+        return self.backbone
+
+    def _logits(self, X: np.ndarray) -> np.ndarray:
+        return self.logits_from_features(self._image_features(X))
+
+    def _check_X(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        return self._as_input(X)
+
+    def decision_function(self, X) -> np.ndarray:
+        """Logits (N, C) over ``classnames``."""
+        return self._logits(self._check_X(X))
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Softmax of the logits (N, C)."""
+        return softmax(self.decision_function(X))
+
+    def predict(self, X) -> np.ndarray:
+        """Class index of each row (N,)."""
+        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = True
+        tags.non_deterministic = False
+        return tags
