@@ -53,7 +53,10 @@ def test_fast_text_path_matches_open_clip(which):
     np.testing.assert_allclose(slow, ref, atol=1e-6)
 
 
-def test_tokenize_matches_open_clip_and_warns_once(tiny):
+def test_tokenize_matches_open_clip_and_warns_once(tiny_dir):
+    import cliplab
+
+    tiny = cliplab.load(tiny_dir)          # a fresh Backbone: the shared one may have warned already
     ref = open_clip.tokenizer.SimpleTokenizer(context_length=24)(PROMPTS)
     with pytest.warns(UserWarning, match="truncated"):
         ours = tiny.tokenize(PROMPTS)

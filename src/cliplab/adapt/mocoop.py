@@ -34,7 +34,9 @@ Deviations
   encoder's LayerNorms (``ln_1``/``ln_2``, lr × 0.1) and re-encodes augmented images.
 * ``lr`` 2e-3 with CoOp's epochs by shots (``epochs=None``: 50 / 100 / 200 for 1 / 2-4 /
   8+ shots) and a one-epoch linear warm-up.  The reference uses lr 0.032 at batch 32 for
-  25-50 epochs (warm-up at 1e-5); 2e-3 (CoOp's rate) trains stably on the cached features.
+  25-50 epochs (warm-up at 1e-5).  Both train stably on cached features; on shapes-tiny
+  (16 shots, 64 colour-shape classes) they reached the same test accuracy, lr 0.032 with
+  ``epochs=50`` in a quarter of the time.  2e-3 is kept as CoOp's rate.
 * ``top_k`` (2 in the code) is capped at the number of experts.
 * The reference adds N(0, 0.05²) noise to the frozen template features in half of the
   steps (in place, so it accumulates); the prototypes here stay fixed.
