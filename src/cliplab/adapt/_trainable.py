@@ -88,8 +88,14 @@ class TrainedClassifier(ClassifierMixin, BaseEstimator):
             v = getattr(self, name)
             if not (v is None and name == "epochs") and int(v) < 1:
                 raise UsageError(f"{name} must be >= 1, got {v}")
-        if not self.lr > 0:
-            raise UsageError(f"lr must be > 0, got {self.lr}")
+        lr = self._default_lr() if self.lr is None else self.lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise UsageError(f"lr must be > 0, got {self.lr!r}")
+        self.lr_ = float(lr)
+
+    def _default_lr(self) -> float | None:
+        """The learning rate ``lr=None`` stands for (None: lr is required)."""
+        return None
 
     def _as_input(self, X) -> np.ndarray:
         X = np.asarray(X)
@@ -159,8 +165,8 @@ class TrainedClassifier(ClassifierMixin, BaseEstimator):
 
     def _optimizer(self, params):
         if self.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+            return torch.optim.SGD(params, lr=self.lr_, momentum=self.momentum, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=self.lr_, weight_decay=self.weight_decay)
 
     def _train(self, modules, X: np.ndarray, y: np.ndarray) -> list[dict]:
         from ..train.schedule import warmup_cosine_factor

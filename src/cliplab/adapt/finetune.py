@@ -173,26 +173,17 @@ class FineTune(TrainedClassifier):
 
     # --------------------------------------------------------------- inputs
     def _check_common(self):
-        # The base's checks, except that lr=None means the method's default.
         if self.method not in DEFAULT_LR:
             raise UsageError(f"method must be one of {list(DEFAULT_LR)}; got {self.method!r}")
-        if self.backbone is None:
-            raise UsageError(f"{type(self).__name__} needs backbone= (the model whose towers it fine-tunes)")
+        super()._check_common()
         if self.backbone.precision != "fp32":
             raise UsageError(f"fine-tuning needs fp32 weights; load the model with precision='fp32' "
                              f"(got {self.backbone.precision!r})")
-        if not self.classnames:
-            raise UsageError(f"{type(self).__name__} needs classnames= (one name per class index)")
         if not isinstance(self.template, str) or self.template.count("{}") != 1:
             raise UsageError(f"template needs exactly one '{{}}' for the class name; got {self.template!r}")
-        for name in ("epochs", "batch_size"):
-            v = getattr(self, name)
-            if not (v is None and name == "epochs") and int(v) < 1:
-                raise UsageError(f"{name} must be >= 1, got {v}")
-        lr = DEFAULT_LR[self.method] if self.lr is None else self.lr
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise UsageError(f"lr must be > 0 (or None for the method's default), got {self.lr!r}")
-        self.lr_ = float(lr)
+
+    def _default_lr(self) -> float:
+        return DEFAULT_LR[self.method]
 
     def _as_input(self, X) -> np.ndarray:
         if self.backbone is None:
@@ -210,9 +201,6 @@ class FineTune(TrainedClassifier):
             return int(self.epochs)
         k = int(np.bincount(y)[np.unique(y)].min())
         return max(1, math.ceil(200 * k / math.ceil(len(y) / int(self.batch_size))))
-
-    def _optimizer(self, params):
-        return torch.optim.AdamW(params, lr=self.lr_, weight_decay=self.weight_decay)
 
     # ---------------------------------------------------------------- model
     def _build(self) -> Backbone:
