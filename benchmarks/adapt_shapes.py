@@ -48,7 +48,7 @@ from cliplab.eval.report import build_report  # noqa: E402
 from cliplab.eval.results import make_result, write_results  # noqa: E402
 from cliplab.eval.tasks import TaskResult, fewshot, image_features  # noqa: E402
 from cliplab.features import FeatureStore  # noqa: E402
-from cliplab.train.recipes import shapes_world  # noqa: E402
+from cliplab.data.shapes import shapes_tiny_world  # noqa: E402
 from cliplab.zeroshot import ZeroShotClassifier, class_weights  # noqa: E402
 from cliplab.zeroshot.descriptions import DescriptionClassifier  # noqa: E402
 from cliplab.zeroshot.perception import SHAPES_BACKGROUNDS, PerceptionCLIP  # noqa: E402
@@ -159,7 +159,7 @@ def color_shape_split(world, split, n, keep=lambda s: True):
 # ------------------------------------------------------------------------ spurious
 def spurious_part(store, n_train, n_val, n_test, model_spec, shots=16, seeds=(0, 1, 2)):
     bb = store.backbone
-    base = shapes_world(0)
+    base = shapes_tiny_world(0)
     shapes = list(base.shapes_of("test"))
     corr = base.replace(spurious=0.9)
 
@@ -239,7 +239,7 @@ def main() -> None:
     n_train, n_val, n_test = (300, 200, 200) if q else (2000, 1000, 1000)
     with tempfile.TemporaryDirectory() as tmp:
         store = FeatureStore(args.cache or Path(tmp) / "cache", bb)
-        world = shapes_world(0)
+        world = shapes_tiny_world(0)
         records = []
         noisy = lambda s: s.background == "noise"  # noqa: E731
         seen = lambda s: (s.objects[0].color, s.objects[0].shape) not in set(world.heldout)  # noqa: E731

@@ -56,7 +56,7 @@ from cliplab.eval.metrics import accuracy  # noqa: E402
 from cliplab.eval.results import make_result, write_results  # noqa: E402
 from cliplab.eval.tasks import TaskResult, fewshot  # noqa: E402
 from cliplab.surgery import interpolate, layer_sharpness, rank_correlation, straggler_layers  # noqa: E402
-from cliplab.train.recipes import shapes_world  # noqa: E402
+from cliplab.data.shapes import shapes_tiny_world  # noqa: E402
 from cliplab.zeroshot import class_weights  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -329,7 +329,7 @@ def main() -> None:
     report = Path(args.report or (scratch / "report" if q else REPORT))
     t0 = time.perf_counter()
     b = Bench(cliplab.load(args.model), q)
-    world = shapes_world(0)
+    world = shapes_tiny_world(0)
     shapes = world.shapes_of("test")
     pairs = [(c, s) for c in COLORS for s in shapes]
     names = [f"{c} {s}" for c, s in pairs]

@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import cliplab
-from cliplab.data.shapes import COLORS
-from cliplab.train.recipes import shapes_world
+from cliplab.data.shapes import COLORS, shapes_tiny_world, task_world
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -46,7 +45,7 @@ def recall_at(sim: np.ndarray, ks=(1, 5)) -> dict:
 
 
 def evaluate(bb, n: int = 2000, n_pairs: int = 1000, seed: int = 0) -> dict:
-    world = shapes_world(seed)
+    world = task_world(shapes_tiny_world(seed), "color-shape")
     shapes = list(world.shapes_of("train"))
     heldout = {f"{c} {s}" for c, s in world.heldout}
     images, scenes = world.render_batch("test", range(n))              # (N, 64, 64, 3)
@@ -63,7 +62,7 @@ def evaluate(bb, n: int = 2000, n_pairs: int = 1000, seed: int = 0) -> dict:
                                         ["a photo of a {c}."]).mean()),
            "colour_8way": float(accuracy(bb, images, [o.color for o in objs], list(COLORS),
                                          ["a photo of a {c} shape."]).mean())}
-    multi = world.replace(n_objects=(1, 3))
+    multi = task_world(world, "retrieval")  # 1-3 objects
     imgs, scs = multi.render_batch("test", range(n_pairs))
     sim = bb.encode_images(imgs) @ bb.encode_texts([sc.captions[0] for sc in scs]).T   # (N, N)
     out["retrieval_pairs"] = n_pairs

@@ -77,9 +77,9 @@ def plain_run(steps: int, warmup: int) -> float:
 
 
 def render_rate(n: int = 2000) -> float:
-    from cliplab.train.recipes import shapes_world
+    from cliplab.data.shapes import shapes_tiny_world
 
-    world = shapes_world(0)
+    world = shapes_tiny_world(0)
     t0 = time.perf_counter()
     world.render_batch("train", range(n))
     return n / (time.perf_counter() - t0)

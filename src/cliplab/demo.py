@@ -38,25 +38,25 @@ class DemoResult:
 
 
 def demo_world(seed: int):
-    """The ShapesWorld the bundled model was trained on (the recipe's options)."""
-    from .train.recipes import shapes_world
+    """The ShapesWorld the bundled model was trained on, with seed ``seed``
+    (:func:`cliplab.data.shapes.shapes_tiny_world`)."""
+    from .data.shapes import shapes_tiny_world
 
-    return shapes_world(seed=seed)
+    return shapes_tiny_world(seed=seed)
 
 
 def run_demo(backbone, out_dir: str | Path = "demo-output", *, n: int = 48, seed: int = 2026,
              progress: bool | None = None) -> DemoResult:
     """Render, classify and report; returns the rows and accuracies."""
-    from .data.shapes import COLORS
+    from .data.shapes import task_classes, task_world
 
-    world = demo_world(seed)
-    shapes = [s for s in world.shapes_of("train")]
-    classes = [f"{c} {s}" for s in shapes for c in COLORS]
+    world = task_world(demo_world(seed), "color-shape")
+    world = world.replace(split_sizes={"test": max(n, world.split_sizes["test"])})  # as the eval datasets do
+    classes = task_classes(world, "color-shape", "test")
     heldout = {f"{c} {s}" for c, s in world.heldout}
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    single = world.replace(n_objects=1)
-    images, scenes = single.render_batch("test", range(n))                 # (N, H, W, 3)
+    images, scenes = world.render_batch("test", range(n))                  # (N, H, W, 3)
     paths = []
     for img, sc in zip(images, scenes):
         paths.append(out / "images" / f"test_{sc.index:05d}.png")

@@ -12,11 +12,18 @@ from cliplab.data.shapes import (
     BACKGROUNDS,
     COLORS,
     DEFAULT_HELDOUT,
+    DEFAULT_WORLD,
     DEFECTS,
+    MULTI_OBJECTS,
     SHAPES,
     SPURIOUS_BACKGROUND,
     ShapesWorld,
     export,
+    get_world,
+    list_worlds,
+    shapes_tiny_world,
+    task_classes,
+    task_world,
 )
 from cliplab.data.shapes.captions import mentions
 from cliplab.data.shapes.export import rle_decode
@@ -244,3 +251,101 @@ def test_cli_export(tmp_path, capsys):
     lines = (tmp_path / "captions.jsonl").read_text().splitlines()
     assert len(lines) == 4 and json.loads(lines[0])["label"] in SHAPES
     assert re.search(r"jsonl", out)
+
+
+# ---------------------------------------------------------------- the named worlds
+
+def test_named_worlds():
+    assert {"shapes-tiny", "plain"} <= set(list_worlds()) and DEFAULT_WORLD == "shapes-tiny"
+    tiny = get_world()
+    assert tiny.config() == shapes_tiny_world(0).config()
+    assert tiny.image_size == 64 and tiny.n_objects == (1, 1) and tiny.ood_shapes == ("heart", "crescent")
+    assert len(tiny.shapes_of("test")) == 8 and tiny.shapes_of("ood") == ("heart", "crescent")
+    assert get_world("plain", 3).config() == ShapesWorld(seed=3).config()
+    assert get_world("shapes-tiny", 2, image_size=32).image_size == 32
+    with pytest.raises(UsageError, match="unknown ShapesWorld 'tiny'"):
+        get_world("tiny")
+    assert task_world(tiny, "color").n_objects == (1, 1)
+    assert task_world(tiny, "captions").n_objects == task_world(tiny, "retrieval").n_objects == MULTI_OBJECTS
+    assert len(task_classes(tiny, "color-shape", "train")) == 64  # held-out pairs stay classes
+    assert task_classes(tiny, "shape", "ood") == ["heart", "crescent"]
+
+
+def _cli(*argv) -> int:
+    from cliplab.cli.main import main
+
+    return main(["shapes", "export", *map(str, argv), "--no-progress"])
+
+
+def _folder_by_index(data) -> dict:
+    """``{scene index: (path, class name)}`` of an exported class folder read back."""
+    return {int(p.stem.split("_")[1]): (p, data.classnames[y]) for p, y in zip(data.items, data.labels)}
+
+
+@pytest.mark.parametrize("split, n", [("test", 96), ("train", 24)])
+def test_export_default_is_the_eval_world(tmp_path, split, n):
+    """`cliplab shapes export` writes exactly the images, labels and label set of the
+    `shapes:color-shape` evaluation dataset (the world of the bundled model)."""
+    from PIL import Image
+
+    from cliplab.eval.datasets import load_dataset
+
+    assert _cli(tmp_path, "--n", n, "--task", "color-shape", "--split", split) == 0
+    exported = load_dataset(str(tmp_path))
+    ours = load_dataset("shapes:color-shape", split, n=n)
+    assert sorted(exported.classnames) == sorted(ours.classnames) and len(ours.classnames) == 64
+    by_index = _folder_by_index(exported)
+    assert sorted(by_index) == list(range(n))
+    for i, (path, name) in by_index.items():
+        assert name == ours.classnames[ours.labels[i]]
+        with Image.open(path) as im:
+            assert np.array_equal(np.asarray(im.convert("RGB")), ours.items[i])
+    manifest = json.loads((tmp_path / "shapesworld.json").read_text())
+    assert manifest["world"] == {**ours.meta["world"], "split_sizes": manifest["world"]["split_sizes"]}
+    assert manifest["classes"] == sorted(ours.classnames)
+
+
+def test_export_classified_by_shapes_tiny_like_eval(tmp_path):
+    """Regression: the export used to be the 10-shape world (80 classes, 77 % zero-shot);
+    now it is the eval task, image for image, with the same accuracy."""
+    import cliplab
+    from cliplab.eval.datasets import load_dataset
+    from cliplab.eval.tasks import zeroshot_classification
+
+    n = 96
+    assert _cli(tmp_path, "--n", n, "--task", "color-shape", "--split", "test") == 0
+    bb = cliplab.load("shapes-tiny")
+    got = zeroshot_classification(bb, load_dataset(str(tmp_path)), progress=False).metrics
+    want = zeroshot_classification(bb, load_dataset("shapes:color-shape", "test", n=n), progress=False).metrics
+    assert got["acc1"] == pytest.approx(want["acc1"], abs=1e-12)
+    assert got["acc1"] >= 0.9  # the model card: 98.9 % seen, 78.5 % held-out compositions
+
+
+def test_export_captions_are_the_retrieval_task(tmp_path):
+    from PIL import Image
+
+    from cliplab.eval.datasets import load_dataset
+
+    assert _cli(tmp_path, "--n", 12, "--task", "captions", "--format", "jsonl") == 0
+    records = read_caption_table(tmp_path / "captions.jsonl")
+    ours = load_dataset("shapes:retrieval", "test", n=12)
+    assert [r.captions for r in records] == ours.captions
+    for rec, image in zip(records, ours.items):
+        with Image.open(rec.image) as im:
+            assert np.array_equal(np.asarray(im.convert("RGB")), image)
+    lines = (tmp_path / "captions.jsonl").read_text().splitlines()
+    assert max(len(json.loads(line)["objects"]) for line in lines) > 1  # MULTI_OBJECTS, 1-3
+
+
+def test_export_other_world(tmp_path):
+    assert _cli(tmp_path, "--n", 8, "--world", "plain", "--task", "shape") == 0
+    manifest = json.loads((tmp_path / "shapesworld.json").read_text())
+    assert manifest["world"]["ood_shapes"] == [] and manifest["classes"] == sorted(SHAPES)
+    assert {p.name for p in tmp_path.iterdir() if p.is_dir()} == set(SHAPES)
+    ood = tmp_path / "ood"
+    assert _cli(ood, "--n", 4, "--split", "ood", "--task", "shape") == 0  # shapes-tiny has an ood split
+    assert {p.name for p in ood.iterdir() if p.is_dir()} == {"heart", "crescent"}
+    assert _cli(tmp_path / "x", "--n", 4, "--world", "plain", "--split", "ood") == 2
+    with pytest.raises(SystemExit) as e:
+        _cli(tmp_path / "y", "--n", 4, "--world", "tiny")
+    assert e.value.code == 2

@@ -182,10 +182,10 @@ def test_shapes_classification_tasks(task, n_classes):
 
 
 def test_shapes_labels_match_the_scenes():
-    from cliplab.train.recipes import shapes_world
+    from cliplab.data.shapes import shapes_tiny_world
 
     data = load_dataset("shapes:color-shape", "test", n=20)
-    world = shapes_world(0)
+    world = shapes_tiny_world(0)
     for i in (0, 5, 19):
         obj = world.scene("test", i).objects[0]
         assert data.classnames[data.labels[i]] == f"{obj.color} {obj.shape}"
@@ -194,9 +194,9 @@ def test_shapes_labels_match_the_scenes():
 
 
 def test_shapes_heldout_task_only_has_heldout_compositions():
-    from cliplab.train.recipes import shapes_world
+    from cliplab.data.shapes import shapes_tiny_world
 
-    heldout = {f"{c} {s}" for c, s in shapes_world(0).heldout}
+    heldout = {f"{c} {s}" for c, s in shapes_tiny_world(0).heldout}
     data = load_dataset("shapes:color-shape-heldout", n=30)
     assert len(data) == 30 and len(data.classnames) == 64
     names = {data.classnames[k] for k in data.labels}

@@ -32,9 +32,9 @@ def test_plain_open_clip_loads_the_same_model(shapes_tiny):
 
 def test_quality_guard_8way_shape(shapes_tiny):
     """>= 90% on 200 single-object test scenes, 8 shapes, prompt "a photo of a {shape}."."""
-    from cliplab.train.recipes import shapes_world
+    from cliplab.data.shapes import shapes_tiny_world
 
-    world = shapes_world(seed=123)
+    world = shapes_tiny_world(seed=123)
     shapes = list(world.shapes_of("train"))
     images, scenes = world.render_batch("test", range(200))
     clf = cliplab.ZeroShotClassifier(shapes_tiny, shapes)

@@ -391,8 +391,7 @@ def retrieval_from_file(path) -> RetrievalData:
 
 
 def _shapes(task: str, split: str, n: int | None, seed: int):
-    from ..data.shapes import COLORS
-    from ..train.recipes import shapes_world
+    from ..data.shapes import scene_label, shapes_tiny_world, task_classes, task_world
 
     if task not in SHAPES_TASKS:
         raise UsageError(f"unknown ShapesWorld task {task!r}; choose one of "
@@ -402,18 +401,17 @@ def _shapes(task: str, split: str, n: int | None, seed: int):
     n = SHAPES_DEFAULT_N[split] if n is None else int(n)
     if n < 1:
         raise UsageError(f"n must be >= 1, got {n}")
-    world = shapes_world(seed)
+    world = task_world(shapes_tiny_world(seed), task)  # the scenes `cliplab shapes export` writes
     meta = {"source": f"shapes:{task}", "split": split, "n": n, "seed": seed, "world": world.config()}
     name = f"shapes:{task}"
 
     if task == "retrieval":
-        world = world.replace(n_objects=(1, 3), split_sizes={split: max(n, world.split_sizes[split])})
+        world = world.replace(split_sizes={split: max(n, world.split_sizes[split])})
         meta["world"] = world.config()
         images, scenes = world.render_batch(split, range(n))
         return RetrievalData(list(images), [list(s.captions) for s in scenes], name, meta=meta)
 
-    shapes = world.shapes_of(split)
-    pairs = [(c, s) for c in COLORS for s in shapes]
+    classnames = task_classes(world, task, split)
     if task == "color-shape-heldout":
         if split != "test":
             raise UsageError("shapes:color-shape-heldout exists only for split 'test' "
@@ -433,22 +431,14 @@ def _shapes(task: str, split: str, n: int | None, seed: int):
         if len(scenes) < n:
             logger.warning("%s: found %d held-out scenes of %d asked in %d test scenes",
                            name, len(scenes), n, limit)
-        meta["heldout"] = sorted([list(p) for p in heldout if p[1] in shapes])
+        meta["heldout"] = sorted([list(p) for p in heldout if p[1] in world.shapes_of(split)])
     else:
         world = world.replace(split_sizes={split: max(n, world.split_sizes[split])})
         batch, scenes = world.render_batch(split, range(n))
         images = list(batch)
 
-    objs = [s.objects[0] for s in scenes]
-    if task in ("color-shape", "color-shape-heldout"):
-        classnames = [f"{c} {s}" for c, s in pairs]
-        labels = [pairs.index((o.color, o.shape)) for o in objs]
-    elif task == "shape":
-        classnames = list(shapes)
-        labels = [shapes.index(o.shape) for o in objs]
-    else:
-        classnames = list(COLORS)
-        labels = [COLORS.index(o.color) for o in objs]
+    label_task = "color-shape" if task == "color-shape-heldout" else task
+    labels = [classnames.index(scene_label(s, label_task)) for s in scenes]  # the exported label
     return ClassificationData(list(images), np.asarray(labels, dtype=np.int64), classnames, name, meta=meta)
 
 
@@ -472,9 +462,10 @@ def load_dataset(spec, split: str = "test", *, n: int | None = None, seed: int =
     ----------
     spec : str or Path
         ``"shapes:<task>"``
-            A ShapesWorld task on the world of the shapes-tiny recipe
-            (:func:`cliplab.train.recipes.shapes_world`, single-object 64 px scenes,
-            8 in-distribution shapes); images are uint8 arrays in memory.
+            A ShapesWorld task on the world of the bundled shapes-tiny model
+            (:func:`cliplab.data.shapes.shapes_tiny_world`, 64 px scenes, 8
+            in-distribution shapes; the scenes, splits and classes that
+            ``cliplab shapes export`` writes); images are uint8 arrays in memory.
 
             - ``color-shape``: 64-way colour x shape classification;
             - ``shape``, ``color``: 8-way;

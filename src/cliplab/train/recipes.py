@@ -13,7 +13,8 @@ A recipe is a function registered with :func:`register_recipe` that returns a
 ``shapes-tiny``
     The embedded default model: a 7.6M-parameter CLIP (ViT 64 px / patch 8,
     width 128, 3 + 3 layers, 4 heads, embedding 128, CLIP BPE vocabulary,
-    context 32 tokens) trained with InfoNCE on ShapesWorld scenes, 80 % with
+    context 32 tokens) trained with InfoNCE on the shapes-tiny world
+    (:func:`cliplab.data.shapes.shapes_tiny_world`), 80 % of the scenes with
     one object and 20 % with two or three, one of five caption phrasings per
     step (LaCLIP).  Validation: 64-way colour x shape zero-shot accuracy on 512
     single-object ``val`` scenes with the prompt "a photo of a {colour} {shape}.".
@@ -31,6 +32,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
+from cliplab.data.shapes import shapes_tiny_world, task_world
 from cliplab.errors import UsageError
 from cliplab.train.datasets import ConcatSet, ShapesTrainSet
 from cliplab.train.losses import get_loss_class
@@ -164,7 +166,8 @@ class ShapesZeroShot:
     Parameters
     ----------
     world : ShapesWorld
-        Its seed, held-out pairs and image size are used; scenes are single-object.
+        Its seed, held-out pairs and image size are used; scenes are single-object
+        (:func:`cliplab.data.shapes.task_world` of ``color-shape``).
     split : {"val", "test"}, default "val"
         ``test`` also holds the held-out compositions.
     n : int, default 512
@@ -184,7 +187,7 @@ class ShapesZeroShot:
 
     def __init__(self, world, split: str = "val", n: int = 512, template: str = "a photo of a {} {}.",
                  tokenizer: Callable | None = None):
-        self.world = world.replace(n_objects=1)
+        self.world = task_world(world, "color-shape")
         self.split, self.n, self.template, self.tokenizer = split, n, template, tokenizer
         self._data = None
 
@@ -230,17 +233,9 @@ SHAPES_TINY_MODEL = {
 }
 
 
-# Two of ShapesWorld's ten shapes are kept out of training as out-of-distribution
-# classes, leaving 8 colours x 8 shapes = 64 in-distribution classes.
-SHAPES_TINY_OOD = ("heart", "crescent")
-
-
-def shapes_world(seed: int = 0, **options):
-    """The ShapesWorld of the shapes-tiny recipe: 64 px, single objects, 2 OOD shapes."""
-    from cliplab.data.shapes import ShapesWorld
-
-    options = {"image_size": 64, "n_objects": 1, "ood_shapes": SHAPES_TINY_OOD, **options}
-    return ShapesWorld(seed=seed, **options)
+# The world is defined once, in cliplab.data.shapes, and shared with eval, export and
+# the demo; ``shapes_world`` is its older name here.
+shapes_world = shapes_tiny_world
 
 
 @register_recipe("shapes-tiny")
@@ -250,7 +245,7 @@ def shapes_tiny(**overrides) -> Recipe:
                          grad_clip=1.0, seed=0, loss="infonce", ckpt_every=500, eval_every=500,
                          log_every=25, out_dir="runs/shapes-tiny")
     config = dataclasses.replace(config, **overrides)
-    world = shapes_world(config.seed)
+    world = shapes_tiny_world(config.seed)
     multi = world.replace(seed=config.seed + 1, n_objects=(2, 3), split_sizes={"train": 250_000})
     train_set = ConcatSet(ShapesTrainSet(world, "train"), ShapesTrainSet(multi, "train"))  # 80 % / 20 %
     return Recipe("shapes-tiny", copy.deepcopy(SHAPES_TINY_MODEL), {}, config, train_set,

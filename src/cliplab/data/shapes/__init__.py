@@ -1,9 +1,11 @@
 """ShapesWorld: procedural coloured-shape scenes with captions, masks, boxes and defects.
 
->>> from cliplab.data.shapes import ShapesWorld
+>>> from cliplab.data.shapes import ShapesWorld, shapes_tiny_world
 >>> scene = ShapesWorld(seed=0).scene("train", 0)
+>>> world = shapes_tiny_world()  # the world of the bundled model
 
-See :class:`ShapesWorld` for the options and :func:`export` for writing the standard
+See :class:`ShapesWorld` for the options, :mod:`.worlds` for the named worlds
+(``shapes-tiny``, the default, and ``plain``) and :func:`export` for writing the standard
 formats (class folders, CSV, JSONL, WebDataset shards, COCO).
 """
 
@@ -20,6 +22,19 @@ from .world import (
     ShapesSplit,
     ShapesWorld,
 )
+from .worlds import (
+    CLASSIFICATION_TASKS,
+    DEFAULT_WORLD,
+    MULTI_OBJECTS,
+    SHAPES_TINY_OOD,
+    get_world,
+    list_worlds,
+    plain_world,
+    register_world,
+    shapes_tiny_world,
+    task_classes,
+    task_world,
+)
 from .export import EXPORT_FORMATS, EXPORT_TASKS, ExportResult, export, scene_label
 
 __all__ = [
@@ -34,6 +49,17 @@ __all__ = [
     "Scene",
     "ShapesSplit",
     "ShapesWorld",
+    "CLASSIFICATION_TASKS",
+    "DEFAULT_WORLD",
+    "MULTI_OBJECTS",
+    "SHAPES_TINY_OOD",
+    "get_world",
+    "list_worlds",
+    "plain_world",
+    "register_world",
+    "shapes_tiny_world",
+    "task_classes",
+    "task_world",
     "EXPORT_FORMATS",
     "EXPORT_TASKS",
     "ExportResult",

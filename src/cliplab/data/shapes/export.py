@@ -4,8 +4,11 @@ Formats
 -------
 ``folder``
     ``out_dir/<class>/<split>_<index>.png``, one sub-folder per class (``"red star"``,
-    ``"star"`` or ``"red"``).  Only for the classification tasks; those tasks force
-    ``n_objects=1`` so every image has exactly one label.
+    ``"star"`` or ``"red"``), for every class of the task's label set
+    (:func:`~cliplab.data.shapes.task_classes`, the classes of the ``shapes:<task>``
+    evaluation datasets), empty when no exported scene has it, so the folder read back
+    is classified among the same classes.  Only for the classification tasks; those
+    tasks force ``n_objects=1`` so every image has exactly one label.
 ``csv``
     ``out_dir/images/*.png`` and ``out_dir/captions.csv`` with **one row per caption**
     (rows of the same image are consecutive and share ``filepath``; the canonical caption
@@ -30,6 +33,9 @@ Tasks: ``color-shape``, ``shape``, ``color`` (classification, label = class name
 ``captions`` (retrieval, no label) and ``detection`` (boxes; label = the ``;``-joined
 object names).  Scenes are indices ``0 .. n-1`` of the split.  Boxes are
 ``(x0, y0, x1, y1)`` with exclusive ``x1``/``y1``.
+
+Every format also writes ``out_dir/shapesworld.json``: the world's options, the split,
+task, format, ``n`` and the class list.
 """
 
 from __future__ import annotations
@@ -48,12 +54,12 @@ from PIL import Image
 from ..._progress import progress_bar
 from ...errors import UsageError
 from .world import Scene, ShapesWorld
+from .worlds import CLASSIFICATION_TASKS, get_world, task_classes, task_world
 
 logger = logging.getLogger("cliplab.data.shapes")
 
 EXPORT_FORMATS: tuple[str, ...] = ("folder", "csv", "jsonl", "wds", "coco")
 EXPORT_TASKS: tuple[str, ...] = ("color-shape", "shape", "color", "captions", "detection")
-CLASSIFICATION_TASKS: tuple[str, ...] = ("color-shape", "shape", "color")
 CSV_COLUMNS: tuple[str, ...] = (
     "filepath", "caption", "label", "split", "index", "background", "n_objects", "colors", "shapes", "defect",
 )
@@ -74,7 +80,8 @@ class ExportResult:
     files : list of Path
         Shards (``wds``) or the index file.
     classes : list of str
-        Class names for the classification tasks, else empty.
+        The label set of a classification task (sorted, the order a class-folder
+        reader gives), else empty.
     """
 
     out_dir: Path
@@ -101,23 +108,6 @@ def scene_label(scene: Scene, task: str) -> str | None:
         return ";".join(o.name for o in scene.objects)
     obj = scene.objects[0]
     return {"color-shape": obj.name, "shape": obj.shape, "color": obj.color}[task]
-
-
-def task_classes(world: ShapesWorld, task: str, split: str) -> list[str]:
-    """All class names of a classification task in ``split`` (sorted)."""
-    from .world import COLORS
-
-    shapes = world.shapes_of(split)
-    if task == "shape":
-        return sorted(shapes)
-    if task == "color":
-        return sorted(COLORS)
-    if task == "color-shape":
-        pairs = [f"{c} {s}" for c in COLORS for s in shapes]
-        if split in ("train", "val"):
-            pairs = [p for p in pairs if tuple(p.split(" ")) not in set(world.heldout)]
-        return sorted(pairs)
-    return []
 
 
 def _record(scene: Scene, task: str) -> dict:
@@ -163,7 +153,7 @@ def rle_decode(rle: dict) -> np.ndarray:
 
 
 def export(
-    world: ShapesWorld,
+    world: ShapesWorld | str,
     out_dir,
     *,
     n: int,
@@ -176,7 +166,9 @@ def export(
 
     Parameters
     ----------
-    world : ShapesWorld
+    world : ShapesWorld or str
+        A world, or the name of a registered one (:func:`~cliplab.data.shapes.get_world`,
+        e.g. ``"shapes-tiny"``, the world of the bundled model) with its defaults.
     out_dir : str or Path
         Created if missing; existing files of the same names are overwritten.
     n : int
@@ -191,7 +183,14 @@ def export(
     Returns
     -------
     ExportResult
+
+    Raises
+    ------
+    UsageError
+        Unknown world, format, task or split, or ``n`` out of range.
     """
+    if isinstance(world, str):
+        world = get_world(world)
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"unknown format {fmt!r}; choose from {', '.join(EXPORT_FORMATS)}")
     if task not in EXPORT_TASKS:
@@ -204,20 +203,24 @@ def export(
     n = int(n)
     if n > world.split_sizes[split]:
         raise UsageError(f"split {split!r} has {world.split_sizes[split]} scenes, asked for {n}; pass split_sizes")
-    if task in CLASSIFICATION_TASKS and world.n_objects != (1, 1):
-        world = world.replace(n_objects=1)
+    if task in CLASSIFICATION_TASKS:
+        world = task_world(world, task)  # one object, one label
 
+    classes = task_classes(world, task, split) if task in CLASSIFICATION_TASKS else []
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if fmt == "folder":
+        for c in classes:  # the whole label set, also the classes no exported scene has
+            (out / c).mkdir(exist_ok=True)
     scenes = progress_bar(
         (world.scene(split, i) for i in range(n)), progress=progress, total=n, desc=f"export {fmt}", unit="img"
     )
     writer = {"folder": _write_folder, "csv": _write_csv, "jsonl": _write_jsonl, "wds": _write_wds, "coco": _write_coco}[fmt]
     result = ExportResult(out, fmt, task, split, n)
     writer(scenes, out, task, result)
-    if task in CLASSIFICATION_TASKS:
-        result.classes = task_classes(world, task, split)
-    manifest = {"world": world.config(), "split": split, "task": task, "format": fmt, "n": n}
+    result.classes = sorted(classes)
+    manifest = {"world": world.config(), "split": split, "task": task, "format": fmt, "n": n,
+                "classes": result.classes}
     (out / "shapesworld.json").write_text(json.dumps(manifest, indent=1))
     logger.info(result.summary())
     return result
