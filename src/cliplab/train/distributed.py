@@ -106,24 +106,10 @@ def wrap(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model inside a DDP wrapper (or the model itself)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def barrier(env: DistEnv) -> None:
     """Wait for all ranks (no-op for a single process)."""
     if env.is_distributed:
         dist.barrier()
-
-
-def broadcast_object(obj, env: DistEnv):
-    """Rank 0's ``obj`` on every rank."""
-    if not env.is_distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def cleanup(env: DistEnv) -> None:

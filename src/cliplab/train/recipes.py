@@ -302,7 +302,8 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, stop_at: int | None = No
     Returns the Trainer's last metric row plus ``checkpoint`` (the folder of
     the last checkpoint, loadable as ``local-dir:<folder>``).
     """
-    from cliplab.train.trainer import Trainer, latest_checkpoint
+    from cliplab.train.checkpoint import latest_checkpoint
+    from cliplab.train.trainer import Trainer
 
     built = build_model(recipe.model_cfg, recipe.preprocess_cfg, loss=recipe.config.loss,
                         seed=recipe.config.seed)

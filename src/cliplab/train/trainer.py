@@ -1,21 +1,25 @@
 """The training loop of cliplab: contrastive image-text training of an open_clip model.
 
 One :class:`Trainer` serves every training method (CLIP, SigLIP, and later
-CLOOB, distillation, prompt learning): a method plugs in a loss from
+CLOOB, distillation, prompt learning): a method plugs in an objective from
 :mod:`cliplab.train.losses`, a training set from :mod:`cliplab.train.datasets`
-and an ``evaluate(model) -> dict`` callback.
+and an ``evaluate(model) -> dict`` callback.  The loop never names a method:
+the objective runs the forward pass (``forward_model``) and returns named
+loss terms, which the loop sums and logs.
 
 What a step does (``t`` counts optimizer steps from 0):
 
 1. take the global batch ``global_batch_indices(n, B, seed, t)``; rank ``r`` of
    ``W`` keeps the contiguous slice ``[r B/W, (r+1) B/W)``;
 2. pick one caption per image (LaCLIP), ``caption_choice(..., seed, t)``;
-3. forward, sum the loss terms, backward, clip the gradient norm, AdamW step,
-   learning rate from :func:`~cliplab.train.schedule.warmup_cosine_factor`;
+3. ``outputs = objective.forward_model(model, batch)``, ``terms = objective(outputs, batch)``,
+   backward of their sum, clip the gradient norm, AdamW step, learning rate
+   from :func:`~cliplab.train.schedule.warmup_cosine_factor`;
 4. clamp ``logit_scale`` to [0, ln 100] as CLIP does.
 
-Everything random is a function of ``(seed, t)`` or lives in the checkpoint, so
-``fit(resume=True)`` continues exactly as if never stopped.
+Everything random is a function of ``(seed, t)`` or lives in the checkpoint
+(:mod:`cliplab.train.checkpoint`), so ``fit(resume=True)`` continues exactly as
+if never stopped.
 
 Deviation from open_clip's training script: besides 1-D gains and biases and
 ``logit_scale``, the positional and token embeddings are also exempt from
@@ -28,11 +32,8 @@ import csv
 import json
 import logging
 import math
-import os
-import random
-import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -41,11 +42,11 @@ import torch
 
 from cliplab._progress import progress_bar
 from cliplab.errors import BadImage, DataError, UsageError
-from cliplab.models.convert import save_open_clip_folder
 from cliplab.models.transforms import images_to_tensor
 from cliplab.train import distributed
+from cliplab.train.checkpoint import load_checkpoint, save_checkpoint
 from cliplab.train.datasets import caption_choice, global_batch_indices
-from cliplab.train.losses import get_loss
+from cliplab.train.losses import Batch, Objective, get_loss
 from cliplab.train.schedule import warmup_cosine_scheduler
 
 logger = logging.getLogger("cliplab.train")
@@ -78,7 +79,7 @@ class TrainConfig:
     seed : int, default 0
         Seeds the batch order, the caption choice and torch's RNG.
     loss : str, default "infonce"
-        A name from :func:`cliplab.train.losses.list_losses`.
+        The objective: a name from :func:`cliplab.train.losses.list_losses`.
     precision : {"fp32", "amp", "amp_bf16"}, default "fp32"
         Mixed precision is used on CUDA only; on CPU the run is fp32.
     ckpt_every : int, default 500
@@ -139,53 +140,81 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 class _StepBatches(torch.utils.data.Dataset):
-    """Item ``k``: this rank's ready-to-use batch of step ``first + k``."""
+    """Item ``k``: this rank's ready-to-use batch of step ``first + k``, as a dict of :class:`Batch` fields.
+
+    Items of the training set are ``(image, captions)`` or ``(image, captions, extras)``
+    (``get_batch`` likewise returns two or three lists); ``extras`` is a dict with
+    ``"teacher"`` (name -> array, the same shape for every item) and/or
+    ``"extra_captions"`` (K strings, the same K for every item), read only when
+    the objective declares ``needs_teacher`` / ``needs_extra_captions``.
+    """
 
     def __init__(self, train_set, tokenizer, preprocess, preprocess_cfg, *, seed, batch_size,
-                 first, last, rank, world_size):
+                 first, last, rank, world_size, objective: Objective):
         self.train_set, self.tokenizer, self.preprocess = train_set, tokenizer, preprocess
         self.preprocess_cfg = preprocess_cfg
         self.seed, self.batch_size, self.first, self.last = seed, batch_size, first, last
         self.local = batch_size // world_size
         self.start = rank * self.local
+        self.objective = objective
 
     def __len__(self) -> int:
         return self.last - self.first
 
-    def __getitem__(self, k: int):
+    def __getitem__(self, k: int) -> dict:
         step = self.first + k
         idx = global_batch_indices(len(self.train_set), self.batch_size, self.seed, step)
         idx = idx[self.start:self.start + self.local]
-        images, caption_lists, n_bad = self._load(idx)
+        images, caption_lists, extras, n_bad = self._load(idx)
         choice = caption_choice([len(c) for c in caption_lists], self.seed, step, self.start)
         texts = [c[i] for c, i in zip(caption_lists, choice)]
-        return images_to_tensor(images, self.preprocess, self.preprocess_cfg), self.tokenizer(texts), n_bad
+        out = {"images": images_to_tensor(images, self.preprocess, self.preprocess_cfg),  # (B, 3, H, W)
+               "tokens": self.tokenizer(texts),                                           # (B, T)
+               "caption_index": torch.as_tensor(choice, dtype=torch.long), "step": step, "n_bad": n_bad}
+        if self.objective.needs_teacher:
+            teacher = [self._extra(e, "teacher", i) for e, i in zip(extras, idx)]
+            out["teacher"] = {name: torch.as_tensor(np.stack([np.asarray(t[name]) for t in teacher]))
+                              for name in teacher[0]}                                  # name -> (B, ...)
+        if self.objective.needs_extra_captions:
+            extra = [list(self._extra(e, "extra_captions", i)) for e, i in zip(extras, idx)]
+            if len({len(c) for c in extra}) != 1:
+                raise DataError("every training item needs the same number of extra captions")
+            tokens = self.tokenizer([c for caps in extra for c in caps])               # (B*K, T)
+            out["extra_tokens"] = tokens.reshape(len(extra), len(extra[0]), -1)         # (B, K, T)
+        return out
+
+    def _extra(self, extras, key: str, i) -> object:
+        if not extras or key not in extras:
+            raise DataError(f"the {self.objective.name!r} loss needs {key!r} in every training item; "
+                            f"item {int(i)} has none (items are (image, captions, {{{key!r}: ...}}))")
+        return extras[key]
 
     def _load(self, idx):
         ds = self.train_set
         if hasattr(ds, "get_batch"):
             try:
-                images, captions = ds.get_batch(idx)
+                images, captions, *extras = ds.get_batch(idx)
                 self._check_captions(captions, idx)
-                return images, captions, 0
+                return images, captions, extras[0] if extras else [None] * len(idx), 0
             except BadImage:
                 pass  # find the broken ones item by item
-        images, captions, n_bad = [], [], 0
+        images, captions, extras, n_bad = [], [], [], 0
         for i in idx:
-            image, caps, bad = self._load_one(int(i))
+            image, caps, extra, bad = self._load_one(int(i))
             images.append(image)
             captions.append(caps)
+            extras.append(extra)
             n_bad += bad
         self._check_captions(captions, idx)
-        return images, captions, n_bad
+        return images, captions, extras, n_bad
 
     def _load_one(self, i: int):
         """Item ``i``, or the next readable one (counted) if its image is broken."""
         n = len(self.train_set)
         for attempt in range(_MAX_IMAGE_RETRIES):
             try:
-                image, caps = self.train_set[(i + attempt) % n]
-                return image, caps, attempt
+                image, caps, *extra = self.train_set[(i + attempt) % n]
+                return image, caps, extra[0] if extra else None, attempt
             except BadImage as err:
                 logger.warning("skipping unreadable image (%s); using the next item instead", err)
         raise DataError(f"{_MAX_IMAGE_RETRIES} consecutive unreadable images from item {i}")
@@ -195,6 +224,22 @@ class _StepBatches(torch.utils.data.Dataset):
         for c, i in zip(captions, idx):
             if not c:
                 raise DataError(f"training item {int(i)} has no caption")
+
+
+class _StepForward(torch.nn.Module):
+    """The model plus the objective's forward hook: what the data-parallel wrapper wraps.
+
+    Running ``objective.forward_model`` inside the wrapped ``forward`` keeps
+    DDP's gradient averaging correct whatever the hook calls on the model.
+    """
+
+    def __init__(self, model: torch.nn.Module, objective: Objective):
+        super().__init__()
+        self.model = model
+        self.forward_model = objective.forward_model  # a bound method, not a submodule
+
+    def forward(self, batch: Batch):
+        return self.forward_model(self.model, batch)
 
 
 class _MetricsLog:
@@ -237,15 +282,17 @@ class Trainer:
     Parameters
     ----------
     model : open_clip.CLIP
-        The model to train (trained in place).  For the sigmoid loss it must
-        have a ``logit_bias``.
+        The model to train (trained in place).  For an objective with an
+        ``init_logit_bias`` (sigmoid) it must have a ``logit_bias``.
     tokenizer : callable
         ``list[str] -> LongTensor (B, T)``, e.g. open_clip's tokenizer.
     preprocess : callable or None
         ``PIL.Image -> FloatTensor (3, H, W)``; used for PIL images and arrays
         not at the model's size.
     train_set : map-style dataset
-        Items ``(image, captions)``; see :mod:`cliplab.train.datasets`.
+        Items ``(image, captions)``, or ``(image, captions, extras)`` for an
+        objective that needs teacher outputs or extra captions; see
+        :mod:`cliplab.train.datasets` and :class:`cliplab.train.losses.Objective`.
     config : TrainConfig
     evaluate : callable, optional
         ``evaluate(model) -> dict`` of float metrics, called on the main rank
@@ -312,8 +359,8 @@ class Trainer:
             out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed + env.rank)
         model = self.model.to(env.device).train()
-        loss_fn = get_loss(cfg.loss, rank=env.rank, world_size=env.world_size)
-        self._check_bias(model, loss_fn)
+        objective = get_loss(cfg.loss, rank=env.rank, world_size=env.world_size).to(env.device)
+        self._check_bias(model, objective)
         optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
                                       betas=ADAMW_BETAS, eps=ADAMW_EPS)
         scheduler = warmup_cosine_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
@@ -322,14 +369,14 @@ class Trainer:
             logger.warning("precision %r needs CUDA; training in fp32 on %s", cfg.precision, env.device)
         scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
-        start = self._resume(env, model, optimizer, scheduler, scaler) if resume else 0
+        start = load_checkpoint(out_dir, model, optimizer, scheduler, scaler, env, config=cfg) if resume else 0
         end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
-        ddp_model = distributed.wrap(model, env)
+        step_forward = distributed.wrap(_StepForward(model, objective), env)
         metrics = _MetricsLog(out_dir, enabled=env.is_main, keep_until=start)
         pp_cfg = _preprocess_cfg(model)
         batches = _StepBatches(self.train_set, self.tokenizer, self.preprocess, pp_cfg, seed=cfg.seed,
                                batch_size=cfg.batch_size, first=start, last=end,
-                               rank=env.rank, world_size=env.world_size)
+                               rank=env.rank, world_size=env.world_size, objective=objective)
         loader = (batches[k] for k in range(len(batches))) if cfg.num_workers == 0 else torch.utils.data.DataLoader(
             batches, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
             pin_memory=env.device.type == "cuda", persistent_workers=False)
@@ -341,12 +388,12 @@ class Trainer:
         row: dict = {"step": start}
         window_time, window_steps, bad_images = 0.0, 0, 0
         tic = time.perf_counter()
-        for step, (images, texts, n_bad) in enumerate(loader, start=start):
-            images = images.to(env.device, non_blocking=True)
-            texts = texts.to(env.device, non_blocking=True)
+        for step, item in enumerate(loader, start=start):
+            n_bad = item.pop("n_bad")
+            batch = Batch(**_to_device(item, env.device))
             with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                image_f, text_f, scale, bias = _features(ddp_model(images, texts))
-                terms = loss_fn(image_f, text_f, scale, bias)
+                outputs = step_forward(batch)
+                terms = objective(outputs, batch)
                 loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -376,7 +423,8 @@ class Trainer:
                 metrics.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
             if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or is_last:
-                self._save(env, done, model, optimizer, scheduler, scaler)
+                save_checkpoint(out_dir, done, model, optimizer, scheduler, scaler, env, config=asdict(cfg),
+                                model_cfg=self.model_cfg, preprocess_cfg=pp_cfg)
             bar.update(1)
             tic = time.perf_counter()
         bar.close()
@@ -384,12 +432,12 @@ class Trainer:
 
     # ------------------------------------------------------------ helpers
     @staticmethod
-    def _check_bias(model, loss_fn) -> None:
+    def _check_bias(model, objective: Objective) -> None:
         has_bias = getattr(model, "logit_bias", None) is not None
-        wants_bias = loss_fn.init_logit_bias is not None
+        wants_bias = objective.init_logit_bias is not None
         if has_bias != wants_bias:
             raise UsageError(
-                f"the {loss_fn.name!r} loss {'needs' if wants_bias else 'takes no'} logit_bias but the model "
+                f"the {objective.name!r} loss {'needs' if wants_bias else 'takes no'} logit_bias but the model "
                 f"{'has one' if has_bias else 'has none'}; build it with "
                 "cliplab.train.recipes.build_model(model_cfg, loss=...)")
 
@@ -425,72 +473,15 @@ class Trainer:
         distributed.barrier(env)
         return result
 
-    # -------------------------------------------------------- checkpoints
-    def _save(self, env, step, model, optimizer, scheduler, scaler) -> None:
-        rng = _rng_state(env)
-        if env.is_main:
-            from safetensors.torch import save_file
 
-            root = Path(self.config.out_dir) / "checkpoints"
-            name = f"step_{step:07d}"
-            tmp = root / f".{name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            if self.model_cfg is not None:  # an open_clip folder: loadable by cliplab and open_clip
-                save_open_clip_folder(tmp, self.model_cfg, weights, _preprocess_cfg(model))
-            else:
-                save_file(weights, str(tmp / "open_clip_model.safetensors"))
-            state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": rng, "config": asdict(self.config),
-                     "world_size": env.world_size}
-            torch.save(state, tmp / "trainer_state.pt")
-            final = root / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            (root / "latest.tmp").write_text(name + "\n")
-            os.replace(root / "latest.tmp", root / "latest")
-            logger.info("saved checkpoint %s", final)
-        distributed.barrier(env)
+def _to_device(item: dict, device: torch.device) -> dict:
+    """Move the tensors of a batch dict (and of its ``teacher`` dict) to ``device``."""
+    def move(v):
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        return v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
 
-    def _resume(self, env, model, optimizer, scheduler, scaler) -> int:
-        """Load the latest checkpoint into the run's objects; return its step (0 if none)."""
-        ckpt = latest_checkpoint(self.config.out_dir)
-        if ckpt is None:
-            logger.info("no checkpoint in %s; starting from step 0", self.config.out_dir)
-            return 0
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(ckpt / "open_clip_model.safetensors"), device=str(env.device)))
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
-        _warn_config_changes(state["config"], self.config)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if state["world_size"] == env.world_size:
-            _set_rng_state(state["rng"], env)
-        else:
-            logger.warning("checkpoint was written by %d rank(s), now %d: data order is exact, "
-                           "dropout randomness is not", state["world_size"], env.world_size)
-        logger.info("resumed from %s (step %d)", ckpt, state["step"])
-        return int(state["step"])
-
-
-def latest_checkpoint(out_dir) -> Path | None:
-    """The checkpoint folder named by ``out_dir/checkpoints/latest``, or None."""
-    pointer = Path(out_dir) / "checkpoints" / "latest"
-    if not pointer.exists():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if path.is_dir() else None
-
-
-def _features(out):
-    """(image features, text features, logit scale, logit bias or None) of a CLIP forward."""
-    if isinstance(out, dict):
-        return out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias")
-    return out[0], out[1], out[2], (out[3] if len(out) > 3 else None)
+    return move(item)
 
 
 def _preprocess_cfg(model) -> dict | None:
@@ -501,39 +492,3 @@ def _preprocess_cfg(model) -> dict | None:
     except AttributeError:
         return None
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()} or None
-
-
-def _rng_state(env) -> dict:
-    """RNG states of every rank (torch) and of the main rank (numpy, random), as tensors/primitives."""
-    torch_state = torch.get_rng_state()
-    states = [torch_state]
-    if env.is_distributed:
-        states = [torch.empty_like(torch_state) for _ in range(env.world_size)]
-        torch.distributed.all_gather_object(states, torch_state)
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    out = {"torch": states,
-           "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                     "has_gauss": int(has_gauss), "gauss": float(gauss)},
-           "python": random.getstate()}
-    if env.device.type == "cuda":
-        out["cuda"] = torch.cuda.get_rng_state(env.device)
-    return out
-
-
-def _set_rng_state(rng: dict, env) -> None:
-    torch.set_rng_state(rng["torch"][env.rank])
-    np_state = rng["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["gauss"]))
-    version, internal, gauss = rng["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in rng and env.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], env.device)
-
-
-def _warn_config_changes(saved: dict, config: TrainConfig) -> None:
-    harmless = {"steps", "ckpt_every", "eval_every", "log_every", "out_dir", "num_workers", "device"}
-    for f in fields(config):
-        old, new = saved.get(f.name), getattr(config, f.name)
-        if f.name not in harmless and old != new:
-            logger.warning("resuming with %s=%r (checkpoint had %r)", f.name, new, old)

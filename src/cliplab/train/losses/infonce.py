@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from cliplab.train.losses import register_loss
+from cliplab.train.losses import Batch, ModelOutputs, Objective, register_loss
 
 
 def infonce_loss(image_features: torch.Tensor, text_features: torch.Tensor,
@@ -51,7 +51,7 @@ def infonce_loss(image_features: torch.Tensor, text_features: torch.Tensor,
 
 
 @register_loss("infonce")
-class InfoNCELoss(torch.nn.Module):
+class InfoNCELoss(Objective):
     """CLIP's InfoNCE loss with the all-gather of open_clip for DDP.
 
     Parameters
@@ -73,13 +73,11 @@ class InfoNCELoss(torch.nn.Module):
     init_logit_bias = None
 
     def __init__(self, *, rank: int = 0, world_size: int = 1):
-        super().__init__()
-        self.rank = rank
-        self.world_size = world_size
+        super().__init__(rank=rank, world_size=world_size)
         self._loss = ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world_size)
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias=None) -> dict:
-        """Return ``{"contrastive": scalar}``; ``logit_bias`` must be ``None``."""
-        if logit_bias is not None:
+    def forward(self, outputs: ModelOutputs, batch: Batch | None = None) -> dict:
+        """Return ``{"contrastive": scalar}``; ``outputs.logit_bias`` must be ``None``."""
+        if outputs.logit_bias is not None:
             raise ValueError("the infonce loss takes no logit_bias; build the model without one")
-        return {"contrastive": self._loss(image_features, text_features, logit_scale)}
+        return {"contrastive": self._loss(outputs.image_features, outputs.text_features, outputs.logit_scale)}

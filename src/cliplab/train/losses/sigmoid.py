@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss
 
-from cliplab.train.losses import register_loss
+from cliplab.train.losses import Batch, ModelOutputs, Objective, register_loss
 
 
 def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor,
@@ -52,7 +52,7 @@ def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor,
 
 
 @register_loss("sigmoid")
-class SigmoidLoss(torch.nn.Module):
+class SigmoidLoss(Objective):
     """SigLIP's sigmoid loss with open_clip's ring exchange for DDP.
 
     Parameters
@@ -75,13 +75,12 @@ class SigmoidLoss(torch.nn.Module):
     init_logit_bias = -10.0
 
     def __init__(self, *, rank: int = 0, world_size: int = 1, dist_impl: str = "bidir"):
-        super().__init__()
-        self.rank = rank
-        self.world_size = world_size
+        super().__init__(rank=rank, world_size=world_size)
         self._loss = SigLipLoss(rank=rank, world_size=world_size, dist_impl=dist_impl)
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias=None) -> dict:
+    def forward(self, outputs: ModelOutputs, batch: Batch | None = None) -> dict:
         """Return ``{"contrastive": scalar}``; the model must have a ``logit_bias``."""
-        if logit_bias is None:
+        if outputs.logit_bias is None:
             raise ValueError("the sigmoid loss needs a logit_bias; build the model with init_logit_bias")
-        return {"contrastive": self._loss(image_features, text_features, logit_scale, logit_bias)}
+        return {"contrastive": self._loss(outputs.image_features, outputs.text_features, outputs.logit_scale,
+                                          outputs.logit_bias)}

@@ -1,0 +1,173 @@
+"""Checkpoints of the Trainer: weights, optimizer, scheduler, AMP scaler and RNG states.
+
+A checkpoint is a folder ``out_dir/checkpoints/step_NNNNNNN`` holding the
+weights (an open_clip folder when the architecture is known, loadable as
+``local-dir:<folder>``) and ``trainer_state.pt`` (optimizer, scheduler, grad
+scaler, the RNG states of every rank, the run's config).  The file
+``checkpoints/latest`` names the newest one.
+
+Writes are atomic: the folder is written under a hidden temporary name and
+renamed, then ``latest`` is replaced by rename, so a run killed at any moment
+leaves the previous checkpoint intact and ``latest`` pointing to a complete
+folder.  ``trainer_state.pt`` holds only tensors and primitives, so it loads
+with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cliplab.models.convert import save_open_clip_folder
+from cliplab.train import distributed
+
+logger = logging.getLogger("cliplab.train")
+
+WEIGHTS_FILE = "open_clip_model.safetensors"
+STATE_FILE = "trainer_state.pt"
+# Fields of the run's config that may change on resume without a warning.
+RESUME_HARMLESS = frozenset({"steps", "ckpt_every", "eval_every", "log_every", "out_dir", "num_workers", "device"})
+
+
+def latest_checkpoint(out_dir) -> Path | None:
+    """The checkpoint folder named by ``out_dir/checkpoints/latest``, or None."""
+    pointer = Path(out_dir) / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, scaler, env: distributed.DistEnv, *,
+                    config: dict, model_cfg: dict | None = None, preprocess_cfg: dict | None = None) -> None:
+    """Write the checkpoint of ``step`` atomically (collective: call on every rank).
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        The run folder; the checkpoint goes to ``out_dir/checkpoints/step_NNNNNNN``.
+    step : int
+        Optimizer steps done.
+    model, optimizer, scheduler, scaler
+        The plain model and the run's ``AdamW``, ``LambdaLR`` and ``GradScaler``.
+    env : DistEnv
+        Every rank contributes its RNG state; the main rank writes.
+    config : dict
+        The run's config (``dataclasses.asdict(TrainConfig)``), compared on resume.
+    model_cfg : dict, optional
+        open_clip architecture; when given the weights form an open_clip folder.
+    preprocess_cfg : dict, optional
+        Saved with ``model_cfg``.
+    """
+    rng = rng_state(env)
+    if env.is_main:
+        from safetensors.torch import save_file
+
+        root = Path(out_dir) / "checkpoints"
+        name = f"step_{step:07d}"
+        tmp = root / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        if model_cfg is not None:  # an open_clip folder: loadable by cliplab and open_clip
+            save_open_clip_folder(tmp, model_cfg, weights, preprocess_cfg)
+        else:
+            save_file(weights, str(tmp / WEIGHTS_FILE))
+        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict(), "rng": rng, "config": config, "world_size": env.world_size}
+        torch.save(state, tmp / STATE_FILE)
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        (root / "latest.tmp").write_text(name + "\n")
+        os.replace(root / "latest.tmp", root / "latest")
+        logger.info("saved checkpoint %s", final)
+    distributed.barrier(env)
+
+
+def load_checkpoint(out_dir, model, optimizer, scheduler, scaler, env: distributed.DistEnv, *, config) -> int:
+    """Load the latest checkpoint of ``out_dir`` into the run's objects; return its step (0 if none).
+
+    Parameters
+    ----------
+    out_dir : str or Path
+    model, optimizer, scheduler, scaler
+        Loaded in place.
+    env : DistEnv
+        The RNG states are restored only when the world size is unchanged
+        (the data order, a function of the step, is exact either way).
+    config : dataclass
+        The run's config; changed fields outside :data:`RESUME_HARMLESS` are
+        logged as warnings.
+
+    Returns
+    -------
+    int
+        The step to continue from.
+    """
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is None:
+        logger.info("no checkpoint in %s; starting from step 0", out_dir)
+        return 0
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(ckpt / WEIGHTS_FILE), device=str(env.device)))
+    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    _warn_config_changes(state["config"], config)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    if state["world_size"] == env.world_size:
+        set_rng_state(state["rng"], env)
+    else:
+        logger.warning("checkpoint was written by %d rank(s), now %d: data order is exact, "
+                       "dropout randomness is not", state["world_size"], env.world_size)
+    logger.info("resumed from %s (step %d)", ckpt, state["step"])
+    return int(state["step"])
+
+
+def rng_state(env: distributed.DistEnv) -> dict:
+    """RNG states of every rank (torch) and of this rank (numpy, random, CUDA), as tensors/primitives.
+
+    Collective under data parallelism: every rank must call it.
+    """
+    torch_state = torch.get_rng_state()
+    states = [torch_state]
+    if env.is_distributed:
+        states = [torch.empty_like(torch_state) for _ in range(env.world_size)]
+        torch.distributed.all_gather_object(states, torch_state)
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    out = {"torch": states,
+           "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                     "has_gauss": int(has_gauss), "gauss": float(gauss)},
+           "python": random.getstate()}
+    if env.device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(env.device)
+    return out
+
+
+def set_rng_state(rng: dict, env: distributed.DistEnv) -> None:
+    """Restore what :func:`rng_state` returned (this rank's torch state)."""
+    torch.set_rng_state(rng["torch"][env.rank])
+    np_state = rng["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in rng and env.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], env.device)
+
+
+def _warn_config_changes(saved: dict, config) -> None:
+    for f in fields(config):
+        old, new = saved.get(f.name), getattr(config, f.name)
+        if f.name not in RESUME_HARMLESS and old != new:
+            logger.warning("resuming with %s=%r (checkpoint had %r)", f.name, new, old)

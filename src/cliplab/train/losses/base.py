@@ -1,0 +1,171 @@
+"""The objective interface of the Trainer: what a loss receives and returns.
+
+Each training step the Trainer builds a :class:`Batch` (this rank's share of
+the global batch), asks the objective for the model outputs with
+:meth:`Objective.forward_model`, and calls the objective with both::
+
+    outputs = objective.forward_model(model, batch)   # ModelOutputs
+    terms = objective(outputs, batch)                 # {"name": scalar tensor}
+    loss = sum(terms.values())
+
+Every term is logged as ``loss_<name>`` in ``metrics.csv``/``metrics.jsonl``
+next to their sum ``loss``.
+
+Temperature convention: ``ModelOutputs.logit_scale`` is the temperature
+``t = exp(model.logit_scale)``, already exponentiated, as open_clip's
+``CLIP.forward`` returns it; ``init_logit_scale`` of an objective is the
+log-space value the model's parameter starts at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Batch:
+    """One step's data on this rank (B = global batch / ranks).
+
+    Attributes
+    ----------
+    images : torch.Tensor of shape (B, 3, H, W)
+        Preprocessed images.
+    tokens : torch.Tensor of shape (B, T)
+        Token ids of the one caption sampled per image.
+    caption_index : torch.Tensor of shape (B,)
+        Which of its captions each image got (indexes per-caption teacher outputs).
+    step : int
+        The optimizer step (from 0) this batch is for.
+    extra_tokens : torch.Tensor of shape (B, K, T) or None
+        Token ids of the K extra captions per image (long or short captions,
+        hard negatives); set when the objective declares ``needs_extra_captions``.
+    teacher : dict of str to torch.Tensor of shape (B, ...), or None
+        Stored teacher outputs per image; set when the objective declares
+        ``needs_teacher``.
+    """
+
+    images: torch.Tensor
+    tokens: torch.Tensor
+    caption_index: torch.Tensor
+    step: int = 0
+    extra_tokens: torch.Tensor | None = None
+    teacher: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class ModelOutputs:
+    """What the model computed on a :class:`Batch`.
+
+    Attributes
+    ----------
+    image_features, text_features : torch.Tensor of shape (B, D)
+        L2-normalised; row i of both is a matching pair.
+    logit_scale : torch.Tensor, scalar
+        The temperature t, already exponentiated.
+    logit_bias : torch.Tensor or None
+        The bias b of sigmoid-style models.
+    extra_text_features : torch.Tensor of shape (B, K, D) or None
+        Features of ``Batch.extra_tokens`` (same text tower, L2-normalised).
+    extras : dict of str to torch.Tensor
+        Method-specific outputs of an overridden :meth:`Objective.forward_model`
+        (a live teacher's features, an EMA tower's attention maps...).
+    """
+
+    image_features: torch.Tensor
+    text_features: torch.Tensor
+    logit_scale: torch.Tensor
+    logit_bias: torch.Tensor | None = None
+    extra_text_features: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_clip(cls, out) -> "ModelOutputs":
+        """Read open_clip's ``CLIP.forward`` result (a tuple or, with ``output_dict``, a dict)."""
+        if isinstance(out, dict):
+            return cls(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
+        return cls(out[0], out[1], out[2], out[3] if len(out) > 3 else None)
+
+
+class Objective(torch.nn.Module):
+    """Base class of the Trainer's objectives (losses).
+
+    Subclass it, set the class attributes, implement :meth:`forward`, and
+    register the class with :func:`~cliplab.train.losses.register_loss`.
+
+    Parameters
+    ----------
+    rank : int, default 0
+    world_size : int, default 1
+        The data-parallel position; an objective that compares samples across
+        the batch gathers them from all ranks itself (see :mod:`.infonce`).
+
+    Attributes
+    ----------
+    name : str
+        Set by :func:`~cliplab.train.losses.register_loss`.
+    init_logit_scale : float or None
+        Log-space temperature the model starts at; None keeps the model's own.
+    init_logit_bias : float or None
+        Initial ``logit_bias``; None means the model must have no bias.
+    needs_teacher : bool
+        The batch must carry teacher outputs (``Batch.teacher``); training
+        items then are ``(image, captions, {"teacher": {name: array}})``.
+    needs_extra_captions : bool
+        The batch must carry K extra captions per image (``Batch.extra_tokens``
+        and ``ModelOutputs.extra_text_features``); training items then are
+        ``(image, captions, {"extra_captions": [K strings]})``.
+    """
+
+    name: str = ""
+    init_logit_scale: float | None = None
+    init_logit_bias: float | None = None
+    needs_teacher: bool = False
+    needs_extra_captions: bool = False
+
+    def __init__(self, *, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.rank = rank
+        self.world_size = world_size
+
+    def forward_model(self, model: torch.nn.Module, batch: Batch) -> ModelOutputs:
+        """Run the model on ``batch``; override where a method changes the forward pass.
+
+        The Trainer calls this inside the data-parallel wrapper's forward, so
+        an override may call any method of ``model`` (masked views, a second
+        text pass, a frozen teacher held by the objective) and gradients are
+        still averaged across ranks.
+
+        Parameters
+        ----------
+        model : open_clip.CLIP
+            The plain model (not the DDP wrapper).
+        batch : Batch
+
+        Returns
+        -------
+        ModelOutputs
+        """
+        out = ModelOutputs.from_clip(model(batch.images, batch.tokens))
+        if batch.extra_tokens is not None:
+            b, k, t = batch.extra_tokens.shape
+            extra = ModelOutputs.from_clip(model(None, batch.extra_tokens.reshape(b * k, t)))
+            out.extra_text_features = extra.text_features.reshape(b, k, -1)  # (B, K, D)
+        return out
+
+    def forward(self, outputs: ModelOutputs, batch: Batch | None = None) -> dict[str, torch.Tensor]:
+        """Named scalar loss terms; the Trainer minimises their sum.
+
+        Parameters
+        ----------
+        outputs : ModelOutputs
+        batch : Batch or None
+            None where an objective reads only ``outputs`` (as in unit tests).
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            Each value a scalar; the keys name the metric columns ``loss_<key>``.
+        """
+        raise NotImplementedError
