@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cliplab.eval.results import read_results
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -35,6 +37,11 @@ def run_suite(model: str, suite: str, cache: Path, out: Path) -> float:
     if proc.returncode:
         sys.exit(f"suite failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return wall
+
+
+def _same(a, b) -> bool:
+    """Equal, counting NaN (acc5 with fewer than 5 classes) equal to NaN."""
+    return a == b or (a != a and b != b)
 
 
 def stage_seconds(records: list[dict]) -> dict:
@@ -52,12 +59,11 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cold_s = run_suite(args.model, args.suite, tmp / "cache", tmp / "cold.json")
-        warm_s = run_suite(args.model, args.suite, tmp / "cache", tmp / "warm.json")
-        cold = json.loads((tmp / "cold.json").read_text())
-        warm = json.loads((tmp / "warm.json").read_text())
+        cold_s = run_suite(args.model, args.suite, tmp / "cache", tmp / "cold")    # one file per evaluation
+        warm_s = run_suite(args.model, args.suite, tmp / "cache", tmp / "warm")
+        cold, warm = read_results(tmp / "cold"), read_results(tmp / "warm")
     diffs = {f"{c['dataset']} {c['task']} {k}": [v, w["metrics"].get(k)]
-             for c, w in zip(cold, warm) for k, v in c["metrics"].items() if v != w["metrics"].get(k)}
+             for c, w in zip(cold, warm) for k, v in c["metrics"].items() if not _same(v, w["metrics"].get(k))}
     same = not diffs
     res = {"model": args.model, "suite": args.suite,
            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},

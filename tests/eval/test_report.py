@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from cliplab.errors import DataError
+from cliplab.errors import DataError, UsageError
 from cliplab.eval.report import build_report, comparison_rows
-from cliplab.eval.results import BENCHMARK_KEYS, make_result, read_results, split_model_spec, write_results
+from cliplab.eval.results import (BENCHMARK_KEYS, make_result, read_results, result_filename, results_folder,
+                                  split_model_spec, write_results)
 from cliplab.eval.tasks import TaskResult
 
 
@@ -37,14 +38,53 @@ def test_results_have_clip_benchmark_fields(tmp_path):
     assert recs[0]["cliplab"]["confusion_matrix"] == [[2, 0], [2, 0]]
     assert recs[2]["cliplab"]["seeds"] == [0, 1] and recs[2]["cliplab"]["fewshot"][0]["mean"] == [0.4, 0.6]
     single = write_results(tmp_path / "one.json", recs[0])
-    suite = write_results(tmp_path / "suite.json", recs)
+    collection = write_results(tmp_path / "suite.json", recs)         # a list in one file (benchmarks)
+    folder = write_results(tmp_path / "suite", recs)                   # one record per file
     raw = json.loads(single.read_text())
     assert isinstance(raw, dict) and raw["task"] == "zeroshot_classification"
     assert isinstance(raw["metrics"]["mean_per_class_recall"], float)
-    assert read_results([single, suite]) == [recs[0], *recs]
+    assert read_results([single, collection]) == [recs[0], *recs]
+    files = sorted(folder.glob("*.json"))
+    assert [f.name for f in files] == sorted(result_filename(r) for r in recs) and len(files) == 3
+    assert all(isinstance(json.loads(f.read_text()), dict) for f in files)
+    assert sorted(read_results(folder), key=lambda r: r["task"]) == sorted(recs, key=lambda r: r["task"])
+    assert write_results(folder, recs[0]) == folder / result_filename(recs[0])   # a folder takes one record too
     (tmp_path / "bad.json").write_text('{"foo": 1}')
     with pytest.raises(DataError, match="missing"):
         read_results(tmp_path / "bad.json")
+
+
+def test_non_finite_values_are_written_as_clip_benchmark_writes_them(tmp_path):
+    rec = make_result(TaskResult("zeroshot_classification", "d", {"acc1": 0.5, "acc5": np.float32("nan")},
+                                 {"x": [np.inf]}), model_spec="m", fingerprint="f")
+    text = write_results(tmp_path / "r.json", rec).read_text()
+    assert '"acc5": NaN' in text and "Infinity" in text and "null" not in text     # Python json, as its run()
+    back = read_results(tmp_path / "r.json")[0]
+    assert np.isnan(back["metrics"]["acc5"]) and back["cliplab"]["x"] == [np.inf]
+
+
+def test_old_files_still_read(tmp_path):
+    """A list file and linear-probe metrics named acc1... (written before) are read, renamed lp_."""
+    old_names = {"acc1": 0.7, "acc5": None, "mean_per_class_recall": 0.6}
+    lp = make_result(TaskResult("linear_probe", "shapes:shape", old_names), model_spec="m")
+    zs = make_result(TaskResult("zeroshot_classification", "shapes:shape", {"acc1": 0.5}), model_spec="m")
+    (tmp_path / "old.json").write_text(json.dumps([zs, lp]))
+    old_zs, old_lp = read_results(tmp_path / "old.json")
+    assert old_lp["metrics"] == {"lp_acc1": 0.7, "lp_acc5": None, "lp_mean_per_class_recall": 0.6}
+    assert old_zs["metrics"] == {"acc1": 0.5}
+    md = build_report([old_zs, old_lp], tmp_path / "rep")["md"].read_text()
+    assert "| shapes:shape | linear_probe | lp_acc1 | 70.0 |" in md
+    with pytest.raises(DataError, match="no results files"):
+        read_results(tmp_path / "rep")
+
+
+def test_a_suite_cannot_go_to_one_file(tmp_path):
+    with pytest.raises(UsageError, match="must be a folder"):
+        results_folder(tmp_path / "r.json")
+    (tmp_path / "f").write_text("")
+    with pytest.raises(UsageError, match="must be a folder"):
+        results_folder(tmp_path / "f")
+    assert results_folder(tmp_path / "new") == tmp_path / "new"
 
 
 def test_split_model_spec():

@@ -159,16 +159,21 @@ def test_cli_errors(pair_dirs, tmp_path, capsys):
 def test_cli_sweep_prints_a_row_per_alpha(pair_dirs, tmp_path, capsys):
     from cliplab.cli.main import main
 
-    out = tmp_path / "sweep.json"
-    rc = main(["interpolate", str(pair_dirs[0]), str(pair_dirs[1]), "--sweep", "0,0.5,1",
-               "--task", "zeroshot_classification", "--dataset", "shapes:shape", "--n", "8",
-               "--out", str(out)])
+    from cliplab.eval.results import read_results
+
+    argv = ["interpolate", str(pair_dirs[0]), str(pair_dirs[1]), "--sweep", "0,0.5,1",
+            "--task", "zeroshot_classification", "--dataset", "shapes:shape", "--n", "8"]
+    assert main([*argv, "--out", str(tmp_path / "sweep.json")]) == 2   # one file per record: a folder
+    assert "must be a folder" in capsys.readouterr().err
+    out = tmp_path / "sweep"
+    rc = main([*argv, "--out", str(out)])
     printed, err = capsys.readouterr()
     assert rc == 0, err
     lines = printed.strip().splitlines()
     assert lines[0].split()[:2] == ["alpha", "acc1"]
     assert [line.split()[0] for line in lines[2:]] == ["0", "0.5", "1"]
-    recs = json.loads(out.read_text())
+    assert all(isinstance(json.loads(f.read_text()), dict) for f in out.glob("*.json"))
+    recs = read_results(out)
     assert [r["cliplab"]["alpha"] for r in recs] == [0.0, 0.5, 1.0]
     assert all(r["task"] == "zeroshot_classification" and "acc1" in r["metrics"] for r in recs)
     assert recs[0]["cliplab"]["fingerprint"] != recs[2]["cliplab"]["fingerprint"]

@@ -21,8 +21,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "eval", help="evaluate a model: zero-shot, retrieval, linear probe, few-shot",
         description="Evaluate a model on one task and dataset (--task, --dataset) or on a suite "
-                    "(--suite shapes). Writes CLIP_benchmark-compatible results JSON and an "
-                    "optional HTML report. Datasets: an image folder (one sub-folder per class), "
+                    "(--suite shapes). Writes results JSON that CLIP_benchmark's `clip_benchmark "
+                    "build` reads as its own (one file per evaluation) and an optional HTML report. "
+                    "Datasets: an image folder (one sub-folder per class), "
                     "a CSV/JSONL, WebDataset shards, or shapes:color-shape, shapes:shape, "
                     "shapes:color, shapes:color-shape-heldout, shapes:retrieval.")
     what = p.add_mutually_exclusive_group(required=True)
@@ -35,7 +36,10 @@ def add_parser(sub) -> None:
     p.add_argument("--templates", default=None,
                    help="zero-shot template set (default, openai-7, openai-80), a file, or a string "
                         "with {c} (default: the dataset's own templates, else 'default')")
-    p.add_argument("--out", help="results JSON (one record, or a list for a suite)")
+    p.add_argument("--out", help="results: with --task a JSON file (or an existing folder to put it in); "
+                                 "with --suite a folder that gets one JSON file per evaluation, named "
+                                 "as CLIP_benchmark names its own "
+                                 "({dataset}_{pretrained}_{model}_{language}_{task}.json)")
     p.add_argument("--report", help="HTML report to write (Markdown, CSV and PNGs go beside it)")
     p.add_argument("--cache", help="feature cache folder (default: $CLIPLAB_CACHE or "
                                    "~/.cache/cliplab/features)")
@@ -66,7 +70,7 @@ def metric_rows(records) -> list[dict]:
 
 
 def run(args) -> int:
-    from ..eval.results import write_results
+    from ..eval.results import results_folder, write_results
     from ..eval.suite import evaluate, run_suite
 
     seeds = _ints(args.seeds, "--seeds")
@@ -79,6 +83,8 @@ def run(args) -> int:
             raise UsageError(f"--{opt.replace('_', '-')} must be >= 1, got {v}")
     if args.task and not args.dataset:
         raise UsageError("--task needs --dataset (a folder, CSV/JSONL, shards or shapes:NAME)")
+    if args.suite and args.out:
+        results_folder(args.out)                         # before the suite runs
     if args.report and not args.report.lower().endswith((".html", ".htm")) and Path(args.report).suffix:
         raise UsageError(f"--report must be an .html file or a folder, got {args.report}")
     backbone = load_backbone(args)
@@ -93,7 +99,7 @@ def run(args) -> int:
         def show(rec):
             done.append(rec)
             print(f"[{len(done)}] {rec['dataset']} {rec['task']}: "
-                  + ", ".join(f"{k}={v:.4f}" for k, v in rec["metrics"].items() if v is not None),
+                  + ", ".join(f"{k}={v:.4f}" for k, v in rec["metrics"].items() if isinstance(v, float)),
                   file=sys.stderr)
 
         records = run_suite(backbone, args.suite, model_spec=args.model, store=store, seeds=seeds,
@@ -103,7 +109,8 @@ def run(args) -> int:
                             split=args.split, templates=args.templates, store=store, n=args.n,
                             n_train=args.n_train, seeds=seeds, shots=shots)]
     if args.out:
-        write_results(args.out, records if args.suite else records[0])
+        written = write_results(args.out, records if args.suite else records[0])
+        print(f"results: {written}", file=sys.stderr)
     if args.report:
         from ..eval.report import build_report
 

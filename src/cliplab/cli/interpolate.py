@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
     what.add_argument("--sweep", help="comma-separated alphas to evaluate, e.g. 0,0.25,0.5,0.75,1")
     p.add_argument("--extrapolate", action="store_true", help="allow alpha outside [0, 1]")
     p.add_argument("--out", help="with --alpha: model folder to write (required); "
-                                 "with --sweep: results JSON (list of records)")
+                                 "with --sweep: a folder that gets one results JSON file per alpha, "
+                                 "as clip_benchmark build reads them")
     p.add_argument("--task", choices=TASKS, default="zeroshot_classification",
                    help="with --sweep: evaluation task (default: zeroshot_classification)")
     p.add_argument("--dataset", help="with --sweep: dataset spec, e.g. shapes:shape (required)")
@@ -59,6 +60,10 @@ def _validate(args) -> list[float] | None:
         raise UsageError("--sweep needs --dataset (a folder, CSV/JSONL, shards or shapes:NAME)")
     if args.n is not None and args.n < 1:
         raise UsageError(f"--n must be >= 1, got {args.n}")
+    if args.out:
+        from ..eval.results import results_folder
+
+        results_folder(args.out)
     return _alphas(args.sweep)
 
 

@@ -9,7 +9,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("report", help="build a comparison report from results JSON files",
                        description="Read results files (cliplab eval --out, or CLIP_benchmark JSON) and "
                                    "write report.md, report.csv, report.html and figures/ to --out.")
-    p.add_argument("results", nargs="+", metavar="RESULTS", help="results JSON files")
+    p.add_argument("results", nargs="+", metavar="RESULTS",
+                   help="results JSON files (one record or a list each), or folders of them "
+                        "(every *.json inside, as clip_benchmark build reads them)")
     p.add_argument("--out", required=True, help="output folder (or an .html file)")
     p.add_argument("--title", default="cliplab evaluation report")
     p.set_defaults(run=run)

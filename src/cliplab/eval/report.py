@@ -27,14 +27,15 @@ __all__ = ["build_report", "comparison_rows", "model_label", "MAIN_METRICS"]
 
 MAIN_METRICS = {
     "zeroshot_classification": ["acc1", "acc5", "mean_per_class_recall"],
-    "linear_probe": ["acc1", "mean_per_class_recall"],
+    "linear_probe": ["lp_acc1", "lp_mean_per_class_recall"],
     "zeroshot_retrieval": ["image_retrieval_recall@1", "image_retrieval_recall@5",
                            "text_retrieval_recall@1", "text_retrieval_recall@5"],
 }
 
 _EXPLAIN = {
     "table": "Main metrics (higher is better), one column per model; the best value of each row is bold. "
-             "acc1/acc5: top-1/top-5 accuracy; mean_per_class_recall: accuracy averaged over classes; "
+             "acc1/acc5: top-1/top-5 accuracy (acc5 is empty with fewer than 5 classes); "
+             "mean_per_class_recall: accuracy averaged over classes; lp_: the same for the linear probe; "
              "image_retrieval_recall@k: text-to-image, a caption's image is in the top k; "
              "text_retrieval_recall@k: image-to-text, one of an image's captions is in the top k; "
              "acc1@Nshot: few-shot accuracy with N labelled images per class (mean over seeds).",

@@ -1,31 +1,58 @@
-"""Results files, compatible with CLIP_benchmark's.
+"""Results files that CLIP_benchmark's ``clip_benchmark build`` reads as its own.
 
-One record per (model, dataset, task)::
+One record per (model, dataset, task), one record per file::
 
     {"dataset": "shapes:color-shape", "model": "shapes-tiny", "pretrained": "bundled",
      "task": "zeroshot_classification", "metrics": {"acc1": 0.81, ...}, "language": "en",
      "cliplab": {"version", "model_spec", "fingerprint", "timings", "skipped", "seeds",
                  "confusion_matrix", "classnames", "fewshot", ...}}
 
-The first six keys are CLIP_benchmark's (``clip_benchmark build`` reads them); everything
-cliplab adds lives under ``"cliplab"``.  A file holds one record or a list (a suite).
+The format is CLIP_benchmark's (1.6, ``clip_benchmark/cli.py``: ``run`` writes a record,
+``main_build`` reads them):
+
+- ``build`` takes files, or folders whose ``*.json`` files it reads (not recursively);
+  each file must hold one JSON object.  Its ``metrics`` and its other top-level keys become
+  the columns of one CSV row.  A suite is therefore written as a folder with one file per
+  evaluation (:func:`write_results` with a list), each named as CLIP_benchmark's default
+  ``--output`` template names them, ``{dataset}_{pretrained}_{model}_{language}_{task}.json``
+  (:func:`result_filename`).
+- Metric names are CLIP_benchmark's: zero-shot ``acc1``, ``acc5``,
+  ``mean_per_class_recall``; linear probe ``lp_acc1``, ``lp_acc5``,
+  ``lp_mean_per_class_recall``; retrieval ``image_retrieval_recall@k`` (text -> image) and
+  ``text_retrieval_recall@k`` (image -> text).  Few-shot (``acc1@{k}shot``) is a cliplab
+  task with no CLIP_benchmark counterpart; its columns are its own.
+- ``acc5`` with fewer than 5 classes is NaN.  Non-finite numbers are written as Python's
+  ``json`` writes them (``NaN``, ``Infinity``), as CLIP_benchmark does; strict JSON
+  parsers (``jq``, browsers) reject these tokens.
+- Everything cliplab adds lives under ``"cliplab"`` (one column in ``build``'s CSV).
+
+A file holding a JSON list of records (what ``cliplab eval --suite`` wrote before, and what
+the benchmark scripts write to collect records) is read by :func:`read_results` and
+``cliplab report``, but not by ``clip_benchmark build``.  Linear-probe records written
+before the ``lp_`` names are read with their metrics renamed.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, UsageError
 
-__all__ = ["make_result", "write_results", "read_results", "split_model_spec", "BENCHMARK_KEYS"]
+log = logging.getLogger("cliplab.eval.results")
+
+__all__ = ["make_result", "write_results", "read_results", "result_filename", "results_folder",
+           "split_model_spec", "BENCHMARK_KEYS"]
 
 BENCHMARK_KEYS = ("dataset", "model", "pretrained", "task", "metrics", "language")
 
-_DETAIL_KEYS = ("confusion_matrix", "classnames", "fewshot", "seeds", "C", "val_accuracy")
+#: Linear-probe metric names of records written before they followed CLIP_benchmark.
+_LEGACY_NAMES = {"linear_probe": {"acc1": "lp_acc1", "acc5": "lp_acc5",
+                                  "mean_per_class_recall": "lp_mean_per_class_recall"}}
 
 
 def split_model_spec(spec: str) -> tuple[str, str]:
@@ -47,7 +74,7 @@ def split_model_spec(spec: str) -> tuple[str, str]:
 
 
 def _clean(v):
-    """JSON-safe: NumPy scalars/arrays to Python, NaN/inf to None."""
+    """JSON-ready: NumPy scalars/arrays to Python; NaN and inf stay floats (written ``NaN``)."""
     import numpy as np
 
     if isinstance(v, dict):
@@ -57,9 +84,7 @@ def _clean(v):
     if isinstance(v, np.ndarray):
         return _clean(v.tolist())
     if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
+        return v.item()
     return v
 
 
@@ -82,14 +107,48 @@ def make_result(task_result, *, model_spec: str, fingerprint: str | None = None,
                    "language": language, "cliplab": ours})
 
 
-def write_results(path, results) -> Path:
-    """Write one record (dict) or a list of records as JSON, atomically."""
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+=@-]+", "_", text).strip("_") or "x"
+
+
+def result_filename(record: dict) -> str:
+    """The file name CLIP_benchmark gives a record: ``{dataset}_{pretrained}_{model}_{language}_{task}.json``.
+
+    As its ``run`` does, a ``pretrained`` that is a path contributes its last part; characters
+    that are not safe in file names on every system (``/``, ``:``, spaces...) become ``_``.
+    """
+    pretrained = str(record.get("pretrained") or "")
+    if "/" in pretrained or os.sep in pretrained:
+        pretrained = Path(pretrained).name or pretrained
+    parts = [record["dataset"], pretrained, record["model"], record.get("language") or "en", record["task"]]
+    return _slug("_".join(str(p) for p in parts))[:200] + ".json"
+
+
+def results_folder(path) -> Path:
+    """Check that ``path`` can be a folder of results files (one per record).
+
+    Raises
+    ------
+    UsageError
+        ``path`` ends in ``.json`` or is an existing file: several records cannot go in one
+        file that ``clip_benchmark build`` reads.
+    """
     path = Path(path)
+    if path.suffix.lower() == ".json" or (path.exists() and not path.is_dir()):
+        folder = path.with_suffix("")
+        raise UsageError(f"{path} must be a folder: each evaluation is written to its own JSON file in it, "
+                         f"as CLIP_benchmark writes them (e.g. --out {folder}; read them back with "
+                         f"`cliplab report {folder}` or `clip_benchmark build {folder}`)")
+    return path
+
+
+def _write_json(path: Path, obj) -> Path:
+    """Write ``obj`` as JSON atomically (a temporary file in the same folder, then a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_clean(results), f, indent=2)
+            json.dump(_clean(obj), f, indent=2)   # allow_nan: NaN/Infinity, as CLIP_benchmark writes
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
@@ -98,12 +157,79 @@ def write_results(path, results) -> Path:
     return path
 
 
+def write_results(path, results) -> Path:
+    """Write results records as JSON files, atomically.
+
+    Parameters
+    ----------
+    path : path
+        For one record (a dict): the file, or an existing folder to put
+        :func:`result_filename` in.  For a list: a folder that gets one file per record
+        (``clip_benchmark build FOLDER`` reads it); a path ending in ``.json`` instead gets
+        one JSON list, which :func:`read_results` reads and ``clip_benchmark build`` does not.
+    results : dict or list of dict
+
+    Returns
+    -------
+    Path
+        The file written, or the folder.
+    """
+    path = Path(path)
+    if isinstance(results, dict):
+        return _write_json(path / result_filename(results) if path.is_dir() else path, results)
+    if path.suffix.lower() == ".json":
+        return _write_json(path, list(results))
+    results_folder(path).mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    for r in results:
+        name = result_filename(r)
+        stem, i = name[:-len(".json")], 1
+        while name in used:                       # same dataset, model and task twice
+            i += 1
+            name = f"{stem}_{i}.json"
+        used.add(name)
+        _write_json(path / name, r)
+    return path
+
+
+def _upgrade(record: dict) -> dict:
+    """A record written before the metric names followed CLIP_benchmark, renamed."""
+    names = _LEGACY_NAMES.get(record.get("task"))
+    metrics = record.get("metrics")
+    if names and isinstance(metrics, dict) and not any(new in metrics for new in names.values()):
+        if any(old in metrics for old in names):
+            record = {**record, "metrics": {names.get(k, k): v for k, v in metrics.items()}}
+    return record
+
+
 def read_results(paths) -> list[dict]:
-    """Records from one or more results files (each a record or a list); checks the keys."""
+    """Records from results files and folders; checks the keys.
+
+    Parameters
+    ----------
+    paths : path or list of paths
+        Files holding one record or a list of records, or folders whose ``*.json`` files are
+        read (not recursively, in name order), as ``clip_benchmark build`` reads them.
+
+    Raises
+    ------
+    DataError
+        A file cannot be read, is not JSON, or holds something that is not a record; a
+        folder holds no ``.json`` file.
+    """
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    out = []
+    files = []
     for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix == ".json" and f.is_file())
+            if not found:
+                raise DataError(f"{p} holds no results files (*.json)")
+            files.extend(found)
+        else:
+            files.append(p)
+    out = []
+    for p in files:
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except OSError as e:
@@ -115,5 +241,5 @@ def read_results(paths) -> list[dict]:
             missing = [k for k in ("dataset", "model", "task", "metrics") if not isinstance(r, dict) or k not in r]
             if missing:
                 raise DataError(f"{p}: record {i} is not a results record (missing {', '.join(missing)})")
-            out.append(r)
+            out.append(_upgrade(r))
     return out

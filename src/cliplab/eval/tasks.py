@@ -102,6 +102,15 @@ def _class_weights(backbone, classnames, templates, store=None, progress=None) -
     return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
 
 
+def _acc5(scores, y, n_classes: int) -> float:
+    """Top-5 accuracy, NaN with fewer than 5 classes (where it would be 1 by construction).
+
+    The rule of CLIP_benchmark's zero-shot classification (``metrics/zeroshot_classification.py``
+    ``evaluate``: ``acc5 = float("nan")`` unless ``len(classes) >= 5``).
+    """
+    return topk_accuracy(scores, y, 5) if n_classes >= 5 else float("nan")
+
+
 def _all_skipped(name: str, n: int):
     raise DataError(f"none of the {n} images of {name} could be read")
 
@@ -114,8 +123,9 @@ def zeroshot_classification(backbone, data, *, templates=None, store=None,
     ``templates`` is a template spec (:func:`cliplab.zeroshot.get_templates`); ``None`` uses
     the dataset's own templates when it has them (``data.templates``), else ``"default"``.
 
-    Metrics: ``acc1``, ``acc5``, ``mean_per_class_recall``; details: ``confusion_matrix``
-    (C, C) as nested lists (rows true), ``classnames``, ``templates``, ``n``.
+    Metrics (CLIP_benchmark's names): ``acc1``, ``acc5`` (NaN with fewer than 5 classes),
+    ``mean_per_class_recall``; details: ``confusion_matrix`` (C, C) as nested lists (rows
+    true), ``classnames``, ``templates``, ``n``.
     """
     timings: dict = {}
     if templates is None:
@@ -134,7 +144,7 @@ def zeroshot_classification(backbone, data, *, templates=None, store=None,
         logits = backbone.logit_scale * x @ w.T                               # (N, C)
         pred = logits.argmax(axis=1)
         c = len(classnames)
-        metrics = {"acc1": topk_accuracy(logits, y, 1), "acc5": topk_accuracy(logits, y, 5),
+        metrics = {"acc1": topk_accuracy(logits, y, 1), "acc5": _acc5(logits, y, c),
                    "mean_per_class_recall": mean_per_class_recall(pred, y, c)}
         cm = confusion_matrix(pred, y, c)
     details = {"confusion_matrix": cm.tolist(), "classnames": classnames, "templates": templates,
@@ -268,7 +278,7 @@ def _xy(x, y, name):
 
 
 def _probe_metrics(est, xs, ys, n_classes=None) -> tuple[dict, list]:
-    """acc1/acc5/mean_per_class_recall of a fitted classifier, in the dataset's label space.
+    """lp_acc1/lp_acc5/lp_mean_per_class_recall of a fitted classifier, in the dataset's label space.
 
     Classes absent from the training data get score -inf: their test examples count as
     errors (and their recall as 0) instead of being dropped.
@@ -285,8 +295,8 @@ def _probe_metrics(est, xs, ys, n_classes=None) -> tuple[dict, list]:
     unseen = sorted(set(np.unique(ys).tolist()) - set(classes.tolist()))
     if unseen:
         log.warning("%d test classes never occur in train/val; their examples count as errors", len(unseen))
-    return ({"acc1": accuracy(pred, ys), "acc5": topk_accuracy(scores, ys, 5),
-             "mean_per_class_recall": mean_per_class_recall(pred, ys, c)}, unseen)
+    return ({"lp_acc1": accuracy(pred, ys), "lp_acc5": _acc5(scores, ys, c),
+             "lp_mean_per_class_recall": mean_per_class_recall(pred, ys, c)}, unseen)
 
 
 #: Below this many feature values (N * D) fits run with one BLAS/OpenMP thread: small
@@ -321,8 +331,9 @@ def linear_probe(train_feats, train_y, val_feats, val_y, test_feats, test_y, *, 
     """Logistic-regression linear probe on frozen features (CLIP paper protocol).
 
     C is chosen on (train -> val) by :func:`sweep_C`; the probe is then refit on
-    train + val with that C and scored once on test.  Metrics: ``acc1``, ``acc5``,
-    ``mean_per_class_recall``; details: ``C``, ``val_accuracy``, ``sweep``.
+    train + val with that C and scored once on test.  Metrics, named as CLIP_benchmark's
+    linear probe names them: ``lp_acc1``, ``lp_acc5`` (NaN with fewer than 5 classes),
+    ``lp_mean_per_class_recall``; details: ``C``, ``val_accuracy``, ``sweep``.
     """
     timings: dict = {}
     xt, yt = _xy(train_feats, train_y, "train")
