@@ -97,6 +97,22 @@ def test_jsonl(tmp_path):
     assert log.count == 3
 
 
+def test_empty_entries_of_a_caption_list_are_counted(tmp_path):
+    (tmp_path / "t.jsonl").write_text(json.dumps({"image": "a.png", "captions": ["one", "", None, " two "]})
+                                      + "\n" + json.dumps({"image": "b.png", "captions": ["", 5]}) + "\n")
+    log = SkipLog()
+    recs = read_caption_table(tmp_path / "t.jsonl", skip_log=log)
+    assert [(r.image.name, r.captions) for r in recs] == [("a.png", ["one", "two"])]
+    src = str(tmp_path / "t.jsonl")
+    assert log.to_list() == [(f"{src}:1", "empty caption: entry 1 of 'captions' is empty or not text"),
+                             (f"{src}:1", "empty caption: entry 2 of 'captions' is empty or not text"),
+                             (f"{src}:2", "empty caption: no 'caption' text")]
+    _tar(tmp_path / "s.tar", [("k.png", PNG), ("k.json", json.dumps({"captions": ["x", ""]}).encode())])
+    log = SkipLog()
+    assert [g[2] for g in iter_webdataset(tmp_path / "s.tar", skip_log=log)] == [["x"]]
+    assert [r for _, r in log.to_list()] == ["empty caption: entry 1 of 'captions' is empty or not text"]
+
+
 def _tar(path, members):
     with tarfile.open(path, "w") as tar:
         for name, data in members:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import glob as globlib
+import itertools
 import json
 import logging
 import os
@@ -166,12 +167,22 @@ def _pick_key(key: str, default: str, aliases: tuple[str, ...], available) -> st
     return None
 
 
-def _split_captions(value) -> list[str]:
+def _caption_list(value) -> tuple[list[str], list[int]]:
+    """``(captions, dropped)``: the non-empty strings of a caption value (a string or a
+    list), stripped, and the positions of the list entries that are empty or not text."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)):
-        return []
-    return [c.strip() for c in value if isinstance(c, str) and c.strip()]
+        return [], []
+    keep = [isinstance(c, str) and bool(c.strip()) for c in value]
+    return [c.strip() for c, k in zip(value, keep) if k], [j for j, k in enumerate(keep) if not k]
+
+
+def _count_dropped_captions(skip_log: SkipLog, source: str, key: str, captions, dropped) -> None:
+    """Record the empty or non-text entries of a caption list whose other entries are kept."""
+    if captions:
+        for j in dropped:
+            skip_log.add(source, f"empty caption: entry {j} of {key!r} is empty or not text")
 
 
 def read_caption_table(
@@ -319,8 +330,6 @@ def valid_csv_rows(reader, path, n_fields: int, required: dict, skip_log: SkipLo
 
 def _open_quote(path, start: int, end: int, dialect) -> bool:
     """Whether lines ``start``..``end`` of ``path`` end inside a quoted field."""
-    import itertools
-
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         lines = list(itertools.islice(f, start - 1, end))
     if len(lines) != end - start + 1:
@@ -351,7 +360,8 @@ def _jsonl_rows(path: Path, image_key: str, caption_key: str, skip_log: SkipLog)
             if ikey is None or not isinstance(obj[ikey], str) or not obj[ikey].strip():
                 skip_log.add(f"{path}:{line_no}", f"empty image path: no {image_key!r} string")
                 continue
-            captions = _split_captions(obj[ckey]) if ckey is not None else []
+            captions, dropped = _caption_list(obj[ckey]) if ckey is not None else ([], [])
+            _count_dropped_captions(skip_log, f"{path}:{line_no}", ckey, captions, dropped)
             if not captions:
                 skip_log.add(f"{path}:{line_no}", f"empty caption: no {caption_key!r} text")
                 continue
@@ -399,9 +409,11 @@ def _finish(source: str, key: str, files: dict, skip_log: SkipLog):
             skip_log.add(f"{source}:{key}", "bad text member: not UTF-8")
             return None
     elif isinstance(meta.get("captions"), list):
-        captions = _split_captions(meta["captions"])
+        captions, dropped = _caption_list(meta["captions"])
+        if image_ext is not None:
+            _count_dropped_captions(skip_log, f"{source}:{key}", "captions", captions, dropped)
     elif isinstance(meta.get("caption"), str):
-        captions = _split_captions(meta["caption"])
+        captions = _caption_list(meta["caption"])[0]
     if image_ext is None:
         skip_log.add(f"{source}:{key}", "no image: sample has no image member")
         return None
