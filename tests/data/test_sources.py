@@ -256,3 +256,23 @@ def test_intact_shards_log_nothing(tmp_path):
     assert len(list(iter_webdataset(tmp_path / "s.tar.gz", skip_log=log))) == 4 and log.count == 0
     (tmp_path / "cut.tar.gz").write_bytes(gzip.compress(full)[:60])
     assert len(list(iter_webdataset(tmp_path / "cut.tar.gz", skip_log=log))) < 4 and log.count >= 1
+
+
+def test_image_identities_agree_with_canonical_path(tmp_path, monkeypatch):
+    from cliplab.data.sources import ImageIdentities, canonical_path, image_identity
+
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "real" / "deep" / "x.png").write_bytes(PNG)
+    (tmp_path / "real" / "y.png").write_bytes(PNG)
+    (tmp_path / "dirlink").symlink_to(tmp_path / "real" / "deep")      # a linked folder
+    (tmp_path / "filelink.png").symlink_to(tmp_path / "real" / "y.png")
+    monkeypatch.chdir(tmp_path)
+    spellings = ["dirlink/x.png", "./dirlink//x.png", "dirlink/../y.png", "real/deep/../y.png",
+                 "filelink.png", str(tmp_path / "dirlink" / "x.png"), "missing/../z.png", "nope.png"]
+    for base in (None, tmp_path, "."):
+        ids = ImageIdentities(base)
+        for s in spellings:
+            expected = canonical_path(s, base)
+            assert ids(s) == (expected, image_identity(expected)), (base, s)
+    assert canonical_path("dirlink/../y.png") == tmp_path / "real" / "y.png"   # .. after a link
+    assert canonical_path("dirlink/x.png") == tmp_path / "real" / "deep" / "x.png"

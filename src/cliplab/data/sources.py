@@ -8,7 +8,7 @@ recorded in a :class:`SkipLog`, which callers report; nothing is dropped silentl
 Images are not decoded here (see :mod:`cliplab.data.images`).
 
 An image file has one identity whatever the spelling of its path (:func:`canonical_path`,
-:func:`image_identity`): ``img0.png``, ``./img0.png``, ``sub/../img0.png``, ``a//img0.png``
+:func:`image_identity`, both at once for many paths: :class:`ImageIdentities`): ``img0.png``, ``./img0.png``, ``sub/../img0.png``, ``a//img0.png``
 and a symbolic link to it are one image, so tables that spell it differently in different
 rows still count it once.
 """
@@ -86,6 +86,59 @@ def image_identity(path) -> tuple:
     except (OSError, ValueError):
         return ("path", os.fspath(canonical_path(path)))
     return ("file", st.st_dev, st.st_ino)
+
+
+_DOTDOT = re.compile(r"(^|[\\/])\.\.([\\/]|$)")
+
+
+class ImageIdentities:
+    """:func:`canonical_path` and :func:`image_identity` of many paths, fast.
+
+    Resolves each folder once and each spelling once (a table names thousands of files
+    in a few folders, often several times each); only the last component of each path
+    is checked for a symbolic link.  Meant for one pass over one table or folder.
+
+    Parameters
+    ----------
+    base : str or path-like, optional
+        Folder that relative paths are relative to; default the current directory.
+
+    Examples
+    --------
+    >>> ids = ImageIdentities("/data")
+    >>> ids("./a//b/../img0.png")[0] == ids("/data/a/img0.png")[0] == Path("/data/a/img0.png")
+    True
+    """
+
+    def __init__(self, base=None):
+        self.base = base
+        self._folders: dict[str, str] = {}
+        self._spellings: dict[str, tuple[Path, tuple]] = {}
+
+    def __call__(self, path) -> tuple[Path, tuple]:
+        """``(canonical_path(path, base), image_identity(...))``."""
+        key = os.fsdecode(path)
+        hit = self._spellings.get(key)
+        if hit is None:
+            hit = self._spellings[key] = self._resolve(key)
+        return hit
+
+    def _resolve(self, spelled: str) -> tuple[Path, tuple]:
+        p = spelled
+        if self.base is not None and not os.path.isabs(p):
+            p = os.path.join(os.fspath(self.base), p)
+        if _DOTDOT.search(p):                       # "link/.." must see the link: resolve all
+            resolved = canonical_path(p)
+        else:
+            folder, name = os.path.split(os.path.abspath(p))
+            if not name or os.path.islink(os.path.join(folder, name)):
+                resolved = canonical_path(p)
+            else:
+                real = self._folders.get(folder)
+                if real is None:
+                    real = self._folders[folder] = os.path.realpath(folder)
+                resolved = Path(real, name)
+        return resolved, image_identity(resolved)
 
 
 class SkipLog:
@@ -197,7 +250,7 @@ def read_caption_table(
 
     Rows naming the same image are merged into one record (captions in file order), so
     both "one row per caption" and "one row per image" tables work.  Two rows name the same
-    image when their paths name the same file (:func:`image_identity`), however they are
+    image when their paths name the same file (:class:`ImageIdentities`), however they are
     spelled (``img0.png``, ``./img0.png``, a symbolic link...).  In JSONL the caption
     value may be a string or a list of strings.
 
@@ -239,9 +292,9 @@ def read_caption_table(
     records: dict[tuple, CaptionRecord] = {}
     spellings: dict[tuple, str] = {}
     n_respelled = 0
+    identities = ImageIdentities(base)
     for image, captions, meta in rows:
-        resolved = canonical_path(image, base)
-        ident = image_identity(resolved)
+        resolved, ident = identities(image)
         rec = records.get(ident)
         if rec is None:
             records[ident] = CaptionRecord(resolved, captions, meta)

@@ -33,10 +33,9 @@ import numpy as np
 
 from ..data.images import IMAGE_EXTENSIONS, find_images
 from ..data.sources import (
+    ImageIdentities,
     SkipLog,
-    canonical_path,
     expand_shards,
-    image_identity,
     index_webdataset,
     read_caption_table,
     valid_csv_rows,
@@ -204,11 +203,11 @@ def classification_from_folder(root, *, classnames_json=None) -> ClassificationD
     Returns
     -------
     ClassificationData
-        ``items`` are :func:`~cliplab.data.sources.canonical_path` s.  One file is one
-        image: a file reached again (through a symbolic or hard link, in the same or
-        another class folder) is left out where reached again, and image files lying in
-        ``root`` itself (in no class folder) are left out; both are listed in
-        ``skipped`` with the reason.
+        ``items`` are canonical paths (:class:`~cliplab.data.sources.ImageIdentities`).
+        One file is one image: a file reached again through a link (in another class
+        folder, or a hard link in the same one) is left out and listed in ``skipped``, as
+        are image files lying in ``root`` itself, in no class folder.  (A symbolic link
+        beside its target is listed once already by ``find_images``.)
 
     Raises
     ------
@@ -229,13 +228,13 @@ def classification_from_folder(root, *, classnames_json=None) -> ClassificationD
             skip_log.add(p, "not in a class folder: images must lie in root/<class>/")
     items, labels = [], []
     first: dict[tuple, tuple[Path, str]] = {}     # image identity -> (path, class folder)
+    identities = ImageIdentities()
     for c, folder in enumerate(folders):
         found = find_images(folder)
         if not found:
             logger.warning("%s: class %r has no images", root, folder.name)
         for f in found:
-            resolved = canonical_path(f)
-            ident = image_identity(resolved)
+            resolved, ident = identities(f)
             if ident in first:
                 seen, cls = first[ident]
                 skip_log.add(f, f"duplicate image: same file as {seen} (class {cls!r})")
@@ -284,7 +283,7 @@ def classification_from_csv(path, *, image_key: str = "filepath", label_key: str
         Receives malformed rows (wrong field count, empty path or label, label not in
         the class list), each as ``path:line``.  They are also in ``data.skipped``.
         One file is one image, however its path is spelled
-        (:func:`~cliplab.data.sources.image_identity`): a later row naming a file
+        (:class:`~cliplab.data.sources.ImageIdentities`): a later row naming a file
         already listed is skipped too, as a duplicate or, with another label, a
         conflicting label.
 
@@ -345,13 +344,13 @@ def classification_from_csv(path, *, image_key: str = "filepath", label_key: str
 
     items, labels = [], []
     first: dict[tuple, tuple[int, str]] = {}      # image identity -> (line, label)
+    identities = ImageIdentities(base)
     for line, image, label in rows:
         idx = to_index(label)
         if idx is None:
             skip_log.add(f"{path}:{line}", f"unknown label {label!r}: not in the class names")
             continue
-        resolved = canonical_path(image, base)
-        ident = image_identity(resolved)
+        resolved, ident = identities(image)
         if ident in first:
             seen_line, seen_label = first[ident]
             why = ("duplicate image" if to_index(seen_label) == idx else f"conflicting label {label!r}")
