@@ -4,8 +4,9 @@ A store lives in ``root/<fingerprint[:16]>/`` for one :class:`~cliplab.models.Ba
 (its content fingerprint, so a different model or different weights get their own
 folder).  Each image is keyed by its identity:
 
-- a file path: the resolved path, its size and its ``mtime_ns`` (so an edited file is
-  recomputed), hashed;
+- a file path: its canonical path (:func:`cliplab.data.sources.canonical_path`: absolute,
+  symbolic links, ``.`` and ``..`` resolved, so every spelling of one file is one key), its
+  size and its ``mtime_ns`` (so an edited file is recomputed), hashed;
 - an in-memory image (uint8 array, PIL image, bytes): a SHA-1 of its bytes and shape;
 
 and each text by the SHA-1 of its UTF-8 bytes.
@@ -49,6 +50,7 @@ from PIL import Image
 
 from ._progress import progress_bar
 from .data.images import DEFAULT_MAX_PIXELS
+from .data.sources import canonical_path
 from .errors import UsageError
 
 logger = logging.getLogger("cliplab.features")
@@ -99,8 +101,9 @@ def _describe(item, index: int) -> str:
 def item_key(item) -> str:
     """The cache key of one image: a hex string.
 
-    Paths are keyed by resolved path + size + ``mtime_ns``; uint8 arrays, PIL images and
-    bytes by a SHA-1 of their content and shape.
+    Paths are keyed by canonical path (:func:`~cliplab.data.sources.canonical_path`) +
+    size + ``mtime_ns``; uint8 arrays, PIL images and bytes by a SHA-1 of their content
+    and shape.
 
     Raises
     ------
@@ -110,7 +113,7 @@ def item_key(item) -> str:
         An unsupported item type.
     """
     if isinstance(item, (str, os.PathLike)):
-        path = Path(os.fsdecode(item)).resolve()
+        path = canonical_path(item)
         st = path.stat()
         return _sha1(b"path\0", os.fsencode(path), f"\0{st.st_size}\0{st.st_mtime_ns}".encode())
     if isinstance(item, np.ndarray):

@@ -63,7 +63,8 @@ def test_user_errors_are_one_line(tiny_dir, images, capsys, argv, code, msg):
     assert msg in err and err.startswith("cliplab: error:") and len(err.strip().splitlines()) == 1
 
 
-def test_embed_images_npy_and_texts_parquet(tiny_dir, images, tmp_path, tiny):
+def test_embed_images_npy_and_texts_parquet(tiny_dir, images, tmp_path, tiny, monkeypatch):
+    monkeypatch.setenv("CLIPLAB_CACHE", str(tmp_path / "cache"))  # the default feature cache
     out = tmp_path / "e.npy"
     assert main(["embed", str(images), "--out", str(out), "--model", str(tiny_dir)]) == 0
     feats = np.load(out)

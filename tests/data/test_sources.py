@@ -97,6 +97,22 @@ def test_jsonl(tmp_path):
     assert log.count == 3
 
 
+def test_empty_entries_of_a_caption_list_are_counted(tmp_path):
+    (tmp_path / "t.jsonl").write_text(json.dumps({"image": "a.png", "captions": ["one", "", None, " two "]})
+                                      + "\n" + json.dumps({"image": "b.png", "captions": ["", 5]}) + "\n")
+    log = SkipLog()
+    recs = read_caption_table(tmp_path / "t.jsonl", skip_log=log)
+    assert [(r.image.name, r.captions) for r in recs] == [("a.png", ["one", "two"])]
+    src = str(tmp_path / "t.jsonl")
+    assert log.to_list() == [(f"{src}:1", "empty caption: entry 1 of 'captions' is empty or not text"),
+                             (f"{src}:1", "empty caption: entry 2 of 'captions' is empty or not text"),
+                             (f"{src}:2", "empty caption: no 'caption' text")]
+    _tar(tmp_path / "s.tar", [("k.png", PNG), ("k.json", json.dumps({"captions": ["x", ""]}).encode())])
+    log = SkipLog()
+    assert [g[2] for g in iter_webdataset(tmp_path / "s.tar", skip_log=log)] == [["x"]]
+    assert [r for _, r in log.to_list()] == ["empty caption: entry 1 of 'captions' is empty or not text"]
+
+
 def _tar(path, members):
     with tarfile.open(path, "w") as tar:
         for name, data in members:
@@ -139,3 +155,124 @@ def test_webdataset_truncated_shard_reported(tmp_path):
     assert any("truncated" in r for _, r in log.to_list())
     with pytest.raises(DataError, match="no such shard"):
         list(iter_webdataset(tmp_path / "nope.tar"))
+
+
+# ------------------------------------------------------------------ one file, one image
+
+
+def test_every_spelling_of_an_image_path_is_one_record(tmp_path):
+    img = tmp_path / "data" / "img0.png"
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    img.write_bytes(PNG)
+    (tmp_path / "data" / "other.png").write_bytes(PNG)
+    (tmp_path / "data" / "link.png").symlink_to(img)
+    (tmp_path / "data" / "hard.png").hardlink_to(img)
+    (tmp_path / "data" / "t.csv").write_text(
+        "filepath,caption\n"
+        "img0.png,one\n"
+        "./img0.png,two\n"
+        ".//img0.png,three\n"
+        "sub/../img0.png,four\n"
+        f"{img},five\n"
+        "link.png,six\n"
+        "hard.png,seven\n"
+        "other.png,eight\n"
+        "missing.png,nine\n"
+        "./missing.png,ten\n"
+    )
+    recs = read_caption_table(tmp_path / "data" / "t.csv")
+    assert [r.image for r in recs] == [img, tmp_path / "data" / "other.png", tmp_path / "data" / "missing.png"]
+    assert recs[0].captions == ["one", "two", "three", "four", "five", "six", "seven"]
+    assert recs[2].captions == ["nine", "ten"]   # a missing file: one canonical path too
+    # JSONL and a table elsewhere with root=: same rule
+    (tmp_path / "t.jsonl").write_text('{"image": "data/img0.png", "caption": "a"}\n'
+                                      '{"image": "./data/./img0.png", "caption": "b"}\n')
+    recs = read_caption_table(tmp_path / "t.jsonl")
+    assert len(recs) == 1 and recs[0].image == img and recs[0].captions == ["a", "b"]
+    recs = read_caption_table(tmp_path / "data" / "t.csv", root=tmp_path / "data" / "sub")
+    assert recs[0].image == tmp_path / "data" / "sub" / "img0.png"   # does not exist: not merged
+    assert recs[1].image == img                                      # sub/../img0.png, f"{img}", ...
+
+
+# ------------------------------------------------------------------ every way a shard ends early
+
+
+def _shard_bytes(n_samples=4):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(n_samples):
+            for name, data in ((f"k{i}.png", PNG * 100), (f"k{i}.txt", f"caption {i}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    offsets = {m.name: (m.offset, m.offset_data) for m in tarfile.open(fileobj=io.BytesIO(data))}
+    return data, offsets
+
+
+def _cases():
+    full, off = _shard_bytes()
+    header = off["k2.png"][0]               # where sample k2 begins
+    return {
+        # name: (bytes, samples yielded, reasons (prefix before ':') in the log)
+        "mid-header": (full[:header + 100], 2, ["truncated shard"]),
+        "mid-member": (full[:off["k2.png"][1] + 50], 2, ["truncated shard"]),
+        "mid-text-member": (full[:off["k2.txt"][1] + 3], 2, ["truncated shard"]),
+        "between-samples": (full[:header], 2, ["truncated shard"]),
+        "between-pair-members": (full[:off["k2.txt"][0]], 2, ["no text", "truncated shard"]),
+        "invalid-header": (full[:header] + b"x" * 512 + full[header + 512:], 2, ["corrupt shard"]),
+        "appended-archive": (full + full, 4, ["trailing data"]),
+        "empty-file": (b"", 0, ["empty shard"]),
+        "not-a-tar": (b"this is a text file, not a tar archive\n" * 40, 0, ["unreadable shard"]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_cases()))
+def test_every_truncation_of_a_shard_is_counted(tmp_path, case):
+    from cliplab.data.sources import index_webdataset
+
+    data, n_kept, reasons = _cases()[case]
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(data)
+    for read in (lambda log: list(iter_webdataset(shard, skip_log=log)),
+                 lambda log: index_webdataset(shard, skip_log=log)):
+        log = SkipLog()
+        got = read(log)
+        assert len(got) == n_kept
+        assert [r.split(":")[0] for _, r in log.to_list()] == reasons
+        assert log.count == len(reasons) and log.summary().startswith(f"skipped {len(reasons)} sample")
+
+
+def test_intact_shards_log_nothing(tmp_path):
+    full, _ = _shard_bytes()
+    (tmp_path / "s.tar").write_bytes(full)
+    (tmp_path / "empty-archive.tar").write_bytes(b"\0" * 10240)   # a valid tar with no member
+    log = SkipLog()
+    got = list(iter_webdataset([tmp_path / "s.tar", tmp_path / "empty-archive.tar"], skip_log=log))
+    assert [g[2] for g in got] == [[f"caption {i}"] for i in range(4)] and log.count == 0
+    import gzip
+
+    (tmp_path / "s.tar.gz").write_bytes(gzip.compress(full))
+    assert len(list(iter_webdataset(tmp_path / "s.tar.gz", skip_log=log))) == 4 and log.count == 0
+    (tmp_path / "cut.tar.gz").write_bytes(gzip.compress(full)[:60])
+    assert len(list(iter_webdataset(tmp_path / "cut.tar.gz", skip_log=log))) < 4 and log.count >= 1
+
+
+def test_image_identities_agree_with_canonical_path(tmp_path, monkeypatch):
+    from cliplab.data.sources import ImageIdentities, canonical_path, image_identity
+
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "real" / "deep" / "x.png").write_bytes(PNG)
+    (tmp_path / "real" / "y.png").write_bytes(PNG)
+    (tmp_path / "dirlink").symlink_to(tmp_path / "real" / "deep")      # a linked folder
+    (tmp_path / "filelink.png").symlink_to(tmp_path / "real" / "y.png")
+    monkeypatch.chdir(tmp_path)
+    spellings = ["dirlink/x.png", "./dirlink//x.png", "dirlink/../y.png", "real/deep/../y.png",
+                 "filelink.png", str(tmp_path / "dirlink" / "x.png"), "missing/../z.png", "nope.png"]
+    for base in (None, tmp_path, "."):
+        ids = ImageIdentities(base)
+        for s in spellings:
+            expected = canonical_path(s, base)
+            assert ids(s) == (expected, image_identity(expected)), (base, s)
+    assert canonical_path("dirlink/../y.png") == tmp_path / "real" / "y.png"   # .. after a link
+    assert canonical_path("dirlink/x.png") == tmp_path / "real" / "deep" / "x.png"

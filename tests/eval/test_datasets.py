@@ -261,3 +261,111 @@ def test_fewshot_subset_k_per_class():
     assert np.bincount(fewshot_subset(data, 100, seed=0).labels).tolist() == [10, 6, 1, 3]
     with pytest.raises(UsageError):
         fewshot_subset(data, 0, seed=0)
+
+
+# ------------------------------------------------------------------ one file, one image
+
+
+def _scenes_as_files(folder: Path, n: int = 3):
+    """The first ``n`` test scenes of the shapes-tiny world (distinct colour-shapes) as PNGs."""
+    from cliplab.train.recipes import shapes_world
+
+    world = shapes_world(0)
+    scenes = [world.scene("test", i) for i in range(n)]
+    for i, s in enumerate(scenes):
+        Image.fromarray(s.image).save(folder / f"img{i}.png")
+    return scenes
+
+
+def _table(path: Path, rows) -> Path:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "caption"])
+        w.writerows(rows)
+    return path
+
+
+def test_retrieval_counts_an_image_once_whatever_its_path_spelling(tmp_path):
+    import cliplab
+    from cliplab.eval.tasks import zeroshot_retrieval
+    from cliplab.features import FeatureStore
+
+    scenes = _scenes_as_files(tmp_path)
+    rows = [(f"img{i}.png", c) for i, s in enumerate(scenes) for c in s.captions[:2]]
+    bb = cliplab.load("shapes-tiny")
+    perfect = {"image_retrieval_recall@1": 1.0, "text_retrieval_recall@1": 1.0}
+
+    # The right value: with each image spelled one way, shapes-tiny retrieves all 3 perfectly.
+    clean = load_dataset(_table(tmp_path / "clean.csv", rows))
+    assert len(clean) == 3
+    assert {k: v for k, v in zeroshot_retrieval(bb, clean, ks=(1,)).metrics.items()} == perfect
+
+    # The issue's table: one row says ./img0.png, the other img0.png.  It counted 4 images,
+    # two of them the same file, and R@1 fell to 0.833 (text -> image) / 0.75 (image -> text).
+    respelled = load_dataset(_table(tmp_path / "issue.csv", [("./img0.png", rows[0][1])] + rows[1:]))
+    assert len(respelled) == 3 and respelled.items == clean.items
+    assert respelled.captions == clean.captions
+    assert zeroshot_retrieval(bb, respelled, ks=(1,)).metrics == perfect
+
+    # Every other spelling, through the feature cache too.
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link2.png").symlink_to(tmp_path / "img2.png")
+    spelled = [str(tmp_path / "img0.png"), ".//img0.png", "sub/../img1.png", "./sub/../img1.png",
+               "link2.png", "img2.png"]
+    many = load_dataset(_table(tmp_path / "many.csv", [(p, r[1]) for p, r in zip(spelled, rows)]))
+    assert many.items == clean.items and many.captions == clean.captions
+    store = FeatureStore(tmp_path / "cache", bb, progress=False)
+    assert zeroshot_retrieval(bb, many, store=store, ks=(1,)).metrics == perfect
+    assert store.n_features == 3 + 6                     # 3 images, 6 captions: one key each
+
+
+def test_classification_csv_counts_an_image_once(tmp_path):
+    for i in range(3):
+        _png(tmp_path / f"img{i}.png", i)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link0.png").symlink_to(tmp_path / "img0.png")
+    (tmp_path / "t.csv").write_text(
+        "filepath,label\n"
+        "img0.png,cat\n"
+        "./img0.png,cat\n"          # 3: the same file again
+        "img1.png,dog\n"
+        "sub/../img1.png,cat\n"     # 5: the same file with another label
+        "link0.png,cat\n"           # 6: a symbolic link to img0.png
+        "img2.png,dog\n"
+    )
+    data = classification_from_csv(tmp_path / "t.csv")
+    assert data.items == [tmp_path / f"img{i}.png" for i in range(3)]
+    assert data.labels.tolist() == [0, 1, 1] and data.classnames == ["cat", "dog"]
+    src = f"{tmp_path / 't.csv'}"
+    assert [(s, r.split(":")[0]) for s, r in data.skipped] == [
+        (f"{src}:3", "duplicate image"), (f"{src}:5", "conflicting label 'cat'"),
+        (f"{src}:6", "duplicate image")]
+    assert "same file as line 4 (label 'dog'), which is kept" in data.skipped[1][1]
+
+
+def test_folder_counts_an_image_once_and_reports_images_outside_class_folders(tmp_path):
+    _png(tmp_path / "cat" / "a.png", 1)
+    _png(tmp_path / "cat" / "b.png", 2)
+    _png(tmp_path / "dog" / "c.png", 3)
+    (tmp_path / "dog" / "a_too.png").symlink_to(tmp_path / "cat" / "a.png")   # one file, two classes
+    _png(tmp_path / "stray.png", 4)                                           # in no class folder
+    (tmp_path / "notes.txt").write_text("not an image")
+    data = classification_from_folder(tmp_path)
+    assert data.items == [tmp_path / "cat" / "a.png", tmp_path / "cat" / "b.png", tmp_path / "dog" / "c.png"]
+    assert data.labels.tolist() == [0, 0, 1]
+    assert [(Path(s).name, r.split(":")[0]) for s, r in data.skipped] == [
+        ("stray.png", "not in a class folder"), ("a_too.png", "duplicate image")]
+    assert "class 'cat'" in data.skipped[1][1]
+
+
+def test_unclosed_quote_in_a_table_is_counted_not_swallowed(tmp_path):
+    (tmp_path / "t.csv").write_text('filepath,label\na.png,cat\nb.png,"dog\nc.png,cat\nd.png,dog\n')
+    data = classification_from_csv(tmp_path / "t.csv")
+    assert [Path(p).name for p in data.items] == ["a.png"]
+    assert [s.rsplit(":", 1)[1] for s, _ in data.skipped] == ["3", "4", "5"]
+    assert all("never closed" in r for _, r in data.skipped)
+    (tmp_path / "ok.csv").write_text('filepath,caption\na.png,"two\nlines"\nb.png,one\n')
+    ret = retrieval_from_file(tmp_path / "ok.csv")      # a closed multi-line field is fine
+    assert ret.captions == [["two\nlines"], ["one"]] and ret.skipped == []

@@ -1,15 +1,24 @@
-"""``cliplab embed``: write image or text embeddings to .npy or .parquet."""
+"""``cliplab embed``: write image or text embeddings to .npy or .parquet.
+
+Features go through a :class:`~cliplab.features.FeatureStore` (``--cache``, default as
+``cliplab eval``), saved chunk by chunk as they are computed: an interrupted run, even a
+killed one, started again computes only what the first run had not saved and writes
+exactly the features an uninterrupted run writes.  ``--no-cache`` computes in memory.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import BadImage, UsageError
 from ._common import add_image_args, add_model_args, image_kwargs, load_backbone, report_skipped
+
+_CHUNK = 256  # items per saved chunk, rounded to whole batches
 
 
 def add_parser(sub) -> None:
@@ -19,6 +28,10 @@ def add_parser(sub) -> None:
     p.add_argument("paths", nargs="*", metavar="PATH")
     p.add_argument("--texts", help="embed the lines of this text file instead of images")
     p.add_argument("--out", required=True, help="output file: .npy or .parquet")
+    p.add_argument("--cache", help="feature cache folder; a run started again after an interruption "
+                                   "computes only what is missing (default: $CLIPLAB_CACHE or "
+                                   "~/.cache/cliplab/features)")
+    p.add_argument("--no-cache", action="store_true", help="compute features in memory, without the cache")
     add_model_args(p)
     add_image_args(p)
     p.set_defaults(run=run)
@@ -40,13 +53,18 @@ def run(args) -> int:
         if not items:
             raise UsageError(f"{args.texts} has no non-empty lines")
         bb = load_backbone(args)
-        feats, skipped, kind = bb.encode_texts(items), [], "text"
+        store = _store(args, bb)
+        feats = store.text_features(items) if store is not None else bb.encode_texts(items)
+        skipped, kind = [], "text"
     else:
         files = find_images(args.paths)
         if not files:
             raise UsageError(f"no images found under {', '.join(args.paths)}")
         bb = load_backbone(args)
-        if args.strict:
+        store = _store(args, bb)
+        if store is not None:
+            feats, skipped = _cached_images(store, files, args)
+        elif args.strict:
             feats, skipped = bb.encode_images(files, **image_kwargs(args)), []
         else:
             feats, skipped = bb.encode_images(files, on_error="skip", **image_kwargs(args))
@@ -56,16 +74,55 @@ def run(args) -> int:
     meta = {"model": bb.name, "fingerprint": bb.fingerprint, "kind": kind, "dim": int(feats.shape[1]),
             "skipped": [{"source": s.source, "reason": s.reason} for s in skipped]}
     if out.suffix == ".npy":
-        np.save(out, feats)
-        Path(str(out) + ".json").write_text(json.dumps({**meta, "items": items}, indent=1))
+        _atomic(out, lambda f: np.save(f, feats))
+        _atomic(Path(str(out) + ".json"),
+                lambda f: f.write(json.dumps({**meta, "items": items}, indent=1).encode()))
     else:
-        _write_parquet(out, items, feats, kind, meta)
+        _atomic(out, lambda f: _write_parquet(f, items, feats, kind, meta))
     print(f"wrote {feats.shape[0]} x {feats.shape[1]} {kind} embeddings to {out}", file=sys.stderr)
     report_skipped(skipped)
     return 0
 
 
-def _write_parquet(out: Path, items, feats: np.ndarray, kind: str, meta: dict) -> None:
+def _store(args, backbone):
+    """The FeatureStore of ``--cache`` (``None`` with ``--no-cache``)."""
+    if args.no_cache:
+        return None
+    from ..features import FeatureStore
+    from .eval import default_cache
+
+    batch = max(1, int(getattr(args, "batch_size", 64) or 64))
+    return FeatureStore(args.cache or default_cache(), backbone,
+                        chunk_size=batch * max(1, _CHUNK // batch))
+
+
+def _cached_images(store, files, args):
+    """``(features (M, D), skipped)`` of ``files`` through ``store``, as ``encode_images`` gives."""
+    from ..models.backbone import Skipped
+
+    res = store.image_features(files, **image_kwargs(args))
+    skipped = [Skipped(s["index"], s["source"], s["reason"]) for s in res.skipped]
+    if res.n_cached:
+        print(f"{res.n_cached} of {len(files)} image features read from the cache {store.path}",
+              file=sys.stderr)
+    if args.strict and skipped:
+        raise BadImage(skipped[0].source, skipped[0].reason)
+    return res.features, skipped
+
+
+def _atomic(path: Path, write) -> None:
+    """Call ``write(binary file)`` on a temporary file beside ``path``, then rename it over
+    ``path``: an interrupted run never leaves a half-written output."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_parquet(out, items, feats: np.ndarray, kind: str, meta: dict) -> None:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq

@@ -755,10 +755,10 @@ def find_images(
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     found: list[Path] = []
-    seen: set[Path] = set()
+    seen: set[str] = set()
 
     def add(path: Path) -> None:
-        key = path.resolve()
+        key = os.path.realpath(path)  # not Path.resolve(): a symbolic-link loop must not raise
         if key not in seen:
             seen.add(key)
             found.append(path)

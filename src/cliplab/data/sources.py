@@ -6,14 +6,21 @@ malformed row, an empty caption, a tar sample without image or text) are skipped
 recorded in a :class:`SkipLog`, which callers report; nothing is dropped silently.
 
 Images are not decoded here (see :mod:`cliplab.data.images`).
+
+An image file has one identity whatever the spelling of its path (:func:`canonical_path`,
+:func:`image_identity`, both at once for many paths: :class:`ImageIdentities`): ``img0.png``, ``./img0.png``, ``sub/../img0.png``, ``a//img0.png``
+and a symbolic link to it are one image, so tables that spell it differently in different
+rows still count it once.
 """
 
 from __future__ import annotations
 
 import csv
 import glob as globlib
+import itertools
 import json
 import logging
+import os
 import re
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -28,6 +35,110 @@ IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp", "bmp", "gif",
 TEXT_EXTENSIONS: tuple[str, ...] = ("txt", "caption", "text")
 _IMAGE_ALIASES = ("filepath", "image", "image_path", "file_name", "filename", "path", "file")
 _CAPTION_ALIASES = ("caption", "captions", "text", "title")
+
+
+def canonical_path(path, base=None) -> Path:
+    """The canonical path of an image file: absolute, symbolic links and ``.``/``..`` resolved.
+
+    Parameters
+    ----------
+    path : str or path-like
+        As written (in a table, on the command line...).
+    base : str or path-like, optional
+        Folder that a relative ``path`` is relative to (a table's folder); default the
+        current directory.
+
+    Returns
+    -------
+    Path
+        ``os.path.realpath(base / path)``.  Never raises: a missing file or a symbolic
+        link loop keeps the part that cannot be resolved, and fails later, when read.
+
+    Examples
+    --------
+    >>> str(canonical_path("./a//b/../img0.png", "/data"))
+    '/data/a/img0.png'
+    """
+    p = Path(os.fsdecode(path))
+    if base is not None and not p.is_absolute():
+        p = Path(base) / p
+    return Path(os.path.realpath(p))
+
+
+def image_identity(path) -> tuple:
+    """What makes two paths the same image: the file itself.
+
+    ``(device, inode)`` of an existing file, so hard links and different spellings on a
+    case-insensitive file system are one image too; else the :func:`canonical_path`.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Preferably already a :func:`canonical_path`.
+
+    Returns
+    -------
+    tuple
+        Hashable; equal for two paths exactly when they name the same file.
+    """
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return ("path", os.fspath(canonical_path(path)))
+    return ("file", st.st_dev, st.st_ino)
+
+
+_DOTDOT = re.compile(r"(^|[\\/])\.\.([\\/]|$)")
+
+
+class ImageIdentities:
+    """:func:`canonical_path` and :func:`image_identity` of many paths, fast.
+
+    Resolves each folder once and each spelling once (a table names thousands of files
+    in a few folders, often several times each); only the last component of each path
+    is checked for a symbolic link.  Meant for one pass over one table or folder.
+
+    Parameters
+    ----------
+    base : str or path-like, optional
+        Folder that relative paths are relative to; default the current directory.
+
+    Examples
+    --------
+    >>> ids = ImageIdentities("/data")
+    >>> ids("./a//b/../img0.png")[0] == ids("/data/a/img0.png")[0] == Path("/data/a/img0.png")
+    True
+    """
+
+    def __init__(self, base=None):
+        self.base = base
+        self._folders: dict[str, str] = {}
+        self._spellings: dict[str, tuple[Path, tuple]] = {}
+
+    def __call__(self, path) -> tuple[Path, tuple]:
+        """``(canonical_path(path, base), image_identity(...))``."""
+        key = os.fsdecode(path)
+        hit = self._spellings.get(key)
+        if hit is None:
+            hit = self._spellings[key] = self._resolve(key)
+        return hit
+
+    def _resolve(self, spelled: str) -> tuple[Path, tuple]:
+        p = spelled
+        if self.base is not None and not os.path.isabs(p):
+            p = os.path.join(os.fspath(self.base), p)
+        if _DOTDOT.search(p):                       # "link/.." must see the link: resolve all
+            resolved = canonical_path(p)
+        else:
+            folder, name = os.path.split(os.path.abspath(p))
+            if not name or os.path.islink(os.path.join(folder, name)):
+                resolved = canonical_path(p)
+            else:
+                real = self._folders.get(folder)
+                if real is None:
+                    real = self._folders[folder] = os.path.realpath(folder)
+                resolved = Path(real, name)
+        return resolved, image_identity(resolved)
 
 
 class SkipLog:
@@ -87,7 +198,8 @@ class CaptionRecord:
     Attributes
     ----------
     image : Path
-        Absolute (resolved against the table's folder or ``root``).
+        The :func:`canonical_path` (relative paths are resolved against the table's
+        folder or ``root``).
     captions : list of str
         At least one, in file order.
     meta : dict
@@ -108,12 +220,22 @@ def _pick_key(key: str, default: str, aliases: tuple[str, ...], available) -> st
     return None
 
 
-def _split_captions(value) -> list[str]:
+def _caption_list(value) -> tuple[list[str], list[int]]:
+    """``(captions, dropped)``: the non-empty strings of a caption value (a string or a
+    list), stripped, and the positions of the list entries that are empty or not text."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)):
-        return []
-    return [c.strip() for c in value if isinstance(c, str) and c.strip()]
+        return [], []
+    keep = [isinstance(c, str) and bool(c.strip()) for c in value]
+    return [c.strip() for c, k in zip(value, keep) if k], [j for j, k in enumerate(keep) if not k]
+
+
+def _count_dropped_captions(skip_log: SkipLog, source: str, key: str, captions, dropped) -> None:
+    """Record the empty or non-text entries of a caption list whose other entries are kept."""
+    if captions:
+        for j in dropped:
+            skip_log.add(source, f"empty caption: entry {j} of {key!r} is empty or not text")
 
 
 def read_caption_table(
@@ -127,7 +249,9 @@ def read_caption_table(
     """Read a ``.csv``, ``.tsv`` or ``.jsonl`` table of image paths and captions.
 
     Rows naming the same image are merged into one record (captions in file order), so
-    both "one row per caption" and "one row per image" tables work.  In JSONL the caption
+    both "one row per caption" and "one row per image" tables work.  Two rows name the same
+    image when their paths name the same file (:class:`ImageIdentities`), however they are
+    spelled (``img0.png``, ``./img0.png``, a symbolic link...).  In JSONL the caption
     value may be a string or a list of strings.
 
     Parameters
@@ -165,14 +289,22 @@ def read_caption_table(
     else:
         raise DataError(f"{path}: unknown table type {suffix!r}; use .csv, .tsv or .jsonl")
 
-    records: dict[str, CaptionRecord] = {}
+    records: dict[tuple, CaptionRecord] = {}
+    spellings: dict[tuple, str] = {}
+    n_respelled = 0
+    identities = ImageIdentities(base)
     for image, captions, meta in rows:
-        rec = records.get(image)
+        resolved, ident = identities(image)
+        rec = records.get(ident)
         if rec is None:
-            p = Path(image)
-            records[image] = CaptionRecord(p if p.is_absolute() else base / p, captions, meta)
+            records[ident] = CaptionRecord(resolved, captions, meta)
+            spellings[ident] = image
         else:
             rec.captions.extend(captions)
+            n_respelled += spellings[ident] != image
+    if n_respelled:
+        logger.info("%s: %d row(s) name an image already listed under another path spelling; "
+                    "merged into its record", path, n_respelled)
     skipped = skip_log.count - before
     if skipped:
         logger.warning("%s: skipped %d malformed row(s); %s", path, skipped, skip_log.summary())
@@ -209,27 +341,58 @@ def valid_csv_rows(reader, path, n_fields: int, required: dict, skip_log: SkipLo
 
     Blank rows are ignored; unparsable rows, rows with the wrong number of fields and
     rows whose ``required`` fields (``{"what": column index}``) are empty are counted in
-    ``skip_log`` as ``path:line`` with the reason.
+    ``skip_log`` as ``path:line`` with the reason.  A quote left open swallows every
+    line after it into one field; the ``csv`` module reads that silently, so such a last
+    row is detected here and each line it swallowed is counted.  (``line`` is where the
+    row starts.)
     """
+    end = reader.line_num                 # the header's last line
+    spanning = 0
     while True:
+        start = end + 1
         try:
             row = next(reader)
         except StopIteration:
-            return
+            break
         except csv.Error as e:
-            skip_log.add(f"{path}:{reader.line_num}", f"malformed row: {e}")
+            end = reader.line_num
+            skip_log.add(f"{path}:{end}", f"malformed row: {e}")
             continue
-        line = reader.line_num
+        end = reader.line_num
         if not row or all(not c.strip() for c in row):
             continue
+        if end > start:
+            if _open_quote(path, start, end, reader.dialect):
+                for line in range(start, end + 1):
+                    skip_log.add(f"{path}:{line}", f"malformed row: inside a quote opened on line "
+                                                   f"{start} and never closed")
+                continue
+            spanning += 1
         if len(row) != n_fields:
-            skip_log.add(f"{path}:{line}", f"malformed row: {len(row)} fields, header has {n_fields}")
+            skip_log.add(f"{path}:{start}", f"malformed row: {len(row)} fields, header has {n_fields}")
             continue
         empty = next((what for what, i in required.items() if not row[i].strip()), None)
         if empty is not None:
-            skip_log.add(f"{path}:{line}", f"empty {empty}")
+            skip_log.add(f"{path}:{start}", f"empty {empty}")
             continue
-        yield line, row
+        yield start, row
+    if spanning:
+        logger.warning("%s: %d row(s) span several lines (a quoted field with line breaks); "
+                       "check for a misplaced quote if that is not intended", path, spanning)
+
+
+def _open_quote(path, start: int, end: int, dialect) -> bool:
+    """Whether lines ``start``..``end`` of ``path`` end inside a quoted field."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        lines = list(itertools.islice(f, start - 1, end))
+    if len(lines) != end - start + 1:
+        return False
+    try:
+        for _ in csv.reader(lines, delimiter=dialect.delimiter, quotechar=dialect.quotechar, strict=True):
+            pass
+    except csv.Error as e:
+        return "unexpected end of data" in str(e)
+    return False
 
 
 def _jsonl_rows(path: Path, image_key: str, caption_key: str, skip_log: SkipLog):
@@ -250,7 +413,8 @@ def _jsonl_rows(path: Path, image_key: str, caption_key: str, skip_log: SkipLog)
             if ikey is None or not isinstance(obj[ikey], str) or not obj[ikey].strip():
                 skip_log.add(f"{path}:{line_no}", f"empty image path: no {image_key!r} string")
                 continue
-            captions = _split_captions(obj[ckey]) if ckey is not None else []
+            captions, dropped = _caption_list(obj[ckey]) if ckey is not None else ([], [])
+            _count_dropped_captions(skip_log, f"{path}:{line_no}", ckey, captions, dropped)
             if not captions:
                 skip_log.add(f"{path}:{line_no}", f"empty caption: no {caption_key!r} text")
                 continue
@@ -298,9 +462,11 @@ def _finish(source: str, key: str, files: dict, skip_log: SkipLog):
             skip_log.add(f"{source}:{key}", "bad text member: not UTF-8")
             return None
     elif isinstance(meta.get("captions"), list):
-        captions = _split_captions(meta["captions"])
+        captions, dropped = _caption_list(meta["captions"])
+        if image_ext is not None:
+            _count_dropped_captions(skip_log, f"{source}:{key}", "captions", captions, dropped)
     elif isinstance(meta.get("caption"), str):
-        captions = _split_captions(meta["caption"])
+        captions = _caption_list(meta["caption"])[0]
     if image_ext is None:
         skip_log.add(f"{source}:{key}", "no image: sample has no image member")
         return None
@@ -331,8 +497,12 @@ def iter_webdataset(paths, *, skip_log: SkipLog | None = None) -> Iterator[tuple
     paths : str, Path or iterable of them
         Shard files, in order.
     skip_log : SkipLog, optional
-        Receives samples without image or text, undecodable members and truncated or
-        unreadable shards (the samples read before the damage are still yielded).
+        Receives samples without image or text (e.g. a ``.jpg`` whose ``.txt`` is
+        missing), undecodable members, and one entry per damaged shard: cut at any
+        point (inside a member, inside or before a header, without its end-of-archive
+        blocks), an invalid header, an empty or non-tar file, data after the end of the
+        archive.  The samples read before the damage are still yielded; those after it
+        cannot be counted, the shard's entry stands for them.
 
     Yields
     ------
@@ -355,21 +525,85 @@ def iter_webdataset(paths, *, skip_log: SkipLog | None = None) -> Iterator[tuple
                 yield sample
 
 
+def _recording_tarinfo(ends: list):
+    """A ``TarInfo`` class that appends to ``ends`` the header error which stops ``tarfile``.
+
+    ``tarfile`` ends its member iteration *silently* at a zero block (the proper end),
+    at the end of the file, at a header cut short and at an invalid header; the error it
+    swallows is the only record of which one it was.
+    """
+
+    class _TarInfo(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, tar):
+            try:
+                return super().fromtarfile(tar)
+            except tarfile.HeaderError as e:
+                ends.append(e)
+                raise
+
+    return _TarInfo
+
+
+def _has_data_after_end(tar) -> bool:
+    """Whether anything but zero padding follows the end-of-archive block just read."""
+    while True:
+        chunk = tar.fileobj.read(1 << 16)
+        if not chunk:
+            return False
+        if chunk.strip(b"\0"):
+            return True
+
+
+def _damage(ends: list, offset: int, last: str | None, error: Exception | None = None) -> str | None:
+    """Why a shard's reading stopped early, as a skip reason; ``None`` at a proper end.
+
+    ``ends`` as recorded by :func:`_recording_tarinfo`, ``offset`` where the failing header
+    lies, ``last`` the name of the last member read, ``error`` what was raised (if any).
+    """
+    end = ends[-1] if ends else None
+    after = f"after member {last!r}" if last else "before its first member"
+    lost = "the samples after it are lost"
+    if isinstance(end, tarfile.EmptyHeaderError):
+        if last is None:
+            return "empty shard: 0 bytes, not a tar archive"
+        return (f"truncated shard: ends at byte {offset} {after} without the end-of-archive "
+                f"blocks; {lost}")
+    if isinstance(end, tarfile.TruncatedHeaderError):
+        return f"truncated shard: cut inside the member header at byte {offset}, {after}; {lost}"
+    if isinstance(end, tarfile.InvalidHeaderError):
+        if last is None:
+            return f"unreadable shard: not a tar archive ({end})"
+        return f"corrupt shard: invalid member header at byte {offset} ({end}), {after}; {lost}"
+    if error is not None:
+        return f"truncated shard: {error}"
+    return None
+
+
 def _shard_groups(shard: Path, skip_log: SkipLog, *, read_images: bool = True):
     """Yield ``(key, files)`` for each run of consecutive members sharing a key.
 
     ``files`` maps extension to the member's bytes; with ``read_images=False`` (plain,
     uncompressed tar only) image members map to their ``TarInfo`` instead and their data
-    is seeked past, not read.  A truncated or unreadable shard ends the groups: the group
-    being read is dropped and the damage recorded in ``skip_log``.
+    is seeked past, not read.
+
+    Every way a shard can end early is recorded in ``skip_log``, once per shard: cut
+    inside a member (the group being read is dropped), cut inside or before a member
+    header, an invalid header, no end-of-archive blocks, an empty or non-tar file, and
+    data after the end-of-archive blocks (a second archive appended, which ``tarfile``
+    would not read).  Samples past the damage cannot be counted; the entry stands for them.
     """
     source = str(shard)
-    key, files = None, {}
+    key, files, last = None, {}, None
     n = 0
     end = shard.stat().st_size
+    ends: list = []
+    damage = None
     try:
-        with tarfile.open(shard, mode="r|*" if read_images else "r:") as tar:
+        with tarfile.open(shard, mode="r|*" if read_images else "r:",
+                          tarinfo=_recording_tarinfo(ends)) as tar:
             for member in tar:
+                last = member.name
                 if not member.isfile():
                     continue
                 mkey, ext = _split_member(member.name)
@@ -387,12 +621,22 @@ def _shard_groups(shard: Path, skip_log: SkipLog, *, read_images: bool = True):
                 if len(data) != member.size:
                     raise tarfile.ReadError("unexpected end of data")
                 files[ext] = data
+            damage = _damage(ends, tar.offset, last)
+            if damage is None and _has_data_after_end(tar):
+                damage = (f"trailing data: the shard goes on after its end-of-archive blocks "
+                          f"(byte {tar.offset}), e.g. a second archive appended; it is not read")
     except (tarfile.TarError, EOFError, OSError) as e:
-        skip_log.add(f"{source}:{key or '<start>'}", f"truncated shard: {e}")
-        logger.warning("%s: unreadable after %d samples (%s); the rest of the shard is skipped", source, n, e)
+        reason = _damage(ends, 0, last, e)
+        skip_log.add(f"{source}:{key or '<start>'}", reason)
+        logger.warning("%s: unreadable after %d samples (%s); the rest of the shard is skipped",
+                       source, n, reason)
         return
     if key is not None:
         yield key, files
+        n += 1
+    if damage is not None:
+        skip_log.add(f"{source}:{key or '<start>'}", damage)
+        logger.warning("%s: %s (%d samples read)", source, damage, n)
 
 
 @dataclass(slots=True)
@@ -435,7 +679,7 @@ def index_webdataset(paths, *, skip_log: SkipLog | None = None) -> list[ShardSam
         Uncompressed shard files, in order (see :func:`expand_shards`).
     skip_log : SkipLog, optional
         Receives what :func:`iter_webdataset` skips (samples without image or text,
-        undecodable members, truncated or unreadable shards).
+        undecodable members, one entry per truncated, corrupt or unreadable shard).
 
     Returns
     -------

@@ -31,8 +31,15 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..data.images import find_images
-from ..data.sources import SkipLog, expand_shards, index_webdataset, read_caption_table, valid_csv_rows
+from ..data.images import IMAGE_EXTENSIONS, find_images
+from ..data.sources import (
+    ImageIdentities,
+    SkipLog,
+    expand_shards,
+    index_webdataset,
+    read_caption_table,
+    valid_csv_rows,
+)
 from ..errors import DataError, UsageError
 
 logger = logging.getLogger("cliplab.eval.datasets")
@@ -193,6 +200,15 @@ def classification_from_folder(root, *, classnames_json=None) -> ClassificationD
         Class names: ``{folder: name}``, or a list of names in sorted folder order.
         Default: the folder names with ``_`` read as spaces.
 
+    Returns
+    -------
+    ClassificationData
+        ``items`` are canonical paths (:class:`~cliplab.data.sources.ImageIdentities`).
+        One file is one image: a file reached again through a link (in another class
+        folder, or a hard link in the same one) is left out and listed in ``skipped``, as
+        are image files lying in ``root`` itself, in no class folder.  (A symbolic link
+        beside its target is listed once already by ``find_images``.)
+
     Raises
     ------
     DataError
@@ -206,18 +222,33 @@ def classification_from_folder(root, *, classnames_json=None) -> ClassificationD
     if not folders:
         raise DataError(f"{root}: no class sub-folders; put each class's images in root/<class>/")
     classnames = _names_for([f.name for f in folders], _read_names(classnames_json), str(root))
+    skip_log = SkipLog()
+    for p in sorted(root.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS:
+            skip_log.add(p, "not in a class folder: images must lie in root/<class>/")
     items, labels = [], []
+    first: dict[tuple, tuple[Path, str]] = {}     # image identity -> (path, class folder)
+    identities = ImageIdentities()
     for c, folder in enumerate(folders):
         found = find_images(folder)
         if not found:
             logger.warning("%s: class %r has no images", root, folder.name)
-        items.extend(found)
-        labels.extend([c] * len(found))
+        for f in found:
+            resolved, ident = identities(f)
+            if ident in first:
+                seen, cls = first[ident]
+                skip_log.add(f, f"duplicate image: same file as {seen} (class {cls!r})")
+                continue
+            first[ident] = (f, folder.name)
+            items.append(resolved)
+            labels.append(c)
+    if skip_log.count:
+        logger.warning("%s: %s", root, skip_log.summary())
     if not items:
         raise DataError(f"{root}: the class folders hold no images")
     logger.info("%s: %d images, %d classes", root, len(items), len(folders))
     return ClassificationData(items, np.asarray(labels), classnames, root.name or str(root),
-                              meta={"source": str(root)})
+                              skip_log.to_list(), meta={"source": str(root)})
 
 
 def _csv_header(path: Path, delimiter: str) -> list[str]:
@@ -251,6 +282,10 @@ def classification_from_csv(path, *, image_key: str = "filepath", label_key: str
     skip_log : SkipLog, optional
         Receives malformed rows (wrong field count, empty path or label, label not in
         the class list), each as ``path:line``.  They are also in ``data.skipped``.
+        One file is one image, however its path is spelled
+        (:class:`~cliplab.data.sources.ImageIdentities`): a later row naming a file
+        already listed is skipped too, as a duplicate or, with another label, a
+        conflicting label.
 
     Raises
     ------
@@ -308,13 +343,22 @@ def classification_from_csv(path, *, image_key: str = "filepath", label_key: str
         to_index = lookup.get
 
     items, labels = [], []
+    first: dict[tuple, tuple[int, str]] = {}      # image identity -> (line, label)
+    identities = ImageIdentities(base)
     for line, image, label in rows:
         idx = to_index(label)
         if idx is None:
             skip_log.add(f"{path}:{line}", f"unknown label {label!r}: not in the class names")
             continue
-        p = Path(image)
-        items.append(p if p.is_absolute() else base / p)
+        resolved, ident = identities(image)
+        if ident in first:
+            seen_line, seen_label = first[ident]
+            why = ("duplicate image" if to_index(seen_label) == idx else f"conflicting label {label!r}")
+            skip_log.add(f"{path}:{line}", f"{why}: same file as line {seen_line} "
+                                           f"(label {seen_label!r}), which is kept")
+            continue
+        first[ident] = (line, label)
+        items.append(resolved)
         labels.append(idx)
     skipped = skip_log.to_list()[before:]
     if skipped:
