@@ -360,7 +360,10 @@ def _infer_config(path: Path, sd: dict, openai_format: bool, opts: LoadOptions) 
         heads, quick_gelu = opts.heads, bool(opts.quick_gelu)
     from .state_dicts import apply_heads
 
-    model_cfg = apply_heads(model_cfg, heads)
+    try:
+        model_cfg = apply_heads(model_cfg, heads)
+    except AmbiguousCheckpoint as e:
+        raise AmbiguousCheckpoint(f"{path.name}: {e}") from e
     model_cfg["quick_gelu"] = quick_gelu
     log.info("%s: architecture inferred from the tensor shapes (heads %s, quick_gelu=%s)",
              path.name, heads, quick_gelu)
