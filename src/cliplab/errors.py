@@ -60,6 +60,14 @@ class BadImage(DataError):
         super().__init__(f"{self.source}: {reason}")
 
 
+class AmbiguousCheckpoint(ModelLoadError):
+    """A weights file does not record a hyper-parameter that its tensor shapes cannot tell.
+
+    Raised instead of guessing (attention head count, GELU vs QuickGELU); the
+    message names the value and the argument that sets it.
+    """
+
+
 class UnsafeCheckpoint(ModelLoadError):
     """A pickle that needs arbitrary code to load was refused."""
 

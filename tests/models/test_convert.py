@@ -224,7 +224,7 @@ def test_openai_state_dict_round_trip(tmp_path, cfg):
     torch.save(model.state_dict(), path)
 
     state_dict = read_state_dict(path)
-    inferred = infer_model_cfg(state_dict)
+    inferred = infer_model_cfg(state_dict, heads="openai")  # OpenAI's 64-wide heads
     assert "quick_gelu" not in inferred
     expected = _expected_inferable(cfg)
     assert inferred["embed_dim"] == expected["embed_dim"]
@@ -316,7 +316,7 @@ def test_check_state_dict_recognises_transformers_keys():
     with pytest.raises(CheckpointMismatch, match="Hugging Face transformers checkpoint; point cliplab at its folder"):
         check_state_dict(model, hf.state_dict())
     with pytest.raises(CheckpointMismatch, match="Hugging Face transformers"):
-        infer_model_cfg(hf.state_dict())
+        infer_model_cfg(hf.state_dict(), heads="openai")
 
 
 # --------------------------------------------------------------------------------------

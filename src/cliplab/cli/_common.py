@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -19,6 +20,11 @@ def add_model_args(p, *, spec: bool = True) -> None:
                             f"(default: {DEFAULT_MODEL})")
     g.add_argument("--arch", help="open_clip architecture for a bare weights file (e.g. ViT-B-32)")
     g.add_argument("--config", help="open_clip config JSON for a bare weights file")
+    g.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
+                   help="activation of a bare weights file: QuickGELU (--quick-gelu) or GELU "
+                        "(--no-quick-gelu); its shapes do not tell")
+    g.add_argument("--heads", type=parse_heads, metavar="N|vision=N,text=M",
+                   help="attention heads of a bare weights file, both towers or each; its shapes do not tell")
     g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     g.add_argument("--trust-pickle", action="store_true",
@@ -30,7 +36,22 @@ def load_backbone(args, spec: str | None = None):
     from ..models.loading import load
 
     return load(spec or args.model, device=args.device, precision=args.precision, arch=args.arch,
-                config=args.config, trust_pickle=args.trust_pickle)
+                config=args.config, quick_gelu=args.quick_gelu, heads=args.heads,
+                trust_pickle=args.trust_pickle)
+
+
+def parse_heads(text: str):
+    """``--heads`` value: ``"8"`` (both towers) or ``"vision=12,text=8"``."""
+    try:
+        if "=" not in text:
+            return int(text)
+        pairs = dict(part.split("=", 1) for part in text.split(","))
+        heads = {k.strip(): int(v) for k, v in pairs.items()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or vision=N,text=M, got {text!r}") from None
+    if set(heads) != {"vision", "text"}:
+        raise argparse.ArgumentTypeError(f"expected N or vision=N,text=M, got {text!r}")
+    return heads
 
 
 def add_image_args(p) -> None:

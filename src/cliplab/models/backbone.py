@@ -424,10 +424,29 @@ class Backbone:
     def state_dict(self) -> dict:
         return self.model.state_dict()
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write an open_clip folder (config JSON + safetensors) that ``cliplab.load`` reads."""
-        from .convert import save_open_clip_folder
+    def save(self, out: str | Path) -> Path:
+        """Write the model so that ``cliplab.load(out)`` rebuilds it exactly, with no options.
 
-        return Path(save_open_clip_folder(out_dir, self.model_cfg, self.model.state_dict(),
+        Parameters
+        ----------
+        out : str or path
+            A path ending in ``.safetensors``: one file whose metadata holds the
+            model and preprocess configs (including ``quick_gelu``).  Anything
+            else: an open_clip folder (``open_clip_config.json`` +
+            ``open_clip_model.safetensors``, which carries the configs as well),
+            also readable by ``open_clip.create_model("local-dir:" + out)``.
+
+        Returns
+        -------
+        pathlib.Path
+            ``out``.
+        """
+        from .convert import save_open_clip_folder
+        from .state_dicts import save_state_dict
+
+        if str(out).endswith(".safetensors"):
+            return save_state_dict(out, self.model.state_dict(), model_cfg=self.model_cfg,
+                                   preprocess_cfg=self.preprocess_cfg)
+        return Path(save_open_clip_folder(out, self.model_cfg, self.model.state_dict(),
                                           self.preprocess_cfg))
 

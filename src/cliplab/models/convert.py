@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 from cliplab.errors import CheckpointMismatch, ModelLoadError
-from cliplab.models.state_dicts import read_state_dict
+from cliplab.models.state_dicts import _jsonable, read_state_dict, save_state_dict
 
 __all__ = [
     "hf_to_open_clip",
@@ -63,6 +63,7 @@ __all__ = [
     "hf_config_to_model_cfg",
     "model_cfg_to_hf_config",
     "read_hf_folder",
+    "read_json_object",
     "read_hf_preprocess_cfg",
     "save_hf_folder",
     "is_hf_folder",
@@ -318,6 +319,14 @@ def hf_config_to_model_cfg(hf_config: Mapping) -> dict:
     return {"embed_dim": int(projection_dim), "quick_gelu": quick_gelu, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
 
 
+def hf_config_to_model_cfg_checked(hf_config: Mapping, where) -> dict:
+    """:func:`hf_config_to_model_cfg`, with malformed values reported against ``where``."""
+    try:
+        return hf_config_to_model_cfg(hf_config)
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as exc:
+        raise ModelLoadError(f"{where}: not a valid transformers CLIP config ({type(exc).__name__}: {exc})") from exc
+
+
 def _as_dict(cfg) -> dict:
     if dataclasses.is_dataclass(cfg):
         return dataclasses.asdict(cfg)
@@ -563,16 +572,40 @@ def is_hf_folder(path) -> bool:
     return bool(model_type) and any((path / name).is_file() for name in _HF_WEIGHT_FILES)
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path) -> dict:
+    """Parse a JSON config file that must hold an object, or say precisely why not.
+
+    Raises
+    ------
+    ModelLoadError
+        Missing, empty, not UTF-8, cut or invalid JSON, or not an object; the
+        message names the file and the fault in one line.
+    """
+    path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except FileNotFoundError as exc:
         raise ModelLoadError(f"{path}: no such file") from exc
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: not readable JSON ({exc})") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+    if not raw.strip():
+        raise ModelLoadError(f"{path}: empty file, expected a JSON object")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ModelLoadError(f"{path}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}); "
+                             "JSON configs must be UTF-8") from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise ModelLoadError(f"{path}: cut or invalid JSON ({reason}{where})") from exc
     if not isinstance(data, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object")
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(data), "null")
+        raise ModelLoadError(f"{path}: expected a JSON object, found a JSON {kind}")
     return data
+
 
 
 def _read_hf_weights(path: Path) -> dict:
@@ -581,12 +614,15 @@ def _read_hf_weights(path: Path) -> dict:
         if (path / single).is_file():
             return read_state_dict(path / single)
         if (path / index).is_file():
-            weight_map = _read_json(path / index).get("weight_map") or {}
+            weight_map = read_json_object(path / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ModelLoadError(f"{path / index}: has no 'weight_map' object naming the shards")
             out = {}
             for shard in sorted(set(weight_map.values())):
                 out.update(read_state_dict(path / shard))
             return out
-    raise ModelLoadError(f"{path}: no model.safetensors or pytorch_model.bin in the folder")
+    raise ModelLoadError(f"{path}: has config.json but no weights file (model.safetensors, "
+                         "pytorch_model.bin or a sharded *.index.json)")
 
 
 def read_hf_folder(path) -> tuple[dict, dict]:
@@ -613,7 +649,8 @@ def read_hf_folder(path) -> tuple[dict, dict]:
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"{path}: not a folder")
-    hf_config = _read_json(path / "config.json")
+    hf_config = read_json_object(path / "config.json")
+    hf_config_to_model_cfg_checked(hf_config, path / "config.json")  # before reading the weights
     model_cfg, state_dict = hf_to_open_clip(hf_config, _read_hf_weights(path))
     logger.info("converted transformers CLIP folder %s to open_clip layout", path)
     return model_cfg, state_dict
@@ -628,30 +665,20 @@ def read_hf_preprocess_cfg(path) -> dict | None:
     file = Path(path) / "preprocessor_config.json"
     if not file.is_file():
         return None
-    pp = _read_json(file)
-    crop = pp.get("crop_size") or pp.get("size") or 224
-    size = crop.get("height", crop.get("shortest_edge", 224)) if isinstance(crop, dict) else int(crop)
-    resample = {2: "bilinear", 3: "bicubic"}.get(pp.get("resample", 3), "bicubic")
-    return {
-        "size": int(size),
-        "mean": tuple(pp.get("image_mean", OPENAI_MEAN)),
-        "std": tuple(pp.get("image_std", OPENAI_STD)),
-        "interpolation": resample,
-        "resize_mode": "shortest",
-    }
-
-
-def _own_memory(state_dict: Mapping[str, torch.Tensor]) -> dict:
-    """Contiguous tensors that share no storage (what safetensors requires)."""
-    seen, out = set(), {}
-    for key, tensor in state_dict.items():
-        tensor = tensor.detach().cpu().contiguous()
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr in seen:
-            tensor = tensor.clone()
-        seen.add(tensor.untyped_storage().data_ptr())
-        out[key] = tensor
-    return out
+    pp = read_json_object(file)
+    try:
+        crop = pp.get("crop_size") or pp.get("size") or 224
+        size = crop.get("height", crop.get("shortest_edge", 224)) if isinstance(crop, dict) else int(crop)
+        resample = {2: "bilinear", 3: "bicubic"}.get(pp.get("resample", 3), "bicubic")
+        return {
+            "size": int(size),
+            "mean": tuple(float(m) for m in pp.get("image_mean", OPENAI_MEAN)),
+            "std": tuple(float(m) for m in pp.get("image_std", OPENAI_STD)),
+            "interpolation": resample,
+            "resize_mode": "shortest",
+        }
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{file}: not a valid CLIP image processor config ({exc})") from exc
 
 
 def _write_json(path: Path, data) -> None:
@@ -745,13 +772,12 @@ def save_hf_folder(out_dir, model_cfg: Mapping, state_dict: Mapping[str, torch.T
     become straight, mojibake is repaired); transformers only applies NFC,
     collapses whitespace and lower-cases.
     """
-    from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_config, hf_state_dict = open_clip_to_hf(model_cfg, state_dict)
     _write_json(out_dir / "config.json", hf_config)
-    save_file(_own_memory(hf_state_dict), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_state_dict(out_dir / "model.safetensors", hf_state_dict)  # config.json describes it
     text = hf_config["text_config"]
     _write_image_processor(out_dir, hf_config["vision_config"]["image_size"], preprocess_cfg)
     if text["vocab_size"] == _CLIP_VOCAB_SIZE:
@@ -788,22 +814,13 @@ def save_open_clip_folder(out_dir, model_cfg: Mapping, state_dict: Mapping[str, 
     pathlib.Path
         ``out_dir``.
     """
-    from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = {"model_cfg": _jsonable(model_cfg), "preprocess_cfg": _jsonable(preprocess_cfg or {})}
     _write_json(out_dir / "open_clip_config.json", config)
-    save_file(_own_memory(state_dict), str(out_dir / "open_clip_model.safetensors"), metadata={"format": "pt"})
+    # the weights carry the config too, so the file alone loads back exactly
+    save_state_dict(out_dir / "open_clip_model.safetensors", state_dict, model_cfg=model_cfg,
+                    preprocess_cfg=preprocess_cfg)
     logger.info("wrote open_clip folder %s", out_dir)
     return out_dir
-
-
-def _jsonable(value):
-    if dataclasses.is_dataclass(value):
-        value = dataclasses.asdict(value)
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value

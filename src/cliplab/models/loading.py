@@ -12,9 +12,16 @@ spec                source
 a folder            open_clip folder (``open_clip_config.json`` + weights) or a
                     Hugging Face ``transformers`` CLIP folder (``config.json``)
 a file              ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin``: open_clip or
-                    OpenAI-format weights; architecture from ``arch=``, a config
-                    JSON beside it, or inferred from the tensor shapes
+                    OpenAI-format weights; architecture from ``arch=``, ``config=``,
+                    the config a cliplab-written file carries, a config JSON beside
+                    it, or the tensor shapes (see below)
 ==================  ================================================================
+
+Tensor shapes give every size of a CLIP but not its attention head count nor its
+activation (GELU or QuickGELU).  Loading never guesses them: OpenAI's own format
+has certain conventions (64-wide heads, QuickGELU), anything else needs them
+recorded (a config) or given (``heads=``, ``quick_gelu=``), else
+:class:`cliplab.errors.AmbiguousCheckpoint` names what is missing.
 
 Downloads keep open_clip's real path.  Without network they fail at once with
 :class:`cliplab.errors.OfflineError`, whose message says where to put the files.
@@ -22,7 +29,6 @@ Downloads keep open_clip's real path.  Without network they fail at once with
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -33,7 +39,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from ..errors import CheckpointMismatch, ModelLoadError, OfflineError, UsageError
+from ..errors import AmbiguousCheckpoint, CheckpointMismatch, CliplabError, ModelLoadError, OfflineError, UsageError
 from .backbone import Backbone
 from .transforms import default_preprocess_cfg
 
@@ -55,6 +61,7 @@ class LoadOptions:
     arch: str | None = None
     config: str | None = None
     quick_gelu: bool | None = None
+    heads: int | dict | None = None
     trust_pickle: bool = False
     cache_dir: str | None = None
 
@@ -96,8 +103,11 @@ def build_model(model_cfg: dict, *, precision: str = "fp32", device: str = "cpu"
     cls = CustomTextCLIP if custom else CLIP
     try:
         model = cls(**cfg, cast_dtype=get_cast_dtype(precision))
-    except TypeError as e:
-        raise ModelLoadError(f"invalid open_clip model config: {e}") from e
+    except CliplabError:
+        raise
+    except (TypeError, ValueError, KeyError, AssertionError, ZeroDivisionError, RuntimeError) as e:
+        # a config whose values cannot build a model (0 heads, a width heads do not divide...)
+        raise ModelLoadError(f"invalid open_clip model config: {type(e).__name__}: {e}") from e
     _set_model_device_and_precision(model, torch.device(device), precision)
     return model.eval()
 
@@ -119,9 +129,14 @@ def make_tokenizer(model_cfg: dict):
 def _finish(res: Resolved, opts: LoadOptions) -> Backbone:
     from open_clip.factory import _set_model_device_and_precision
 
-    from .state_dicts import check_state_dict
+    from .state_dicts import apply_heads, check_state_dict
 
     cfg = dict(res.model_cfg)
+    if opts.heads is not None:
+        if res.model is not None:
+            raise UsageError(f"heads= sets the head count of weights without a config; {res.name} "
+                             "is built by open_clip from its own config")
+        cfg = apply_heads(cfg, opts.heads)
     if opts.quick_gelu is not None:
         cfg["quick_gelu"] = bool(opts.quick_gelu)
     model = res.model
@@ -148,8 +163,8 @@ def _check_device(device: str) -> None:
 
 def load(spec: str | os.PathLike, *, device: str = "cpu", precision: str = "fp32",
          arch: str | None = None, config: str | os.PathLike | None = None,
-         quick_gelu: bool | None = None, trust_pickle: bool = False,
-         cache_dir: str | None = None) -> Backbone:
+         quick_gelu: bool | None = None, heads: int | dict | None = None,
+         trust_pickle: bool = False, cache_dir: str | None = None) -> Backbone:
     """Load a CLIP model as a :class:`~cliplab.models.backbone.Backbone`.
 
     Parameters
@@ -164,8 +179,12 @@ def load(spec: str | os.PathLike, *, device: str = "cpu", precision: str = "fp32
     config : path, optional
         open_clip config JSON for a bare weights file.
     quick_gelu : bool, optional
-        Force the activation.  OpenAI-trained weights need QuickGELU; cliplab sets
-        it for OpenAI-format files and warns when a name suggests a mismatch.
+        The activation: QuickGELU (True) or GELU (False), overriding any config.
+        A bare weights file records it only when cliplab wrote it; OpenAI's own
+        format means QuickGELU; otherwise give it (or ``arch=`` / ``config=``).
+    heads : int or {"vision": int, "text": int}, optional
+        Attention heads of both towers (or of each), overriding any config; the
+        shapes of a bare weights file do not show them.  Not for ``ARCH:TAG``.
     trust_pickle : bool, default=False
         Allow checkpoints that need arbitrary code to unpickle (TorchScript
         archives, pickled objects).  Only for files you trust.
@@ -175,6 +194,11 @@ def load(spec: str | os.PathLike, *, device: str = "cpu", precision: str = "fp32
     Raises
     ------
     ModelLoadError, OfflineError, CheckpointMismatch, UnsafeCheckpoint
+    AmbiguousCheckpoint
+        A bare weights file records neither its head count nor its activation
+        and is not in OpenAI's format; the message names what to pass.
+    UsageError
+        A bad ``precision``, ``device`` or ``heads``.
     """
     if precision not in PRECISIONS:
         raise UsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -182,7 +206,7 @@ def load(spec: str | os.PathLike, *, device: str = "cpu", precision: str = "fp32
     spec = str(spec)
     opts = LoadOptions(device=device, precision=precision, arch=arch,
                        config=None if config is None else str(config), quick_gelu=quick_gelu,
-                       trust_pickle=trust_pickle, cache_dir=cache_dir)
+                       heads=heads, trust_pickle=trust_pickle, cache_dir=cache_dir)
     for name, match, fn in _SOURCES:
         if match(spec):
             log.info("loading %r with the %s source", spec, name)
@@ -200,15 +224,22 @@ def bundled_models() -> list[str]:
 
 
 def _read_open_clip_config(path: Path) -> tuple[dict, dict]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read config {path}: {e}") from e
-    model_cfg = data.get("model_cfg", data)
-    if "embed_dim" not in model_cfg or "vision_cfg" not in model_cfg:
-        raise ModelLoadError(f"{path} is not an open_clip config (needs embed_dim, vision_cfg, text_cfg)")
+    from .convert import read_json_object
+
+    data = read_json_object(path)
+    return _checked_config(data.get("model_cfg", data), data.get("preprocess_cfg", {}), path)
+
+
+def _checked_config(model_cfg, preprocess_cfg, where) -> tuple[dict, dict]:
+    """``(model_cfg, preprocess_cfg)`` with the preprocessing defaults filled in, once validated."""
+    if not (isinstance(model_cfg, dict) and "embed_dim" in model_cfg
+            and isinstance(model_cfg.get("vision_cfg"), dict) and isinstance(model_cfg.get("text_cfg", {}), dict)):
+        raise ModelLoadError(f"{where} is not an open_clip config (needs embed_dim and vision_cfg, "
+                             "text_cfg objects)")
+    if not isinstance(preprocess_cfg, dict):
+        raise ModelLoadError(f"{where}: preprocess_cfg must be a JSON object")
     pre = default_preprocess_cfg(model_cfg)
-    pre.update(data.get("preprocess_cfg", {}))
+    pre.update(preprocess_cfg)
     return model_cfg, pre
 
 
@@ -230,7 +261,10 @@ def _find_weights(folder: Path) -> Path | None:
         if (folder / fname).is_file():
             return folder / fname
     found = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-    found.sort(key=lambda p: p.suffix != ".safetensors")
+    if len(found) > 1:  # which one the config describes is not ours to guess
+        raise ModelLoadError(f"{folder} holds several weights files ({', '.join(p.name for p in found[:5])}) "
+                             "and none of the standard names: load the file itself, with "
+                             f"config={folder / 'open_clip_config.json'} (--config)")
     return found[0] if found else None
 
 
@@ -250,13 +284,13 @@ def _is_local(spec: str) -> bool:
 
 @register_source("local", _is_local)
 def _load_local(spec: str, opts: LoadOptions) -> Resolved:
-    from .convert import is_hf_folder, read_hf_folder, read_hf_preprocess_cfg
+    from .convert import read_hf_folder, read_hf_preprocess_cfg
 
     path = _local_path(spec)
     if path.is_dir():
         if (path / "open_clip_config.json").is_file():
             return _open_clip_folder(path, opts, path.name)
-        if is_hf_folder(path):
+        if (path / "config.json").is_file():  # read_hf_folder says what is wrong with it
             model_cfg, sd = read_hf_folder(path)
             pre = {**default_preprocess_cfg(model_cfg), **(read_hf_preprocess_cfg(path) or {})}
             return Resolved(model_cfg, sd, pre, path.name)
@@ -266,7 +300,7 @@ def _load_local(spec: str, opts: LoadOptions) -> Resolved:
 
 
 def _weights_file(path: Path, opts: LoadOptions) -> Resolved:
-    from .state_dicts import TORCHSCRIPT_INT_ENTRIES, infer_model_cfg, is_torchscript_archive, read_state_dict
+    from .state_dicts import TORCHSCRIPT_INT_ENTRIES, is_torchscript_archive, read_saved_config, read_state_dict
 
     if path.suffix not in WEIGHT_SUFFIXES:
         raise ModelLoadError(f"{path}: unknown weights format {path.suffix!r}; "
@@ -280,27 +314,60 @@ def _weights_file(path: Path, opts: LoadOptions) -> Resolved:
     openai_format = is_torchscript_archive(path) or any(k in sd for k in TORCHSCRIPT_INT_ENTRIES)
     for key in TORCHSCRIPT_INT_ENTRIES:
         sd.pop(key, None)
-    beside = [Path(opts.config)] if opts.config else [path.with_suffix(".json"),
-                                                      path.parent / "open_clip_config.json"]
+    beside = [p for p in (path.with_suffix(".json"), path.parent / "open_clip_config.json") if p.is_file()]
     if opts.arch:
         model_cfg = _arch_config(opts.arch)
-        if openai_format and not model_cfg.get("quick_gelu"):
+        if openai_format and not model_cfg.get("quick_gelu") and opts.quick_gelu is None:
             log.warning("%s is in OpenAI's format, trained with QuickGELU, but arch %r uses GELU: "
                         "switching to QuickGELU (pass arch='%s-quickgelu' to silence, or "
                         "quick_gelu=False to force GELU)", path.name, opts.arch, opts.arch)
             model_cfg["quick_gelu"] = True
         pre = default_preprocess_cfg(model_cfg)
-    elif any(p.is_file() for p in beside):
-        model_cfg, pre = _read_open_clip_config(next(p for p in beside if p.is_file()))
+    elif opts.config:
+        model_cfg, pre = _read_open_clip_config(Path(opts.config))
+    elif (saved := read_saved_config(path)) is not None:  # written by cliplab: exact
+        model_cfg, pre = _checked_config(*saved, f"{path} (its open_clip_config metadata)")
+    elif beside:
+        model_cfg, pre = _read_open_clip_config(beside[0])
     else:
-        # Tensor shapes give the architecture but cannot tell GELU from QuickGELU.
-        model_cfg = infer_model_cfg(sd)
-        model_cfg["quick_gelu"] = openai_format
-        if not openai_format:
-            log.warning("%s: architecture inferred from the weights with GELU; if these are "
-                        "OpenAI-trained weights pass quick_gelu=True (--arch NAME-quickgelu)", path.name)
+        model_cfg = _infer_config(path, sd, openai_format, opts)
         pre = default_preprocess_cfg(model_cfg)
     return Resolved(model_cfg, sd, pre, path.stem)
+
+
+def _infer_config(path: Path, sd: dict, openai_format: bool, opts: LoadOptions) -> dict:
+    """Model config of bare weights from their shapes; refuses what the shapes cannot tell."""
+    from .state_dicts import infer_model_cfg
+
+    model_cfg = infer_model_cfg(sd, heads=None)  # checks the layout first
+    if openai_format:  # OpenAI's conventions are certain: 64-wide heads, QuickGELU
+        heads = "openai" if opts.heads is None else opts.heads
+        quick_gelu = True if opts.quick_gelu is None else bool(opts.quick_gelu)
+    else:
+        missing, args = [], []
+        if opts.heads is None:
+            widths = f"vision width {model_cfg['vision_cfg']['width']}, text width {model_cfg['text_cfg']['width']}"
+            missing.append(f"its attention head count ({widths})")
+            args.append("heads= (--heads)")
+        if opts.quick_gelu is None:
+            missing.append("its activation (GELU or QuickGELU)")
+            args.append("quick_gelu= (--quick-gelu / --no-quick-gelu)")
+        if missing:
+            raise AmbiguousCheckpoint(
+                f"{path.name} records neither a config nor {' nor '.join(missing)}, and tensor shapes "
+                f"cannot tell: pass arch= (--arch, e.g. ViT-B-32 or ViT-B-32-quickgelu), or "
+                f"{' and '.join(args)}, or put its open_clip config beside it as {path.with_suffix('.json').name}")
+        heads, quick_gelu = opts.heads, bool(opts.quick_gelu)
+    from .state_dicts import apply_heads
+
+    try:
+        model_cfg = apply_heads(model_cfg, heads)
+    except AmbiguousCheckpoint as e:
+        raise AmbiguousCheckpoint(f"{path.name}: {e}") from e
+    model_cfg["quick_gelu"] = quick_gelu
+    log.info("%s: architecture inferred from the tensor shapes (heads %s, quick_gelu=%s)",
+             path.name, heads, quick_gelu)
+    return model_cfg
 
 
 def _arch_config(arch: str) -> dict:
@@ -367,7 +434,9 @@ def _load_tag(spec: str, opts: LoadOptions) -> Resolved:
         tags = open_clip.list_pretrained_tags_by_model(arch)
         raise ModelLoadError(f"no pretrained tag {tag!r} for {arch}; known tags: {', '.join(tags) or 'none'}")
     model_cfg = _arch_config(arch)
-    if pcfg.get("quick_gelu", False) and not model_cfg.get("quick_gelu", False):
+    if opts.quick_gelu is not None:  # the user's choice, built into the model below
+        model_cfg["quick_gelu"] = bool(opts.quick_gelu)
+    elif pcfg.get("quick_gelu", False) and not model_cfg.get("quick_gelu", False):
         log.info("%s was trained with QuickGELU; using it (open_clip name %s-quickgelu)", spec, arch)
         model_cfg["quick_gelu"] = True
     repo = pcfg.get("hf_hub", "").rstrip("/")
@@ -381,8 +450,8 @@ def _load_tag(spec: str, opts: LoadOptions) -> Resolved:
         raise OfflineError(f"cannot download {spec} from {pcfg['url']} (no network); download it "
                            f"elsewhere and run cliplab.load('/path/to/file', arch='{arch}')")
     try:
-        model = open_clip.create_model(arch, pretrained=tag, cache_dir=opts.cache_dir,
-                                       force_quick_gelu=bool(model_cfg.get("quick_gelu")))  # on CPU, fp32
+        model = open_clip.create_model(arch, pretrained=tag, cache_dir=opts.cache_dir,  # on CPU, fp32
+                                       quick_gelu=bool(model_cfg.get("quick_gelu", False)))
     except Exception as e:
         raise ModelLoadError(f"open_clip could not load {spec}: {e}") from e
     pre = default_preprocess_cfg(model_cfg)

@@ -5,9 +5,11 @@ Three jobs, each a function:
 * :func:`read_state_dict` turns a checkpoint file (safetensors, a ``torch.save``
   pickle, or OpenAI's original TorchScript archive) into a flat
   ``{name: tensor}`` dict, refusing anything that needs pickled code unless the
-  caller trusts the file.
+  caller trusts the file.  :func:`save_state_dict` writes safetensors that carry
+  their open_clip config, which :func:`read_saved_config` reads back.
 * :func:`infer_model_cfg` reads the architecture off the tensor shapes, the way
-  OpenAI's ``build_model`` does, and returns an open_clip ``model_cfg`` dict.
+  OpenAI's ``build_model`` does, and returns an open_clip ``model_cfg`` dict;
+  the head count, which shapes do not show, comes from the caller.
 * :func:`check_state_dict` loads a state dict strictly into a model and, when
   it does not fit, raises :class:`~cliplab.errors.CheckpointMismatch` with a
   message that names the likely fix.
@@ -20,8 +22,11 @@ and ``logit_scale``.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import pickle
+import pickletools
 import re
 import zipfile
 from collections.abc import Mapping
@@ -29,9 +34,10 @@ from pathlib import Path
 
 import torch
 
-from cliplab.errors import CheckpointMismatch, ModelLoadError, UnsafeCheckpoint
+from cliplab.errors import AmbiguousCheckpoint, CheckpointMismatch, ModelLoadError, UnsafeCheckpoint
 
-__all__ = ["read_state_dict", "infer_model_cfg", "check_state_dict", "mismatch_hints"]
+__all__ = ["read_state_dict", "save_state_dict", "read_saved_config", "infer_model_cfg",
+           "check_state_dict", "mismatch_hints", "apply_heads", "sniff_format"]
 
 logger = logging.getLogger("cliplab.models.state_dicts")
 
@@ -42,6 +48,11 @@ TORCHSCRIPT_INT_ENTRIES = ("input_resolution", "context_length", "vocab_size")
 _WRAPPER_KEYS = ("state_dict", "model")
 # How many offending keys an error message lists.
 _SHOW = 5
+
+# safetensors ``__metadata__`` key holding ``{"model_cfg": ..., "preprocess_cfg": ...}`` as JSON.
+CONFIG_METADATA_KEY = "open_clip_config"
+# Pickle opcodes that import a global (a class or function) when unpickled.
+_GLOBAL_OPCODES = frozenset({"GLOBAL", "STACK_GLOBAL", "INST", "OBJ"})
 
 _TRUST_HINT = "pass trust_pickle=True (command line: --trust-pickle) only if you trust its origin"
 
@@ -74,12 +85,17 @@ def read_state_dict(path, *, trust_pickle: bool = False) -> dict[str, torch.Tens
     Raises
     ------
     ModelLoadError
-        The file is missing, unreadable, corrupt or holds no tensors.
+        The file is missing, empty, truncated, of another kind (an image, a Git
+        LFS pointer, a web page...) or holds no tensors.
     UnsafeCheckpoint
-        Loading needs pickled code and ``trust_pickle`` is False.
+        A well-formed pickle or TorchScript archive needs code to load and
+        ``trust_pickle`` is False.
 
     Notes
     -----
+    The format is read from the file's first bytes, not its suffix, so a
+    safetensors file named ``.bin`` loads too.
+
     OpenAI's original ``ViT-B-32.pt`` and friends are TorchScript archives: a
     zip holding ``code/`` and ``constants.pkl`` besides the weights.  With
     ``trust_pickle=True`` they are opened with ``torch.jit.load`` and their
@@ -98,13 +114,57 @@ def read_state_dict(path, *, trust_pickle: bool = False) -> dict[str, torch.Tens
     if not path.is_file():
         what = "is a folder, not a checkpoint file" if path.is_dir() else "no such file"
         raise ModelLoadError(f"{path}: {what}")
-    if path.suffix == ".safetensors":
+    kind = sniff_format(path)
+    if kind == "safetensors":
         raw = _read_safetensors(path)
-    elif is_torchscript_archive(path):
+    elif kind == "zip" and is_torchscript_archive(path):
         raw = _read_torchscript(path, trust_pickle)
-    else:
+    elif kind in ("zip", "pickle"):
         raw = _read_pickle(path, trust_pickle)
+    else:
+        raise ModelLoadError(f"{path}: not a readable checkpoint: {kind}")
     return _flatten(raw, path)
+
+
+# First bytes of files that people mistake for weights, and what to call them.
+_FOREIGN_MAGIC = (
+    (b"\x89PNG", "it is a PNG image"),
+    (b"\xff\xd8\xff", "it is a JPEG image"),
+    (b"GIF8", "it is a GIF image"),
+    (b"\x1f\x8b", "it is gzip-compressed; decompress it first"),
+    (b"version https://git-lfs", "it is a Git LFS pointer, not the weights; fetch them with `git lfs pull`"),
+)
+
+
+def sniff_format(path) -> str:
+    """What a checkpoint file holds, from its first bytes.
+
+    Returns
+    -------
+    str
+        ``"safetensors"``, ``"zip"`` (``torch.save`` or TorchScript), ``"pickle"``
+        (legacy ``torch.save``), or otherwise a phrase saying what the file is
+        (``"it is a PNG image"``, ``"the file is empty"``...) for an error message.
+    """
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "the file is empty"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0:
+        return "safetensors"  # 8-byte header length, then the JSON header
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"  # PROTO opcode, protocols 2-5
+    for magic, what in _FOREIGN_MAGIC:
+        if head.startswith(magic):
+            return what
+    text = head.lstrip()
+    if text.startswith(b"<"):
+        return "it is an HTML or XML page (a failed download?)"
+    if text.startswith((b"{", b"[")):
+        return "it is JSON text, not weights"
+    return "neither safetensors nor a torch.save file (truncated or of another kind)"
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -113,7 +173,8 @@ def _read_safetensors(path: Path) -> dict:
     try:
         return load_file(str(path), device="cpu")
     except Exception as exc:  # safetensors raises its own error types
-        raise ModelLoadError(f"{path}: not a readable safetensors file ({exc})") from exc
+        raise ModelLoadError(f"{path}: not a readable safetensors file, truncated or corrupt "
+                             f"({_first_line(exc)})") from exc
 
 
 def is_torchscript_archive(path: Path) -> bool:
@@ -149,18 +210,63 @@ def _read_pickle(path: Path, trust_pickle: bool):
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # weights_only refuses globals it does not know: the pickle needs code.
+        # weights_only refuses globals it does not know, and also garbage: only a
+        # well-formed pickle that imports something needs code.
+        if not _pickle_imports_code(path):
+            raise ModelLoadError(f"{path}: not a readable checkpoint (a truncated or corrupt "
+                                 f"pickle: {_weights_only_reason(exc)})") from exc
         if not trust_pickle:
             raise UnsafeCheckpoint(
-                f"{path} is a pickle that needs code to load ({_first_line(exc)}); {_TRUST_HINT}"
+                f"{path} is a pickle that needs code to load ({_weights_only_reason(exc)}); {_TRUST_HINT}"
             ) from exc
     except Exception as exc:  # truncated zip, wrong magic number, I/O error...
-        raise ModelLoadError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from exc
+        raise ModelLoadError(f"{path}: not a readable checkpoint, truncated or corrupt "
+                             f"({_first_line(exc).split('. ')[0]})") from exc
     logger.warning("unpickling %s with code execution allowed (trusted by the caller)", path)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:
         raise ModelLoadError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from exc
+
+
+def _pickle_imports_code(path: Path) -> bool:
+    """True when ``path`` holds well-formed pickles, at least one importing a global.
+
+    The pickle opcodes are parsed with :mod:`pickletools`, which runs nothing.  A
+    ``torch.save`` zip keeps its pickle in ``*/data.pkl``; a legacy file is a
+    sequence of pickles (magic number, protocol, system info, object, storage
+    keys) followed by raw storage bytes.  Truncated or random bytes fail to parse.
+    """
+    import io
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                names = [n for n in zf.namelist() if n.endswith("data.pkl")]
+                if not names:
+                    return False
+                stream = io.BytesIO(zf.read(names[0]))
+            pickles = 1
+        else:
+            stream = open(path, "rb")
+            pickles = 5
+        with stream:
+            for _ in range(pickles):
+                ops = [op.name for op, _, _ in pickletools.genops(stream)]
+                if _GLOBAL_OPCODES.intersection(ops):
+                    return True
+    except Exception:  # truncated or not a pickle at all
+        return False
+    return False
+
+
+def _weights_only_reason(exc: BaseException) -> str:
+    """The informative line of torch's long weights_only error."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0].split(" was not an allowed global")[0] if lines else type(exc).__name__
 
 
 def _first_line(exc: BaseException) -> str:
@@ -192,6 +298,102 @@ def _flatten(raw, path: Path) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------
+# Writing weights with their config
+# --------------------------------------------------------------------------------------
+
+
+def save_state_dict(path, state_dict: Mapping[str, torch.Tensor], *, model_cfg: Mapping | None = None,
+                    preprocess_cfg: Mapping | None = None) -> Path:
+    """Write weights as safetensors; with ``model_cfg`` the file carries its config.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``.safetensors`` file to write (replaced if it exists).
+    state_dict : mapping of str to torch.Tensor
+        The weights; shared or non-contiguous tensors are copied as safetensors requires.
+    model_cfg : mapping, optional
+        open_clip model config.  Stored, with ``quick_gelu`` made explicit, as JSON
+        under the ``__metadata__`` key ``"open_clip_config"`` with ``preprocess_cfg``,
+        so that :func:`cliplab.load` rebuilds the model exactly from the file alone.
+    preprocess_cfg : mapping, optional
+        open_clip preprocess config stored beside ``model_cfg``.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    metadata = {"format": "pt"}
+    if model_cfg is not None:
+        cfg = _jsonable(model_cfg)
+        cfg["quick_gelu"] = bool(cfg.get("quick_gelu", False))
+        metadata[CONFIG_METADATA_KEY] = json.dumps(
+            {"model_cfg": cfg, "preprocess_cfg": _jsonable(preprocess_cfg or {})}, sort_keys=True)
+    save_file(_own_memory(state_dict), str(path), metadata=metadata)
+    return path
+
+
+def read_saved_config(path) -> tuple[dict, dict] | None:
+    """The ``(model_cfg, preprocess_cfg)`` that :func:`save_state_dict` stored in ``path``.
+
+    Returns None for files without one (other safetensors, pickles).
+
+    Raises
+    ------
+    ModelLoadError
+        The stored config is not a JSON object with a ``model_cfg`` object.
+    """
+    if sniff_format(path) != "safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: not a readable safetensors file, truncated or corrupt "
+                             f"({_first_line(exc)})") from exc
+    if CONFIG_METADATA_KEY not in metadata:
+        return None
+    try:
+        data = json.loads(metadata[CONFIG_METADATA_KEY])
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: the {CONFIG_METADATA_KEY!r} metadata is not valid JSON ({exc}); "
+                             "pass arch= (--arch) or config= (--config)") from exc
+    if not (isinstance(data, dict) and isinstance(data.get("model_cfg"), dict)
+            and isinstance(data.get("preprocess_cfg", {}), dict)):
+        raise ModelLoadError(f"{path}: the {CONFIG_METADATA_KEY!r} metadata is not an open_clip config "
+                             "(a JSON object with a model_cfg object); pass arch= (--arch) or config= (--config)")
+    return data["model_cfg"], data.get("preprocess_cfg", {})
+
+
+def _own_memory(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """Contiguous CPU tensors that share no storage (what safetensors requires)."""
+    seen, out = set(), {}
+    for key, tensor in state_dict.items():
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    return out
+
+
+def _jsonable(value):
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------
 # Inferring the architecture
 # --------------------------------------------------------------------------------------
 
@@ -202,7 +404,7 @@ def _count_blocks(state_dict: Mapping, prefix: str) -> int:
     return len({m.group(1) for k in state_dict if (m := pattern.match(k))})
 
 
-def infer_model_cfg(state_dict: Mapping[str, torch.Tensor]) -> dict:
+def infer_model_cfg(state_dict: Mapping[str, torch.Tensor], *, heads) -> dict:
     """Infer the open_clip ``model_cfg`` of a CLIP from its weight shapes.
 
     Parameters
@@ -210,12 +412,17 @@ def infer_model_cfg(state_dict: Mapping[str, torch.Tensor]) -> dict:
     state_dict : mapping of str to torch.Tensor
         Weights in the OpenAI / ``open_clip.model.CLIP`` layout, with a ViT or a
         ModifiedResNet image tower.
+    heads : int, {"vision": int, "text": int}, "openai" or None
+        Attention heads, which the shapes do not show (see :func:`apply_heads`);
+        ``"openai"`` is OpenAI's convention of 64-wide heads.  None leaves
+        ``vision_cfg.head_width`` and ``text_cfg.heads`` out: set them with
+        :func:`apply_heads` before building, or open_clip's defaults apply.
 
     Returns
     -------
     dict
         ``{"embed_dim": int, "vision_cfg": {...}, "text_cfg": {...}}``, ready
-        for ``open_clip.model.CLIP(**model_cfg)``.  ``quick_gelu`` is left out:
+        for ``open_clip.model.CLIP(**model_cfg)`` once heads are set.  ``quick_gelu`` is left out:
         the activation has no weights, so the caller must decide it (OpenAI's
         own checkpoints and open_clip's ``*-quickgelu`` models use QuickGELU).
 
@@ -224,6 +431,8 @@ def infer_model_cfg(state_dict: Mapping[str, torch.Tensor]) -> dict:
     CheckpointMismatch
         The keys are not those of an open_clip ``CLIP`` (e.g. a Hugging Face
         transformers checkpoint or a ``CustomTextCLIP`` with a ``text.`` tower).
+    AmbiguousCheckpoint, UsageError
+        From :func:`apply_heads`.
 
     Notes
     -----
@@ -242,10 +451,11 @@ def infer_model_cfg(state_dict: Mapping[str, torch.Tensor]) -> dict:
 
     Attention heads leave no trace in the shapes (they split the same
     ``in_proj_weight``), yet a wrong count loads without error and computes
-    something else.  Like OpenAI, we assume 64-wide heads: text ``heads =
-    width // 64`` and vision ``head_width = 64`` (open_clip's default).  Every
-    OpenAI and LAION CLIP follows this; a model trained otherwise needs its
-    real config.
+    something else, so the caller gives them.  Settings without weights are
+    open_clip's ``CLIP`` defaults, which OpenAI's ``build_model`` assumes too:
+    LayerNorm eps 1e-5, causal text mask, ``argmax`` text pooling, class-token
+    image pooling, learnable position embeddings.  ``image_size`` is
+    ``patch_size`` times the grid (open_clip floors a size that is not a multiple).
 
     Examples
     --------
@@ -253,7 +463,7 @@ def infer_model_cfg(state_dict: Mapping[str, torch.Tensor]) -> dict:
     >>> cfg = dict(embed_dim=32, vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2),
     ...            text_cfg=dict(context_length=16, vocab_size=100, width=64, heads=1, layers=2))
     >>> model = open_clip.model.CLIP(**cfg)
-    >>> infer_model_cfg(model.state_dict())["vision_cfg"]["image_size"]
+    >>> infer_model_cfg(model.state_dict(), heads="openai")["vision_cfg"]["image_size"]
     32
     """
     keys = list(state_dict)
@@ -275,11 +485,71 @@ def infer_model_cfg(state_dict: Mapping[str, torch.Tensor]) -> dict:
     text_projection = state_dict["text_projection"]
     if text_projection.ndim != 2:
         raise CheckpointMismatch(f"text_projection has shape {tuple(text_projection.shape)}, expected 2-D")
-    return {
+    cfg = {
         "embed_dim": int(text_projection.shape[1]),
         "vision_cfg": vision_cfg,
         "text_cfg": _infer_text(state_dict),
     }
+    return cfg if heads is None else apply_heads(cfg, heads)
+
+
+OPENAI_HEAD_WIDTH = 64  # OpenAI's build_model: heads = width // 64
+
+
+def apply_heads(model_cfg: Mapping, heads) -> dict:
+    """Copy of ``model_cfg`` with the attention head counts of both towers set.
+
+    Parameters
+    ----------
+    model_cfg : mapping
+        open_clip model config with a ViT or ModifiedResNet image tower and the
+        built-in text tower.
+    heads : int, {"vision": int, "text": int} or "openai"
+        Heads of both towers, of each, or ``"openai"``: 64-wide heads, the
+        convention of OpenAI's own checkpoints (text ``heads = width // 64``,
+        vision ``head_width = 64``).
+
+    Returns
+    -------
+    dict
+        ``vision_cfg.head_width`` and ``text_cfg.heads`` set.  A ModifiedResNet
+        attention pool has ``width * 32 // head_width`` heads, as in open_clip.
+
+    Raises
+    ------
+    UsageError
+        ``heads`` is malformed or does not divide a tower's width.
+    AmbiguousCheckpoint
+        ``"openai"`` with a width that is not a multiple of 64.
+    """
+    from cliplab.errors import UsageError
+
+    vision, text = dict(model_cfg.get("vision_cfg") or {}), dict(model_cfg.get("text_cfg") or {})
+    if vision.get("timm_model_name") or text.get("hf_model_name"):
+        raise UsageError("heads= applies to open_clip's own towers, not timm / Hugging Face ones")
+    resnet = isinstance(vision.get("layers"), (list, tuple))
+    widths = {"vision": int(vision.get("width", 768)) * (32 if resnet else 1),
+              "text": int(text.get("width", 512))}  # a ModifiedResNet pools at width * 32
+    if heads == "openai":
+        bad = {t: w for t, w in widths.items() if w % OPENAI_HEAD_WIDTH}
+        if bad:
+            raise AmbiguousCheckpoint(
+                f"widths {bad} are not multiples of OpenAI's 64-wide heads, so the head count is "
+                "unknown: pass heads= (--heads) or arch= (--arch)")
+        counts = {t: w // OPENAI_HEAD_WIDTH for t, w in widths.items()}
+    elif isinstance(heads, Mapping) and set(heads) == {"vision", "text"}:
+        counts = dict(heads)
+    elif isinstance(heads, int) and not isinstance(heads, bool):
+        counts = {"vision": heads, "text": heads}
+    else:
+        raise UsageError(f"heads must be an int, {{'vision': int, 'text': int}} or 'openai'; got {heads!r}")
+    for tower, n in counts.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1 or widths[tower] % n:
+            raise UsageError(f"{tower} heads={n!r} must be a positive divisor of the {tower} "
+                             f"attention width {widths[tower]}")
+    vision["head_width"] = widths["vision"] // counts["vision"]
+    text["heads"] = counts["text"]
+    return {**model_cfg, "vision_cfg": vision, "text_cfg": text}
 
 
 def _mlp_ratio(state_dict: Mapping, block_prefix: str, width: int) -> float:
@@ -302,7 +572,6 @@ def _infer_vit(sd: Mapping) -> dict:
         "layers": _count_blocks(sd, "visual.transformer.resblocks."),
         "width": width,
         "patch_size": patch_size,
-        "head_width": 64,
         "mlp_ratio": _mlp_ratio(sd, "visual.transformer.resblocks.", width),
     }
     if "visual.ln_pre.weight" not in sd:
@@ -324,7 +593,6 @@ def _infer_resnet(sd: Mapping) -> dict:
         "image_size": grid * 32,
         "layers": layers,
         "width": int(sd["visual.layer1.0.conv1.weight"].shape[0]),
-        "head_width": 64,
     }
 
 
@@ -334,7 +602,6 @@ def _infer_text(sd: Mapping) -> dict:
         "context_length": int(sd["positional_embedding"].shape[0]),
         "vocab_size": int(sd["token_embedding.weight"].shape[0]),
         "width": width,
-        "heads": max(width // 64, 1),
         "layers": _count_blocks(sd, "transformer.resblocks."),
         "mlp_ratio": _mlp_ratio(sd, "transformer.resblocks.", width),
     }
