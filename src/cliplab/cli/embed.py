@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UsageError
-from ._common import add_image_args, add_model_args, image_kwargs, load_backbone, report_skipped
+from ..data.text import read_lines
+from ..errors import DataError, UsageError
+from ._common import add_image_args, add_model_args, all_unreadable, image_kwargs, load_backbone, report_skipped
 
 
 def add_parser(sub) -> None:
@@ -33,23 +34,22 @@ def run(args) -> int:
     if bool(args.texts) == bool(args.paths):
         raise UsageError("give image PATHs or --texts FILE (exactly one of them)")
     if args.texts:
-        try:
-            items = [s for s in Path(args.texts).read_text(encoding="utf-8").splitlines() if s.strip()]
-        except OSError as e:
-            raise UsageError(f"cannot read {args.texts}: {e.strerror or e}") from e
+        items = read_lines(args.texts, what="texts file", comments=False)
         if not items:
-            raise UsageError(f"{args.texts} has no non-empty lines")
+            raise DataError(f"{args.texts}: the texts file has no non-empty lines")
         bb = load_backbone(args)
         feats, skipped, kind = bb.encode_texts(items), [], "text"
     else:
         files = find_images(args.paths)
         if not files:
-            raise UsageError(f"no images found under {', '.join(args.paths)}")
+            raise DataError(f"no image files found under {', '.join(args.paths)}")
         bb = load_backbone(args)
         if args.strict:
             feats, skipped = bb.encode_images(files, **image_kwargs(args)), []
         else:
             feats, skipped = bb.encode_images(files, on_error="skip", **image_kwargs(args))
+        if len(skipped) == len(files):
+            raise all_unreadable(skipped)
         bad = {s.index for s in skipped}
         items, kind = [str(f) for i, f in enumerate(files) if i not in bad], "image"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
+from .text import open_text
 
 logger = logging.getLogger("cliplab.data.sources")
 
@@ -181,7 +182,7 @@ def read_caption_table(
 
 
 def _csv_rows(path: Path, delimiter: str, image_key: str, caption_key: str, skip_log: SkipLog):
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with open_text(path, what="caption table") as f:
         reader = csv.reader(f, delimiter=delimiter)
         try:
             header = next(reader)
@@ -233,7 +234,7 @@ def valid_csv_rows(reader, path, n_fields: int, required: dict, skip_log: SkipLo
 
 
 def _jsonl_rows(path: Path, image_key: str, caption_key: str, skip_log: SkipLog):
-    with open(path, encoding="utf-8-sig") as f:
+    with open_text(path, what="caption table") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -293,7 +294,7 @@ def _finish(source: str, key: str, files: dict, skip_log: SkipLog):
     captions: list[str] = []
     if text_ext is not None:
         try:
-            captions = [c.strip() for c in files[text_ext].decode("utf-8").splitlines() if c.strip()]
+            captions = [c.strip() for c in files[text_ext].decode("utf-8-sig").splitlines() if c.strip()]
         except UnicodeDecodeError:
             skip_log.add(f"{source}:{key}", "bad text member: not UTF-8")
             return None
