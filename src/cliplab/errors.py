@@ -31,6 +31,17 @@ class UsageError(CliplabError, ValueError):
     exit_code = 2
 
 
+class DuplicateClassError(UsageError):
+    """Two or more class names give the same prompts (equal, or equal once tokenized).
+
+    ``groups`` lists the colliding names, one list per group.
+    """
+
+    def __init__(self, groups: list[list[str]], message: str):
+        self.groups = [list(g) for g in groups]
+        super().__init__(message)
+
+
 class ModelLoadError(CliplabError):
     """A model spec could not be resolved or its checkpoint could not be read."""
 

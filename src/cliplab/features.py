@@ -208,8 +208,10 @@ class FeatureStore:
         meta_path = self.path / "meta.json"
         if meta_path.exists():
             try:
-                meta = json.loads(meta_path.read_text())
-            except (OSError, json.JSONDecodeError):
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON: no fingerprint to check
+                meta = {}
+            if not isinstance(meta, dict):
                 meta = {}
             if meta.get("fingerprint") not in (None, self.backbone.fingerprint):
                 raise UsageError(f"{self.path}: cache belongs to another model "

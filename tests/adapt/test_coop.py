@@ -7,7 +7,7 @@ import torch
 from _tiny import snapshot
 from cliplab.adapt import CoOp, KgCoOp, load_adapter, save_adapter
 from cliplab.adapt.prompts import SoftPrompts, split_template
-from cliplab.errors import UsageError
+from cliplab.errors import DuplicateClassError, UsageError
 
 NAMES = ["red star", "blue circle", "green square", "yellow hexagon"]
 
@@ -49,6 +49,15 @@ def test_prompt_shapes_and_errors(tiny):
         SoftPrompts(tiny, ["a " * 30 + "star"], before="a photo of a")
     with pytest.raises(UsageError, match="at least one class"):
         SoftPrompts(tiny, [], before=4)
+
+
+def test_learners_refuse_names_that_tokenize_alike(tiny, data):
+    X, y = data
+    with pytest.raises(DuplicateClassError, match="'Red star' = 'red star'"):
+        CoOp(backbone=tiny, classnames=["Red star", "blue circle", "red star", "x"], epochs=1).fit(X, y)
+    est = CoOp(backbone=tiny, classnames=NAMES, epochs=1, progress=False).fit(X, y)
+    with pytest.raises(DuplicateClassError):
+        est.with_classnames(["Cat", "CAT"])
 
 
 def test_coop_starts_at_zero_shot_and_kgcoop_regulariser_is_zero(tiny, data):

@@ -187,6 +187,8 @@ def test_resume_is_bit_exact(tmp_path):
     _trainer(tmp_path / "b", model_cfg=cfg, ckpt_every=4).fit(stop_at=5)  # stops after a checkpoint
     assert latest_checkpoint(tmp_path / "b").name == "step_0000005"
     (tmp_path / "b" / "checkpoints" / "latest").write_text("step_0000004\n")  # as if killed at step 5
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')                                          # ... while writing a row
     _trainer(tmp_path / "b", model_cfg=cfg, ckpt_every=4, seed=123).fit(resume=True)  # other init: overwritten
 
     wa, wb = _weights(tmp_path / "a/checkpoints/step_0000008"), _weights(tmp_path / "b/checkpoints/step_0000008")

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from cliplab.errors import DataError, UsageError
-from cliplab.zeroshot import ZeroShotClassifier, get_templates, list_template_sets, read_labels
+from cliplab.errors import DataError, DuplicateClassError, UsageError
+from cliplab.zeroshot import (ZeroShotClassifier, check_classnames, class_weights, get_templates, list_template_sets,
+                              prompt_collisions, read_labels)
 
 CLASSES = ["red star", "blue circle", "green square"]
 
@@ -64,3 +65,79 @@ def test_read_labels(tmp_path):
         (tmp_path / "bad.json").write_text(bad)
         with pytest.raises(DataError):
             read_labels(tmp_path / "bad.json")
+
+
+# ------------------------------------------------------------ labels as people write them
+def test_names_that_tokenize_alike_are_refused(tiny):
+    with pytest.raises(DuplicateClassError) as e:
+        ZeroShotClassifier(tiny, ["Red star", "red star", " RED STAR", "blue circle"])
+    assert e.value.groups == [["Red star", "red star", "RED STAR"]]
+    assert isinstance(e.value, ValueError) and e.value.exit_code == 2
+    assert "'Red star' = 'red star' = 'RED STAR'" in str(e.value)
+    with pytest.raises(DuplicateClassError, match="'red star' = 'red  star'"):   # whitespace runs
+        ZeroShotClassifier(tiny, ["red star", "red  star"], templates="openai-7")
+    with pytest.raises(DuplicateClassError, match="duplicate class names: 'a'"):
+        ZeroShotClassifier(tiny, ["a", "b", "a"])
+    assert list(ZeroShotClassifier(tiny, ["red star", "red stars"]).classes_) == ["red star", "red stars"]
+
+
+def test_collisions_compare_the_tokens_of_every_template(tiny):
+    long = "word " * tiny.context_length + "{c}."        # the class name is cut off: equal tokens
+    assert tiny.tokenize(long.replace("{c}", "cat")).tolist() == tiny.tokenize(long.replace("{c}", "dog")).tolist()
+    assert prompt_collisions(tiny, ["cat", "dog", "bird"], [long]) == [[0, 1, 2]]
+    assert prompt_collisions(tiny, ["cat", "dog", "bird"], [long, "a photo of a {c}."]) == []
+    assert prompt_collisions(tiny, ["Cat", "dog", "CAT"], [long, "a photo of a {c}."]) == [[0, 2]]
+    with pytest.raises(DuplicateClassError):
+        ZeroShotClassifier(tiny, ["cat", "dog"], templates=[long])
+    assert check_classnames(tiny, [" cat ", "dog"], ["{c}"]) == ["cat", "dog"]
+
+
+def test_every_prompt_builder_refuses_colliding_names(tiny):
+    from cliplab.zeroshot import DescriptionClassifier, PerceptionCLIP
+
+    with pytest.raises(DuplicateClassError):
+        class_weights(tiny, ["Star", "star"], ["a photo of a {c}."])        # adapters' text weights
+    with pytest.raises(DuplicateClassError):
+        PerceptionCLIP(tiny, ["Star", "circle", "STAR"])
+    with pytest.raises(DuplicateClassError):
+        DescriptionClassifier(tiny, {"Star": ["five points"], "star": ["pointed"]})
+    with pytest.raises(DataError, match="repeats another class"):
+        DescriptionClassifier(tiny, {"star": ["five points"], " star": ["pointed"]})
+
+
+def test_eval_runs_on_tied_dataset_classes_and_names_them(tiny, caplog):
+    from cliplab.eval.tasks import _class_weights
+
+    with caplog.at_level("WARNING", logger="cliplab.eval.tasks"):
+        w = _class_weights(tiny, ["Cat", "dog", "cat"], ["a photo of a {c}."])   # as CLIP_benchmark: runs
+    assert "'Cat' = 'cat'" in caplog.text
+    np.testing.assert_array_equal(w[0], w[2])
+
+
+@pytest.mark.parametrize("raw", [
+    b"\xef\xbb\xbfcat\r\n dog \r\n\r\n# a comment\r\nbird\r\n",      # UTF-8 with BOM, CRLF
+    b"cat\rdog\r\rbird",                                               # old Mac line ends
+    "cat\n  dog\t\n\nbird\n".encode("utf-16"),                         # UTF-16 with its BOM
+])
+def test_read_labels_as_people_write_them(tmp_path, raw):
+    (tmp_path / "l.txt").write_bytes(raw)
+    assert read_labels(tmp_path / "l.txt") == ["cat", "dog", "bird"]
+    (tmp_path / "l.json").write_bytes(b'\xef\xbb\xbf[" cat", "dog "]\r\n')
+    assert read_labels(tmp_path / "l.json") == ["cat", "dog"]
+
+
+def test_label_template_and_descriptor_files_that_are_not_utf8(tmp_path):
+    from cliplab.zeroshot import DescriptionClassifier
+
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("cat\ncafé {c}\n".encode("latin-1"))
+    for read in (read_labels, get_templates):
+        with pytest.raises(DataError, match=r"latin1.txt: .* not UTF-8 text \(byte 0xe9 at line 2, offset 7\)"):
+            read(str(f))
+    j = tmp_path / "d.json"
+    j.write_bytes('{"café": ["x"]}'.encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        DescriptionClassifier(None, str(j))
+    t = tmp_path / "t.txt"
+    t.write_bytes(b"\xef\xbb\xbfa photo of a {c}.\r\nart of the {}.\r\n")
+    assert get_templates(str(t)) == ["a photo of a {c}.", "art of the {c}."]

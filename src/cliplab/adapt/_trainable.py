@@ -31,6 +31,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from .._progress import progress_bar
 from ..errors import UsageError
+from ..zeroshot.classifier import check_classnames
 from ._base import softmax
 
 __all__ = ["TrainedClassifier", "count_trainable", "frozen"]
@@ -84,6 +85,7 @@ class TrainedClassifier(ClassifierMixin, BaseEstimator):
             raise UsageError(f"{type(self).__name__} needs backbone= (the model whose towers it adapts)")
         if not self.classnames:
             raise UsageError(f"{type(self).__name__} needs classnames= (one name per class index)")
+        check_classnames(self.backbone, self.classnames, ["{c}."])  # names the prompts cannot tell apart
         for name in ("epochs", "batch_size"):
             v = getattr(self, name)
             if not (v is None and name == "epochs") and int(v) < 1:
@@ -219,6 +221,7 @@ class TrainedClassifier(ClassifierMixin, BaseEstimator):
         classnames = [str(c) for c in classnames]
         if not classnames:
             raise UsageError("with_classnames needs at least one class name")
+        check_classnames(self.backbone, classnames, ["{c}."])
         new = copy.copy(self)
         new.classnames, new.classnames_ = list(classnames), list(classnames)
         new.classes_ = np.arange(len(classnames))

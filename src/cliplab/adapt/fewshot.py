@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.text import read_text
 from ..errors import DataError, UsageError
 
 METHODS = ("linear", "gda", "tip", "tip-f", "caps", "coop", "kgcoop", "mocoop", "lora", "svd", "full")
@@ -147,6 +148,7 @@ def fit_adapter(backbone, *, method: str, dataset: str, shots: int, seed: int = 
                          f"{method} chooses its hyper-parameters on the validation split")
     if shots < 1:
         raise UsageError(f"--shots must be >= 1, got {shots}")
+    tpl = get_templates(templates)       # a bad template file fails before any image is read
     train, val = _load_splits(dataset, n_train, n_val, seed)
     pool = ClassificationData(list(range(len(train))), train.labels, train.classnames, train.name)
     idx = np.asarray(fewshot_subset(pool, shots, seed).items, dtype=np.int64)
@@ -170,7 +172,6 @@ def fit_adapter(backbone, *, method: str, dataset: str, shots: int, seed: int = 
     on = np.isin(yv, present)           # validation images of classes the adapter can predict
     if not on.any():
         raise DataError(f"{dataset}: no validation image belongs to a training class")
-    tpl = get_templates(templates)
     names = list(train.classnames)
     text = class_weights(backbone, [names[c] for c in present], tpl)                       # (C', D)
     est = make_adapter(method, text_weights=text, logit_scale=backbone.logit_scale)
@@ -206,8 +207,9 @@ def load_fitted(path, backbone):
     meta_path = path / META_FILE
     if not meta_path.is_file():
         raise DataError(f"{path}: not an adapter folder (no {META_FILE}); make one with 'cliplab adapt'")
+    text = read_text(meta_path, what="adapter metadata file")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads(text)
         names, fp = list(meta["classnames"]), str(meta["fingerprint"])
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{meta_path}: malformed adapter metadata ({e})") from None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DataError, UsageError
-from ._common import add_image_args, add_model_args, image_kwargs, load_backbone, report_skipped, write_rows
+from ._common import (add_image_args, add_model_args, all_unreadable, image_kwargs, load_backbone, report_skipped,
+                      write_rows)
 
 
 def add_parser(sub) -> None:
@@ -31,10 +32,12 @@ def parse_labels(args) -> list[str]:
 
     if args.labels is not None:
         labels = [s.strip() for s in args.labels.split(",") if s.strip()]
-    else:
-        labels = read_labels(args.labels_file)
+        if not labels:
+            raise UsageError("no labels given: pass --labels \"a,b,c\" or a non-empty --labels-file")
+        return labels
+    labels = read_labels(args.labels_file)
     if not labels:
-        raise UsageError("no labels given: pass --labels \"a,b,c\" or a non-empty --labels-file")
+        raise DataError(f"{args.labels_file}: the labels file has no labels; write one class name per line")
     return labels
 
 
@@ -60,7 +63,7 @@ def run(args) -> int:
     labels = None if args.adapter else parse_labels(args)
     files = find_images(args.paths)
     if not files:
-        raise UsageError(f"no images found under {', '.join(args.paths)}")
+        raise DataError(f"no image files found under {', '.join(args.paths)}")
     backbone = load_backbone(args)
     if args.adapter:
         from ..adapt.fewshot import load_fitted as load_adapter_dir
@@ -76,8 +79,7 @@ def run(args) -> int:
     else:
         feats, skipped = encoder.encode_images(files, on_error="skip", **kw)
     if len(skipped) == len(files):
-        report_skipped(skipped)
-        raise DataError(f"none of the {len(files)} images could be read")
+        raise all_unreadable(skipped)
     skipped_idx = {s.index for s in skipped}
     kept = [f for i, f in enumerate(files) if i not in skipped_idx]
     if args.adapter:

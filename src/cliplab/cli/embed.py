@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BadImage, UsageError
-from ._common import add_image_args, add_model_args, image_kwargs, load_backbone, report_skipped
+from ..data.text import read_lines
+from ..errors import BadImage, DataError, UsageError
+from ._common import add_image_args, add_model_args, all_unreadable, image_kwargs, load_backbone, report_skipped
 
 _CHUNK = 256  # items per saved chunk, rounded to whole batches
 
@@ -46,12 +47,9 @@ def run(args) -> int:
     if bool(args.texts) == bool(args.paths):
         raise UsageError("give image PATHs or --texts FILE (exactly one of them)")
     if args.texts:
-        try:
-            items = [s for s in Path(args.texts).read_text(encoding="utf-8").splitlines() if s.strip()]
-        except OSError as e:
-            raise UsageError(f"cannot read {args.texts}: {e.strerror or e}") from e
+        items = read_lines(args.texts, what="texts file", comments=False)
         if not items:
-            raise UsageError(f"{args.texts} has no non-empty lines")
+            raise DataError(f"{args.texts}: the texts file has no non-empty lines")
         bb = load_backbone(args)
         store = _store(args, bb)
         feats = store.text_features(items) if store is not None else bb.encode_texts(items)
@@ -59,7 +57,7 @@ def run(args) -> int:
     else:
         files = find_images(args.paths)
         if not files:
-            raise UsageError(f"no images found under {', '.join(args.paths)}")
+            raise DataError(f"no image files found under {', '.join(args.paths)}")
         bb = load_backbone(args)
         store = _store(args, bb)
         if store is not None:
@@ -68,6 +66,8 @@ def run(args) -> int:
             feats, skipped = bb.encode_images(files, **image_kwargs(args)), []
         else:
             feats, skipped = bb.encode_images(files, on_error="skip", **image_kwargs(args))
+        if len(skipped) == len(files):
+            raise all_unreadable(skipped)
         bad = {s.index for s in skipped}
         items, kind = [str(f) for i, f in enumerate(files) if i not in bad], "image"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -54,14 +54,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cliplab: error: {e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:  # unwritable output, full disk, a file where a folder should be...
-        where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"cliplab: error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"cliplab: error: {_os_error(e)}", file=sys.stderr)
         return 4
     except KeyboardInterrupt:
         print("cliplab: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+
+
+def _os_error(e: OSError) -> str:
+    """One line for an OSError, naming the path the user gave (a rename's target, not its temp file)."""
+    path = getattr(e, "filename2", None) or getattr(e, "filename", None)
+    if path is None:
+        return str(e.strerror or e)
+    if isinstance(e, (FileExistsError, NotADirectoryError)):
+        return f"{path}: a file is in the way where a folder is needed (it or one of its parents is a file)"
+    if isinstance(e, IsADirectoryError):
+        return f"{path}: is a folder; give a file name"
+    return f"{e.strerror or e}: {path}"
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import UsageError
+from ..data.text import read_text
+from ..errors import DataError, UsageError
 
 
 def add_parser(sub) -> None:
@@ -61,11 +62,15 @@ def _overrides(args) -> dict:
 
 def _read_model_config(spec: str) -> tuple[dict, dict]:
     path = Path(spec)
-    if path.is_file():
+    if path.exists() or path.suffix.lower() == ".json":
+        text = read_text(path, what="model config")
         try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot read model config {spec}: {e}") from e
+            cfg = json.loads(text)
+        except ValueError as e:
+            raise DataError(f"{spec}: the model config is not valid JSON ({e})") from None
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("model_cfg", {}), dict):
+            raise DataError(f"{spec}: the model config must be a JSON object (open_clip model_cfg, "
+                            "or open_clip_config.json with a model_cfg object)")
         if "model_cfg" in cfg:
             return cfg["model_cfg"], cfg.get("preprocess_cfg", {})
         return cfg, {}

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
+from .text import open_text
 
 logger = logging.getLogger("cliplab.data.sources")
 
@@ -313,7 +314,7 @@ def read_caption_table(
 
 
 def _csv_rows(path: Path, delimiter: str, image_key: str, caption_key: str, skip_log: SkipLog):
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with open_text(path, what="caption table") as f:
         reader = csv.reader(f, delimiter=delimiter)
         try:
             header = next(reader)
@@ -396,7 +397,7 @@ def _open_quote(path, start: int, end: int, dialect) -> bool:
 
 
 def _jsonl_rows(path: Path, image_key: str, caption_key: str, skip_log: SkipLog):
-    with open(path, encoding="utf-8-sig") as f:
+    with open_text(path, what="caption table") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -457,7 +458,7 @@ def _finish(source: str, key: str, files: dict, skip_log: SkipLog):
     captions: list[str] = []
     if text_ext is not None:
         try:
-            captions = [c.strip() for c in files[text_ext].decode("utf-8").splitlines() if c.strip()]
+            captions = [c.strip() for c in files[text_ext].decode("utf-8-sig").splitlines() if c.strip()]
         except UnicodeDecodeError:
             skip_log.add(f"{source}:{key}", "bad text member: not UTF-8")
             return None

@@ -40,6 +40,7 @@ from ..data.sources import (
     read_caption_table,
     valid_csv_rows,
 )
+from ..data.text import open_text, read_text
 from ..errors import DataError, UsageError
 
 logger = logging.getLogger("cliplab.eval.datasets")
@@ -157,11 +158,10 @@ def _read_names(classnames_json):
     if classnames_json is None or isinstance(classnames_json, (dict, list, tuple)):
         return classnames_json
     path = Path(classnames_json)
+    text = read_text(path, what="class-name file")
     try:
-        names = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such class-name file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        names = json.loads(text)
+    except json.JSONDecodeError as e:
         raise DataError(f"{path}: not a JSON class-name file ({e})") from None
     if not isinstance(names, (dict, list)):
         raise DataError(f"{path}: class names must be a JSON object {{folder: name}} or a list")
@@ -252,7 +252,7 @@ def classification_from_folder(root, *, classnames_json=None) -> ClassificationD
 
 
 def _csv_header(path: Path, delimiter: str) -> list[str]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with open_text(path, what="classification table") as f:
         try:
             return [h.strip() for h in next(csv.reader(f, delimiter=delimiter))]
         except StopIteration:
@@ -310,7 +310,7 @@ def classification_from_csv(path, *, image_key: str = "filepath", label_key: str
                             f"rename the column or pass {flag}=<column name>")
     ii, li = header.index(ikey), header.index(lkey)
     rows: list[tuple[int, str, str]] = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with open_text(path, what="classification table") as f:
         reader = csv.reader(f, delimiter=delimiter)
         next(reader)
         for line, row in valid_csv_rows(reader, path, len(header), {"image path": ii, "label": li}, skip_log):

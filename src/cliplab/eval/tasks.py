@@ -25,6 +25,7 @@ import numpy as np
 
 from .._progress import progress_bar
 from ..errors import DataError, UsageError
+from ..zeroshot.classifier import prompt_collisions
 from ..zeroshot.templates import fill, get_templates
 from .metrics import accuracy, confusion_matrix, mean_per_class_recall, retrieval_recall, topk_accuracy
 
@@ -96,6 +97,10 @@ def _text_features(backbone, texts, store=None, progress=None) -> np.ndarray:
 
 def _class_weights(backbone, classnames, templates, store=None, progress=None) -> np.ndarray:
     """Prompt-ensemble class embeddings (C, D), as :func:`cliplab.zeroshot.class_weights`."""
+    groups = prompt_collisions(backbone, classnames, templates)
+    if groups:  # a benchmark still runs, as CLIP_benchmark does; the tied classes are named
+        log.warning("classes %s give the same prompts once tokenized; zero-shot cannot tell them apart",
+                "; ".join(" = ".join(repr(classnames[i]) for i in g) for g in groups[:5]))
     prompts = [fill(t, c) for c in classnames for t in templates]
     emb = _text_features(backbone, prompts, store, progress)                  # (C*T, D)
     emb = emb.reshape(len(classnames), len(templates), -1).mean(axis=1)       # (C, D)

@@ -252,9 +252,26 @@ class _MetricsLog:
         if not enabled:
             return
         if keep_until > 0 and self.jsonl.exists():  # resumed: drop rows after the checkpoint
-            rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
-            self.rows = [r for r in rows if r["step"] <= keep_until]
+            self.rows = [r for r in self._read_rows() if r["step"] <= keep_until]
         self._rewrite()
+
+    def _read_rows(self) -> list[dict]:
+        """The rows of ``metrics.jsonl``; a line cut by a killed run is dropped with a warning."""
+        rows, bad = [], 0
+        for line in self.jsonl.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line) if line.strip() else None
+            except ValueError:
+                row = {}
+            if row is None:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+            else:
+                bad += 1
+        if bad:
+            logger.warning("%s: dropped %d unreadable line(s) (cut by an interrupted run?)", self.jsonl, bad)
+        return rows
 
     def append(self, row: dict) -> None:
         if not self.enabled:

@@ -14,15 +14,98 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import DataError, UsageError
+from ..data.text import read_lines, read_text
+from ..errors import DataError, DuplicateClassError, UsageError
 from .templates import fill, get_templates
 
-__all__ = ["ZeroShotClassifier", "class_weights"]
+__all__ = ["ZeroShotClassifier", "class_weights", "check_classnames", "prompt_collisions"]
+
+
+def prompt_collisions(backbone, classnames: Sequence[str], templates: Sequence[str]) -> list[list[int]]:
+    """Groups of classes whose prompts tokenize identically under every template.
+
+    Such classes get identical class weights: the CLIP tokenizer lower-cases and
+    collapses whitespace, so ``"Red star"`` and ``"red  star"`` are one prompt, and a
+    prompt cut at the context length can lose the class name altogether.
+
+    Parameters
+    ----------
+    backbone : Backbone
+        Its ``tokenize`` decides; without one, names are compared as strings.
+    classnames : sequence of str (C,)
+    templates : sequence of str (T,)
+        ``{c}`` templates.
+
+    Returns
+    -------
+    list of list of int
+        Indices into ``classnames``, one sorted list per group of two or more.
+    """
+    tokenize = getattr(backbone, "tokenize", None)
+    groups = [list(range(len(classnames)))]
+    for t in templates:                    # only classes still colliding are tokenized again
+        idx = [i for g in groups for i in g]
+        if not idx:
+            break
+        prompts = [fill(t, classnames[i]) for i in idx]
+        rows = ([bytes(r) for r in tokenize(prompts).cpu().numpy()] if tokenize is not None
+                else prompts)              # (len(idx),) one key per prompt
+        key = dict(zip(idx, rows))
+        regrouped = []
+        for g in groups:
+            same: dict = {}
+            for i in g:
+                same.setdefault(key[i], []).append(i)
+            regrouped += [v for v in same.values() if len(v) > 1]
+        groups = regrouped
+    return groups
+
+
+def check_classnames(backbone, classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Validated class names (stripped): non-empty, distinct, and distinct once tokenized.
+
+    Raises
+    ------
+    UsageError
+        ``classnames`` is one string, empty, or holds an empty name.
+    DuplicateClassError
+        Two names are equal, or their prompts tokenize identically under every template
+        (see :func:`prompt_collisions`).
+    """
+    if isinstance(classnames, str):
+        raise UsageError("classnames must be a list of names, not one string")
+    names = [str(c).strip() for c in classnames]
+    if not names:
+        raise UsageError("the label list is empty; give at least one class")
+    empty = [i for i, n in enumerate(names) if not n]
+    if empty:
+        raise UsageError(f"the label list has an empty name at position {empty[0] + 1} of {len(names)}; "
+                         "remove it or give the class a name")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DuplicateClassError([[n] * names.count(n) for n in dup],
+                                  f"duplicate class names: {', '.join(map(repr, dup))}; keep one of each")
+    groups = [[names[i] for i in g] for g in prompt_collisions(backbone, names, templates)]
+    if groups:
+        shown = "; ".join(" = ".join(map(repr, g)) for g in groups[:5])
+        more = f" (and {len(groups) - 5} more groups)" if len(groups) > 5 else ""
+        raise DuplicateClassError(groups, f"classes {shown}{more} give the same prompts once tokenized "
+                                          "(CLIP's tokenizer ignores case and repeated spaces), so they "
+                                          "cannot be told apart; keep one name per class")
+    return names
 
 
 def class_weights(backbone, classnames: Sequence[str], templates: Sequence[str], *,
                   progress: bool | None = None) -> np.ndarray:
-    """Prompt-ensemble class embeddings: float32 (C, D), L2-normalised rows."""
+    """Prompt-ensemble class embeddings: float32 (C, D), L2-normalised rows.
+
+    Raises :class:`~cliplab.errors.DuplicateClassError` (and UsageError) as
+    :func:`check_classnames`.
+    """
+    return _ensemble(backbone, check_classnames(backbone, classnames, templates), templates, progress)
+
+
+def _ensemble(backbone, classnames: list[str], templates: Sequence[str], progress) -> np.ndarray:
     prompts = [fill(t, c) for c in classnames for t in templates]
     emb = backbone.encode_texts(prompts, progress=progress)                 # (C*T, D)
     emb = emb.reshape(len(classnames), len(templates), -1).mean(axis=1)     # (C, D)
@@ -44,10 +127,18 @@ class ZeroShotClassifier:
     ----------
     backbone : Backbone
     classnames : sequence of str
-        Non-empty, no duplicates.
+        Non-empty, no duplicates, and no two whose prompts tokenize identically
+        (``"Red star"`` and ``"red star"`` are one prompt to CLIP's tokenizer).
     templates : str or list of str, default="default"
         A template set name (``default``, ``openai-7``, ``openai-80``), a file,
         a single template or a list; ``{c}`` marks the class name.
+
+    Raises
+    ------
+    UsageError
+        An empty label list or name, or a bad template spec.
+    DuplicateClassError
+        Names that are equal, or equal once tokenized (see :func:`check_classnames`).
 
     Attributes
     ----------
@@ -64,18 +155,11 @@ class ZeroShotClassifier:
 
     def __init__(self, backbone, classnames: Sequence[str], templates="default", *,
                  progress: bool | None = None):
-        if isinstance(classnames, str):
-            raise UsageError("classnames must be a list of names, not one string")
-        names = [str(c).strip() for c in classnames]
-        if not names or any(not n for n in names):
-            raise UsageError("the label list is empty or contains an empty name; give at least one class")
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise UsageError(f"duplicate class names: {', '.join(dup)}")
+        self.templates_ = get_templates(templates)
+        names = check_classnames(backbone, classnames, self.templates_)
         self.backbone = backbone
         self.classes_ = np.array(names)
-        self.templates_ = get_templates(templates)
-        self.weights_ = class_weights(backbone, names, self.templates_, progress=progress)
+        self.weights_ = _ensemble(backbone, names, self.templates_, progress)
 
     def _features(self, images, **kwargs) -> np.ndarray:
         if isinstance(images, np.ndarray) and images.dtype == np.float32 and images.ndim == 2:
@@ -109,17 +193,21 @@ class ZeroShotClassifier:
 def read_labels(path: str | Path) -> list[str]:
     """Class names from a file: one per line, or a JSON list / {index: name} mapping.
 
-    Raises :class:`~cliplab.errors.DataError` for an unreadable or malformed file.
+    Text files are read by :func:`cliplab.data.text.read_lines`: a UTF-8 byte-order
+    mark, ``\\r\\n`` / ``\\r`` line ends, blank lines, ``#`` comment lines and the
+    whitespace around each name are dropped.
+
+    Raises
+    ------
+    DataError
+        A missing, unreadable, non-UTF-8 or malformed file.
     """
     import json
 
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read labels file {p}: {getattr(e, 'strerror', None) or e}") from e
-    if p.suffix != ".json":
-        return [s.strip() for s in text.splitlines() if s.strip() and not s.lstrip().startswith("#")]
+    if p.suffix.lower() != ".json":
+        return read_lines(p, what="labels file")
+    text = read_text(p, what="labels file")
     try:
         data = json.loads(text)
     except ValueError as e:
@@ -131,4 +219,4 @@ def read_labels(path: str | Path) -> list[str]:
             raise DataError(f"{p}: a JSON object of labels needs integer keys (\"0\": \"cat\", ...)") from None
     if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
         raise DataError(f"{p}: expected a JSON list of class names or an {{index: name}} object")
-    return data
+    return [x.strip() for x in data]

@@ -37,6 +37,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..data.text import read_text
 from ..errors import DataError, UsageError
 from .classifier import ZeroShotClassifier
 
@@ -59,12 +60,13 @@ def load_descriptors(spec) -> dict[str, list[str]]:
         data, where = dict(spec), "descriptors"
     else:
         path = BUNDLED_DESCRIPTORS.get(str(spec), Path(spec))
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        if not Path(path).exists():
             raise DataError(f"{path}: no such descriptor file; pass a JSON {{class: [descriptors]}} "
-                            f"or one of {', '.join(BUNDLED_DESCRIPTORS)}") from None
-        except (OSError, UnicodeDecodeError, ValueError) as e:
+                            f"or one of {', '.join(BUNDLED_DESCRIPTORS)}")
+        text = read_text(path, what="descriptor file")
+        try:
+            data = json.loads(text)
+        except ValueError as e:
             raise DataError(f"{path}: not a JSON descriptor file ({e})") from None
         where = str(path)
     if not isinstance(data, dict) or not data:
@@ -74,7 +76,10 @@ def load_descriptors(spec) -> dict[str, list[str]]:
         if isinstance(ds, str) or not isinstance(ds, (list, tuple)) or not ds \
                 or not all(isinstance(d, str) and d.strip() for d in ds):
             raise DataError(f"{where}: class {c!r} needs a non-empty list of non-empty descriptor strings")
-        out[str(c)] = [d.strip() for d in ds]
+        name = str(c).strip()
+        if not name or name in out:
+            raise DataError(f"{where}: class {c!r} is empty or repeats another class")
+        out[name] = [d.strip() for d in ds]
     return out
 
 

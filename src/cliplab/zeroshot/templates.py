@@ -9,10 +9,12 @@ ImageNet templates of the CLIP paper).
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
-from ..errors import UsageError
+from ..data.text import read_lines
+from ..errors import DataError, UsageError
 
 _DATA = Path(__file__).with_name("templates.json")
 
@@ -51,9 +53,11 @@ def get_templates(spec: str | list[str] | tuple[str, ...] | None = "default") ->
         templates = [_normalise(t) for t in spec]
     elif spec in _sets():
         templates = list(_sets()[spec])
-    elif Path(spec).is_file():
-        lines = Path(spec).read_text(encoding="utf-8").splitlines()
-        templates = [_normalise(s.strip()) for s in lines if s.strip() and not s.lstrip().startswith("#")]
+    elif Path(spec).exists() or ("{" not in spec and (Path(spec).suffix or os.sep in spec or "/" in spec)):
+        templates = [_normalise(s) for s in read_lines(spec, what="template file")]  # DataError if unreadable
+        if not templates:
+            raise DataError(f"{spec}: the template file has no templates; write one per line, "
+                            "with {c} for the class name")
     elif "{" in spec:
         templates = [_normalise(spec)]
     else:
