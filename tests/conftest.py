@@ -12,6 +12,12 @@ from _tiny import TINY_CFG, make_model
 os.environ.setdefault("CLIPLAB_PROGRESS", "0")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+@pytest.fixture(autouse=True)
+def _private_feature_cache(tmp_path_factory, monkeypatch):
+    """No test writes to the user's default feature cache."""
+    monkeypatch.setenv("CLIPLAB_CACHE", str(tmp_path_factory.mktemp("feature-cache")))
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """An open_clip folder (config + safetensors) of a tiny random CLIP."""

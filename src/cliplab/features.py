@@ -293,7 +293,7 @@ class FeatureStore:
     def _save_chunk(self, keys: list[str], feats: np.ndarray, skipped: list[tuple[str, str]]) -> Path:
         buf = io.BytesIO()
         np.savez(buf, keys=np.array(keys, dtype=str).reshape(-1),
-                 features=np.asarray(feats, dtype=np.float32).reshape(len(keys), -1),
+                 features=_as_rows(feats, len(keys)),
                  skipped_keys=np.array([k for k, _ in skipped], dtype=str).reshape(-1),
                  skipped_reasons=np.array([r for _, r in skipped], dtype=str).reshape(-1))
         data = buf.getvalue()
@@ -433,3 +433,9 @@ class FeatureStore:
         if not keys:
             return np.zeros((0, int(self.backbone.embed_dim)), np.float32)
         return np.stack([self._features[k] for k in keys]).astype(np.float32, copy=False)
+
+
+def _as_rows(feats, n: int) -> np.ndarray:
+    """``feats`` as a float32 (n, D) array; a chunk with only skipped items holds (0, 0)."""
+    arr = np.asarray(feats, dtype=np.float32)
+    return arr.reshape(n, -1) if n else arr.reshape(0, arr.shape[-1] if arr.ndim == 2 else 0)
