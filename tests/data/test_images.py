@@ -316,3 +316,70 @@ def test_buffer_source_round_trip():
     buffer = io.BytesIO()
     _solid((9, 8, 7), mode="RGB").save(buffer, format="BMP")
     assert load_image(buffer.getvalue()).getpixel((0, 0)) == (9, 8, 7)
+
+
+# ----------------------------------------------------------------------------- memory of failures
+
+
+def _truncated_png(side=4000) -> bytes:
+    """A solid PNG cut 200 bytes short: tiny on disk, PIL fills most of a side x side
+    image (64 MB at 4000) before it finds the end."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (1, 2, 3)).save(buffer, format="PNG")
+    return buffer.getvalue()[:-200]
+
+
+def test_bad_image_keeps_no_decoding_state():
+    """The BadImage a caller receives holds only its strings: no replaced PIL exception
+    (``__context__``), and no frame of the failed decode (which held the half-decoded
+    image) in its traceback, whether raised by load_image or by the thread pool."""
+    import traceback
+
+    bad = _truncated_png(1000)
+    for call in (lambda: load_image(bad), lambda: decode_many([bad], workers=2, progress=False)):
+        with pytest.raises(BadImage, match="truncated") as caught:
+            call()
+        error = caught.value
+        assert error.__context__ is None and error.__cause__ is None
+        frames = [frame for frame, _ in traceback.walk_tb(error.__traceback__)]
+        assert not [f.f_code.co_name for f in frames if f.f_code.co_name in ("_decode", "_load_checked")]
+        assert not [f for f in frames if "PIL" in f.f_code.co_filename]
+        assert not [f for f in frames for v in f.f_locals.values() if isinstance(v, Image.Image)]
+
+
+_SKIP_PEAK_SCRIPT = r"""
+import io, json, resource, sys
+from PIL import Image
+from cliplab.data.images import iter_decoded, load_image
+from cliplab.errors import BadImage
+
+buffer = io.BytesIO()
+Image.new("RGB", (4000, 4000), (1, 2, 3)).save(buffer, format="PNG")
+bad = buffer.getvalue()[:-200]
+try:
+    load_image(bad)  # one decode: the baseline includes one 64 MB image
+except BadImage:
+    pass
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+skipped = sum(len(batch.skipped) for batch in iter_decoded([bad] * 16, 8, on_error="skip", workers=2))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"skipped": skipped, "rise_mb": (peak - base) / 1024}))
+"""
+
+
+def test_skipped_images_free_their_memory():
+    """16 truncated 4000x4000 PNGs (56 KB each, 64 MB decoded) skipped in batches of 8 by
+    2 threads: the peak RSS rises by far less than the 900 MB it took when each skipped
+    BadImage kept its half-decoded image until its batch was collected."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", _SKIP_PEAK_SCRIPT], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["skipped"] == 16
+    assert result["rise_mb"] < 300, result

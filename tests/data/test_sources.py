@@ -276,3 +276,19 @@ def test_image_identities_agree_with_canonical_path(tmp_path, monkeypatch):
             assert ids(s) == (expected, image_identity(expected)), (base, s)
     assert canonical_path("dirlink/../y.png") == tmp_path / "real" / "y.png"   # .. after a link
     assert canonical_path("dirlink/x.png") == tmp_path / "real" / "deep" / "x.png"
+
+
+def test_brace_pattern_cannot_size_the_shard_list(monkeypatch):
+    """A range's size comes from its two numbers: ``{0..99999999999}`` would make 10^11
+    names.  It is refused before any name is made, as are nested ranges whose product is
+    over the limit; the limit itself is allowed."""
+    from cliplab.data import sources
+
+    with pytest.raises(DataError, match=r"\{0\.\.99999999999\}: the brace pattern names 100,000,000,000"):
+        sources.expand_shards("shard-{0..99999999999}.tar")
+    monkeypatch.setattr(sources, "MAX_BRACE_EXPANSION", 4)
+    assert sources.expand_braces("s{0..1}{0..1}") == ["s00", "s01", "s10", "s11"]
+    with pytest.raises(DataError, match="over the limit of 4"):
+        sources.expand_braces("s{0..1}{0..2}")
+    with pytest.raises(DataError, match="over the limit of 4"):
+        sources.expand_braces("s{0..4}")

@@ -120,6 +120,34 @@ def test_csv_integer_labels_and_header_errors(tmp_path):
         classification_from_csv(tmp_path / "t.csv", classnames_json=names)
 
 
+def test_csv_integer_label_cannot_size_the_class_table(tmp_path, monkeypatch):
+    """One integer label fixes the class count (0..max): 99999999999 would build 10^11
+    names (22 GB before the kernel killed it).  It is refused before anything is built,
+    as bad input data (exit 4), naming the line; with class names the label is only
+    an unknown label; the limit itself is allowed."""
+    import resource
+
+    from cliplab.eval import datasets
+
+    (tmp_path / "t.csv").write_text("filepath,label\na.png,0\nb.png,99999999999\n")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DataError, match=r"t\.csv:3: label 99999999999 would make 100,000,000,000 classes") as caught:
+        load_dataset(tmp_path / "t.csv")
+    assert caught.value.exit_code == 4
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB: < 100 MB
+    named = classification_from_csv(tmp_path / "t.csv", classnames_json=["cat", "dog"])
+    assert named.classnames == ["cat", "dog"] and named.labels.tolist() == [0]
+    assert "unknown label '99999999999'" in named.skipped[0][1]
+    monkeypatch.setattr(datasets, "MAX_CLASSES", 4)
+    (tmp_path / "edge.csv").write_text("filepath,label\na.png,3\nb.png,-1\n")
+    edge = classification_from_csv(tmp_path / "edge.csv")
+    assert edge.classnames == ["0", "1", "2", "3"] and edge.labels.tolist() == [3]
+    assert "unknown label '-1'" in edge.skipped[0][1]
+    (tmp_path / "edge.csv").write_text("filepath,label\na.png,4\n")
+    with pytest.raises(DataError, match="at most 4"):
+        classification_from_csv(tmp_path / "edge.csv")
+
+
 def test_load_dataset_csv_kind(tmp_path):
     (tmp_path / "cls.csv").write_text("filepath,label\na.png,x\nb.png,y\nc.png,x\n")
     (tmp_path / "ret.csv").write_text("filepath,caption\na.png,one\na.png,two\nb.png,three\n")

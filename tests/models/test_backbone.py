@@ -124,3 +124,147 @@ def test_logit_scale_and_repr(tiny):
     assert tiny.logit_scale == pytest.approx(1 / 0.07, rel=1e-5)
     assert "embed_dim=32" in repr(tiny)
     assert tiny.encode_texts([]).shape == (0, 32)
+
+
+# ------------------------------------------------------------- per-image cost bounds
+
+_PEAK_SCRIPT = r"""
+import json, resource, sys
+import torch
+torch.set_num_threads(1)
+from PIL import Image
+from _tiny import TINY_CFG, make_model
+from cliplab.models.backbone import Backbone
+from cliplab.models.loading import default_preprocess_cfg, make_tokenizer
+
+out, mode = sys.argv[1], sys.argv[2]
+cfg = {**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"], "image_size": 224, "patch_size": 32,
+                                  "layers": 1}}
+pp = dict(default_preprocess_cfg(cfg), resize_mode=mode)
+bb = Backbone(make_model(cfg), model_cfg=cfg, preprocess_cfg=pp, tokenizer=make_tokenizer(cfg))
+Image.new("RGB", (8000, 1), "red").save(f"{out}/wide.png")          # ~100 bytes
+Image.new("RGB", (1_000_000, 1), "green").save(f"{out}/strip.png")  # ~3 KB
+Image.new("RGB", (300, 200), "blue").save(f"{out}/good.png")
+alone = bb.encode_images([f"{out}/good.png"])                       # warm-up, the reference
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+feats, skipped = bb.encode_images([f"{out}/wide.png", f"{out}/strip.png", f"{out}/good.png"],
+                                  on_error="skip", batch_size=2, workers=2)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"rise_mb": (peak - base) / 1024, "n": len(feats), "skipped": [s.reason for s in skipped],
+                  "good_diff": float(abs(feats[-1] - alone[0]).max())}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["shortest", "longest"])
+def test_extreme_aspect_ratios_cost_bounded_memory(tmp_path, mode):
+    """An 8000x1 and a 1,000,000x1 PNG next to a good image, 224-px preprocessing: the peak
+    RSS rises by well under 300 MB (it was +1.6 GB and a MemoryError that lost the good
+    image; with "longest", a ValueError), every image is embedded, and the good image's
+    features are those it has alone."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "CLIPLAB_PROGRESS": "0",
+           "PYTHONPATH": os.pathsep.join([tests, *sys.path])}
+    run = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path), mode],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["rise_mb"] < 300, result
+    assert result["good_diff"] < 1e-6
+    # "shortest": cropped before the resize; "longest": the short side kept at 1 pixel
+    assert result["n"] == 3 and result["skipped"] == []
+
+
+def test_image_that_cannot_be_preprocessed_is_skipped(tiny, tmp_path):
+    """A preprocessing failure of one image (ValueError, MemoryError) is that image's
+    BadImage: skipped and reported with on_error="skip", the others kept."""
+    good, odd = tmp_path / "good.png", tmp_path / "odd.png"
+    Image.new("RGB", (40, 40), "red").save(good)
+    Image.new("RGB", (41, 40), "red").save(odd)
+    expected = tiny.encode_images([good])
+    bb = Backbone(tiny.model, model_cfg=tiny.model_cfg, preprocess_cfg=tiny.preprocess_cfg,
+                  tokenizer=tiny.tokenizer)
+    transform = bb.preprocess
+
+    def fussy(img):
+        if img.width == 41:
+            raise MemoryError
+        return transform(img)
+
+    bb.preprocess = fussy
+    feats, skipped = bb.encode_images([odd, good], on_error="skip", workers=2)
+    np.testing.assert_allclose(feats, expected, atol=1e-6)
+    assert [(s.index, s.reason) for s in skipped] == [(0, "cannot preprocess a 41x40 image (MemoryError: )")]
+    with pytest.raises(BadImage, match="odd.png: cannot preprocess"):
+        bb.encode_images([odd, good])
+
+
+def _smooth(h, w):
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = [127 + 120 * np.sin(x / 37.0 + c) * np.cos(y / 53.0 - c) for c in (0, 1, 2)]
+    return Image.fromarray(np.stack(rgb, -1).round().astype(np.uint8))
+
+
+@pytest.mark.parametrize("size", [(10, 1000), (1, 8000), (7, 3000), (1000, 10), (3000, 7), (480, 640)])
+def test_crop_before_resize_matches_open_clips_transform(size):
+    """Past MAX_RESIZE_RATIO the crop is taken before the resize.  Against open_clip's
+    resize-then-crop transform: identical on wide images (noise, where any offset or
+    scale error shows), within PIL's rounding between its two passes on tall ones;
+    images below the ratio take open_clip's own path."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from cliplab.models.transforms import MAX_RESIZE_RATIO, make_preprocess
+
+    cfg = default_preprocess_cfg({**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"], "image_size": 224}})
+    ours = make_preprocess(cfg)
+    theirs = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+    h, w = size
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    extreme = max(h, w) / min(h, w) > MAX_RESIZE_RATIO
+    assert (ours.transforms[0](noise).size == (224, 224)) == extreme
+    if w >= h:
+        assert torch.equal(ours(noise), theirs(noise))
+    smooth = _smooth(h, w)
+    step = 1 / 255 / min(cfg["std"])  # one grey level, normalised
+    assert (ours(smooth) - theirs(smooth)).abs().max() <= 2 * step
+
+
+@pytest.mark.filterwarnings("ignore:.*longer than the context length")
+def test_encode_texts_in_chunks_equals_one_chunk(tiny, monkeypatch):
+    """Token ids (8 bytes x context per text) are made TEXT_CHUNK texts at a time; the
+    features do not depend on the chunking, on either text path."""
+    from cliplab.models import backbone as backbone_module
+
+    whole = [tiny.encode_texts(PROMPTS, batch_size=2, fast=fast) for fast in (True, False)]
+    monkeypatch.setattr(backbone_module, "TEXT_CHUNK", 4)
+    for fast, expected in zip((True, False), whole):
+        np.testing.assert_allclose(tiny.encode_texts(PROMPTS, batch_size=2, fast=fast), expected, atol=1e-6)
+
+
+def test_longest_mode_keeps_a_one_pixel_side():
+    """resize_mode="longest": open_clip's transform raises on a side that rounds to 0
+    pixels (aspect ratio above 2 x 224); ours keeps it at 1 pixel and pads, and equals
+    open_clip's wherever open_clip works."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from cliplab.models.transforms import make_preprocess
+
+    cfg = dict(default_preprocess_cfg({**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"],
+                                                                 "image_size": 224}}), resize_mode="longest")
+    ours, theirs = make_preprocess(cfg), image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+    for w, h in [(640, 480), (400, 1)]:
+        img = _smooth(h, w)
+        assert torch.equal(ours(img), theirs(img))
+    strip = Image.new("RGB", (1000, 1), (255, 0, 0))
+    with pytest.raises(ValueError):
+        theirs(strip)
+    x = ours(strip)
+    assert x.shape == (3, 224, 224)
+    red = ours(Image.new("RGB", (4, 4), (255, 0, 0)))[:, 0, 0]
+    rows = [r for r in range(224) if torch.equal(x[:, r, 0], red)]
+    assert len(rows) == 1  # one red line, the rest padding

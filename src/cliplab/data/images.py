@@ -8,7 +8,9 @@ It guarantees that
   orientation applied and every other mode converted by :func:`to_rgb`;
 - any problem with the data — missing, empty, truncated or corrupt file, unknown format,
   more pixels than the limit — raises :class:`cliplab.errors.BadImage` naming the source
-  and the reason, never a PIL exception and never later, at first pixel access;
+  and the reason, never a PIL exception and never later, at first pixel access; the
+  error holds only those two strings (no chained PIL exception, no frame of the failed
+  decode), so a skipped image's memory is freed at once;
 - the pixel limit (the decompression-bomb guard) is cliplab's own ``max_pixels``, checked
   from the header before any pixel is decoded, not PIL's process-wide
   ``Image.MAX_IMAGE_PIXELS``.
@@ -466,8 +468,37 @@ def _resolve_draft_size(draft_size: int | None) -> int | None:
     return int(draft_size)
 
 
+def _bare(error: BadImage) -> BadImage:
+    """A copy of ``error`` that holds only its two strings.
+
+    A :class:`BadImage` raised inside an ``except`` block keeps the exception it
+    replaced (``__context__``, even after ``from None``) and its traceback keeps the
+    frames of the failed decode, with their locals: the half-decoded image, the PIL
+    decoder, the encoded bytes.  The copy, never raised, has no traceback and no
+    context, so skipping an image frees its memory at once.
+    """
+    return BadImage(error.source, error.reason)
+
+
 def _load(source: Any, max_pixels: int | None, draft_size: int | None) -> Image.Image:
-    """:func:`load_image` with arguments already validated."""
+    """:func:`load_image` with arguments already validated.
+
+    Failures are re-raised as a bare :class:`BadImage` (see :func:`_bare`), outside
+    any ``except`` block, so the exception the caller sees holds no decoding state.
+    """
+    try:
+        return _load_checked(source, max_pixels, draft_size)
+    except BadImage as exc:
+        failure = _bare(exc)
+    except MemoryError:
+        failure = BadImage(_describe(source), "out of memory decoding the image")
+    try:
+        raise failure
+    finally:
+        failure = None  # this frame, kept by the traceback, must not keep the error: a cycle
+
+
+def _load_checked(source: Any, max_pixels: int | None, draft_size: int | None) -> Image.Image:
     if isinstance(source, Image.Image):
         return to_rgb(source)
     label = _describe(source)
@@ -524,11 +555,19 @@ def _check_many_args(on_error: str, workers: int, batch_size: int | None = None)
 
 
 def _safe_call(load: Callable[[Any], Any], source: Any) -> Any:
-    """Run ``load(source)``, returning (not raising) a :class:`BadImage`."""
+    """Run ``load(source)``, returning (not raising) a :class:`BadImage`.
+
+    The error returned is bare (:func:`_bare`): no traceback, no context, so a skipped
+    image's decoding state is freed here, in the worker, not when its batch is
+    collected.  A ``MemoryError`` of one image becomes that image's :class:`BadImage`
+    instead of ending the whole run.
+    """
     try:
         return load(source)
     except BadImage as exc:
-        return exc
+        return _bare(exc)
+    except MemoryError:
+        return BadImage(_describe(source), "out of memory decoding or preprocessing the image")
 
 
 def iter_decoded(

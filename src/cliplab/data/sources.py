@@ -713,12 +713,30 @@ def index_webdataset(paths, *, skip_log: SkipLog | None = None) -> list[ShardSam
 _GLOB_CHARS = frozenset("*?[")
 _BRACE_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
 
+MAX_BRACE_EXPANSION = 2_000_000
+"""Most names one brace pattern may expand to (DataComp-12.8B has 1.28 M shards).
+
+A range's size is read from its two numbers, so ``{0..99999999999}`` would ask for
+10^11 names; such a pattern is refused (:class:`~cliplab.errors.DataError`) before the
+names are made.
+"""
+
+
+def _too_many(pattern: str, count: int) -> DataError:
+    return DataError(f"{pattern}: the brace pattern names {count:,} or more shards, over the limit "
+                     f"of {MAX_BRACE_EXPANSION:,}; check the range")
+
 
 def expand_braces(pattern: str) -> list[str]:
     """Shell-style brace expansion: ``{0000..0003}`` zero-padded ranges and ``{x,y}`` lists.
 
     A range is padded to the width of its longer end when either end has a leading zero,
     as in bash; braces that are neither stay as they are.
+
+    Raises
+    ------
+    DataError
+        The pattern names more than :data:`MAX_BRACE_EXPANSION` strings.
 
     Examples
     --------
@@ -738,7 +756,12 @@ def expand_braces(pattern: str) -> list[str]:
                 alternatives = _brace_alternatives(pattern[open_at + 1:i])
                 if alternatives is not None:
                     head, tail = pattern[:open_at], pattern[i + 1:]
-                    return [s for alt in alternatives for s in expand_braces(head + alt + tail)]
+                    names: list[str] = []
+                    for alt in alternatives:
+                        names.extend(expand_braces(head + alt + tail))
+                        if len(names) > MAX_BRACE_EXPANSION:
+                            raise _too_many(pattern, len(names))
+                    return names
     return [pattern]
 
 
@@ -749,6 +772,8 @@ def _brace_alternatives(body: str) -> list[str] | None:
         padded = any(len(x.lstrip("-")) > 1 and x.lstrip("-").startswith("0") for x in (a, b))
         width = max(len(a), len(b)) if padded else 0
         step = 1 if int(b) >= int(a) else -1
+        if abs(int(b) - int(a)) + 1 > MAX_BRACE_EXPANSION:  # before the names are made
+            raise _too_many("{" + body + "}", abs(int(b) - int(a)) + 1)
         return [str(k).zfill(width) for k in range(int(a), int(b) + step, step)]
     parts, depth, current = [], 0, []
     for ch in body:
@@ -779,7 +804,8 @@ def expand_shards(spec) -> list[Path]:
     Raises
     ------
     DataError
-        Nothing matches, a named shard is missing, or a single file is not a ``.tar``.
+        Nothing matches, a named shard is missing, a single file is not a ``.tar``, or
+        a brace pattern names more than :data:`MAX_BRACE_EXPANSION` shards.
     """
     path = Path(spec)
     if path.is_dir():

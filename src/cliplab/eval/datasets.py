@@ -46,6 +46,7 @@ from ..errors import DataError, UsageError
 logger = logging.getLogger("cliplab.eval.datasets")
 
 __all__ = [
+    "MAX_CLASSES",
     "SHAPES_TASKS",
     "SHAPES_DEFAULT_N",
     "ClassificationData",
@@ -67,6 +68,14 @@ SHAPES_DEFAULT_N: dict[str, int] = {"train": 2000, "val": 1000, "test": 1000}
 _SPLIT_NAMES = ("train", "val", "test")
 _TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
 _LABEL_ALIASES = ("label", "class", "classname", "target", "y")
+
+MAX_CLASSES = 1_000_000
+"""Most classes that integer labels may imply when no class names are given.
+
+Integer labels index classes ``0..max``, so one label fixes the size of the class
+table; a label at or above this limit is refused (:class:`~cliplab.errors.DataError`)
+before anything is allocated.  With class names the table is the names given.
+"""
 
 
 @dataclass
@@ -278,7 +287,8 @@ def classification_from_csv(path, *, image_key: str = "filepath", label_key: str
         With integer labels: a list indexed by label (or ``{"0": name}``).  With string
         labels: ``{label: name}``, or a list that orders the classes (labels must be
         among its entries).  Default: integer labels ``0..max`` are named by their
-        number, string labels are the names, sorted.
+        number (the largest label must be below :data:`MAX_CLASSES`), string labels
+        are the names, sorted.
     skip_log : SkipLog, optional
         Receives malformed rows (wrong field count, empty path or label, label not in
         the class list), each as ``path:line``.  They are also in ``data.skipped``.
@@ -290,7 +300,8 @@ def classification_from_csv(path, *, image_key: str = "filepath", label_key: str
     Raises
     ------
     DataError
-        Missing file, missing column, no usable row, or names that do not cover the labels.
+        Missing file, missing column, no usable row, names that do not cover the labels,
+        or, without names, an integer label of :data:`MAX_CLASSES` or more.
     """
     from ..data.sources import _IMAGE_ALIASES, _pick_key  # the caption tables' column rule
 
@@ -327,9 +338,14 @@ def classification_from_csv(path, *, image_key: str = "filepath", label_key: str
         elif names is not None:
             classnames = [str(n) for n in names]
         else:
-            classnames = [str(i) for i in range(max(int(lab) for _, _, lab in rows) + 1)]
-        lookup = {str(i): i for i in range(len(classnames))}
-        to_index = lambda lab: lookup.get(str(int(lab)))  # noqa: E731
+            line, top = max(((line, int(lab)) for line, _, lab in rows), key=lambda r: r[1])
+            if top >= MAX_CLASSES:  # checked before the table is built: the label sets its size
+                raise DataError(f"{path}:{line}: label {top} would make {top + 1:,} classes "
+                                f"(integer labels index classes 0..max, at most {MAX_CLASSES:,}); "
+                                f"number the classes 0..C-1, or write class names in the label column")
+            classnames = [str(i) for i in range(top + 1)]
+        n_classes = len(classnames)
+        to_index = lambda lab: int(lab) if 0 <= int(lab) < n_classes else None  # noqa: E731
     else:
         values = sorted({lab for _, _, lab in rows})
         if isinstance(names, dict):

@@ -37,12 +37,16 @@ from PIL import Image
 
 from .._progress import progress_bar
 from ..data.images import DEFAULT_MAX_PIXELS, iter_decoded, load_image
-from ..errors import UsageError
+from ..errors import BadImage, CliplabError, UsageError
 from .transforms import is_model_sized, make_preprocess, uint8_to_tensor
 
 log = logging.getLogger("cliplab.models.backbone")
 
-__all__ = ["Backbone", "Skipped", "encode_token_embeddings"]
+__all__ = ["TEXT_CHUNK", "Backbone", "Skipped", "encode_token_embeddings"]
+
+TEXT_CHUNK = 65_536
+"""Texts tokenized at a time by :meth:`Backbone.encode_texts` (token ids: 40 MB at 77
+positions); the length sorting of the fast path works within each chunk."""
 
 
 @dataclass(frozen=True)
@@ -278,23 +282,32 @@ class Backbone:
         fast : bool, default=True
             Use the length-bucketed fast path when the text tower allows it (causal
             mask, EOT pooling); ``False`` runs open_clip's ``encode_text`` as is.
+
+        Notes
+        -----
+        Texts are tokenized :data:`TEXT_CHUNK` at a time, so memory beyond the
+        (N, D) result does not grow with N.
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         if batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
-        tokens = self.tokenize(texts)                                 # (N, T)
         fast = fast and self._fast_text_ok()
-        order = (torch.argsort(self._text_lengths(tokens), descending=True, stable=True)
-                 if fast else torch.arange(len(texts)))
-        out = torch.empty(len(texts), self.embed_dim, dtype=torch.float32)
-        starts = range(0, len(texts), batch_size)
-        bar = progress_bar(starts, progress=progress if len(starts) > 1 else False,
+        out = torch.empty(len(texts), self.embed_dim, dtype=torch.float32)   # (N, D)
+        chunks = range(0, len(texts), TEXT_CHUNK)
+        n_batches = sum(-(-min(TEXT_CHUNK, len(texts) - c) // batch_size) for c in chunks)
+        bar = progress_bar(total=n_batches, progress=progress if n_batches > 1 else False,
                            desc="encode texts", unit="batch")
-        for s in bar:
-            idx = order[s:s + batch_size]
-            out[idx] = self._encode_tokens(tokens[idx], fast).float().cpu()
+        with bar:
+            for c in chunks:  # token ids cost 8 * T bytes per text: made one chunk at a time
+                tokens = self.tokenize(texts[c:c + TEXT_CHUNK])              # (n, T)
+                order = (torch.argsort(self._text_lengths(tokens), descending=True, stable=True)
+                         if fast else torch.arange(len(tokens)))
+                for s in range(0, len(tokens), batch_size):
+                    idx = order[s:s + batch_size]
+                    out[c + idx] = self._encode_tokens(tokens[idx], fast).float().cpu()
+                    bar.update(1)
         return F.normalize(out, dim=-1).numpy()
 
     # -------------------------------------------------------------------- images
@@ -313,7 +326,15 @@ class Backbone:
             item = Image.fromarray(item)
         img = load_image(item, max_pixels=max_pixels,
                          draft_size=self.image_size if draft else None)
-        return self.preprocess(img)
+        try:
+            return self.preprocess(img)
+        except CliplabError:
+            raise
+        except (ValueError, MemoryError) as exc:  # this image's failure, not the run's
+            reason = f"cannot preprocess a {img.width}x{img.height} image ({type(exc).__name__}: {exc})"
+        img = None  # raised outside the except block: the error keeps no decoded image
+        raise BadImage(str(item) if isinstance(item, (str, os.PathLike)) else f"<{type(item).__name__}>",
+                       reason)
 
     def _expand(self, images) -> list:
         if isinstance(images, (str, Path, Image.Image, bytes, bytearray, memoryview)):
