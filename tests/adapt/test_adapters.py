@@ -318,3 +318,16 @@ def test_tip_f_keeps_a_trained_epoch_never_the_untrained_cache():
     est = TipAdapterF(alpha=1.0, beta=2.0, text_weights=T, epochs=3, lr=1e-2).fit(X, y, Xv, yv)
     assert est.val_score_ == 1.0 and est.epoch_ == 1
     assert not np.allclose(est.keys_, base.keys_)
+
+
+def test_linear_probe_C_search_is_coops():
+    """CoOp ``lpclip/linear_probe.py``: the first best of (1e6, 1e4, ..., 1e-6), then 8 binary
+    steps on [c*/10, 10 c*] keeping the left end on ties.  When every C scores the same (here
+    0: validation labels nothing predicts), that is 1e6, then the left end 1e5 every step."""
+    from cliplab.adapt.linear import search_C
+
+    X, y, _, _ = _data(25, n_per=6, sep=4.0)
+    Xv, yv = X[::3], (y[::3] + 1) % C
+    assert search_C((X, y), (Xv, yv)) == (1e5, 0.0)
+    est = LinearProbe().fit(X, y, Xv, yv)
+    assert est.C_ == 1e5 and est.val_score_ == 0.0
