@@ -239,3 +239,95 @@ def test_fewshot_protocol_runs_adapters():
 @parametrize_with_checks([LinearProbe(C=1.0), LinearProbe(), GDA(), GDA(ridge="none")])
 def test_sklearn_contract(estimator, check):
     check(estimator)
+
+
+# ---------------------------------------- ties and empty searches: the references' rules
+def _caps_reference_loop(X, y, cap, T, Xv, yv, grid):
+    """The reference's search (WLuLi/CapS-Adapter ``madapter.py`` ``hparam_search``) written
+    out: loops alpha -> beta -> delta -> gamma, best accuracy starts at 0 with all four at 0,
+    a candidate replaces it only when strictly better.  Also returns every candidate's score."""
+    from cliplab.adapt.caps import kl_divergence, kl_logits, kl_signatures, multimodal_affinity
+    from cliplab.adapt.tip import linear_grid
+
+    n_beta, n_alpha, n_gamma = grid
+    order = np.argsort(y, kind="stable")
+    keys, cap_keys, starts = X[order], cap[order], np.searchsorted(y[order], np.arange(C))
+    kl = kl_divergence(kl_signatures(Xv, T), kl_signatures(keys, T))
+    best, best_acc, scores = (0.0, 0.0, 0.0, 0.0), 0.0, []
+    for alpha in linear_grid(0.1, 50.0, n_alpha):
+        for beta in linear_grid(1.0, 50.0, n_beta):
+            for delta in [i / 10 for i in range(11)]:
+                aff = multimodal_affinity(Xv, keys, cap_keys, delta)
+                cache = np.add.reduceat(np.exp(-beta * (1 - aff)), starts, axis=1)
+                for gamma in linear_grid(0.1, 30.0, n_gamma):
+                    z = 100.0 * Xv @ T.T + alpha * cache + gamma * kl_logits(kl, aff, starts)
+                    acc = float(np.mean(z.argmax(1) == yv))
+                    scores.append(((delta, beta, alpha, gamma), acc))
+                    if acc > best_acc:
+                        best, best_acc = (alpha, beta, gamma, delta), acc
+    return best, best_acc, scores
+
+
+def test_caps_keeps_the_first_tie_in_the_reference_loop_order():
+    """5 classes, 4 shots, 16 dims, grid (n_beta, n_alpha, n_gamma) = (6, 5, 3): many
+    candidates tie; the chosen tuple is the first of them in the order alpha -> beta ->
+    delta -> gamma (here alpha 20.06, delta 0.6), not the first in the order the search
+    computes them (delta first: alpha 40.02, delta 0)."""
+    rng = np.random.default_rng(5)
+    centres = _unit(rng.normal(size=(C, D)))
+    def draw(n):                                                           # noqa: E306
+        y = np.repeat(np.arange(C), n)
+        return _unit(0.6 * centres[y] + rng.normal(size=(len(y), D)) / np.sqrt(D)), y
+    X, y = draw(K)
+    Xv, yv = draw(4)
+    T = _unit(centres + 1.5 * rng.normal(size=(C, D)) / np.sqrt(D))
+    cap = _unit(X + 0.3 * rng.normal(size=X.shape))
+    grid = (6, 5, 3)
+    est = CapSAdapter(text_weights=T, search_steps=grid).fit(X, y, Xv, yv, captions_X=cap)
+    ref, ref_acc, scores = _caps_reference_loop(X, y, cap, T, Xv, yv, grid)
+    ties = [p for p, a in scores if a == ref_acc]                           # (delta, beta, alpha, gamma)
+    d, b, a, g = min(ties)                                     # the first in the search's own order
+    assert len(ties) > 1 and (a, b, g, d) != ref               # the two orders disagree here
+    assert (est.alpha_, est.beta_, est.gamma_, est.delta_) == pytest.approx(ref, abs=1e-12)
+    assert est.val_score_ == ref_acc
+
+
+def test_searches_that_score_zero_keep_the_references_initial_values():
+    """Validation labels that no candidate can hit: each search keeps what its reference
+    starts from — GDA alpha 0.1 (mrflogs/ICLR24), Tip-Adapter alpha = beta = 0
+    (gaopengcuhk/Tip-Adapter ``search_hp``), CapS-Adapter all four 0."""
+    X, y, T, cap = _data(23, sep=4.0)
+    Xv, yv = X[::K], (y[::K] + 1) % C                                       # always wrong labels
+    gda = GDA(text_weights=T).fit(X, y, Xv, yv)
+    assert gda.val_score_ == 0.0 and gda.alpha_ == 0.1
+    tip = TipAdapter(text_weights=T, search_steps=(10, 5)).fit(X, y, Xv, yv)
+    assert tip.val_score_ == 0.0 and (tip.alpha_, tip.beta_) == (0.0, 0.0)
+    caps = CapSAdapter(text_weights=T, search_steps=(3, 3, 2)).fit(X, y, Xv, yv, captions_X=cap)
+    assert caps.val_score_ == 0.0 and (caps.alpha_, caps.beta_, caps.gamma_, caps.delta_) == (0, 0, 0, 0)
+    np.testing.assert_array_equal(caps.predict(X), np.argmax(X @ T.T, axis=1))   # zero-shot alone
+
+
+def test_tip_f_keeps_a_trained_epoch_never_the_untrained_cache():
+    """The reference (``run_tip_adapter_F``) scores and keeps epochs after training only.
+    Here the untrained cache already scores 100 % on validation, as every epoch does; the
+    first trained epoch is kept, not epoch 0."""
+    X, y, T, _ = _data(24, n_per=6, sep=4.0)
+    Xv, yv, _, _ = _data(24, n_per=2, sep=4.0)
+    base = TipAdapterF(alpha=1.0, beta=2.0, text_weights=T, epochs=0).fit(X, y, Xv, yv)
+    assert base.val_score_ == 1.0 and base.epoch_ == 0                     # epochs=0: the cache itself
+    est = TipAdapterF(alpha=1.0, beta=2.0, text_weights=T, epochs=3, lr=1e-2).fit(X, y, Xv, yv)
+    assert est.val_score_ == 1.0 and est.epoch_ == 1
+    assert not np.allclose(est.keys_, base.keys_)
+
+
+def test_linear_probe_C_search_is_coops():
+    """CoOp ``lpclip/linear_probe.py``: the first best of (1e6, 1e4, ..., 1e-6), then 8 binary
+    steps on [c*/10, 10 c*] keeping the left end on ties.  When every C scores the same (here
+    0: validation labels nothing predicts), that is 1e6, then the left end 1e5 every step."""
+    from cliplab.adapt.linear import search_C
+
+    X, y, _, _ = _data(25, n_per=6, sep=4.0)
+    Xv, yv = X[::3], (y[::3] + 1) % C
+    assert search_C((X, y), (Xv, yv)) == (1e5, 0.0)
+    est = LinearProbe().fit(X, y, Xv, yv)
+    assert est.C_ == 1e5 and est.val_score_ == 0.0

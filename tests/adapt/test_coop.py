@@ -75,7 +75,8 @@ def test_training_moves_only_the_context(tiny, data):
     X, y = data
     before = snapshot(tiny.model)
     flags = [p.requires_grad for p in tiny.model.parameters()]
-    est = CoOp(backbone=tiny, classnames=NAMES, epochs=15, lr=0.05, batch_size=8, progress=False).fit(X, y)
+    est = CoOp(backbone=tiny, classnames=NAMES, epochs=30, lr=0.005, batch_size=8, progress=False,
+               ctx_init="a photo of a").fit(X, y)
     after = snapshot(tiny.model)
     assert all(torch.equal(before[k], after[k]) for k in before)                 # frozen towers
     assert [p.requires_grad for p in tiny.model.parameters()] == flags
@@ -90,10 +91,37 @@ def test_training_moves_only_the_context(tiny, data):
     np.testing.assert_allclose(est.predict_proba(X).sum(1), 1, atol=1e-6)
 
 
+def test_coop_defaults_are_the_references(tiny):
+    """KaiyangZhou/CoOp ``train.py``: N_CTX 16, CTX_INIT "" (random N(0, 0.02²)); KgCoOp's
+    reference starts from "a photo of a"."""
+    est = CoOp(backbone=tiny, classnames=NAMES)
+    est._setup()
+    ctx = est._prompts.before.detach().numpy()
+    assert ctx.shape == (16, 64) and abs(float(ctx.std()) - 0.02) < 0.002
+    assert KgCoOp(backbone=tiny, classnames=NAMES).ctx_init == "a photo of a"
+
+
+def test_coop_lr_follows_the_references_per_epoch_schedule(tiny, data, monkeypatch):
+    """Dassl's ConstantWarmupScheduler(CosineAnnealingLR(T_max=E), 1 epoch, 1e-5), stepped
+    at the end of each epoch: 1e-5 in epoch 0, then lr (1 + cos(pi (e - 1) / E)) / 2."""
+    X, y = data
+    seen = []
+    real_step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step",
+                        lambda self, *a, **k: seen.append(self.param_groups[0]["lr"]) or real_step(self, *a, **k))
+    CoOp(backbone=tiny, classnames=NAMES, epochs=4, lr=2e-3, batch_size=8, progress=False).fit(X, y)
+    per_epoch = [seen[i:i + 3] for i in range(0, 12, 3)]                        # 24 rows / 8 = 3 steps
+    expected = [1e-5] + [2e-3 * (1 + np.cos(np.pi * (e - 1) / 4)) / 2 for e in (1, 2, 3)]
+    assert len(seen) == 12
+    for got, want in zip(per_epoch, expected):
+        np.testing.assert_allclose(got, [want] * 3, rtol=1e-12)
+
+
 def test_kgcoop_stays_closer_to_the_written_prompt(tiny, data):
     X, y = data
     zs = tiny.encode_texts([f"a photo of a {c}." for c in NAMES])
-    kw = dict(backbone=tiny, classnames=NAMES, epochs=15, lr=0.05, batch_size=8, progress=False)
+    kw = dict(backbone=tiny, classnames=NAMES, epochs=15, lr=0.05, batch_size=8, progress=False,
+              ctx_init="a photo of a")
     coop = CoOp(**kw).fit(X, y)
     kg = KgCoOp(kg_weight=8.0, **kw).fit(X, y)
     cos = lambda t: float(np.mean(np.sum(t * zs, axis=1)))                      # noqa: E731

@@ -42,14 +42,17 @@ def val_accuracy(logits: np.ndarray, y_val: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, axis=1) == y_val))
 
 
-def best_of(candidates, y_val: np.ndarray) -> tuple[dict, float]:
+def best_of(candidates, y_val: np.ndarray, fallback: dict | None = None) -> tuple[dict, float]:
     """The candidate ``(params, logits)`` with the best validation accuracy.
 
-    Ties go to the earlier candidate (the reference implementations keep the first best).
-    Each candidate is scored before the next is drawn, so a generator may reuse one
-    logits buffer.
+    Ties go to the earlier candidate: the reference implementations keep the first strictly
+    better one, so callers yield candidates in the reference's loop order.  With a
+    ``fallback``, a candidate must score above 0 to be kept, as in the references (they
+    start from accuracy 0 and their initial values); when none does, ``(fallback, 0.0)``
+    is returned.  Without one, the first candidate is kept then.  Each candidate is scored
+    before the next is drawn, so a generator may reuse one logits buffer.
     """
-    best, best_acc = None, -1.0
+    best, best_acc = (fallback, 0.0) if fallback is not None else (None, -1.0)
     for params, logits in candidates:
         acc = val_accuracy(logits, y_val)
         if acc > best_acc:

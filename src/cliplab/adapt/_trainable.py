@@ -9,18 +9,23 @@ training examples (base-to-novel: see :meth:`TrainedClassifier.with_classnames`)
 
 The loop (:meth:`TrainedClassifier._train`): ``epochs`` passes over the K-shot set in a
 seeded random order, mini-batches of ``batch_size``, the method's loss terms summed,
-backward, optional gradient clipping, an SGD or AdamW step, learning rate from
-:func:`cliplab.train.schedule.warmup_cosine_factor` per step.  It is not the contrastive
+backward, optional gradient clipping, an SGD or AdamW step.  Learning rate: by default
+:func:`cliplab.train.schedule.warmup_cosine_factor` per step (linear warm-up over
+``warmup_epochs``); a class with ``lr_schedule = "epoch"`` follows Dassl's scheduler, which
+the CoOp-family references train with: the rate changes once per epoch, is held at
+``warmup_lr`` for ``warmup_epochs``, then follows ``lr · (1 + cos(π (e − w) / E)) / 2`` for
+epoch e of E (:meth:`TrainedClassifier._lr_factor`).  It is not the contrastive
 :class:`cliplab.train.Trainer`: few-shot training is supervised by class labels rather
 than captions, its data fits in memory, and it needs no checkpoints or ranks.
 
 Deviation shared by all: no image augmentation (the reference repos use random resized
-crops and flips); warm-up is linear over ``warmup_epochs`` (CoOp holds lr at 1e-5 instead).
+crops and flips).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from contextlib import contextmanager
 
@@ -78,6 +83,8 @@ class TrainedClassifier(ClassifierMixin, BaseEstimator):
     weight_decay = 5e-4
     momentum = 0.9
     grad_clip: float | None = None
+    lr_schedule = "step"            # "epoch": Dassl's per-epoch cosine with a constant warm-up
+    warmup_lr = 1e-5                # the constant warm-up rate of lr_schedule = "epoch"
 
     # --------------------------------------------------------------- inputs
     def _check_common(self):
@@ -170,18 +177,27 @@ class TrainedClassifier(ClassifierMixin, BaseEstimator):
             return torch.optim.SGD(params, lr=self.lr_, momentum=self.momentum, weight_decay=self.weight_decay)
         return torch.optim.AdamW(params, lr=self.lr_, weight_decay=self.weight_decay)
 
-    def _train(self, modules, X: np.ndarray, y: np.ndarray) -> list[dict]:
+    def _lr_factor(self, step: int, per_epoch: int) -> float:
+        """Multiplier of ``lr_`` for optimizer step ``step`` (0-based), ``per_epoch`` steps an epoch."""
         from ..train.schedule import warmup_cosine_factor
 
+        warm = int(self.warmup_epochs)
+        if self.lr_schedule == "epoch":          # Dassl: ConstantWarmupScheduler + CosineAnnealingLR
+            epoch = step // per_epoch
+            if epoch < warm:
+                return self.warmup_lr / self.lr_
+            return 0.5 * (1.0 + math.cos(math.pi * (epoch - warm) / self.epochs_))
+        return warmup_cosine_factor(step, warmup_steps=per_epoch * warm, total_steps=per_epoch * self.epochs_)
+
+    def _train(self, modules, X: np.ndarray, y: np.ndarray) -> list[dict]:
         params = list({id(p): p for m in modules for p in m.parameters() if p.requires_grad}.values())
         if not params:
             raise UsageError(f"{type(self).__name__}: nothing to train")
         opt = self._optimizer(params)
         n, B = len(X), int(self.batch_size)
         per_epoch = -(-n // B)
-        total, warmup = per_epoch * self.epochs_, per_epoch * int(self.warmup_epochs)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda t: warmup_cosine_factor(t, warmup_steps=warmup, total_steps=total))
+        total = per_epoch * self.epochs_
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: self._lr_factor(t, per_epoch))
         gen = torch.Generator().manual_seed(int(self.seed))
         yt = torch.from_numpy(y)
         history = []

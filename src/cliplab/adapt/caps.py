@@ -16,7 +16,10 @@ Algorithm (support set = labelled images with captions; values L one-hot (N, C))
     (4) logits = logit_scale * f T^T + alpha * cache + gamma * kl
 
 Grids (reference): alpha = 0.1 + i (50 - 0.1)/20 (20 values), beta = 1 + i (50 - 1)/n_beta,
-gamma = 0.1 + i (30 - 0.1)/n_gamma, delta in {0, 0.1, ..., 1}; first best on validation.
+gamma = 0.1 + i (30 - 0.1)/n_gamma, delta in {0, 0.1, ..., 1}.  Of equal validation scores
+the first in the reference's loop order alpha -> beta -> delta -> gamma is kept (it keeps
+the first strictly better candidate); when no candidate scores above 0, its initial values
+alpha = beta = gamma = delta = 0 (zero-shot alone).
 Defaults here: ``search_steps=(n_beta, n_alpha, n_gamma)=(50, 20, 10)`` — coarser than the
 reference's (200, 20, 50) to keep the 4-D search affordable; pass (200, 20, 50) for the
 reference grid.  Without validation: alpha=1, beta=1, gamma=0, delta=0.5 (not from the
@@ -41,6 +44,12 @@ Deviations
   queries (so one query's logits depend on the others) and its KL loop leaves the last
   N mod 10 queries as zeros; here each query row of KL is rescaled to the range of its own
   row of A, and every row is computed.
+- Checked against WLuLi/CapS-Adapter@bb2182a1 ``madapter.py`` ``hparam_search`` (the same
+  function as at 29396b89), run unmodified on CPU on the same features (5 classes, 4 shots,
+  16 dims, 4 validation images a class, the reference grid 200 x 20 x 50 x 11, KL
+  matrix from :func:`kl_divergence`, its fp16 cast of the KL logits left out): MATCH, the
+  same (alpha, beta, gamma, delta) = (30.04, 1.735, 0.1, 0.6) and identical test
+  predictions, both with its batch-wide KL rescaling and with the per-query one above.
 - Hyper-parameters are chosen on a validation split (given, or carved from the training
   data).  Without ``text_weights`` the zero-shot and KL terms are 0 and gamma is not searched.
 """
@@ -50,7 +59,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UsageError
-from ._base import FeatureAdapter, best_of, softmax
+from . import _base
+from ._base import FeatureAdapter, softmax
 from .tip import TipAdapter, linear_grid
 
 __all__ = ["CapSAdapter", "multimodal_affinity", "kl_signatures", "kl_logits"]
@@ -183,25 +193,38 @@ class CapSAdapter(FeatureAdapter):
         return [v] if v is not None else values
 
     def _search(self, cache, X_val, y_val):
+        """Best (alpha, beta, gamma, delta) on validation and its accuracy, the reference's rule.
+
+        Every candidate is scored by :func:`cliplab.adapt._base.val_accuracy`, computed delta by delta (one
+        affinity matrix each); the winner is then the first maximum in the reference's loop
+        order alpha -> beta -> delta -> gamma (it keeps the first strictly better candidate),
+        or the reference's initial values (all 0: zero-shot alone) when none scores above 0.
+        """
         n_beta, n_alpha, n_gamma = self.search_steps
         starts = cache[3]
         zs = self._zero_shot(X_val)
-        alphas = self._grid("alpha", linear_grid(0.1, 50.0, n_alpha))
-        betas = self._grid("beta", linear_grid(1.0, 50.0, n_beta))
-        gammas = self._grid("gamma", linear_grid(0.1, 30.0, n_gamma) if cache[2] is not None else [0.0])
-        deltas = self._grid("delta", [i / 10 for i in range(11)])
-
-        def candidates():
-            for delta in deltas:
-                aff, kl = self._terms(X_val, cache, delta)
-                for beta in betas:
-                    c = np.add.reduceat(np.exp(-beta * (1.0 - aff)), starts, axis=1)  # eq. (2)
-                    for alpha in alphas:
-                        for gamma in gammas:
-                            yield ({"alpha": alpha, "beta": beta, "gamma": gamma, "delta": delta},
-                                   zs + alpha * c + gamma * kl)                        # eq. (4)
-        best, acc = best_of(candidates(), y_val)
-        return {k: float(v) for k, v in best.items()}, acc
+        grids = {"alpha": self._grid("alpha", linear_grid(0.1, 50.0, n_alpha)),
+                 "beta": self._grid("beta", linear_grid(1.0, 50.0, n_beta)),
+                 "gamma": self._grid("gamma", linear_grid(0.1, 30.0, n_gamma) if cache[2] is not None else [0.0]),
+                 "delta": self._grid("delta", [i / 10 for i in range(11)])}
+        acc = np.empty([len(grids[k]) for k in ("delta", "beta", "alpha", "gamma")])
+        for i, delta in enumerate(grids["delta"]):
+            aff, kl = self._terms(X_val, cache, delta)
+            for j, beta in enumerate(grids["beta"]):
+                c = np.add.reduceat(np.exp(-beta * (1.0 - aff)), starts, axis=1)     # eq. (2)
+                for k, alpha in enumerate(grids["alpha"]):
+                    base = zs + alpha * c
+                    for m, gamma in enumerate(grids["gamma"]):
+                        acc[i, j, k, m] = _base.val_accuracy(base + gamma * kl, y_val)  # eq. (4)
+        ref_order = acc.transpose(2, 1, 0, 3)                   # (alpha, beta, delta, gamma)
+        flat = int(np.argmax(ref_order))                         # the first maximum in that order
+        if ref_order.flat[flat] <= 0 and self.text_weights_ is not None:
+            return {k: float(v) if v is not None else 0.0 for k in grids
+                    for v in [getattr(self, k)]}, 0.0
+        a, b, d, g = np.unravel_index(flat, ref_order.shape)
+        best = {"alpha": grids["alpha"][a], "beta": grids["beta"][b], "gamma": grids["gamma"][g],
+                "delta": grids["delta"][d]}
+        return {k: float(v) for k, v in best.items()}, float(ref_order.flat[flat])
 
     def _fit(self, X, y, X_val, y_val, captions_X=None):
         cap = self._captions(X, captions_X)

@@ -14,16 +14,22 @@ Algorithm
 3. CoOp minimises the cross-entropy ``L_ce``; KgCoOp adds
    ``λ · (1 − (1/C) Σ_c cos(g(t_c), w_c^clip))`` with ``w^clip`` the frozen feature of
    the hand-written prompt (``template``), λ = 8.
-4. Only ``v`` trains: SGD (momentum 0.9, weight decay 5e-4), lr 2e-3, cosine, batch 32,
-   epochs 50 / 100 / 200 for 1 / 2-4 / 8-16 shots (``epochs=None``).
+4. Only ``v`` trains: SGD (momentum 0.9, weight decay 5e-4), lr 2e-3, batch 32, epochs
+   50 / 100 / 200 for 1 / 2-4 / 8-16 shots (``epochs=None``).  The rate follows the
+   reference's Dassl scheduler, stepped once per epoch: 1 warm-up epoch at a constant
+   1e-5, then ``lr · (1 + cos(π (e − 1) / E)) / 2`` in epoch e of E.
 
-With ``ctx_init="a photo of a"`` the untrained prompts equal the hand-written
+Defaults are the reference's (``train.py``: ``N_CTX = 16``, ``CTX_INIT = ""``): CoOp
+starts from 16 random context vectors N(0, 0.02²), shared by the classes.  KgCoOp's
+reference starts from "a photo of a" (4 vectors), and so does :class:`KgCoOp`.  With
+``ctx_init="a photo of a"`` the untrained prompts equal the hand-written
 "a photo of a {c}." exactly, so at step 0 CoOp is zero-shot CLIP and KgCoOp's
 regulariser is 0 (tested).
 
 Deviations: image features are computed once, without augmentation (the image tower is
-frozen; the reference re-encodes randomly cropped and flipped images every epoch); linear
-warm-up over one epoch instead of a constant 1e-5.
+frozen; the reference re-encodes randomly cropped and flipped images every epoch).
+Until this version CoOp defaulted to ``ctx_init="a photo of a"`` and stepped a linear
+warm-up and the cosine per batch; pass ``ctx_init="a photo of a"`` for that start.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ __all__ = ["CoOp", "KgCoOp"]
 class CoOp(TrainedClassifier):
     """Context Optimization: a prompt learner over the frozen Backbone.
 
+    The learning rate changes once per epoch (``lr_schedule = "epoch"``, the reference's).
+
     Parameters
     ----------
     backbone : Backbone
@@ -48,8 +56,9 @@ class CoOp(TrainedClassifier):
         One name per class index of ``y``.
     n_ctx : int, default 16
         Number of context vectors when ``ctx_init`` is empty (random init N(0, 0.02²)).
-    ctx_init : str, default "a photo of a"
-        Words to initialise the context from (their number sets M); "" for random.
+    ctx_init : str, default ""
+        Words to initialise the context from (their number sets M); "" (the reference's
+        default) for ``n_ctx`` random vectors.
     class_specific : bool, default False
         One context per class (CSC).  Such a classifier cannot move to other classes.
     epochs : int or None, default None
@@ -57,6 +66,7 @@ class CoOp(TrainedClassifier):
     batch_size : int, default 32
     lr : float, default 2e-3
     warmup_epochs : int, default 1
+        Epochs at the constant warm-up rate 1e-5 (``warmup_lr``).
     seed : int, default 0
     progress : bool, optional
 
@@ -78,7 +88,7 @@ class CoOp(TrainedClassifier):
     >>> est.with_classnames(["horse", "cow"]).predict(other_feats)              # doctest: +SKIP
     """
 
-    def __init__(self, backbone=None, classnames=None, *, n_ctx: int = 16, ctx_init: str = "a photo of a",
+    def __init__(self, backbone=None, classnames=None, *, n_ctx: int = 16, ctx_init: str = "",
                  class_specific: bool = False, epochs: int | None = None, batch_size: int = 32,
                  lr: float = 2e-3, warmup_epochs: int = 1, seed: int = 0, progress: bool | None = None):
         self.backbone = backbone
@@ -92,6 +102,8 @@ class CoOp(TrainedClassifier):
         self.warmup_epochs = warmup_epochs
         self.seed = seed
         self.progress = progress
+
+    lr_schedule = "epoch"
 
     # ------------------------------------------------------------- training
     def _make_prompts(self, classnames) -> SoftPrompts:

@@ -15,8 +15,9 @@ the paper's own equation numbers were not checked against the PDF here):
     (4) logits = logit_scale * f T^T + alpha * (f W^T + b)                     (N, C)
 
 Defaults: ``alpha`` chosen on validation from {1e-4, 1e-3, 1e-2, 0.1, 1, 10, 100} (the
-reference grid), first best kept; 0.1 (the reference's initial value) when no validation
-split can be had; uniform prior; ridge "ks".  Without ``text_weights`` the model is plain
+reference grid), the first strictly better one kept, as the reference's loop does;
+0.1 (the reference's initial value) when every candidate scores 0 on validation (the
+reference keeps a candidate only above accuracy 0) or no validation split can be had; uniform prior; ridge "ks".  Without ``text_weights`` the model is plain
 LDA ``f W^T + b`` and ``alpha`` plays no part.  The paper calls the ridge estimator by
 Kubokawa and Srivastava; the reference code only labels it "KS Estimator" — the name is
 not checked here, the formula is the code's.
@@ -181,7 +182,8 @@ class GDA(FeatureAdapter):
             else:
                 zs = self._zero_shot(X_val)                                   # (Nv, C)
                 g = X_val @ coef.T + icpt                                     # (Nv, C)
-                best, self.val_score_ = best_of((({"alpha": a}, zs + a * g) for a in self.alphas), y_val)
+                best, self.val_score_ = best_of((({"alpha": a}, zs + a * g) for a in self.alphas), y_val,
+                                                fallback={"alpha": DEFAULT_ALPHA})
                 self.alpha_ = float(best["alpha"])                            # eq. (4)
         self.means_, self.precision_, self.coef_, self.intercept_ = head or self._head(X, y, c)
 

@@ -8,8 +8,11 @@ Vision-Language Models", IJCV 2022, arXiv:2109.01134; ``lpclip/linear_probe.py``
 Algorithm:
 
     (1) logits = f W^T + b,  W, b = argmin  CE(f W^T + b, y) + ||W||^2 / (2 C)    (L-BFGS)
-    (2) C chosen on validation by :func:`cliplab.eval.tasks.sweep_C`: 1e-6 ... 1e6 coarse,
-        then log-midpoint refinement to 8 steps per decade.
+    (2) C chosen on validation by :func:`search_C`, CoOp's ``lpclip`` search: fit
+        C in (1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6), take the first best c*; then 8 steps of
+        a binary search in log10 C on [c*/10, 10 c*]: fit both ends, keep the better
+        (the left on ties), shrink the interval to the half between the winner and the
+        log-midpoint.  C is the winner of the last step.
 
 Defaults: ``C=None`` (swept on validation); 1.0 when no validation split can be had;
 ``max_iter=1000``; the estimator is :func:`cliplab.eval.tasks.logistic_regression`.
@@ -18,6 +21,10 @@ Deviations
 ----------
 - The CLIP paper and CoOp feed unnormalised image features; cliplab's features are
   L2-normalised at the boundary, and the probe uses them as they are.
+- Checked against KaiyangZhou/CoOp@ff61507c ``lpclip/linear_probe.py``, run unmodified on
+  the same few-shot features (1-16 shots): MATCH (see :func:`search_C`).
+- :func:`cliplab.eval.tasks.linear_probe` (the benchmark protocol) chooses C with
+  :func:`cliplab.eval.tasks.sweep_C`, the CLIP paper's description, not this search.
 - The final probe is fit on the training data only; :func:`cliplab.eval.tasks.linear_probe`
   (the benchmark protocol) refits on train + validation.
 """
@@ -28,9 +35,42 @@ import numpy as np
 
 from ._base import FeatureAdapter
 
-__all__ = ["LinearProbe"]
+__all__ = ["LinearProbe", "search_C"]
 
 DEFAULT_C = 1.0
+#: CoOp ``lpclip``'s initial C values, in its order.
+C_GRID = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
+
+
+def search_C(train, val, *, steps: int = 8, seed: int = 0, max_iter: int = 1000) -> tuple[float, float]:
+    """CoOp's linear-probe C search (``lpclip/linear_probe.py``): ``(C, its val accuracy)``.
+
+    ``train`` and ``val`` are ``(X (N, D), y (N,))``.  Fits :data:`C_GRID`, takes the first
+    best c*, then ``steps`` rounds on [c*/10, 10 c*]: fit both ends, keep the right one only
+    if strictly better, continue on [log-midpoint, right] or [left, log-midpoint].
+    """
+    from ..eval.tasks import _quiet_fits, logistic_regression
+
+    (xt, yt), (xv, yv) = train, val
+
+    def val_acc(C):
+        with _quiet_fits(np.size(xt)):
+            est = logistic_regression(C, seed=seed, max_iter=max_iter).fit(xt, yt)
+        return float(np.mean(est.predict(xv) == yv))
+
+    accs = [val_acc(C) for C in C_GRID]
+    peak = C_GRID[int(np.argmax(accs))]
+    left, right = 0.1 * peak, 10.0 * peak
+    best, best_acc = peak, max(accs)                      # steps=0: the coarse peak
+    for _ in range(int(steps)):
+        acc_l, acc_r = val_acc(left), val_acc(right)
+        lo, hi = np.log10(left), np.log10(right)
+        if acc_l < acc_r:
+            best, best_acc, lo = right, acc_r, 0.5 * (hi + lo)
+        else:
+            best, best_acc, hi = left, acc_l, 0.5 * (hi + lo)
+        left, right = np.power(10, lo), np.power(10, hi)       # through log10, as the reference
+    return float(best), best_acc
 
 
 class LinearProbe(FeatureAdapter):
@@ -79,7 +119,7 @@ class LinearProbe(FeatureAdapter):
         self.random_state = random_state
 
     def _fit(self, X, y, X_val, y_val):
-        from ..eval.tasks import _quiet_fits, logistic_regression, sweep_C
+        from ..eval.tasks import _quiet_fits, logistic_regression
 
         self.text_weights_ = None
         self.val_score_ = None
@@ -95,8 +135,8 @@ class LinearProbe(FeatureAdapter):
             if X_val is None:
                 self.C_ = DEFAULT_C
             else:
-                self.C_, self.val_score_, _ = sweep_C(train, (X_val, y_val), seed=self.random_state,
-                                                      progress=False)                # eq. (2)
+                self.C_, self.val_score_ = search_C(train, (X_val, y_val), seed=self.random_state,
+                                                    max_iter=self.max_iter)            # eq. (2)
         with _quiet_fits(np.size(X)):
             lr = logistic_regression(self.C_, seed=self.random_state, max_iter=self.max_iter).fit(X, y)
         self.n_iter_ = int(np.max(lr.n_iter_))

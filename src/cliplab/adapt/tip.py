@@ -18,10 +18,13 @@ Hyper-parameters: ``beta`` and ``alpha`` are searched on validation over the ref
 grids ``beta_i = 0.1 + i (S_beta - 0.1) / n_beta`` (i < n_beta) and
 ``alpha_j = 0.1 + j (S_alpha - 0.1) / n_alpha`` with ``search_scale=(S_beta, S_alpha)``
 (default (7, 3), the reference's ImageNet/Pets scale) and ``search_steps=(n_beta,
-n_alpha)`` (default (200, 20), the reference's); first best kept.  Without validation:
-``beta=1``, ``alpha=1.17`` (the reference's ImageNet initial values).  Tip-Adapter-F
-trains for at most ``epochs=20`` epochs and keeps the epoch with the best validation
-accuracy (epoch 0 = the training-free cache), then searches beta, alpha again.
+n_alpha)`` (default (200, 20), the reference's); in the reference's loop order (beta
+outer, alpha inner) the first strictly better candidate is kept, and when none scores
+above 0 on validation, ``alpha=0, beta=0`` (the reference's initial values: zero-shot
+alone).  Without validation: ``beta=1``, ``alpha=1.17`` (the reference's ImageNet initial
+values).  Tip-Adapter-F trains for at most ``epochs=20`` epochs and keeps the trained
+epoch with the best validation accuracy (the first of equals) — never the untrained cache,
+as the reference picks among trained epochs only — then searches beta, alpha again.
 
 Deviations
 ----------
@@ -174,7 +177,11 @@ class TipAdapter(FeatureAdapter):
                     np.multiply(cache, a, out=buf)
                     buf += zs                                                  # eq. (3)
                     yield {"alpha": a, "beta": b}, buf
-        best, acc = best_of(candidates(), y_val)
+        fallback = None                 # the reference's initial values; it has no cache-only mode
+        if self.text_weights_ is not None:
+            fallback = {"alpha": self.alpha if self.alpha is not None else 0.0,
+                        "beta": self.beta if self.beta is not None else 0.0}
+        best, acc = best_of(candidates(), y_val, fallback=fallback)
         return float(best["alpha"]), float(best["beta"]), acc
 
     def _defaults(self):
@@ -215,7 +222,8 @@ class TipAdapterF(TipAdapter):
     alpha, beta, search_scale, search_steps, text_weights, logit_scale, val_fraction, random_state
         As :class:`TipAdapter`.
     epochs : int, default=20
-        Most epochs to train; the best on validation is kept (epoch 0 = no training).
+        Most epochs to train; the trained epoch best on validation is kept (epochs 1 ..
+        ``epochs``, first of equals; the untrained cache only when ``epochs=0``).
     lr : float, default=1e-3
     batch_size : int, default=256
 
@@ -240,7 +248,7 @@ class TipAdapterF(TipAdapter):
         self.batch_size = batch_size
 
     def _train_keys(self, X, y, keys, starts, alpha, beta, epochs, X_val=None, y_val=None):
-        """Train the keys for ``epochs`` epochs; with validation, return the best epoch's keys.
+        """Train the keys for ``epochs`` epochs; with validation, return the best trained epoch's keys.
 
         Returns ``(keys, epoch)``.  The cosine schedule always spans ``self.epochs`` epochs,
         so a run stopped at epoch e follows the same path as the first e epochs of a full run.
@@ -267,8 +275,7 @@ class TipAdapterF(TipAdapter):
             with torch.no_grad():
                 return self._score_keys(w.detach().numpy().copy(), starts, alpha, beta, X_val, y_val)
 
-        best_keys, best_epoch = keys.copy(), 0
-        best_acc = val_acc() if X_val is not None else -1.0
+        best_keys, best_epoch, best_acc = keys.copy(), 0, -1.0   # epoch 0 is never kept if one trains
         for epoch in range(1, int(epochs) + 1):
             perm = torch.randperm(len(xt), generator=g)
             for i in range(steps):
