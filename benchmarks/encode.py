@@ -117,8 +117,8 @@ def bench_images(bb, paths: list[Path], repeats: int, batch_size: int = 32) -> d
         for i in range(0, len(paths), batch_size):
             model.encode_image(tensors[i:i + batch_size])
 
-    exact = bb.encode_images(paths, batch_size=batch_size, progress=False)
-    draft = bb.encode_images(paths, batch_size=batch_size, progress=False, draft=True)
+    exact = bb.encode_images(paths, batch_size=batch_size, progress=False).features
+    draft = bb.encode_images(paths, batch_size=batch_size, progress=False, draft=True).features
     model_only(), plain_loop()  # every path warmed once before timing
     t = {
         "model_only_s": median_time(model_only, repeats),

@@ -94,7 +94,7 @@ class Bench:
             self.epochs = {k: 1 for k in self.epochs}
 
     def features(self, images) -> np.ndarray:
-        return self.bb.encode_images(list(images), progress=False)
+        return self.bb.encode_images(list(images), progress=False).features
 
     def learner(self, method, classnames, **kw):
         lr = {"mocoop": 2e-3}.get(method)        # CoOp's rate, as when the tables were made
@@ -223,8 +223,8 @@ def wise_ft_part(b: Bench, names, train, id_test, ood_test, shots, alphas, sharp
         m = interpolate(b.bb, ft, float(a))
         text = class_weights(m, names, [TEMPLATE])
         curve["alpha"].append(float(a))
-        curve["id"].append(accuracy((m.encode_images(list(iid), progress=False) @ text.T).argmax(1), yid))
-        curve["ood"].append(accuracy((m.encode_images(list(iood), progress=False) @ text.T).argmax(1), yood))
+        curve["id"].append(accuracy((m.encode_images(list(iid), progress=False).features @ text.T).argmax(1), yid))
+        curve["ood"].append(accuracy((m.encode_images(list(iood), progress=False).features @ text.T).argmax(1), yood))
         log(f"  alpha {a:.1f}: ID {curve['id'][-1]:.3f} OOD {curve['ood'][-1]:.3f}")
     # layer-wise sharpness along the path, on clean training images
     xs, ys = it[idx][:n_sharp], yt[idx][:n_sharp]

@@ -34,7 +34,7 @@ RESULTS = Path(__file__).parent / "results"
 def accuracy(bb, images, truth, classes, prompts) -> np.ndarray:
     """Per-image correctness of zero-shot classification among ``classes``."""
     clf = cliplab.ZeroShotClassifier(bb, classes, templates=prompts)
-    feats = bb.encode_images(images)
+    feats = bb.encode_images(images).features
     return clf.predict(feats) == np.asarray(truth)
 
 
@@ -64,7 +64,7 @@ def evaluate(bb, n: int = 2000, n_pairs: int = 1000, seed: int = 0) -> dict:
                                          ["a photo of a {c} shape."]).mean())}
     multi = task_world(world, "retrieval")  # 1-3 objects
     imgs, scs = multi.render_batch("test", range(n_pairs))
-    sim = bb.encode_images(imgs) @ bb.encode_texts([sc.captions[0] for sc in scs]).T   # (N, N)
+    sim = bb.encode_images(imgs).features @ bb.encode_texts([sc.captions[0] for sc in scs]).T   # (N, N)
     out["retrieval_pairs"] = n_pairs
     out["image_to_text"] = recall_at(sim)
     out["text_to_image"] = recall_at(sim.T)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from cliplab.train.datasets import caption_choice, global_batch_indices
-from cliplab.train.recipes import build_model, get_recipe
+from cliplab.train.recipes import get_recipe, init_model
 from cliplab.models.transforms import images_to_tensor
 from cliplab.train.trainer import ADAMW_BETAS, ADAMW_EPS, Trainer, parameter_groups
 
@@ -39,7 +39,7 @@ def cliplab_run(steps: int, warmup: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         recipe = get_recipe("shapes-tiny", steps=warmup + steps, eval_every=0, ckpt_every=0,
                             log_every=warmup + steps, out_dir=tmp)
-        built = build_model(recipe.model_cfg, recipe.preprocess_cfg, seed=0)
+        built = init_model(recipe.model_cfg, recipe.preprocess_cfg, seed=0)
         trainer = Trainer(built.model, built.tokenizer, built.preprocess, recipe.train_set, recipe.config,
                           model_cfg=built.model_cfg, progress=False)
         trainer.fit(stop_at=warmup)
@@ -52,7 +52,7 @@ def plain_run(steps: int, warmup: int) -> float:
     from open_clip.loss import ClipLoss
 
     recipe = get_recipe("shapes-tiny")
-    built = build_model(recipe.model_cfg, recipe.preprocess_cfg, seed=0)
+    built = init_model(recipe.model_cfg, recipe.preprocess_cfg, seed=0)
     model, bs, ds = built.model.train(), recipe.config.batch_size, recipe.train_set
     batches = []
     for step in range(warmup + steps):

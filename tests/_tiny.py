@@ -21,7 +21,7 @@ TEXTS = ["a photo of a red star.", "two blue squares on a striped background", "
 
 
 def features(bb, images):
-    return bb.encode_images(images), bb.encode_texts(TEXTS)
+    return bb.encode_images(images).features, bb.encode_texts(TEXTS)
 
 
 def snapshot(model):

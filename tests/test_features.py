@@ -46,7 +46,7 @@ def test_cache_hit_returns_identical_arrays(tiny, tmp_path):
     assert first.features.shape == (10, tiny.embed_dim) and first.features.dtype == np.float32
     assert first.n_computed == 10 and first.n_cached == 0 and first.skipped == []
     np.testing.assert_array_equal(first.kept, np.arange(10))
-    np.testing.assert_allclose(first.features, tiny.encode_images(files, workers=0), atol=1e-6)
+    np.testing.assert_allclose(first.features, tiny.encode_images(files, workers=0).features, atol=1e-6)
     assert len(list((store.path / "chunks").glob("chunk_*.npz"))) == 3  # 4 + 4 + 2
 
     second = store.image_features(files, workers=0)
@@ -87,16 +87,16 @@ def test_corrupt_and_missing_files_are_skipped_and_not_retried(tiny, tmp_path):
     res = store.image_features(items, workers=0)
     np.testing.assert_array_equal(res.kept, [0, 2, 4])
     assert res.features.shape == (3, tiny.embed_dim)
-    reasons = {s["index"]: s for s in res.skipped}
+    reasons = {s.index: s for s in res.skipped}
     assert sorted(reasons) == [1, 3]
-    assert reasons[1]["source"].endswith("broken.png") and "not an image" in reasons[1]["reason"]
-    assert "cannot read file" in reasons[3]["reason"]
+    assert reasons[1].source.endswith("broken.png") and "not an image" in reasons[1].reason
+    assert "cannot read file" in reasons[3].reason
     assert res.n_computed == 4  # the missing file cannot be keyed, so it is not encoded
 
     again = FeatureStore(tmp_path / "cache", tiny, progress=False).image_features(items, workers=0)
     assert again.n_computed == 0  # the corrupt file is recorded, not retried
-    assert [s["index"] for s in again.skipped] == [1, 3]
-    assert "not an image" in again.skipped[0]["reason"]
+    assert [s.index for s in again.skipped] == [1, 3]
+    assert "not an image" in again.skipped[0].reason
 
 
 def test_changed_mtime_or_size_is_recomputed(tiny, tmp_path):
@@ -135,7 +135,7 @@ def test_every_spelling_of_a_path_is_one_key(tiny, tmp_path, monkeypatch):
     assert all(np.array_equal(row, res.features[0]) for row in res.features[:7])
     assert len(_chunk_keys(store.path)) == 2
     # a symbolic-link loop is an unreadable file, skipped with its reason, not a crash
-    assert [s["index"] for s in res.skipped] == [8] and "cannot read file" in res.skipped[0]["reason"]
+    assert [s.index for s in res.skipped] == [8] and "cannot read file" in res.skipped[0].reason
 
 
 def test_in_memory_items_are_keyed_by_content(tiny, tmp_path):

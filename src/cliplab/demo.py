@@ -62,7 +62,7 @@ def run_demo(backbone, out_dir: str | Path = "demo-output", *, n: int = 48, seed
         paths.append(out / "images" / f"test_{sc.index:05d}.png")
         Image.fromarray(img).save(paths[-1])
     clf = ZeroShotClassifier(backbone, classes, templates=[PROMPT], progress=progress)
-    labels, probs = clf.topk(backbone.encode_images(paths, progress=progress), k=1)
+    labels, probs = clf.topk(backbone.encode_images(paths, progress=progress).features, k=1)
     rows = []
     for path, sc, lab, p in zip(paths, scenes, labels[:, 0], probs[:, 0]):
         truth = sc.objects[0].name

@@ -42,18 +42,20 @@ import os
 import re
 import secrets
 import socket
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from ._progress import progress_bar
 from .data.images import DEFAULT_MAX_PIXELS
+from .data.records import EncodedImages, Skipped
 from .data.sources import canonical_path
 from .errors import UsageError
+from .validation import check_positive_int
 
-logger = logging.getLogger("cliplab.features")
+logger = logging.getLogger(__name__)
 
 __all__ = ["FeatureResult", "FeatureStore"]
 
@@ -61,28 +63,26 @@ _CHUNK_RE = re.compile(r"^chunk_(\d+)\.npz$")
 _TMP_PREFIX = ".tmp-"
 
 
-class FeatureResult(NamedTuple):
-    """What :meth:`FeatureStore.image_features` returns.
+@dataclass(frozen=True, eq=False)
+class FeatureResult(EncodedImages):
+    """What :meth:`FeatureStore.image_features` returns: an :class:`EncodedImages` plus counts.
 
     Attributes
     ----------
     features : ndarray of float32, shape (M, D)
         L2-normalised features of the kept items, in input order.
-    kept : ndarray of int, shape (M,)
+    kept : ndarray of int64, shape (M,)
         Input index of each row of ``features``.
-    skipped : list of dict
-        ``{"index": int, "source": str, "reason": str}`` for each item left out.
+    skipped : list of Skipped
+        One record per item left out.
     n_computed : int
         Items encoded by this call (the others came from the cache).
     n_cached : int
         Items answered from the cache (features or a recorded skip).
     """
 
-    features: np.ndarray
-    kept: np.ndarray
-    skipped: list
-    n_computed: int
-    n_cached: int
+    n_computed: int = 0
+    n_cached: int = 0
 
 
 def _sha1(*parts: bytes) -> str:
@@ -90,12 +90,6 @@ def _sha1(*parts: bytes) -> str:
     for p in parts:
         h.update(p)
     return h.hexdigest()
-
-
-def _describe(item, index: int) -> str:
-    if isinstance(item, (str, os.PathLike)):
-        return os.fsdecode(item)
-    return f"<{type(item).__name__} #{index}>"
 
 
 def item_key(item) -> str:
@@ -132,6 +126,29 @@ def item_key(item) -> str:
 def text_key(text: str) -> str:
     """The cache key of one text: ``"t"`` + SHA-1 of its UTF-8 bytes."""
     return "t" + _sha1(text.encode("utf-8"))
+
+
+def _host() -> str:
+    """This host's name reduced to ``[A-Za-z0-9]`` (at most 32), as temporary file names carry it."""
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def _write_temp(folder: Path, data: bytes) -> Path:
+    """Write ``data`` to a new temporary file in ``folder``, flushed and fsync'd; return its path.
+
+    The name (``.tmp-<host>-<pid>-<random>``) lets a later run on this host delete it
+    once its writer is gone.  The caller renames it into place (or deletes it).
+    """
+    tmp = folder / f"{_TMP_PREFIX}{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def _pid_alive(pid: int) -> bool:
@@ -176,11 +193,9 @@ class FeatureStore:
     """
 
     def __init__(self, root, backbone, *, chunk_size: int = 256, progress: bool | None = None):
-        if int(chunk_size) != chunk_size or chunk_size < 1:
-            raise UsageError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         self.root = Path(root)
         self.backbone = backbone
-        self.chunk_size = int(chunk_size)
+        self.chunk_size = check_positive_int("chunk_size", chunk_size)
         self.progress = progress
         self.path = self.root / backbone.fingerprint[:16]
         self._chunks = self.path / "chunks"
@@ -221,24 +236,12 @@ class FeatureStore:
                 "fingerprint": self.backbone.fingerprint,
                 "embed_dim": int(self.backbone.embed_dim),
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        self._atomic_write(meta_path, json.dumps(meta, indent=2).encode())
-
-    def _tmp_name(self, folder: Path) -> Path:
-        host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
-        return folder / f"{_TMP_PREFIX}{host}-{os.getpid()}-{secrets.token_hex(4)}"
-
-    def _atomic_write(self, final: Path, data: bytes) -> None:
-        tmp = self._tmp_name(final.parent)
+        tmp = _write_temp(meta_path.parent, json.dumps(meta, indent=2).encode())
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
+            os.replace(tmp, meta_path)
         finally:
-            if tmp.exists():
-                tmp.unlink()
-        self._fsync_dir(final.parent)
+            tmp.unlink(missing_ok=True)
+        self._fsync_dir(meta_path.parent)
 
     @staticmethod
     def _fsync_dir(folder: Path) -> None:
@@ -255,7 +258,7 @@ class FeatureStore:
 
     def _clean_temp_files(self) -> None:
         """Delete temporary files whose writer (on this host) is no longer running."""
-        host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+        host = _host()
         for p in self._chunks.iterdir():
             m = re.match(rf"^{re.escape(_TMP_PREFIX)}([A-Za-z0-9]+)-(\d+)-", p.name)
             if m and m.group(1) == host and not _pid_alive(int(m.group(2))):
@@ -291,18 +294,14 @@ class FeatureStore:
             self._skips.setdefault(k, why)
 
     def _save_chunk(self, keys: list[str], feats: np.ndarray, skipped: list[tuple[str, str]]) -> Path:
+        """Write one chunk file (keys, features, skipped keys and reasons) and index it."""
         buf = io.BytesIO()
         np.savez(buf, keys=np.array(keys, dtype=str).reshape(-1),
                  features=_as_rows(feats, len(keys)),
                  skipped_keys=np.array([k for k, _ in skipped], dtype=str).reshape(-1),
                  skipped_reasons=np.array([r for _, r in skipped], dtype=str).reshape(-1))
-        data = buf.getvalue()
-        tmp = self._tmp_name(self._chunks)
+        tmp = _write_temp(self._chunks, buf.getvalue())
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             while True:
                 final = self._chunks / f"chunk_{self._next:06d}.npz"
                 self._next += 1
@@ -353,12 +352,12 @@ class FeatureStore:
         items = list(items)
         suffix = b"\0draft" if draft else b""
         keys: list[str | None] = []
-        skipped: dict[int, tuple[str, str]] = {}
+        unreadable: dict[int, str] = {}              # input index -> reason
         for i, item in enumerate(items):
             try:
                 key = item_key(item)
             except OSError as exc:
-                skipped[i] = (_describe(item, i), f"cannot read file ({exc.strerror or exc})")
+                unreadable[i] = f"cannot read file ({exc.strerror or exc})"
                 keys.append(None)
                 continue
             keys.append(_sha1(key.encode(), suffix) if draft else key)
@@ -379,35 +378,33 @@ class FeatureStore:
             pending = list(todo.items())
             for s in range(0, len(pending), self.chunk_size):
                 part = pending[s:s + self.chunk_size]
-                feats, bad = self.backbone.encode_images(
+                enc = self.backbone.encode_images(
                     [items[i] for _, i in part], batch_size=batch_size, progress=False,
                     on_error="skip", workers=workers, max_pixels=max_pixels, draft=draft)
-                bad_pos = {b.index: b.reason for b in bad}
+                bad_pos = {b.index: b.reason for b in enc.skipped}
                 kept_keys = [k for j, (k, _) in enumerate(part) if j not in bad_pos]
                 bad_keys = [(part[j][0], why) for j, why in sorted(bad_pos.items())]
                 if retry_skipped:
                     for k, _ in part:
                         self._skips.pop(k, None)
-                self._save_chunk(kept_keys, feats, bad_keys)
+                self._save_chunk(kept_keys, enc.features, bad_keys)
                 bar.update(len(part))
 
         rows, kept, skip_list = [], [], []
         for i, k in enumerate(keys):
-            if i in skipped:
-                source, why = skipped[i]
-            elif k in self._features:
+            if k in self._features:
                 rows.append(self._features[k])
                 kept.append(i)
-                continue
             else:
-                source, why = _describe(items[i], i), self._skips.get(k, "not encoded")
-            skip_list.append({"index": i, "source": source, "reason": why})
+                why = unreadable[i] if k is None else self._skips.get(k, "not encoded")
+                skip_list.append(Skipped.of(i, items[i], why))
         D = int(self.backbone.embed_dim)
         features = np.stack(rows).astype(np.float32, copy=False) if rows else np.zeros((0, D), np.float32)
         if skip_list:
             logger.warning("%d of %d images skipped (first: %s: %s)", len(skip_list), len(items),
-                           skip_list[0]["source"], skip_list[0]["reason"])
-        return FeatureResult(features, np.asarray(kept, dtype=np.int64), skip_list, len(todo), n_cached)
+                           skip_list[0].source, skip_list[0].reason)
+        return FeatureResult(features, np.asarray(kept, dtype=np.int64), skip_list,
+                             n_computed=len(todo), n_cached=n_cached)
 
     # ----------------------------------------------------------------- texts
     def text_features(self, texts, *, batch_size: int = 256) -> np.ndarray:

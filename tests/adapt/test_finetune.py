@@ -48,7 +48,7 @@ def fitted(tiny, data):
 
 
 def _zero_shot(bb, X):
-    img = bb.encode_images(X, progress=False)                                 # (N, D)
+    img = bb.encode_images(X, progress=False).features                                 # (N, D)
     txt = bb.encode_texts([f"a photo of a {c}." for c in NAMES], progress=False)  # (C, D)
     return img, txt
 
@@ -129,15 +129,15 @@ def test_adapted_backbone_is_plain_and_mixes(tiny, fitted, data, method):
     ft = est.adapted_backbone()
     assert set(ft.model.state_dict()) == set(tiny.model.state_dict())   # plain: WiSE-FT accepts it
     texts = [f"a photo of a {c}." for c in NAMES]
-    adapted = est._adapted.encode_images(X, progress=False), est._adapted.encode_texts(texts)
-    merged = ft.encode_images(X, progress=False), ft.encode_texts(texts)
+    adapted = est._adapted.encode_images(X, progress=False).features, est._adapted.encode_texts(texts)
+    merged = ft.encode_images(X, progress=False).features, ft.encode_texts(texts)
     for a, m in zip(adapted, merged):
         np.testing.assert_allclose(m, a, atol=1e-5)                      # merged == unmerged
     zs = _zero_shot(tiny, X)
     assert np.abs(adapted[0] - zs[0]).max() > 1e-3                      # training did something
     for alpha, want in ((0.0, zs), (1.0, adapted)):
         mixed = interpolate(tiny, ft, alpha)
-        got = mixed.encode_images(X, progress=False), mixed.encode_texts(texts)
+        got = mixed.encode_images(X, progress=False).features, mixed.encode_texts(texts)
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, atol=1e-5)
 

@@ -58,7 +58,7 @@ def test_classify_with_adapter(adapter, image, tiny_dir, tiny, capsys):
     assert len(preds) == 3 and all(p["label"] in names for p in preds)
     assert preds[0]["prob"] >= preds[1]["prob"] >= preds[2]["prob"]
     from cliplab.adapt import load_adapter                              # same as the library path
-    proba = load_adapter(adapter).predict_proba(tiny.encode_images([image]))[0]
+    proba = load_adapter(adapter).predict_proba(tiny.encode_images([image]).features)[0]
     top = np.argsort(-proba, kind="stable")[:3]
     assert [p["label"] for p in preds] == [names[i] for i in top]
     np.testing.assert_allclose([p["prob"] for p in preds], proba[top], rtol=1e-5)
@@ -110,7 +110,7 @@ def test_learner_from_the_cli_then_classify(method, image, tiny_dir, tiny, tmp_p
 
     est, names = load_fitted(out, tiny)                     # the library path: the learner's own encoder
     assert (est.image_backbone() is tiny) == (est.input_kind == "features")
-    proba = softmax(est.logits_from_features(est.image_backbone().encode_images([image])))[0]
+    proba = softmax(est.logits_from_features(est.image_backbone().encode_images([image]).features))[0]
     top = np.argsort(-proba, kind="stable")[:2]
     assert [p["label"] for p in row["predictions"]] == [names[i] for i in top]
     np.testing.assert_allclose([p["prob"] for p in row["predictions"]], proba[top], rtol=1e-4)

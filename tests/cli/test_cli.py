@@ -70,7 +70,7 @@ def test_embed_images_npy_and_texts_parquet(tiny_dir, images, tmp_path, tiny, mo
     feats = np.load(out)
     meta = json.loads((tmp_path / "e.npy.json").read_text())
     assert feats.shape == (3, 32) and len(meta["items"]) == 3 and len(meta["skipped"]) == 1
-    np.testing.assert_allclose(feats, tiny.encode_images(meta["items"]), atol=1e-6)
+    np.testing.assert_allclose(feats, tiny.encode_images(meta["items"]).features, atol=1e-6)
     texts = tmp_path / "t.txt"
     texts.write_text("a cat\na dog\n")
     pq = pytest.importorskip("pyarrow.parquet")

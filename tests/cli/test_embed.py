@@ -121,7 +121,7 @@ def test_embed_cache_texts_no_cache_and_strict(tiny_dir, tiny, tmp_path, capsys)
     assert "broken.png" in err
     a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
     assert a.shape == (3, 32) and np.array_equal(a, b)
-    np.testing.assert_allclose(a, tiny.encode_images(files, workers=0), atol=1e-6)
+    np.testing.assert_allclose(a, tiny.encode_images(files, workers=0).features, atol=1e-6)
 
     assert main(_embed(img_dir, tmp_path / "c.npy", tmp_path / "unused", tiny_dir, "--no-cache")) == 0
     assert not (tmp_path / "unused").exists()

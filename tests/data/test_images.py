@@ -257,8 +257,8 @@ def test_decode_many_skip_keeps_order(mixed_sources, workers):
     sources, colours = mixed_sources
     decoded, skipped = decode_many(sources, on_error="skip", workers=workers, progress=False)
     assert [image.getpixel((0, 0)) for image in decoded] == colours
-    assert [(index, source) for index, source, _ in skipped] == [(1, sources[1]), (3, sources[3])]
-    assert "not an image" in skipped[0][2] and "not found" in skipped[1][2]
+    assert [(s.index, s.source) for s in skipped] == [(1, str(sources[1])), (3, str(sources[3]))]
+    assert "not an image" in skipped[0].reason and "not found" in skipped[1].reason
 
 
 def test_decode_many_raise(mixed_sources):
@@ -273,7 +273,7 @@ def test_iter_decoded_batches(mixed_sources):
     sources, colours = mixed_sources
     batches = list(iter_decoded(iter(sources), 2, on_error="skip", workers=2, prefetch=1))
     assert [batch.indices for batch in batches] == [[0], [2], [4]]
-    assert [[i for i, _, _ in batch.skipped] for batch in batches] == [[1], [3], []]
+    assert [[s.index for s in batch.skipped] for batch in batches] == [[1], [3], []]
     assert [batch.images[0].getpixel((0, 0)) for batch in batches] == colours
     stream = iter_decoded(sources, 1, on_error="skip", workers=2)
     assert next(stream).indices == [0]

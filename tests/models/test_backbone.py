@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from cliplab.errors import BadImage, UsageError
-from cliplab.models.backbone import Backbone
+from cliplab.models.backbone import Backbone, Skipped
 from cliplab.models.loading import default_preprocess_cfg, make_tokenizer
 
 from _tiny import TINY_CFG, make_model
@@ -74,17 +74,17 @@ def test_encode_images_inputs_agree(tiny, tmp_path):
     for i, a in enumerate(arrs):
         paths.append(tmp_path / f"{i}.png")
         Image.fromarray(a).save(paths[-1])
-    from_paths = tiny.encode_images(paths, batch_size=2)
-    from_pil = tiny.encode_images([Image.fromarray(a) for a in arrs])
-    from_arrays = tiny.encode_images(arrs)
-    from_tensor = tiny.encode_images(torch.stack([tiny.preprocess(Image.fromarray(a)) for a in arrs]))
+    from_paths = tiny.encode_images(paths, batch_size=2).features
+    from_pil = tiny.encode_images([Image.fromarray(a) for a in arrs]).features
+    from_arrays = tiny.encode_images(arrs).features
+    from_tensor = tiny.encode_images(torch.stack([tiny.preprocess(Image.fromarray(a)) for a in arrs])).features
     assert from_paths.shape == (3, 32) and from_paths.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(from_paths, axis=1), 1, atol=1e-5)
     for other in (from_pil, from_arrays, from_tensor):
         np.testing.assert_allclose(other, from_paths, atol=2e-5)
     # a uint8 array at another size goes through the exact PIL path
     big = np.kron(arrs[0], np.ones((2, 2, 1), dtype=np.uint8))
-    assert tiny.encode_images(big).shape == (1, 32)
+    assert tiny.encode_images(big).features.shape == (1, 32)
 
 
 def test_encode_images_bad_input(tiny, tmp_path):
@@ -94,12 +94,29 @@ def test_encode_images_bad_input(tiny, tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(BadImage, match="empty.jpg"):
         tiny.encode_images([good, empty])
-    feats, skipped = tiny.encode_images([empty, good, empty], on_error="skip")
-    assert feats.shape == (1, 32)
-    assert [s.index for s in skipped] == [0, 2]
-    np.testing.assert_allclose(feats[0], tiny.encode_images(good)[0], atol=1e-6)
+    res = tiny.encode_images([empty, good, empty], on_error="skip")
+    assert res.features.shape == (1, 32) and res.kept.tolist() == [1]
+    assert [s.index for s in res.skipped] == [0, 2]
+    assert res.skipped[0] == Skipped(0, str(empty), res.skipped[0].reason)
+    np.testing.assert_allclose(res.features[0], tiny.encode_images(good).features[0], atol=1e-6)
+    strict = tiny.encode_images([good, good])
+    assert strict.kept.tolist() == [0, 1] and strict.skipped == []
     with pytest.raises(UsageError):
         tiny.encode_images([good], on_error="ignore")
+
+
+def test_with_model_keeps_everything_but_the_model(tiny):
+    import copy
+
+    model = copy.deepcopy(tiny.model)
+    with torch.no_grad():
+        model.logit_scale.fill_(1.0)                                  # log space: s = e
+    bb = tiny.with_model(model, name="copy")
+    assert bb is not tiny and bb.model is model and tiny.model is not model
+    assert (bb.name, bb.model_cfg, bb.preprocess_cfg, bb.tokenizer, bb.device, bb.precision) == (
+        "copy", tiny.model_cfg, tiny.preprocess_cfg, tiny.tokenizer, tiny.device, tiny.precision)
+    assert bb.logit_scale == pytest.approx(np.e) and tiny.logit_scale != pytest.approx(np.e)
+    np.testing.assert_allclose(bb.encode_texts(["a red star"]), tiny.encode_texts(["a red star"]), atol=1e-6)
 
 
 def test_image_tokens_shape(tiny):
@@ -134,7 +151,7 @@ import torch
 torch.set_num_threads(1)
 from PIL import Image
 from _tiny import TINY_CFG, make_model
-from cliplab.models.backbone import Backbone
+from cliplab.models.backbone import Backbone, Skipped
 from cliplab.models.loading import default_preprocess_cfg, make_tokenizer
 
 out, mode = sys.argv[1], sys.argv[2]
@@ -145,10 +162,11 @@ bb = Backbone(make_model(cfg), model_cfg=cfg, preprocess_cfg=pp, tokenizer=make_
 Image.new("RGB", (8000, 1), "red").save(f"{out}/wide.png")          # ~100 bytes
 Image.new("RGB", (1_000_000, 1), "green").save(f"{out}/strip.png")  # ~3 KB
 Image.new("RGB", (300, 200), "blue").save(f"{out}/good.png")
-alone = bb.encode_images([f"{out}/good.png"])                       # warm-up, the reference
+alone = bb.encode_images([f"{out}/good.png"]).features              # warm-up, the reference
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-feats, skipped = bb.encode_images([f"{out}/wide.png", f"{out}/strip.png", f"{out}/good.png"],
-                                  on_error="skip", batch_size=2, workers=2)
+res = bb.encode_images([f"{out}/wide.png", f"{out}/strip.png", f"{out}/good.png"],
+                       on_error="skip", batch_size=2, workers=2)
+feats, skipped = res.features, res.skipped
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"rise_mb": (peak - base) / 1024, "n": len(feats), "skipped": [s.reason for s in skipped],
                   "good_diff": float(abs(feats[-1] - alone[0]).max())}))
@@ -186,7 +204,7 @@ def test_image_that_cannot_be_preprocessed_is_skipped(tiny, tmp_path):
     good, odd = tmp_path / "good.png", tmp_path / "odd.png"
     Image.new("RGB", (40, 40), "red").save(good)
     Image.new("RGB", (41, 40), "red").save(odd)
-    expected = tiny.encode_images([good])
+    expected = tiny.encode_images([good]).features
     bb = Backbone(tiny.model, model_cfg=tiny.model_cfg, preprocess_cfg=tiny.preprocess_cfg,
                   tokenizer=tiny.tokenizer)
     transform = bb.preprocess
@@ -197,9 +215,9 @@ def test_image_that_cannot_be_preprocessed_is_skipped(tiny, tmp_path):
         return transform(img)
 
     bb.preprocess = fussy
-    feats, skipped = bb.encode_images([odd, good], on_error="skip", workers=2)
-    np.testing.assert_allclose(feats, expected, atol=1e-6)
-    assert [(s.index, s.reason) for s in skipped] == [(0, "cannot preprocess a 41x40 image (MemoryError: )")]
+    res = bb.encode_images([odd, good], on_error="skip", workers=2)
+    np.testing.assert_allclose(res.features, expected, atol=1e-6)
+    assert [(s.index, s.reason) for s in res.skipped] == [(0, "cannot preprocess a 41x40 image (MemoryError: )")]
     with pytest.raises(BadImage, match="odd.png: cannot preprocess"):
         bb.encode_images([odd, good])
 

@@ -6,7 +6,7 @@ import torch
 
 import cliplab
 from cliplab.errors import AmbiguousCheckpoint, CheckpointMismatch, ModelLoadError, OfflineError, UnsafeCheckpoint, UsageError
-from cliplab.models.loading import list_sources
+from cliplab.models.loading import SOURCES, list_sources
 
 from _tiny import TINY_CFG, make_model
 
@@ -15,11 +15,31 @@ TEXTS = ["a photo of a cat.", "a dog"]
 
 def features(bb):
     img = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    return bb.encode_texts(TEXTS), bb.encode_images(img)
+    return bb.encode_texts(TEXTS), bb.encode_images(img).features
 
 
 def test_sources_registered():
     assert {"bundled", "local", "open_clip-tag", "hf-hub"} <= set(list_sources())
+    assert list_sources()[:4] == ["bundled", "local", "open_clip-tag", "hf-hub"]   # the order load tries
+    for name in list_sources():
+        meta = SOURCES.meta(name)
+        assert callable(meta["match"]) and meta["help"]
+
+
+def test_first_matching_source_loads(tiny_dir, tiny):
+    """A registered source answers its specs; an earlier source that matches wins."""
+    def alias(spec, opts):
+        return SOURCES.get("local")(str(tiny_dir), opts)
+
+    SOURCES.register("test-alias", match=lambda spec: spec == "tiny-alias", help="test")(alias)
+    try:
+        assert cliplab.load("tiny-alias").fingerprint == tiny.fingerprint
+        with pytest.raises(ModelLoadError, match="cannot resolve"):
+            cliplab.load("tiny-alias-2")
+    finally:
+        SOURCES.unregister("test-alias")
+    with pytest.raises(ModelLoadError, match="cannot resolve"):
+        cliplab.load("tiny-alias")
 
 
 def test_open_clip_folder_matches_the_model(tiny_dir, tiny):

@@ -8,7 +8,8 @@ from torch.nn.utils import parametrize
 from cliplab.errors import CheckpointMismatch, UsageError
 from cliplab.surgery import (apply_lora, load_lora, lora_state_dict, merge_lora, save_lora,
                              trainable_parameters, unmerge_lora)
-from cliplab.surgery.lora import LoRALinear, find_layers
+from cliplab.surgery.layers import find_layers
+from cliplab.surgery.lora import LoRALinear
 
 from _tiny import TEXTS, features, snapshot
 

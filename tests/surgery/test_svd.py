@@ -7,7 +7,7 @@ from torch.nn.utils import parametrize
 
 from cliplab.errors import UsageError
 from cliplab.surgery import apply_lora, apply_svd, trainable_parameters
-from cliplab.surgery.lora import find_layers
+from cliplab.surgery.layers import find_layers
 from cliplab.surgery.svd import SVDWeight
 
 from _tiny import TEXTS, features, snapshot

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cliplab.errors import DataError
-from cliplab.train import TrainConfig, Trainer, build_model, losses
+from cliplab.train import TrainConfig, Trainer, init_model, losses
 from cliplab.train.datasets import global_batch_indices
 from cliplab.train.losses import Objective, register_loss
 from cliplab.train.losses.infonce import infonce_loss
@@ -83,7 +83,7 @@ def registered(monkeypatch):
 
 
 def _fit(tmp_path, loss, train_set, **cfg):
-    built = build_model(CFG, loss=loss)
+    built = init_model(CFG, loss=loss)
     config = TrainConfig(**{"steps": 3, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "ckpt_every": 0,
                             "log_every": 1, "out_dir": str(tmp_path), "loss": loss, "device": "cpu", **cfg})
     trainer = Trainer(built.model, built.tokenizer, built.preprocess, train_set, config, progress=False)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from cliplab.errors import BadImage, DataError, UsageError
-from cliplab.train import TrainConfig, Trainer, build_model, get_recipe, latest_checkpoint, list_recipes
+from cliplab.train import TrainConfig, Trainer, get_recipe, init_model, latest_checkpoint, list_recipes
 from cliplab.train.datasets import (CaptionTableSet, ConcatSet, ShapesTrainSet, caption_choice,
                                     global_batch_indices)
 from cliplab.train.schedule import warmup_cosine_factor, warmup_cosine_scheduler
@@ -45,7 +45,7 @@ class TinyColours:
 
 
 def _trainer(out_dir, *, loss="infonce", model_cfg=TINY, seed=0, train_set=None, evaluate=None, **cfg):
-    built = build_model(model_cfg, loss=loss, seed=seed)
+    built = init_model(model_cfg, loss=loss, seed=seed)
     defaults = dict(steps=8, batch_size=8, lr=1e-3, warmup_steps=2, ckpt_every=0, log_every=1,
                     out_dir=str(out_dir), loss=loss, device="cpu")
     config = TrainConfig(**{**defaults, **cfg})
@@ -97,7 +97,7 @@ def test_caption_choice_rank_slices_and_uniformity():
 
 
 def test_fast_image_path_matches_preprocess():
-    built = build_model(TINY)
+    built = init_model(TINY)
     from open_clip import get_model_preprocess_cfg
 
     images = np.stack([TinyColours()[i][0] for i in range(3)])
@@ -109,7 +109,7 @@ def test_fast_image_path_matches_preprocess():
 
 
 def test_no_weight_decay_on_gains_biases_embeddings_temperature():
-    model = build_model(TINY, loss="sigmoid").model
+    model = init_model(TINY, loss="sigmoid").model
     no_decay, decay = parameter_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     exempt = {names[id(p)] for p in no_decay["params"]}
@@ -144,7 +144,7 @@ def test_datasets_adapters():
 def test_config_and_bias_errors(tmp_path):
     with pytest.raises(UsageError, match="precision"):
         TrainConfig(precision="fp8").validate()
-    built = build_model(TINY, loss="sigmoid")
+    built = init_model(TINY, loss="sigmoid")
     trainer = Trainer(built.model, built.tokenizer, built.preprocess, TinyColours(),
                       TrainConfig(steps=1, batch_size=4, out_dir=str(tmp_path)), progress=False)
     with pytest.raises(UsageError, match="takes no logit_bias"):

@@ -36,7 +36,7 @@ def test_class_weights_are_the_prompt_ensemble(tiny):
 def test_predict_proba_topk(tiny):
     clf = ZeroShotClassifier(tiny, CLASSES)
     imgs = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    feats = tiny.encode_images(imgs)
+    feats = tiny.encode_images(imgs).features
     logits = clf.decision_function(feats)
     np.testing.assert_allclose(logits, tiny.logit_scale * feats @ clf.weights_.T, rtol=1e-6)
     proba = clf.predict_proba(imgs)

@@ -17,7 +17,7 @@ DESC = {"red star": ["five points", "a warm colour"],
 @pytest.fixture(scope="module")
 def feats(tiny):
     imgs = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-    return tiny.encode_images(imgs)                                           # (N, D)
+    return tiny.encode_images(imgs).features                                           # (N, D)
 
 
 def _sentences(tiny, c):

@@ -16,7 +16,7 @@ CTX = {"plain": ["on a plain background"], "stripes": ["on a striped background"
 @pytest.fixture(scope="module")
 def feats(tiny):
     imgs = np.random.default_rng(1).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
-    return tiny.encode_images(imgs)                                            # (N, D) float32
+    return tiny.encode_images(imgs).features                                            # (N, D) float32
 
 
 def _e(tiny, main, descs):

@@ -74,10 +74,8 @@ def run(args) -> int:
     kw = image_kwargs(args)
     # a fine-tuned learner encodes images with its own adapted image tower
     encoder = est.image_backbone() if args.adapter and hasattr(est, "image_backbone") else backbone
-    if args.strict:
-        feats, skipped = encoder.encode_images(files, **kw), []
-    else:
-        feats, skipped = encoder.encode_images(files, on_error="skip", **kw)
+    enc = encoder.encode_images(files, on_error="raise" if args.strict else "skip", **kw)
+    feats, skipped = enc.features, enc.skipped
     if len(skipped) == len(files):
         raise all_unreadable(skipped)
     skipped_idx = {s.index for s in skipped}

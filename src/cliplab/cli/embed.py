@@ -62,10 +62,9 @@ def run(args) -> int:
         store = _store(args, bb)
         if store is not None:
             feats, skipped = _cached_images(store, files, args)
-        elif args.strict:
-            feats, skipped = bb.encode_images(files, **image_kwargs(args)), []
         else:
-            feats, skipped = bb.encode_images(files, on_error="skip", **image_kwargs(args))
+            enc = bb.encode_images(files, on_error="raise" if args.strict else "skip", **image_kwargs(args))
+            feats, skipped = enc.features, enc.skipped
         if len(skipped) == len(files):
             raise all_unreadable(skipped)
         bad = {s.index for s in skipped}
@@ -98,10 +97,8 @@ def _store(args, backbone):
 
 def _cached_images(store, files, args):
     """``(features (M, D), skipped)`` of ``files`` through ``store``, as ``encode_images`` gives."""
-    from ..models.backbone import Skipped
-
     res = store.image_features(files, **image_kwargs(args))
-    skipped = [Skipped(s["index"], s["source"], s["reason"]) for s in res.skipped]
+    skipped = res.skipped
     if res.n_cached:
         print(f"{res.n_cached} of {len(files)} image features read from the cache {store.path}",
               file=sys.stderr)

@@ -1,2 +1,3 @@
 """Data: safe image decoding (:mod:`.images`), caption tables and WebDataset shards
-(:mod:`.sources`), and the ShapesWorld generator (:mod:`.shapes`)."""
+(:mod:`.sources`), skip records (:mod:`.records`), and the ShapesWorld generator
+(:mod:`.shapes`)."""

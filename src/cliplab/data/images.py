@@ -37,8 +37,10 @@ from typing import Any, BinaryIO, Callable, NamedTuple, Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from cliplab._progress import progress_bar
-from cliplab.errors import BadImage, UsageError
+from .._progress import progress_bar
+from ..errors import BadImage, UsageError
+from ..validation import check_choice, check_positive_int
+from .records import Skipped
 
 logger = logging.getLogger("cliplab.data.images")
 
@@ -119,15 +121,8 @@ def default_max_pixels() -> int | None:
 
 def _resolve_max_pixels(max_pixels: int | None) -> int | None:
     """Validate ``max_pixels``; the default value defers to :func:`default_max_pixels`."""
-    if max_pixels is None:
-        return None
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)):
-        raise UsageError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
-    if max_pixels == DEFAULT_MAX_PIXELS:
-        return default_max_pixels()
-    if max_pixels < 1:
-        raise UsageError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
-    return int(max_pixels)
+    max_pixels = check_positive_int("max_pixels", max_pixels, allow_none=True)
+    return default_max_pixels() if max_pixels == DEFAULT_MAX_PIXELS else max_pixels
 
 
 def _too_large(pixels: int | None, max_pixels: int | None, size: tuple[int, int] | None = None) -> str:
@@ -461,11 +456,7 @@ def load_image(
 
 
 def _resolve_draft_size(draft_size: int | None) -> int | None:
-    if draft_size is None:
-        return None
-    if isinstance(draft_size, bool) or not isinstance(draft_size, (int, np.integer)) or draft_size < 1:
-        raise UsageError(f"draft_size must be a positive integer or None, got {draft_size!r}")
-    return int(draft_size)
+    return check_positive_int("draft_size", draft_size, allow_none=True)
 
 
 def _bare(error: BadImage) -> BadImage:
@@ -533,25 +524,19 @@ class DecodedBatch(NamedTuple):
         Positions in the input of the images decoded, ascending; ``len(images)``.
     images : list of PIL.Image.Image
         The ``"RGB"`` images, in input order.
-    skipped : list of (int, object, str)
-        ``(index, source, reason)`` of each image of this batch that failed (only with
-        ``on_error="skip"``).
+    skipped : list of Skipped
+        One record per image of this batch that failed (only with ``on_error="skip"``).
     """
 
     indices: list[int]
     images: list[Image.Image]
-    skipped: list[tuple[int, Any, str]]
+    skipped: list[Skipped]
 
 
 def _check_many_args(on_error: str, workers: int, batch_size: int | None = None) -> None:
-    if on_error not in _ON_ERROR:
-        raise UsageError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise UsageError(f"workers must be an integer >= 0 (0: decode in this thread), got {workers!r}")
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_choice("on_error", on_error, _ON_ERROR)
+    check_positive_int("workers", workers, minimum=0, hint="0: decode in this thread")
+    check_positive_int("batch_size", batch_size, allow_none=True)
 
 
 def _safe_call(load: Callable[[Any], Any], source: Any) -> Any:
@@ -622,8 +607,7 @@ def iter_decoded(
     yet started and waits for the running ones.
     """
     _check_many_args(on_error, workers, batch_size)
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
-        raise UsageError(f"prefetch must be an integer >= 0, got {prefetch!r}")
+    check_positive_int("prefetch", prefetch, minimum=0)
     max_pixels = _resolve_max_pixels(max_pixels)  # once, in the caller's thread
     draft_size = _resolve_draft_size(draft_size)
     # not a generator itself, so that bad arguments raise here, not at the first next()
@@ -661,7 +645,7 @@ def _iter_decoded(
                 if on_error == "raise":
                     raise result
                 logger.warning("skipping image %d: %s", index, result)
-                batch.skipped.append((index, source, result.reason))
+                batch.skipped.append(Skipped.of(index, source, result.reason))
             else:
                 batch.indices.append(index)
                 batch.images.append(result)
@@ -702,7 +686,7 @@ def decode_many(
     draft_size: int | None = None,
     workers: int = 4,
     progress: bool | None = None,
-) -> tuple[list[Image.Image], list[tuple[int, Any, str]]]:
+) -> tuple[list[Image.Image], list[Skipped]]:
     """Decode many images in a thread pool, keeping their order.
 
     Parameters
@@ -724,8 +708,8 @@ def decode_many(
     -------
     images : list of PIL.Image.Image
         The ``"RGB"`` images that decoded, in input order.
-    skipped : list of (int, object, str)
-        ``(index, source, reason)`` of every image left out, by ascending index.
+    skipped : list of Skipped
+        One record per image left out, by ascending index.
 
     Examples
     --------
@@ -734,13 +718,13 @@ def decode_many(
     >>> buffer = io.BytesIO()
     >>> Image.new("RGB", (8, 8)).save(buffer, format="PNG")
     >>> images, skipped = decode_many([buffer.getvalue(), b"not an image"], on_error="skip")
-    >>> len(images), skipped[0][0], skipped[0][2]
+    >>> len(images), skipped[0].index, skipped[0].reason
     (1, 1, 'not an image, or a format PIL cannot read')
     """
     _check_many_args(on_error, workers)
     sources = list(sources)
     images: list[Image.Image] = []
-    skipped: list[tuple[int, Any, str]] = []
+    skipped: list[Skipped] = []
     batch_size = max(1, 4 * workers)
     with progress_bar(total=len(sources), progress=progress, desc="decode", unit="img") as bar:
         for batch in iter_decoded(

@@ -82,11 +82,8 @@ def image_features(backbone, items, *, store=None, batch_size: int = 64, progres
         r = store.image_features(items, batch_size=batch_size)
         skipped = [dict(s) if isinstance(s, Mapping) else vars(s) for s in r.skipped]
         return np.asarray(r.features, np.float32), np.asarray(r.kept, np.int64), skipped
-    feats, skipped = backbone.encode_images(items, batch_size=batch_size, progress=progress,
-                                            on_error="skip")
-    bad = {s.index for s in skipped}
-    kept = np.array([i for i in range(len(items)) if i not in bad], dtype=np.int64)
-    return feats, kept, [{"index": s.index, "source": s.source, "reason": s.reason} for s in skipped]
+    res = backbone.encode_images(items, batch_size=batch_size, progress=progress, on_error="skip")
+    return res.features, res.kept, [vars(s) for s in res.skipped]
 
 
 def _text_features(backbone, texts, store=None, progress=None) -> np.ndarray:

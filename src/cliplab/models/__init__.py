@@ -1,6 +1,6 @@
 """Model loading, the Backbone, and checkpoint conversion."""
 
-from .backbone import Backbone, Skipped
-from .loading import build_model, list_sources, load, register_source
+from .backbone import Backbone, EncodedImages, Skipped
+from .loading import SOURCES, build_model, list_sources, load
 
-__all__ = ["Backbone", "Skipped", "build_model", "list_sources", "load", "register_source"]
+__all__ = ["Backbone", "EncodedImages", "Skipped", "SOURCES", "build_model", "list_sources", "load"]

@@ -15,6 +15,15 @@ similar length together and runs each batch only up to its longest EOT.  The
 features equal open_clip's ``encode_text`` to float tolerance (tested to 1e-5 in
 fp32) and short prompts are encoded several times faster (see the README for
 the measured ratio).
+
+The temperature
+---------------
+open_clip models store the temperature in log space: the parameter
+``model.logit_scale`` is log(s), as are ``init_logit_scale`` in model configs and
+recipes.  Everything above the model uses the multiplier s itself:
+:attr:`Backbone.logit_scale` is ``exp(model.logit_scale)`` (100 for OpenAI's CLIP),
+and so is every ``logit_scale`` argument of adapters and classifiers
+(``logits = s * cosine``).  ``logit_bias`` (SigLIP) is not exponentiated.
 """
 
 from __future__ import annotations
@@ -25,7 +34,6 @@ import logging
 import os
 import threading
 import warnings
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Sequence
@@ -37,29 +45,18 @@ from PIL import Image
 
 from .._progress import progress_bar
 from ..data.images import DEFAULT_MAX_PIXELS, iter_decoded, load_image
+from ..data.records import EncodedImages, Skipped
 from ..errors import BadImage, CliplabError, UsageError
+from ..validation import check_choice, check_positive_int
 from .transforms import is_model_sized, make_preprocess, uint8_to_tensor
 
-log = logging.getLogger("cliplab.models.backbone")
+logger = logging.getLogger(__name__)
 
-__all__ = ["TEXT_CHUNK", "Backbone", "Skipped", "encode_token_embeddings"]
+__all__ = ["TEXT_CHUNK", "Backbone", "EncodedImages", "Skipped", "encode_token_embeddings"]
 
 TEXT_CHUNK = 65_536
 """Texts tokenized at a time by :meth:`Backbone.encode_texts` (token ids: 40 MB at 77
 positions); the length sorting of the fast path works within each chunk."""
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """An input that ``on_error="skip"`` left out: its position, source and reason."""
-
-    index: int
-    source: str
-    reason: str
-
-
-def _describe(source, index: int) -> str:
-    return str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__} #{index}>"
 
 
 def _default_workers() -> int:
@@ -160,6 +157,28 @@ class Backbone:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
+    def with_model(self, model, *, name: str) -> "Backbone":
+        """This Backbone with another model: same configs, tokenizer, device and precision.
+
+        Surgery and fine-tuning build a new model from ``self.model`` (a deep copy with
+        adapters, merged or mixed weights) and wrap it with this.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            An open_clip model of the same architecture as ``self.model``.
+        name : str
+            The new Backbone's name (for example ``"shapes-tiny+lora(r=4)"``).
+
+        Returns
+        -------
+        Backbone
+            A new Backbone; ``self`` is unchanged.
+        """
+        return Backbone(model, model_cfg=self.model_cfg, preprocess_cfg=self.preprocess_cfg,
+                        tokenizer=self.tokenizer, name=name, device=str(self.device),
+                        precision=self.precision)
+
     def __repr__(self) -> str:
         return (f"Backbone(name={self.name!r}, embed_dim={self.embed_dim}, "
                 f"image_size={self.image_size}, device={str(self.device)!r}, "
@@ -182,7 +201,7 @@ class Backbone:
 
     @property
     def logit_scale(self) -> float:
-        """The temperature as a multiplier: ``exp(model.logit_scale)``."""
+        """The temperature as a multiplier s = ``exp(model.logit_scale)`` (see the module notes)."""
         return float(self.model.logit_scale.detach().float().exp().reshape(-1)[0])
 
     @property
@@ -242,7 +261,7 @@ class Backbone:
             msg = (f"{n_cut} of {len(texts)} texts are longer than the context length "
                    f"{ctx} tokens and were truncated (this warning is shown once).")
             warnings.warn(msg, UserWarning, stacklevel=3)
-            log.warning(msg)
+            logger.warning(msg)
         return out
 
     def _fast_text_ok(self) -> bool:
@@ -291,8 +310,7 @@ class Backbone:
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
-        if batch_size < 1:
-            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+        check_positive_int("batch_size", batch_size)
         fast = fast and self._fast_text_ok()
         out = torch.empty(len(texts), self.embed_dim, dtype=torch.float32)   # (N, D)
         chunks = range(0, len(texts), TEXT_CHUNK)
@@ -350,12 +368,10 @@ class Backbone:
     @torch.inference_mode()
     def _run_images(self, images, *, batch_size, progress, on_error, workers, max_pixels,
                     draft, fn, desc):
-        if on_error not in ("raise", "skip"):
-            raise UsageError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        if batch_size < 1:
-            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+        check_choice("on_error", on_error, ("raise", "skip"))
+        check_positive_int("batch_size", batch_size)
         items = self._expand(images)
-        outs, skipped = [], []
+        outs, kept, skipped = [], [], []
         bar = progress_bar(total=len(items), progress=progress if len(items) > batch_size else False,
                            desc=desc, unit="img")
         # Decoding + preprocessing run in threads (PIL releases the GIL), two batches
@@ -365,20 +381,22 @@ class Backbone:
                                load=lambda item: self._prepare(item, max_pixels, draft))
         with bar:
             for idx, tensors, skip in batches:
-                skipped.extend(Skipped(i, _describe(src, i), why) for i, src, why in skip)
+                skipped.extend(skip)
+                kept.extend(idx)
                 if tensors:
                     batch = torch.stack(tensors).to(self.device, self._dtype)  # (B, 3, H, W)
                     outs.append(fn(batch).float().cpu())
                 bar.update(len(idx) + len(skip))
         if skipped:
-            log.warning("skipped %d of %d images (first: %s: %s)", len(skipped), len(items),
+            logger.warning("skipped %d of %d images (first: %s: %s)", len(skipped), len(items),
                         skipped[0].source, skipped[0].reason)
-        return outs, skipped
+        return outs, kept, skipped
 
     def encode_images(self, images, *, batch_size: int = 64, progress: bool | None = None,
                       on_error: str = "raise", workers: int | None = None,
-                      max_pixels: int | None = DEFAULT_MAX_PIXELS, draft: bool = False):
-        """Embed images: L2-normalised float32 features (N, D).
+                      max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                      draft: bool = False) -> EncodedImages:
+        """Embed images: L2-normalised float32 features (M, D) of the M images kept.
 
         Parameters
         ----------
@@ -389,11 +407,9 @@ class Backbone:
         batch_size : int, default=64
         progress : bool, optional
         on_error : {"raise", "skip"}, default="raise"
-            With ``"raise"`` a bad image raises :class:`cliplab.errors.BadImage`.
-            With ``"skip"`` bad images are left out, counted and logged, and the
-            call returns ``(features, skipped)`` where ``skipped`` lists
-            :class:`Skipped` records and ``features`` has one row per kept image,
-            in input order.
+            With ``"raise"`` a bad image raises :class:`cliplab.errors.BadImage`
+            (then M = N).  With ``"skip"`` bad images are left out, counted, logged
+            and listed in the result's ``skipped``.
         workers : int, optional
             Decoding threads (default: up to 4); 0 decodes in the calling thread.
         max_pixels : int or None
@@ -402,14 +418,20 @@ class Backbone:
             Let libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale (never below
             the model input).  Faster; features differ slightly from the exact
             path (cosine measured in the README).
+
+        Returns
+        -------
+        EncodedImages
+            ``features`` (M, D) float32 in input order, ``kept`` (M,) the input index
+            of each row, ``skipped`` a list of :class:`Skipped` records.
         """
-        outs, skipped = self._run_images(
+        outs, kept, skipped = self._run_images(
             images, batch_size=batch_size, progress=progress, on_error=on_error,
             workers=workers, max_pixels=max_pixels, draft=draft,
             fn=self.model.encode_image, desc="encode images")
         feats = (F.normalize(torch.cat(outs), dim=-1).numpy() if outs
                  else np.zeros((0, self.embed_dim), dtype=np.float32))
-        return (feats, skipped) if on_error == "skip" else feats
+        return EncodedImages(feats, np.asarray(kept, dtype=np.int64), skipped)
 
     def image_tokens(self, images, *, batch_size: int = 64, progress: bool | None = None,
                      project: bool = False, workers: int | None = None,
@@ -436,7 +458,7 @@ class Backbone:
             return tokens
 
         with self._lock:  # output_tokens is toggled on the shared module
-            outs, _ = self._run_images(images, batch_size=batch_size, progress=progress,
+            outs, _, _ = self._run_images(images, batch_size=batch_size, progress=progress,
                                        on_error="raise", workers=workers, max_pixels=max_pixels,
                                        draft=draft, fn=fn, desc="image tokens")
         return torch.cat(outs).numpy()

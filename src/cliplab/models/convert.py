@@ -51,8 +51,8 @@ from pathlib import Path
 
 import torch
 
-from cliplab.errors import CheckpointMismatch, ModelLoadError
-from cliplab.models.state_dicts import _jsonable, read_state_dict, save_state_dict
+from ..errors import CheckpointMismatch, ModelLoadError
+from .state_dicts import _jsonable, read_state_dict, save_state_dict
 
 __all__ = [
     "hf_to_open_clip",

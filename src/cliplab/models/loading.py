@@ -1,7 +1,8 @@
 """``cliplab.load``: one entry point for every kind of CLIP checkpoint, offline first.
 
-A spec is resolved by the first registered source whose ``match`` accepts it
-(register more with :func:`register_source`):
+A spec is resolved by the first source of the :data:`SOURCES` registry whose ``match``
+accepts it, in registration order (register more with
+``@SOURCES.register(name, match=..., help=...)``):
 
 ==================  ================================================================
 spec                source
@@ -40,12 +41,14 @@ from urllib.parse import urlparse
 import torch
 
 from ..errors import AmbiguousCheckpoint, CheckpointMismatch, CliplabError, ModelLoadError, OfflineError, UsageError
+from ..registry import Registry
+from ..validation import check_choice
 from .backbone import Backbone
 from .transforms import default_preprocess_cfg
 
-log = logging.getLogger("cliplab.models.loading")
+logger = logging.getLogger(__name__)
 
-__all__ = ["load", "register_source", "list_sources", "build_model", "LoadOptions"]
+__all__ = ["load", "SOURCES", "list_sources", "build_model", "LoadOptions"]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -77,19 +80,15 @@ class Resolved:
     model: torch.nn.Module | None = None  # set when open_clip built it already
 
 
-_SOURCES: list[tuple[str, Callable[[str], bool], Callable[[str, LoadOptions], Resolved]]] = []
-
-
-def register_source(name: str, match: Callable[[str], bool]):
-    """Register ``fn(spec, options) -> Resolved`` for specs where ``match(spec)`` is true."""
-    def deco(fn):
-        _SOURCES.append((name, match, fn))
-        return fn
-    return deco
+SOURCES: Registry[Callable[[str, LoadOptions], Resolved]] = Registry("model source")
+"""Model sources: ``fn(spec, options) -> Resolved``, registered with the metadata
+``match`` (``match(spec) -> bool``: the source accepts this spec) and ``help`` (one line).
+:func:`load` asks them in registration order; the first that matches loads the spec."""
 
 
 def list_sources() -> list[str]:
-    return [name for name, _, _ in _SOURCES]
+    """Names of the model sources, in the order :func:`load` tries them."""
+    return SOURCES.names()
 
 
 # --------------------------------------------------------------------- building
@@ -200,16 +199,15 @@ def load(spec: str | os.PathLike, *, device: str = "cpu", precision: str = "fp32
     UsageError
         A bad ``precision``, ``device`` or ``heads``.
     """
-    if precision not in PRECISIONS:
-        raise UsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_choice("precision", precision, PRECISIONS)
     _check_device(device)
     spec = str(spec)
     opts = LoadOptions(device=device, precision=precision, arch=arch,
                        config=None if config is None else str(config), quick_gelu=quick_gelu,
                        heads=heads, trust_pickle=trust_pickle, cache_dir=cache_dir)
-    for name, match, fn in _SOURCES:
-        if match(spec):
-            log.info("loading %r with the %s source", spec, name)
+    for name, fn in SOURCES.items():
+        if SOURCES.meta(name)["match"](spec):
+            logger.info("loading %r with the %s source", spec, name)
             return _finish(fn(spec, opts), opts)
     raise ModelLoadError(
         f"cannot resolve model spec {spec!r}: not a bundled model ({', '.join(bundled_models())}), "
@@ -268,7 +266,8 @@ def _find_weights(folder: Path) -> Path | None:
     return found[0] if found else None
 
 
-@register_source("bundled", lambda spec: spec in bundled_models())
+@SOURCES.register("bundled", match=lambda spec: spec in bundled_models(),
+                  help="a model shipped inside the package (shapes-tiny)")
 def _load_bundled(spec: str, opts: LoadOptions) -> Resolved:
     return _open_clip_folder(BUNDLED_DIR / spec, opts, spec)
 
@@ -282,7 +281,8 @@ def _is_local(spec: str) -> bool:
     return _local_path(spec).exists()
 
 
-@register_source("local", _is_local)
+@SOURCES.register("local", match=_is_local,
+                  help="an open_clip or Hugging Face transformers folder, or a weights file")
 def _load_local(spec: str, opts: LoadOptions) -> Resolved:
     from .convert import read_hf_folder, read_hf_preprocess_cfg
 
@@ -318,7 +318,7 @@ def _weights_file(path: Path, opts: LoadOptions) -> Resolved:
     if opts.arch:
         model_cfg = _arch_config(opts.arch)
         if openai_format and not model_cfg.get("quick_gelu") and opts.quick_gelu is None:
-            log.warning("%s is in OpenAI's format, trained with QuickGELU, but arch %r uses GELU: "
+            logger.warning("%s is in OpenAI's format, trained with QuickGELU, but arch %r uses GELU: "
                         "switching to QuickGELU (pass arch='%s-quickgelu' to silence, or "
                         "quick_gelu=False to force GELU)", path.name, opts.arch, opts.arch)
             model_cfg["quick_gelu"] = True
@@ -365,7 +365,7 @@ def _infer_config(path: Path, sd: dict, openai_format: bool, opts: LoadOptions) 
     except AmbiguousCheckpoint as e:
         raise AmbiguousCheckpoint(f"{path.name}: {e}") from e
     model_cfg["quick_gelu"] = quick_gelu
-    log.info("%s: architecture inferred from the tensor shapes (heads %s, quick_gelu=%s)",
+    logger.info("%s: architecture inferred from the tensor shapes (heads %s, quick_gelu=%s)",
              path.name, heads, quick_gelu)
     return model_cfg
 
@@ -423,7 +423,8 @@ def _is_tag(spec: str) -> bool:
     return arch in open_clip.list_models() and bool(tag)
 
 
-@register_source("open_clip-tag", _is_tag)
+@SOURCES.register("open_clip-tag", match=_is_tag,
+                  help="an open_clip pretrained tag, ARCH:TAG (e.g. ViT-B-32:openai)")
 def _load_tag(spec: str, opts: LoadOptions) -> Resolved:
     import open_clip
     from open_clip.pretrained import get_pretrained_cfg
@@ -437,7 +438,7 @@ def _load_tag(spec: str, opts: LoadOptions) -> Resolved:
     if opts.quick_gelu is not None:  # the user's choice, built into the model below
         model_cfg["quick_gelu"] = bool(opts.quick_gelu)
     elif pcfg.get("quick_gelu", False) and not model_cfg.get("quick_gelu", False):
-        log.info("%s was trained with QuickGELU; using it (open_clip name %s-quickgelu)", spec, arch)
+        logger.info("%s was trained with QuickGELU; using it (open_clip name %s-quickgelu)", spec, arch)
         model_cfg["quick_gelu"] = True
     repo = pcfg.get("hf_hub", "").rstrip("/")
     if repo and not hub_reachable():
@@ -468,7 +469,8 @@ def _url_reachable(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
-@register_source("hf-hub", lambda spec: spec.startswith("hf-hub:"))
+@SOURCES.register("hf-hub", match=lambda spec: spec.startswith("hf-hub:"),
+                  help="an open_clip repository on the Hugging Face Hub, hf-hub:org/name")
 def _load_hf_hub(spec: str, opts: LoadOptions) -> Resolved:
     repo = spec[len("hf-hub:"):].strip("/")
     if not repo or "/" not in repo:

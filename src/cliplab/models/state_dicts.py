@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from cliplab.errors import AmbiguousCheckpoint, CheckpointMismatch, ModelLoadError, UnsafeCheckpoint
+from ..errors import AmbiguousCheckpoint, CheckpointMismatch, ModelLoadError, UnsafeCheckpoint
 
 __all__ = ["read_state_dict", "save_state_dict", "read_saved_config", "infer_model_cfg",
            "check_state_dict", "mismatch_hints", "apply_heads", "sniff_format"]
@@ -522,7 +522,7 @@ def apply_heads(model_cfg: Mapping, heads) -> dict:
     AmbiguousCheckpoint
         ``"openai"`` with a width that is not a multiple of 64.
     """
-    from cliplab.errors import UsageError
+    from ..errors import UsageError
 
     vision, text = dict(model_cfg.get("vision_cfg") or {}), dict(model_cfg.get("text_cfg") or {})
     if vision.get("timm_model_name") or text.get("hf_model_name"):

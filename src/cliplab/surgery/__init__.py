@@ -1,7 +1,7 @@
 """Model surgery: functions that take a Backbone and return a new, modified one."""
 
-from .lora import (apply_lora, load_lora, lora_state_dict, merge_lora, save_lora,
-                   trainable_parameters, unmerge_lora)
+from .layers import trainable_parameters
+from .lora import apply_lora, load_lora, lora_state_dict, merge_lora, save_lora, unmerge_lora
 from .sharpness import (layer_groups, layer_sharpness, rank_correlation, sharpness,
                         straggler_layers, zero_shot_loss)
 from .svd import apply_svd

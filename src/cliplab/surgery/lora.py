@@ -58,13 +58,12 @@ from torch.nn.utils import parametrize
 
 from ..errors import CheckpointMismatch, UsageError
 from ..models.backbone import Backbone
+from ..validation import check_choice, check_positive_int
+from .layers import LORA_META_ATTR, TARGETS, TOWERS, find_layers
 
 __all__ = ["LoRADelta", "LoRALinear", "apply_lora", "merge_lora", "unmerge_lora",
-           "lora_state_dict", "save_lora", "load_lora", "trainable_parameters"]
+           "lora_state_dict", "save_lora", "load_lora"]
 
-TARGETS = ("attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")
-TOWERS = ("visual", "text")
-_META_ATTR = "_cliplab_lora"          # {"rank", "alpha", "targets", "towers"} on an adapted model
 _MERGED_ATTR = "_cliplab_lora_merged"  # the same plus the adapter tensors, on a merged model
 _FORMAT = "cliplab-lora-1"
 
@@ -118,54 +117,10 @@ class LoRALinear(nn.Linear):
 
 
 # --------------------------------------------------------------------- finding layers
-def _check_choice(name: str, given, allowed) -> tuple:
-    given = (given,) if isinstance(given, str) else tuple(given)
-    bad = [g for g in given if g not in allowed]
-    if bad or not given:
-        raise UsageError(f"{name} must be a non-empty subset of {list(allowed)}; got {list(given)}")
-    return given
-
-
-def _tower(name: str) -> str:
-    return "visual" if name == "visual" or name.startswith("visual.") else "text"
-
-
-def find_layers(model: nn.Module, targets=TARGETS, towers=TOWERS) -> dict[str, tuple[nn.Module, str]]:
-    """Layer key -> (module holding the weight, weight attribute name), in model order.
-
-    Keys are module paths; the fused qkv weight of an attention module ``m`` is
-    ``"<m>.in_proj"`` (attribute ``in_proj_weight``).  Raises when a requested
-    tower has no matching layer.
-    """
-    targets = _check_choice("targets", targets, TARGETS)
-    towers = _check_choice("towers", towers, TOWERS)
-    found: dict[str, tuple[nn.Module, str]] = {}
-    for name, mod in model.named_modules():
-        if _tower(name) not in towers or ".parametrizations." in name:
-            continue
-        last2 = ".".join(name.split(".")[-2:])
-        if ("attn.in_proj" in targets and name.endswith("attn")
-                and getattr(mod, "in_proj_weight", None) is not None):
-            found[f"{name}.in_proj"] = (mod, "in_proj_weight")
-        elif last2 in targets and last2 != "attn.in_proj" and isinstance(mod, nn.Linear):
-            found[name] = (mod, "weight")
-    for tower in towers:
-        if not any(_tower(k) == tower for k in found):
-            raise UsageError(f"no layers {list(targets)} found in the {tower!r} tower; "
-                             "only open_clip transformer towers are supported (drop it from towers=)")
-    return found
-
-
 def _get(model: nn.Module, key: str) -> tuple[nn.Module, str]:
     if key.endswith(".in_proj"):
         return model.get_submodule(key[:-len(".in_proj")]), "in_proj_weight"
     return model.get_submodule(key), "weight"
-
-
-def _new_backbone(bb: Backbone, model: nn.Module, name: str) -> Backbone:
-    return Backbone(model, model_cfg=bb.model_cfg, preprocess_cfg=bb.preprocess_cfg,
-                    tokenizer=bb.tokenizer, name=name, device=str(bb.device),
-                    precision=bb.precision)
 
 
 def _adapters(model: nn.Module) -> dict[str, LoRADelta]:
@@ -196,7 +151,7 @@ def _attach(model: nn.Module, rank: int, alpha: float, targets, towers) -> None:
             parametrize.register_parametrization(
                 mod, attr, LoRADelta(w.shape[0], w.shape[1], rank, alpha, dtype=w.dtype, device=w.device))
             getattr(mod.parametrizations, attr).original.requires_grad_(False)
-    setattr(model, _META_ATTR, {"rank": int(rank), "alpha": float(alpha),
+    setattr(model, LORA_META_ATTR, {"rank": int(rank), "alpha": float(alpha),
                                 "targets": list(targets), "towers": list(towers)})
 
 
@@ -220,21 +175,20 @@ def apply_lora(backbone: Backbone, *, rank: int = 4, alpha: float = 8,
         A deep copy whose parameters are all frozen except the LoRA ``lora_A``
         (r, in) and ``lora_B`` (out, r) tensors.  Outputs equal the input's at init.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise UsageError(f"rank must be a positive integer; got {rank!r}")
+    check_positive_int("rank", rank)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
         raise UsageError(f"alpha must be a positive number; got {alpha!r}")
-    if getattr(backbone.model, _META_ATTR, None) is not None:
+    if getattr(backbone.model, LORA_META_ATTR, None) is not None:
         raise UsageError("this backbone already has LoRA adapters; merge_lora it first")
-    targets = _check_choice("targets", targets, TARGETS)
-    towers = _check_choice("towers", towers, TOWERS)
+    targets = check_choice("targets", targets, TARGETS, many=True)
+    towers = check_choice("towers", towers, TOWERS, many=True)
     model = copy.deepcopy(backbone.model)
     _attach(model, rank, alpha, targets, towers)
-    return _new_backbone(backbone, model, f"{backbone.name}+lora(r={rank})")
+    return backbone.with_model(model, name=f"{backbone.name}+lora(r={rank})")
 
 
 def _meta(model: nn.Module) -> dict:
-    meta = getattr(model, _META_ATTR, None)
+    meta = getattr(model, LORA_META_ATTR, None)
     if meta is None:
         raise UsageError("this backbone has no LoRA adapters; use apply_lora or load_lora first")
     return meta
@@ -298,10 +252,10 @@ def merge_lora(backbone: Backbone) -> Backbone:
             setattr(model.get_submodule(parent_name), child, mod.to_linear(merge=True))
         elif parametrize.is_parametrized(mod):
             _strip_parametrizations(mod)
-    delattr(model, _META_ATTR)
+    delattr(model, LORA_META_ATTR)
     setattr(model, _MERGED_ATTR, record)
     model.requires_grad_(True)
-    return _new_backbone(backbone, model, f"{backbone.name}+merged")
+    return backbone.with_model(model, name=f"{backbone.name}+merged")
 
 
 def unmerge_lora(backbone: Backbone) -> Backbone:
@@ -323,7 +277,7 @@ def unmerge_lora(backbone: Backbone) -> Backbone:
             getattr(mod, attr).sub_(scaling * (B @ A))                # W = (W + ΔW) - ΔW
     _attach(model, record["rank"], record["alpha"], record["targets"], record["towers"])
     _load_tensors(model, record["tensors"])
-    return _new_backbone(backbone, model, backbone.name.removesuffix("+merged"))
+    return backbone.with_model(model, name=backbone.name.removesuffix("+merged"))
 
 
 def save_lora(backbone: Backbone, path: str | Path) -> Path:
@@ -362,19 +316,3 @@ def load_lora(base_backbone: Backbone, path: str | Path, rank: int | None = None
                     targets=cfg["targets"], towers=cfg["towers"])
     _load_tensors(bb.model, load_file(str(path), device=str(bb.device)))
     return bb
-
-
-def trainable_parameters(backbone: Backbone) -> tuple[int, int]:
-    """``(n_trainable, n_total)``: numbers of trainable and of all stored weights.
-
-    ``n_total`` counts every parameter, plus the frozen factor buffers ``U`` and
-    ``V`` of CLIP-SVD layers (they stand in for the weights they replace).
-    """
-    from .svd import SVDWeight
-
-    params = list(backbone.model.parameters())
-    n_train = sum(p.numel() for p in params if p.requires_grad)
-    n_total = sum(p.numel() for p in params)
-    n_total += sum(b.numel() for m in backbone.model.modules() if isinstance(m, SVDWeight)
-                   for b in m.buffers(recurse=False))
-    return n_train, n_total

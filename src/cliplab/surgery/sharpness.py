@@ -105,7 +105,7 @@ from .._progress import progress_bar
 from ..errors import UsageError
 from ..models.backbone import Backbone
 from ..models.transforms import images_to_tensor, is_model_sized, make_preprocess
-from .wise_ft import _check_compatible, interpolate_state_dicts
+from .wise_ft import check_compatible, interpolate_state_dicts
 
 log = logging.getLogger("cliplab.surgery.sharpness")
 
@@ -657,7 +657,7 @@ def straggler_layers(zero_shot: Backbone, finetuned: Backbone, images, labels, c
     x, y, tokens = _check_inputs(zero_shot, images, labels, classnames, template)
 
     sd0, sd1 = zero_shot.model.state_dict(), finetuned.model.state_dict()
-    _check_compatible(sd0, sd1)
+    check_compatible(sd0, sd1)
     model = _work_model(zero_shot if anchor == "zero_shot" else finetuned)
     params = dict(model.named_parameters())
     default = layer_groups(model, trainable_only=False)

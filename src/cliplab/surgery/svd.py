@@ -49,7 +49,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import UsageError
 from ..models.backbone import Backbone
-from .lora import TARGETS, TOWERS, _META_ATTR, _new_backbone, find_layers
+from .layers import LORA_META_ATTR, TARGETS, TOWERS, find_layers
 
 __all__ = ["SVDWeight", "apply_svd"]
 
@@ -99,7 +99,7 @@ def apply_svd(backbone: Backbone, *, towers=TOWERS) -> Backbone:
         A deep copy in which every parameter is frozen except the singular
         values ``...parametrizations.<weight>.original`` of shape (blocks, k).
     """
-    if getattr(backbone.model, _META_ATTR, None) is not None:
+    if getattr(backbone.model, LORA_META_ATTR, None) is not None:
         raise UsageError("this backbone has LoRA adapters; merge_lora it before apply_svd")
     model = copy.deepcopy(backbone.model)
     layers = find_layers(model, TARGETS, towers)
@@ -111,4 +111,4 @@ def apply_svd(backbone: Backbone, *, towers=TOWERS) -> Backbone:
         blocks = 3 if attr == "in_proj_weight" else 1                # q, k, v
         parametrize.register_parametrization(mod, attr, SVDWeight(weight, blocks))
         getattr(mod.parametrizations, attr).original.requires_grad_(True)
-    return _new_backbone(backbone, model, f"{backbone.name}+svd")
+    return backbone.with_model(model, name=f"{backbone.name}+svd")

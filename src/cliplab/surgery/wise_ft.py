@@ -39,10 +39,11 @@ import torch
 
 from ..errors import CheckpointMismatch, UsageError
 from ..models.backbone import Backbone
+from ..validation import check_backbone
 
-log = logging.getLogger("cliplab.surgery.wise_ft")
+logger = logging.getLogger(__name__)
 
-__all__ = ["interpolate", "interpolate_state_dicts", "sweep"]
+__all__ = ["interpolate", "interpolate_state_dicts", "sweep", "check_alpha", "check_compatible"]
 
 
 def check_alpha(alpha, extrapolate: bool) -> float:
@@ -58,8 +59,11 @@ def check_alpha(alpha, extrapolate: bool) -> float:
     return a
 
 
-def _check_compatible(sd0: dict, sd1: dict) -> None:
-    """Raise :class:`CheckpointMismatch` naming the first key that differs."""
+def check_compatible(sd0: dict, sd1: dict) -> None:
+    """Raise :class:`CheckpointMismatch` naming the first key of two state dicts that differs.
+
+    Keys, shapes and float-ness must agree (what :func:`interpolate_state_dicts` needs).
+    """
     keys0, keys1 = list(sd0), set(sd1)
     for key in keys0:
         if key not in keys1:
@@ -98,7 +102,7 @@ def interpolate_state_dicts(sd0: dict, sd1: dict, alpha: float, *, extrapolate: 
         copies of ``sd0``'s.
     """
     a = check_alpha(alpha, extrapolate)
-    _check_compatible(sd0, sd1)
+    check_compatible(sd0, sd1)
     out = {}
     for key, t0 in sd0.items():
         if not t0.is_floating_point():
@@ -159,9 +163,8 @@ def interpolate(zero_shot: Backbone, finetuned: Backbone, alpha: float = 0.5, *,
     >>> ft = cliplab.load("runs/finetuned")                    # doctest: +SKIP
     >>> mid = interpolate(zs, ft, 0.5)                         # doctest: +SKIP
     """
-    for name, bb in (("zero_shot", zero_shot), ("finetuned", finetuned)):
-        if not isinstance(bb, Backbone):
-            raise UsageError(f"{name} must be a Backbone, got {type(bb).__name__}")
+    check_backbone("zero_shot", zero_shot)
+    check_backbone("finetuned", finetuned)
     a = check_alpha(alpha, extrapolate)
     if type(zero_shot.model) is not type(finetuned.model):
         raise CheckpointMismatch(f"architectures differ: {type(zero_shot.model).__name__} (zero-shot) vs "
@@ -169,15 +172,12 @@ def interpolate(zero_shot: Backbone, finetuned: Backbone, alpha: float = 0.5, *,
     if zero_shot.model_cfg != finetuned.model_cfg:
         diff = sorted(k for k in set(zero_shot.model_cfg) | set(finetuned.model_cfg)
                       if zero_shot.model_cfg.get(k) != finetuned.model_cfg.get(k))
-        log.warning("model configs differ in %s; using the zero-shot model's config", ", ".join(diff))
+        logger.warning("model configs differ in %s; using the zero-shot model's config", ", ".join(diff))
     mixed = interpolate_state_dicts(zero_shot.model.state_dict(), finetuned.model.state_dict(), a,
                                     extrapolate=extrapolate)
     model = copy.deepcopy(zero_shot.model)
     model.load_state_dict(mixed, strict=True)
-    return Backbone(model, model_cfg=zero_shot.model_cfg, preprocess_cfg=zero_shot.preprocess_cfg,
-                    tokenizer=zero_shot.tokenizer,
-                    name=f"wise-ft({zero_shot.name}, {finetuned.name}, alpha={a:g})",
-                    device=str(zero_shot.device), precision=zero_shot.precision)
+    return zero_shot.with_model(model, name=f"wise-ft({zero_shot.name}, {finetuned.name}, alpha={a:g})")
 
 
 def sweep(zero_shot: Backbone, finetuned: Backbone, alphas: Iterable[float],
@@ -205,5 +205,5 @@ def sweep(zero_shot: Backbone, finetuned: Backbone, alphas: Iterable[float],
     for a in alphas:
         metrics = evaluate_fn(interpolate(zero_shot, finetuned, a, extrapolate=extrapolate))
         rows.append({"alpha": a, **dict(metrics)})
-        log.info("alpha %g: %s", a, metrics)
+        logger.info("alpha %g: %s", a, metrics)
     return rows

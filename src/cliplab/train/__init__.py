@@ -7,7 +7,7 @@ True
 
 from cliplab.train.checkpoint import latest_checkpoint
 from cliplab.train.losses import Batch, ModelOutputs, Objective, get_loss, list_losses, register_loss
-from cliplab.train.recipes import Recipe, build_model, get_recipe, list_recipes, register_recipe
+from cliplab.train.recipes import Recipe, get_recipe, init_model, list_recipes, register_recipe
 from cliplab.train.trainer import TrainConfig, Trainer
 
 __all__ = [
@@ -20,7 +20,7 @@ __all__ = [
     "list_losses",
     "register_loss",
     "Recipe",
-    "build_model",
+    "init_model",
     "get_recipe",
     "list_recipes",
     "register_recipe",

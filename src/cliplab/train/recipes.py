@@ -5,7 +5,7 @@ A recipe is a function registered with :func:`register_recipe` that returns a
 :class:`~cliplab.train.TrainConfig` fields::
 
     recipe = get_recipe("shapes-tiny", steps=100, out_dir="runs/quick")
-    built = build_model(recipe.model_cfg, recipe.preprocess_cfg, loss=recipe.config.loss,
+    built = init_model(recipe.model_cfg, recipe.preprocess_cfg, loss=recipe.config.loss,
                         seed=recipe.config.seed)
     Trainer(built.model, built.tokenizer, built.preprocess, recipe.train_set, recipe.config,
             recipe.evaluate, model_cfg=built.model_cfg).fit()
@@ -110,7 +110,7 @@ def get_recipe(name: str, **overrides) -> Recipe:
     return _RECIPES[name](**{k: v for k, v in overrides.items() if v is not None})
 
 
-def build_model(model_cfg: dict, preprocess_cfg: dict | None = None, *, loss: str = "infonce",
+def init_model(model_cfg: dict, preprocess_cfg: dict | None = None, *, loss: str = "infonce",
                 seed: int = 0) -> BuiltModel:
     """Initialise an open_clip CLIP from an architecture dict, ready for ``loss``.
 
@@ -136,7 +136,7 @@ def build_model(model_cfg: dict, preprocess_cfg: dict | None = None, *, loss: st
     from open_clip.model import set_model_preprocess_cfg
     from open_clip.transform import PreprocessCfg
 
-    from cliplab.models.loading import build_model as build_open_clip, make_tokenizer
+    from cliplab.models.loading import build_model, make_tokenizer
 
     cfg = copy.deepcopy(model_cfg)
     if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
@@ -149,7 +149,7 @@ def build_model(model_cfg: dict, preprocess_cfg: dict | None = None, *, loss: st
         cfg.setdefault("init_logit_scale", loss_cls.init_logit_scale)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_open_clip(cfg)
+        model = build_model(cfg)
     pp = dataclasses.asdict(PreprocessCfg())
     pp.update(preprocess_cfg or {})
     pp["size"] = model.visual.image_size
@@ -305,7 +305,7 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, stop_at: int | None = No
     from cliplab.train.checkpoint import latest_checkpoint
     from cliplab.train.trainer import Trainer
 
-    built = build_model(recipe.model_cfg, recipe.preprocess_cfg, loss=recipe.config.loss,
+    built = init_model(recipe.model_cfg, recipe.preprocess_cfg, loss=recipe.config.loss,
                         seed=recipe.config.seed)
     trainer = Trainer(built.model, built.tokenizer, built.preprocess, recipe.train_set, recipe.config,
                       recipe.evaluate, model_cfg=built.model_cfg, progress=progress)

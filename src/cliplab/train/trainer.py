@@ -456,7 +456,7 @@ class Trainer:
             raise UsageError(
                 f"the {objective.name!r} loss {'needs' if wants_bias else 'takes no'} logit_bias but the model "
                 f"{'has one' if has_bias else 'has none'}; build it with "
-                "cliplab.train.recipes.build_model(model_cfg, loss=...)")
+                "cliplab.train.recipes.init_model(model_cfg, loss=...)")
 
     def _log_row(self, env, step, terms, loss, model, lr, bad_images, samples_per_s) -> dict:
         values = torch.stack([loss.detach().float()] + [t.detach().float() for t in terms.values()])

@@ -167,7 +167,7 @@ class ZeroShotClassifier:
         if kwargs.get("on_error", "raise") != "raise":
             raise UsageError("to skip bad images, call backbone.encode_images(..., on_error='skip') "
                              "and pass the features")
-        return self.backbone.encode_images(images, **kwargs)
+        return self.backbone.encode_images(images, **kwargs).features
 
     def decision_function(self, images, **kwargs) -> np.ndarray:
         """Logits ``logit_scale * cosine``: (N, C).  ``images`` may be features (N, D)."""

@@ -53,6 +53,7 @@ from PIL import Image
 
 from ..._progress import progress_bar
 from ...errors import UsageError
+from ...validation import check_choice, check_positive_int
 from .world import Scene, ShapesWorld
 from .worlds import CLASSIFICATION_TASKS, get_world, task_classes, task_world
 
@@ -191,16 +192,12 @@ def export(
     """
     if isinstance(world, str):
         world = get_world(world)
-    if fmt not in EXPORT_FORMATS:
-        raise UsageError(f"unknown format {fmt!r}; choose from {', '.join(EXPORT_FORMATS)}")
-    if task not in EXPORT_TASKS:
-        raise UsageError(f"unknown task {task!r}; choose from {', '.join(EXPORT_TASKS)}")
+    check_choice("format", fmt, EXPORT_FORMATS)
+    check_choice("task", task, EXPORT_TASKS)
     if fmt == "folder" and task not in CLASSIFICATION_TASKS:
         raise UsageError(f"format 'folder' needs a classification task ({', '.join(CLASSIFICATION_TASKS)}), got {task!r}")
     world.split(split)  # validates the split name
-    if int(n) != n or n < 1:
-        raise UsageError(f"n must be a positive integer, got {n!r}")
-    n = int(n)
+    n = check_positive_int("n", n)
     if n > world.split_sizes[split]:
         raise UsageError(f"split {split!r} has {world.split_sizes[split]} scenes, asked for {n}; pass split_sizes")
     if task in CLASSIFICATION_TASKS:
