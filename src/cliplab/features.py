@@ -49,7 +49,7 @@ import numpy as np
 from PIL import Image
 
 from ._progress import progress_bar
-from .data.images import DEFAULT_MAX_PIXELS
+from .data.images import DEFAULT_MAX_PIXELS, describe_source
 from .data.sources import canonical_path
 from .errors import UsageError
 
@@ -90,12 +90,6 @@ def _sha1(*parts: bytes) -> str:
     for p in parts:
         h.update(p)
     return h.hexdigest()
-
-
-def _describe(item, index: int) -> str:
-    if isinstance(item, (str, os.PathLike)):
-        return os.fsdecode(item)
-    return f"<{type(item).__name__} #{index}>"
 
 
 def item_key(item) -> str:
@@ -358,7 +352,7 @@ class FeatureStore:
             try:
                 key = item_key(item)
             except OSError as exc:
-                skipped[i] = (_describe(item, i), f"cannot read file ({exc.strerror or exc})")
+                skipped[i] = (describe_source(item, i), f"cannot read file ({exc.strerror or exc})")
                 keys.append(None)
                 continue
             keys.append(_sha1(key.encode(), suffix) if draft else key)
@@ -400,7 +394,7 @@ class FeatureStore:
                 kept.append(i)
                 continue
             else:
-                source, why = _describe(items[i], i), self._skips.get(k, "not encoded")
+                source, why = describe_source(items[i], i), self._skips.get(k, "not encoded")
             skip_list.append({"index": i, "source": source, "reason": why})
         D = int(self.backbone.embed_dim)
         features = np.stack(rows).astype(np.float32, copy=False) if rows else np.zeros((0, D), np.float32)

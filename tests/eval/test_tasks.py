@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cliplab.eval import tasks
-from cliplab.eval.datasets import ClassificationData, RetrievalData
+from cliplab.data.datasets import ClassificationData, RetrievalData
 from cliplab.eval.tasks import (fewshot, linear_probe, select_on_validation, zeroshot_classification,
                                 zeroshot_retrieval)
 

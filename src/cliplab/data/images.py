@@ -37,8 +37,9 @@ from typing import Any, BinaryIO, Callable, NamedTuple, Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from cliplab._progress import progress_bar
-from cliplab.errors import BadImage, UsageError
+from .._progress import progress_bar
+from ..errors import BadImage, UsageError
+from .sources import IMAGE_EXTENSIONS
 
 logger = logging.getLogger("cliplab.data.images")
 
@@ -49,6 +50,7 @@ __all__ = [
     "DecodedBatch",
     "decode_many",
     "default_max_pixels",
+    "describe_source",
     "find_images",
     "iter_decoded",
     "load_image",
@@ -68,8 +70,6 @@ this number"; see :func:`default_max_pixels`.
 MAX_PIXELS_ENV = "CLIPLAB_MAX_PIXELS"
 """Environment variable that overrides :data:`DEFAULT_MAX_PIXELS`."""
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-"""File suffixes (lower case) that :func:`find_images` collects from folders."""
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image]
 
@@ -277,10 +277,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
 # --------------------------------------------------------------------------- decoding
 
 
-def _describe(source: Any) -> str:
-    """A short name for ``source`` in error messages and logs."""
+def describe_source(source: Any, index: int | None = None) -> str:
+    """A short name for an image ``source`` in error messages, logs and skip records.
+
+    A path is itself; any other source is ``<type #index>`` when its position ``index``
+    in a batch is given, else ``<N bytes>``, the ``name`` of a file object, or ``<type>``.
+    """
     if isinstance(source, (str, os.PathLike)):
         return os.fsdecode(source)
+    if index is not None:
+        return f"<{type(source).__name__} #{index}>"
     if isinstance(source, (bytes, bytearray, memoryview)):
         return f"<{len(source)} bytes>"
     name = getattr(source, "name", None)
@@ -491,7 +497,7 @@ def _load(source: Any, max_pixels: int | None, draft_size: int | None) -> Image.
     except BadImage as exc:
         failure = _bare(exc)
     except MemoryError:
-        failure = BadImage(_describe(source), "out of memory decoding the image")
+        failure = BadImage(describe_source(source), "out of memory decoding the image")
     try:
         raise failure
     finally:
@@ -501,7 +507,7 @@ def _load(source: Any, max_pixels: int | None, draft_size: int | None) -> Image.
 def _load_checked(source: Any, max_pixels: int | None, draft_size: int | None) -> Image.Image:
     if isinstance(source, Image.Image):
         return to_rgb(source)
-    label = _describe(source)
+    label = describe_source(source)
     stream = _open_source(source, label)
     try:
         image = _decode(stream, label, max_pixels, draft_size)
@@ -567,7 +573,7 @@ def _safe_call(load: Callable[[Any], Any], source: Any) -> Any:
     except BadImage as exc:
         return _bare(exc)
     except MemoryError:
-        return BadImage(_describe(source), "out of memory decoding or preprocessing the image")
+        return BadImage(describe_source(source), "out of memory decoding or preprocessing the image")
 
 
 def iter_decoded(

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .._progress import progress_bar
-from ..data.images import DEFAULT_MAX_PIXELS, iter_decoded, load_image
+from ..data.images import DEFAULT_MAX_PIXELS, describe_source, iter_decoded, load_image
 from ..errors import BadImage, CliplabError, UsageError
 from .transforms import is_model_sized, make_preprocess, uint8_to_tensor
 
@@ -56,10 +56,6 @@ class Skipped:
     index: int
     source: str
     reason: str
-
-
-def _describe(source, index: int) -> str:
-    return str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__} #{index}>"
 
 
 def _default_workers() -> int:
@@ -365,7 +361,7 @@ class Backbone:
                                load=lambda item: self._prepare(item, max_pixels, draft))
         with bar:
             for idx, tensors, skip in batches:
-                skipped.extend(Skipped(i, _describe(src, i), why) for i, src, why in skip)
+                skipped.extend(Skipped(i, describe_source(src, i), why) for i, src, why in skip)
                 if tensors:
                     batch = torch.stack(tensors).to(self.device, self._dtype)  # (B, 3, H, W)
                     outs.append(fn(batch).float().cpu())

@@ -42,7 +42,7 @@ from ..models.backbone import Backbone
 
 log = logging.getLogger("cliplab.surgery.wise_ft")
 
-__all__ = ["interpolate", "interpolate_state_dicts", "sweep"]
+__all__ = ["interpolate", "interpolate_state_dicts", "sweep", "check_compatible"]
 
 
 def check_alpha(alpha, extrapolate: bool) -> float:
@@ -58,7 +58,7 @@ def check_alpha(alpha, extrapolate: bool) -> float:
     return a
 
 
-def _check_compatible(sd0: dict, sd1: dict) -> None:
+def check_compatible(sd0: dict, sd1: dict) -> None:
     """Raise :class:`CheckpointMismatch` naming the first key that differs."""
     keys0, keys1 = list(sd0), set(sd1)
     for key in keys0:
@@ -98,7 +98,7 @@ def interpolate_state_dicts(sd0: dict, sd1: dict, alpha: float, *, extrapolate: 
         copies of ``sd0``'s.
     """
     a = check_alpha(alpha, extrapolate)
-    _check_compatible(sd0, sd1)
+    check_compatible(sd0, sd1)
     out = {}
     for key, t0 in sd0.items():
         if not t0.is_floating_point():
