@@ -447,7 +447,7 @@ def _table_kind(path: Path) -> str:
 
 
 def load_dataset(spec, split: str = "test", *, n: int | None = None, seed: int = 0):
-    """Load an evaluation dataset from a spec.
+    """Load a dataset (classification or retrieval) from a spec.
 
     Parameters
     ----------

@@ -222,8 +222,8 @@ class CaptionRecord:
 def pick_column(key: str, aliases: tuple[str, ...], available) -> str | None:
     """The column (or JSON key) that ``key`` names among ``available``.
 
-    ``key`` if present; when ``key`` is the default name (``aliases[0]``), else the first
-    of ``aliases`` present; else ``None``.
+    ``key`` itself if present; otherwise, when ``key`` is the default name
+    (``aliases[0]``), the first of ``aliases`` present; else ``None``.
     """
     if key in available:
         return key
@@ -760,18 +760,6 @@ def index_webdataset(paths, *, skip_log: SkipLog | None = None) -> list[ShardSam
     return samples
 
 
-_GLOB_CHARS = frozenset("*?[")
-_BRACE_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
-
-MAX_BRACE_EXPANSION = 2_000_000
-"""Most names one brace pattern may expand to (DataComp-12.8B has 1.28 M shards).
-
-A range's size is read from its two numbers, so ``{0..99999999999}`` would ask for
-10^11 names; such a pattern is refused (:class:`~cliplab.errors.DataError`) before the
-names are made.
-"""
-
-
 # ---------------------------------------------------------------- map-style datasets
 
 
@@ -906,6 +894,18 @@ class WebDatasetSet:
 
 
 # ---------------------------------------------------------------- shard patterns
+
+
+_GLOB_CHARS = frozenset("*?[")
+_BRACE_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
+
+MAX_BRACE_EXPANSION = 2_000_000
+"""Most names one brace pattern may expand to (DataComp-12.8B has 1.28 M shards).
+
+A range's size is read from its two numbers, so ``{0..99999999999}`` would ask for
+10^11 names; such a pattern is refused (:class:`~cliplab.errors.DataError`) before the
+names are made.
+"""
 
 
 def _too_many(pattern: str, count: int) -> DataError:
