@@ -16,6 +16,7 @@ that no longer occurs fails the test too, so the list only shrinks.
 from __future__ import annotations
 
 import ast
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,7 +161,8 @@ def _strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-def _violations(src: Path = SRC) -> set[tuple[str, str, str]]:
+@functools.lru_cache(maxsize=None)
+def _violations(src: Path = SRC) -> frozenset[tuple[str, str, str]]:
     imports = _imports(src)
     found = set()
     # (a) cycles between modules through module-level imports
@@ -194,7 +196,7 @@ def _violations(src: Path = SRC) -> set[tuple[str, str, str]]:
         # (c) layers
         if mine != theirs and LAYERS[mine] < LAYERS[theirs]:
             found.add(("layer", imp.importer, imp.target))
-    return found
+    return frozenset(found)
 
 
 def test_every_package_has_a_layer():
