@@ -42,7 +42,7 @@ os.environ.setdefault("CLIPLAB_PROGRESS", "0")
 import cliplab  # noqa: E402
 from cliplab.adapt import ADAPTERS  # noqa: E402
 from cliplab.adapt.fewshot import make_adapter  # noqa: E402
-from cliplab.eval.datasets import ClassificationData, fewshot_subset  # noqa: E402
+from cliplab.data.datasets import ClassificationData, fewshot_subset  # noqa: E402
 from cliplab.eval.metrics import accuracy, worst_group_accuracy  # noqa: E402
 from cliplab.eval.report import build_report  # noqa: E402
 from cliplab.eval.results import make_result, write_results  # noqa: E402

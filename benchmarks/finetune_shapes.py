@@ -23,7 +23,7 @@ for alpha in 0, 0.1, ..., 1 is scored in distribution and out of distribution (d
 scenes over striped/noisy backgrounds).
 
 Part 4, layer-wise sharpness along the WiSE-FT path (reconstructed spec, see
-``cliplab.surgery.sharpness``): adaptive l-inf sharpness of each layer group at alpha
+``cliplab.eval.sharpness``): adaptive l-inf sharpness of each layer group at alpha
 0, 0.2, ..., 1 on 256 of the fine-tuning images, Kendall tau between each group's
 sharpness and the OOD accuracy over alpha; straggler layers (per-layer interpolation
 barriers).
@@ -51,11 +51,13 @@ import cliplab  # noqa: E402
 from cliplab.adapt import LEARNERS  # noqa: E402
 from cliplab.adapt.fewshot import make_adapter, make_learner  # noqa: E402
 from cliplab.data.shapes import COLORS  # noqa: E402
-from cliplab.eval.datasets import ClassificationData, fewshot_subset  # noqa: E402
+from cliplab.data.datasets import ClassificationData, fewshot_subset  # noqa: E402
 from cliplab.eval.metrics import accuracy  # noqa: E402
 from cliplab.eval.results import make_result, write_results  # noqa: E402
 from cliplab.eval.tasks import TaskResult, fewshot  # noqa: E402
-from cliplab.surgery import interpolate, layer_sharpness, rank_correlation, straggler_layers  # noqa: E402
+from cliplab.eval.metrics import rank_correlation  # noqa: E402
+from cliplab.eval.sharpness import layer_sharpness, straggler_layers  # noqa: E402
+from cliplab.surgery import interpolate  # noqa: E402
 from cliplab.data.shapes import shapes_tiny_world  # noqa: E402
 from cliplab.zeroshot import class_weights  # noqa: E402
 

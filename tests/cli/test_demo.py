@@ -25,7 +25,7 @@ def test_demo_classifies_the_eval_world(tmp_path):
 
     import cliplab
     from cliplab.demo import run_demo
-    from cliplab.eval.datasets import load_dataset
+    from cliplab.data.datasets import load_dataset
 
     res = run_demo(cliplab.load("shapes-tiny"), tmp_path, n=12, seed=2026, progress=False)
     data = load_dataset("shapes:color-shape", "test", n=12, seed=2026)

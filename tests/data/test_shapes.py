@@ -288,7 +288,7 @@ def test_export_default_is_the_eval_world(tmp_path, split, n):
     `shapes:color-shape` evaluation dataset (the world of the bundled model)."""
     from PIL import Image
 
-    from cliplab.eval.datasets import load_dataset
+    from cliplab.data.datasets import load_dataset
 
     assert _cli(tmp_path, "--n", n, "--task", "color-shape", "--split", split) == 0
     exported = load_dataset(str(tmp_path))
@@ -309,7 +309,7 @@ def test_export_classified_by_shapes_tiny_like_eval(tmp_path):
     """Regression: the export used to be the 10-shape world (80 classes, 77 % zero-shot);
     now it is the eval task, image for image, with the same accuracy."""
     import cliplab
-    from cliplab.eval.datasets import load_dataset
+    from cliplab.data.datasets import load_dataset
     from cliplab.eval.tasks import zeroshot_classification
 
     n = 96
@@ -324,7 +324,7 @@ def test_export_classified_by_shapes_tiny_like_eval(tmp_path):
 def test_export_captions_are_the_retrieval_task(tmp_path):
     from PIL import Image
 
-    from cliplab.eval.datasets import load_dataset
+    from cliplab.data.datasets import load_dataset
 
     assert _cli(tmp_path, "--n", 12, "--task", "captions", "--format", "jsonl") == 0
     records = read_caption_table(tmp_path / "captions.jsonl")

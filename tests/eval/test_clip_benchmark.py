@@ -27,7 +27,7 @@ from clip_benchmark.metrics import zeroshot_classification as cb_zeroshot
 from clip_benchmark.metrics import zeroshot_retrieval as cb_retrieval
 from PIL import Image
 
-from cliplab.eval.datasets import ClassificationData, RetrievalData
+from cliplab.data.datasets import ClassificationData, RetrievalData
 from cliplab.eval.results import make_result, read_results, write_results
 from cliplab.eval.tasks import linear_probe, zeroshot_classification, zeroshot_retrieval
 

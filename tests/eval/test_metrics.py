@@ -85,3 +85,19 @@ def test_retrieval_matches_clip_benchmark_definition():
 def test_retrieval_rejects_bad_index():
     with pytest.raises(UsageError, match="index"):
         retrieval_recall(np.eye(2), np.eye(2), np.array([0, 2]))
+
+
+# --------------------------------------------------------------------- correlation
+def test_rank_correlation():
+    from scipy.stats import kendalltau
+
+    from cliplab.eval.metrics import rank_correlation
+
+    x = [0.1, 0.4, 0.2, 0.9, 0.5]
+    assert rank_correlation(x, [2 * v for v in x]) == pytest.approx(1.0)
+    assert rank_correlation(x, [-v for v in x]) == pytest.approx(-1.0)
+    a = np.array([1, 2, 2, 3, 5, 4, 4, 0], dtype=float)                # ties in both
+    b = np.array([3, 1, 2, 2, 5, 6, 1, 0], dtype=float)
+    assert rank_correlation(a, b) == pytest.approx(kendalltau(a, b).statistic, abs=1e-12)
+    with pytest.raises(UsageError, match="same length"):
+        rank_correlation([1, 2, 3], [1, 2])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cliplab.eval import tasks
-from cliplab.eval.datasets import ClassificationData, RetrievalData
+from cliplab.data.datasets import ClassificationData, RetrievalData
 from cliplab.eval.tasks import (fewshot, linear_probe, select_on_validation, zeroshot_classification,
                                 zeroshot_retrieval)
 
@@ -202,3 +202,30 @@ def test_linear_probe_counts_unseen_test_classes_as_errors():
     assert res.details["unseen_test_classes"] == [3]
     assert res.metrics["lp_acc1"] == pytest.approx(15 / 20)      # the 5 unseen examples are errors
     assert res.metrics["lp_mean_per_class_recall"] == pytest.approx(3 / 4)
+
+
+def _choices(parser, command, option):
+    """The ``choices`` of ``cliplab COMMAND OPTION`` in the real parser."""
+    import argparse
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return next(a.choices for a in sub.choices[command]._actions if option in a.option_strings)
+
+
+def test_task_registry_is_what_the_cli_and_the_suite_offer():
+    """Each registered task has a help line and its dataset kind, and is a choice of
+    ``cliplab eval --task`` and ``cliplab interpolate --task``; every suite entry names one."""
+    from cliplab.cli.main import build_parser
+    from cliplab.data.datasets import ClassificationData, RetrievalData
+    from cliplab.eval.suite import SUITES
+
+    names = tasks.TASKS.names()
+    assert names == ["zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot"]
+    for name in names:
+        meta = tasks.TASKS.meta(name)
+        assert meta["help"] and meta["data"] in (ClassificationData.kind, RetrievalData.kind)
+    assert tasks.TASKS.get("fewshot") is fewshot
+    parser = build_parser()
+    assert list(_choices(parser, "eval", "--task")) == names
+    assert list(_choices(parser, "interpolate", "--task")) == names
+    assert {e["task"] for suite in SUITES.values() for e in suite} <= set(names)

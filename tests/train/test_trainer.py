@@ -14,8 +14,8 @@ from PIL import Image
 
 from cliplab.errors import BadImage, DataError, UsageError
 from cliplab.train import TrainConfig, Trainer, get_recipe, init_model, latest_checkpoint, list_recipes
-from cliplab.train.datasets import (CaptionTableSet, ConcatSet, ShapesTrainSet, caption_choice,
-                                    global_batch_indices)
+from cliplab.data.sources import CaptionTableSet
+from cliplab.train.datasets import ConcatSet, ShapesTrainSet, caption_choice, global_batch_indices
 from cliplab.train.schedule import warmup_cosine_factor, warmup_cosine_scheduler
 from cliplab.models.transforms import images_to_tensor
 from cliplab.train.trainer import parameter_groups

@@ -17,7 +17,7 @@ from cliplab.data.shapes import ShapesWorld, export
 from cliplab.data.sources import (SkipLog, expand_braces, expand_shards, index_webdataset,
                                   iter_webdataset)
 from cliplab.errors import BadImage, DataError
-from cliplab.train.datasets import WebDatasetSet
+from cliplab.data.sources import WebDatasetSet
 
 from _tiny import TINY_CFG
 

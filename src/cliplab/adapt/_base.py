@@ -8,7 +8,7 @@ Hyper-parameters are chosen on a validation split, never on test:
 
 - ``fit(X, y, X_val, y_val)`` with a validation split: chosen on it;
 - without one, a stratified split is carved from ``X`` with
-  :func:`cliplab.eval.datasets.split_train_val` (``val_fraction``, seed
+  :func:`cliplab.data.datasets.split_train_val` (``val_fraction``, seed
   ``random_state``; each class with at least two examples gives
   ``round(val_fraction * n_c)`` of them, at least one, never all), the hyper-parameters are
   chosen on it and the final model is refit on all of ``X``;
@@ -62,7 +62,7 @@ def best_of(candidates, y_val: np.ndarray, fallback: dict | None = None) -> tupl
 
 def carve_validation(y: np.ndarray, val_fraction: float, seed: int):
     """Stratified (train_idx, val_idx) of class indices ``y``, or ``None`` for a class of 1."""
-    from ..eval.datasets import ClassificationData, split_train_val
+    from ..data.datasets import ClassificationData, split_train_val
 
     counts = np.bincount(y)
     if len(counts) == 0 or counts.min() < 2:

@@ -26,7 +26,7 @@ def _has_val_split(spec: str) -> bool:
 
 def _load_splits(spec: str, n_train, n_val, seed: int):
     """(train, val) ClassificationData of ``spec``: its own val split, else 20 % of train."""
-    from ..eval.datasets import load_dataset, split_train_val
+    from ..data.datasets import load_dataset, split_train_val
 
     if spec.startswith("shapes:") and spec.split(":", 1)[1] not in ("color-shape", "shape", "color"):
         raise UsageError(f"{spec}: adapt needs a ShapesWorld task with train and val splits: "
@@ -136,7 +136,7 @@ def fit_adapter(backbone, *, method: str, dataset: str, shots: int, seed: int = 
     ``params`` go to a learner's constructor (``epochs``, ``lr``...; None means its default).
     """
     from . import ADAPTERS, LEARNERS
-    from ..eval.datasets import ClassificationData, fewshot_subset
+    from ..data.datasets import ClassificationData, fewshot_subset
     from ..eval.tasks import image_features
     from ..zeroshot import class_weights, get_templates
 

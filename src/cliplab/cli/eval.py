@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 from ..errors import UsageError
+from ..eval.tasks import TASKS
 from ._common import add_model_args, load_backbone, write_rows
-
-TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot")
 
 
 def default_cache() -> Path:
@@ -27,7 +26,7 @@ def add_parser(sub) -> None:
                     "a CSV/JSONL, WebDataset shards, or shapes:color-shape, shapes:shape, "
                     "shapes:color, shapes:color-shape-heldout, shapes:retrieval.")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--task", choices=TASKS)
+    what.add_argument("--task", choices=TASKS.names())
     what.add_argument("--suite", help="a named suite of evaluations: 'shapes' = zero-shot colour-shape, "
                                       "shape, colour and held-out compositions, retrieval, linear probe "
                                       "and few-shot on ShapesWorld (under a minute with shapes-tiny on 2 CPU cores)")

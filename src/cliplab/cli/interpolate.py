@@ -6,9 +6,8 @@ from __future__ import annotations
 import sys
 
 from ..errors import UsageError
+from ..eval.tasks import TASKS
 from ._common import add_model_args, load_backbone, write_rows
-
-TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot")
 
 
 def add_parser(sub) -> None:
@@ -28,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="with --alpha: model folder to write (required); "
                                  "with --sweep: a folder that gets one results JSON file per alpha, "
                                  "as clip_benchmark build reads them")
-    p.add_argument("--task", choices=TASKS, default="zeroshot_classification",
+    p.add_argument("--task", choices=TASKS.names(), default="zeroshot_classification",
                    help="with --sweep: evaluation task (default: zeroshot_classification)")
     p.add_argument("--dataset", help="with --sweep: dataset spec, e.g. shapes:shape (required)")
     p.add_argument("--split", default="test", help="with --sweep: split to evaluate (default: test)")

@@ -40,7 +40,8 @@ from PIL import Image, ImageOps
 from .._progress import progress_bar
 from ..errors import BadImage, UsageError
 from ..validation import check_choice, check_positive_int
-from .records import Skipped
+from .records import Skipped, describe_source
+from .sources import IMAGE_EXTENSIONS
 
 logger = logging.getLogger("cliplab.data.images")
 
@@ -51,6 +52,7 @@ __all__ = [
     "DecodedBatch",
     "decode_many",
     "default_max_pixels",
+    "describe_source",
     "find_images",
     "iter_decoded",
     "load_image",
@@ -70,8 +72,6 @@ this number"; see :func:`default_max_pixels`.
 MAX_PIXELS_ENV = "CLIPLAB_MAX_PIXELS"
 """Environment variable that overrides :data:`DEFAULT_MAX_PIXELS`."""
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-"""File suffixes (lower case) that :func:`find_images` collects from folders."""
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image]
 
@@ -272,18 +272,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
 # --------------------------------------------------------------------------- decoding
 
 
-def _describe(source: Any) -> str:
-    """A short name for ``source`` in error messages and logs."""
-    if isinstance(source, (str, os.PathLike)):
-        return os.fsdecode(source)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return f"<{len(source)} bytes>"
-    name = getattr(source, "name", None)
-    if isinstance(name, str):
-        return name
-    return f"<{type(source).__name__}>"
-
-
 def _open_source(source: Any, label: str) -> BinaryIO:
     """Return a new readable binary stream over ``source``; the caller closes it."""
     if isinstance(source, (str, os.PathLike)):
@@ -482,7 +470,7 @@ def _load(source: Any, max_pixels: int | None, draft_size: int | None) -> Image.
     except BadImage as exc:
         failure = _bare(exc)
     except MemoryError:
-        failure = BadImage(_describe(source), "out of memory decoding the image")
+        failure = BadImage(describe_source(source), "out of memory decoding the image")
     try:
         raise failure
     finally:
@@ -492,7 +480,7 @@ def _load(source: Any, max_pixels: int | None, draft_size: int | None) -> Image.
 def _load_checked(source: Any, max_pixels: int | None, draft_size: int | None) -> Image.Image:
     if isinstance(source, Image.Image):
         return to_rgb(source)
-    label = _describe(source)
+    label = describe_source(source)
     stream = _open_source(source, label)
     try:
         image = _decode(stream, label, max_pixels, draft_size)
@@ -552,7 +540,7 @@ def _safe_call(load: Callable[[Any], Any], source: Any) -> Any:
     except BadImage as exc:
         return _bare(exc)
     except MemoryError:
-        return BadImage(_describe(source), "out of memory decoding or preprocessing the image")
+        return BadImage(describe_source(source), "out of memory decoding or preprocessing the image")
 
 
 def iter_decoded(

@@ -12,14 +12,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Skipped", "EncodedImages", "describe_input"]
+__all__ = ["Skipped", "EncodedImages", "describe_source"]
 
 
-def describe_input(source, index: int) -> str:
-    """How an input is named in skip records: its path, else ``<type #index>``."""
+def describe_source(source, index: int | None = None) -> str:
+    """A short name for an input ``source`` in error messages, logs and skip records.
+
+    A path is itself; any other source is ``<type #index>`` when its position ``index``
+    in a batch is given, else ``<N bytes>``, the ``name`` of a file object, or ``<type>``.
+    """
     if isinstance(source, (str, os.PathLike)):
         return os.fsdecode(source)
-    return f"<{type(source).__name__} #{index}>"
+    if index is not None:
+        return f"<{type(source).__name__} #{index}>"
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    name = getattr(source, "name", None)
+    if isinstance(name, str):
+        return name
+    return f"<{type(source).__name__}>"
 
 
 @dataclass(frozen=True)
@@ -31,7 +42,7 @@ class Skipped:
     index : int
         Position of the input in the sequence given.
     source : str
-        Its path, or ``<type #index>`` for an in-memory input (:func:`describe_input`).
+        Its path, or ``<type #index>`` for an in-memory input (:func:`describe_source`).
     reason : str
         Why it was left out (the :class:`~cliplab.errors.BadImage` reason).
     """
@@ -42,8 +53,8 @@ class Skipped:
 
     @classmethod
     def of(cls, index: int, source, reason: str) -> "Skipped":
-        """The record of input ``index``, naming ``source`` with :func:`describe_input`."""
-        return cls(int(index), describe_input(source, index), str(reason))
+        """The record of input ``index``, naming ``source`` with :func:`describe_source`."""
+        return cls(int(index), describe_source(source, index), str(reason))
 
 
 @dataclass(frozen=True, eq=False)

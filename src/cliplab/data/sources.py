@@ -5,7 +5,9 @@ Problems with the *file* (missing column, unreadable header, missing file) raise
 malformed row, an empty caption, a tar sample without image or text) are skipped and
 recorded in a :class:`SkipLog`, which callers report; nothing is dropped silently.
 
-Images are not decoded here (see :mod:`cliplab.data.images`).
+Images are not decoded here (see :mod:`cliplab.data.images`), except by the map-style
+datasets :class:`CaptionTableSet` and :class:`WebDatasetSet`, which load an image when
+an item is read.
 
 An image file has one identity whatever the spelling of its path (:func:`canonical_path`,
 :func:`image_identity`, both at once for many paths: :class:`ImageIdentities`): ``img0.png``, ``./img0.png``, ``sub/../img0.png``, ``a//img0.png``
@@ -23,19 +25,24 @@ import logging
 import os
 import re
 import tarfile
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import BadImage, DataError
 from .text import open_text
 
 logger = logging.getLogger("cliplab.data.sources")
 
-IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+"""Image file suffixes (lower case, with the dot): of the files in a folder
+(:func:`cliplab.data.images.find_images`) and of the members of a WebDataset shard."""
 TEXT_EXTENSIONS: tuple[str, ...] = ("txt", "caption", "text")
-_IMAGE_ALIASES = ("filepath", "image", "image_path", "file_name", "filename", "path", "file")
-_CAPTION_ALIASES = ("caption", "captions", "text", "title")
+IMAGE_COLUMNS: tuple[str, ...] = ("filepath", "image", "image_path", "file_name", "filename", "path", "file")
+"""Image-path column of a table: the default name first, then the aliases tried in its absence."""
+CAPTION_COLUMNS: tuple[str, ...] = ("caption", "captions", "text", "title")
+"""Caption column of a table: the default name first, then the aliases tried in its absence."""
 
 
 def canonical_path(path, base=None) -> Path:
@@ -212,13 +219,66 @@ class CaptionRecord:
     meta: dict = field(default_factory=dict)
 
 
-def _pick_key(key: str, default: str, aliases: tuple[str, ...], available) -> str | None:
-    """``key`` if present; for a default key the first alias present; else ``None``."""
+def pick_column(key: str, aliases: tuple[str, ...], available) -> str | None:
+    """The column (or JSON key) that ``key`` names among ``available``.
+
+    ``key`` itself if present; otherwise, when ``key`` is the default name
+    (``aliases[0]``), the first of ``aliases`` present; else ``None``.
+    """
     if key in available:
         return key
-    if key == default:
+    if key == aliases[0]:
         return next((a for a in aliases if a in available), None)
     return None
+
+
+def read_table_header(path, columns: dict | None = None, *,
+                      what: str = "table") -> tuple[list[str], dict[str, int]]:
+    """Read the header of a CSV/TSV table (TSV for a ``.tsv`` suffix) and find its columns.
+
+    Parameters
+    ----------
+    path : str or Path
+    columns : dict, optional
+        ``{option: (column, aliases)}``, for example
+        ``{"image_key": ("filepath", IMAGE_COLUMNS)}``: the column asked for through the
+        option ``option`` and the aliases tried when it is the default (:func:`pick_column`).
+    what : str, default "table"
+        What the file is, for error messages.
+
+    Returns
+    -------
+    header : list of str
+        The column names, stripped.
+    index : dict
+        ``{option: position of its column in header}``.
+
+    Raises
+    ------
+    DataError
+        Missing or empty file, unreadable header, or a column not in the header (the
+        message names the option that chooses another one).
+    """
+    path = Path(path)
+    columns = columns or {}
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open_text(path, what=what) as f:
+        try:
+            header = [h.strip() for h in next(csv.reader(f, delimiter=delimiter))]
+        except StopIteration:
+            asked = " and ".join(repr(c) for c, _ in columns.values())
+            raise DataError(f"{path}: empty file; the first line must be a header"
+                            + (f" naming the columns {asked}" if asked else "")) from None
+        except csv.Error as e:
+            raise DataError(f"{path}:1: unreadable header ({e})") from None
+    index = {}
+    for option, (given, aliases) in columns.items():
+        key = pick_column(given, aliases, header)
+        if key is None:
+            raise DataError(f"{path}:1: no column {given!r} in header {header}; "
+                            f"rename the column or pass {option}=<column name>")
+        index[option] = header.index(key)
+    return header, index
 
 
 def _caption_list(value) -> tuple[list[str], list[int]]:
@@ -284,7 +344,7 @@ def read_caption_table(
     skip_log = skip_log if skip_log is not None else SkipLog()
     before = skip_log.count
     if suffix in (".csv", ".tsv"):
-        rows = _csv_rows(path, "\t" if suffix == ".tsv" else ",", image_key, caption_key, skip_log)
+        rows = _csv_rows(path, image_key, caption_key, skip_log)
     elif suffix in (".jsonl", ".ndjson"):
         rows = _jsonl_rows(path, image_key, caption_key, skip_log)
     else:
@@ -313,27 +373,17 @@ def read_caption_table(
     return list(records.values())
 
 
-def _csv_rows(path: Path, delimiter: str, image_key: str, caption_key: str, skip_log: SkipLog):
+def _csv_rows(path: Path, image_key: str, caption_key: str, skip_log: SkipLog):
+    header, index = read_table_header(path, {"image_key": (image_key, IMAGE_COLUMNS),
+                                             "caption_key": (caption_key, CAPTION_COLUMNS)},
+                                      what="caption table")
+    ii, ci = index["image_key"], index["caption_key"]
     with open_text(path, what="caption table") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise DataError(f"{path}: empty file; the first line must be a header naming "
-                            f"the columns {image_key!r} and {caption_key!r}") from None
-        except csv.Error as e:
-            raise DataError(f"{path}:1: unreadable header ({e})") from None
-        header = [h.strip() for h in header]
-        ikey = _pick_key(image_key, "filepath", _IMAGE_ALIASES, header)
-        ckey = _pick_key(caption_key, "caption", _CAPTION_ALIASES, header)
-        for key, given, flag in ((ikey, image_key, "image_key"), (ckey, caption_key, "caption_key")):
-            if key is None:
-                raise DataError(f"{path}:1: no column {given!r} in header {header}; "
-                                f"rename the column or pass {flag}=<column name>")
-        ii, ci = header.index(ikey), header.index(ckey)
+        reader = csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        next(reader, None)  # the header
         for _, row in valid_csv_rows(reader, path, len(header), {"image path": ii, "caption": ci}, skip_log):
             image, caption = row[ii].strip(), row[ci].strip()
-            meta = {k: v for k, v in zip(header, row) if k not in (ikey, ckey)}
+            meta = {k: v for k, v in zip(header, row) if k not in (header[ii], header[ci])}
             yield image, [caption], meta
 
 
@@ -409,8 +459,8 @@ def _jsonl_rows(path: Path, image_key: str, caption_key: str, skip_log: SkipLog)
             if not isinstance(obj, dict):
                 skip_log.add(f"{path}:{line_no}", "malformed row: not a JSON object")
                 continue
-            ikey = _pick_key(image_key, "filepath", _IMAGE_ALIASES, obj)
-            ckey = _pick_key(caption_key, "caption", _CAPTION_ALIASES, obj)
+            ikey = pick_column(image_key, IMAGE_COLUMNS, obj)
+            ckey = pick_column(caption_key, CAPTION_COLUMNS, obj)
             if ikey is None or not isinstance(obj[ikey], str) or not obj[ikey].strip():
                 skip_log.add(f"{path}:{line_no}", f"empty image path: no {image_key!r} string")
                 continue
@@ -436,7 +486,7 @@ def _split_member(name: str) -> tuple[str, str]:
 
 
 def _is_image(ext: str) -> bool:
-    return ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
+    return "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
 
 
 def _finish(source: str, key: str, files: dict, skip_log: SkipLog):
@@ -670,7 +720,7 @@ def index_webdataset(paths, *, skip_log: SkipLog | None = None) -> list[ShardSam
     """Scan WebDataset ``.tar`` shards once and record where each usable sample's image is.
 
     Text and json members are read (for the captions); image data is seeked past and only
-    its offset and size kept, so a :class:`~cliplab.train.datasets.WebDatasetSet` can
+    its offset and size kept, so a :class:`WebDatasetSet` can
     later read any image by seeking.  Samples are grouped and parsed as in
     :func:`iter_webdataset`.
 
@@ -708,6 +758,142 @@ def index_webdataset(paths, *, skip_log: SkipLog | None = None) -> list[ShardSam
                 _, member, captions, _ = sample
                 samples.append(ShardSample(shard, key, member.offset_data, member.size, captions))
     return samples
+
+
+# ---------------------------------------------------------------- map-style datasets
+
+
+class CaptionTableSet:
+    """Image files with captions (rows of a CSV/JSONL/WebDataset caption table).
+
+    Parameters
+    ----------
+    records : sequence of CaptionRecord
+        Objects with ``.image`` (a path) and ``.captions`` (list of str), as
+        returned by :func:`read_caption_table`.
+    loader : callable, optional
+        ``path -> PIL.Image``; default :func:`cliplab.data.images.load_image`,
+        which raises :class:`~cliplab.errors.BadImage` on broken files (the
+        Trainer counts and replaces those samples).
+
+    Raises
+    ------
+    DataError
+        If the table is empty or a record has no caption.
+    """
+
+    def __init__(self, records, *, loader=None):
+        self.records = list(records)
+        if not self.records:
+            raise DataError("the caption table has no rows")
+        for r in self.records:
+            if not r.captions:
+                raise DataError(f"{r.image}: the row has no caption")
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        record = self.records[int(index)]
+        loader = self.loader
+        if loader is None:
+            from .images import load_image  # PIL only when images are read
+
+            loader = load_image
+        return loader(record.image), list(record.captions)
+
+
+class WebDatasetSet:
+    """WebDataset shard samples as a map-style dataset (images read by byte offset).
+
+    Parameters
+    ----------
+    samples : sequence of ShardSample
+        As returned by :func:`index_webdataset`.
+    loader : callable, optional
+        ``bytes -> PIL.Image``; default :func:`cliplab.data.images.load_image`.
+        A broken image raises :class:`~cliplab.errors.BadImage` naming
+        ``shard:key`` (the Trainer counts and replaces those samples).
+    max_open : int, default 8
+        Shard files kept open per process (least recently used are closed).
+
+    Raises
+    ------
+    DataError
+        If there are no samples.
+    ValueError
+        If ``max_open < 1``.
+
+    Notes
+    -----
+    Open files are per process: a DataLoader worker (forked or spawned) opens its
+    own, because a handle inherited over ``fork`` shares its file position with
+    the parent.  One instance is not meant to be read from several threads.
+    """
+
+    def __init__(self, samples, *, loader=None, max_open: int = 8):
+        self.samples = list(samples)
+        if not self.samples:
+            raise DataError("the shards hold no usable sample (image + caption)")
+        if int(max_open) < 1:
+            raise ValueError(f"max_open must be at least 1, got {max_open!r}")
+        self.loader = loader
+        self.max_open = int(max_open)
+        self._files: OrderedDict = OrderedDict()
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[int(index)]
+        source = f"{sample.shard}:{sample.key}"
+        f = self._file(sample.shard)
+        f.seek(sample.offset)
+        data = f.read(sample.size)
+        if len(data) != sample.size:
+            raise BadImage(source, f"truncated shard: {len(data)} of {sample.size} bytes")
+        loader = self.loader
+        if loader is None:
+            from .images import load_image  # PIL only when images are read
+
+            loader = load_image
+        try:
+            image = loader(data)
+        except BadImage as err:
+            raise BadImage(source, err.reason) from err
+        return image, list(sample.captions)
+
+    def _file(self, shard):
+        if self._pid != os.getpid():  # forked: the inherited handles share the parent's positions
+            self._files, self._pid = OrderedDict(), os.getpid()
+        f = self._files.get(shard)
+        if f is None:
+            try:
+                f = open(shard, "rb")
+            except OSError as e:
+                raise DataError(f"{shard}: cannot open shard ({e.strerror or e})") from None
+            self._files[shard] = f
+            while len(self._files) > self.max_open:
+                self._files.popitem(last=False)[1].close()
+        self._files.move_to_end(shard)
+        return f
+
+    def close(self) -> None:
+        """Close the shard files this process opened."""
+        if self._pid == os.getpid():
+            for f in self._files.values():
+                f.close()
+        self._files.clear()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_files"] = OrderedDict()  # file handles do not pickle (spawned workers)
+        return state
+
+
+# ---------------------------------------------------------------- shard patterns
 
 
 _GLOB_CHARS = frozenset("*?[")

@@ -16,13 +16,13 @@ Ties are broken by index (a stable sort), so results are deterministic.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from ..errors import UsageError
 
-__all__ = ["topk_accuracy", "mean_per_class_recall", "confusion_matrix", "retrieval_recall",
+__all__ = ["topk_accuracy", "mean_per_class_recall", "confusion_matrix", "retrieval_recall", "rank_correlation",
            "accuracy", "group_accuracies", "worst_group_accuracy"]
 
 
@@ -178,3 +178,31 @@ def retrieval_recall(image_feats, text_feats, text_to_image, ks: Sequence[int] =
         out[f"image_retrieval_recall@{k}"] = float(t2i_hits[k].mean()) if len(ft) else float("nan")
         out[f"text_retrieval_recall@{k}"] = float(i2t_hits[k].mean()) if len(fi) else float("nan")
     return out
+
+
+def rank_correlation(x: Iterable[float], y: Iterable[float]) -> float:
+    """Kendall's τ_b between two sequences (e.g. layer sharpness vs OOD accuracy over α).
+
+    Computed by :func:`scipy.stats.kendalltau` (SciPy comes with scikit-learn).  NaN
+    when either sequence is constant.
+
+    Parameters
+    ----------
+    x, y : array-like of float, shape (n,)
+        n ≥ 2, finite.
+
+    Returns
+    -------
+    float
+        τ_b in [−1, 1].
+    """
+    x = np.asarray(list(x) if not isinstance(x, np.ndarray) else x, dtype=float).reshape(-1)
+    y = np.asarray(list(y) if not isinstance(y, np.ndarray) else y, dtype=float).reshape(-1)
+    if x.shape != y.shape or x.size < 2:
+        raise UsageError(f"rank_correlation needs two sequences of the same length >= 2, got "
+                         f"{x.size} and {y.size}")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise UsageError("rank_correlation needs finite values (no NaN or inf)")
+    from scipy.stats import kendalltau
+
+    return float(kendalltau(x, y).statistic)

@@ -32,12 +32,11 @@ import numpy as np
 
 from ..errors import UsageError
 from .results import make_result
-from .tasks import (fewshot, image_features, linear_probe, logistic_regression, zeroshot_classification,
+from ..data.datasets import load_dataset, split_train_val
+from .tasks import (TASKS, fewshot, image_features, linear_probe, logistic_regression, zeroshot_classification,
                     zeroshot_retrieval)
 
 __all__ = ["TASKS", "SUITES", "evaluate", "run_suite", "FEWSHOT_C_GRID"]
-
-TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot")
 
 #: C candidates of the few-shot linear probe, chosen on validation per (k, seed).
 FEWSHOT_C_GRID = {"C": [1e-2, 1e-1, 1.0, 10.0, 100.0]}
@@ -57,8 +56,6 @@ SUITES = {
 
 
 def _load(spec, split, n, seed=0):
-    from .datasets import load_dataset
-
     return load_dataset(spec, split, n=n, seed=seed)
 
 
@@ -69,10 +66,15 @@ def _labelled_features(backbone, data, store, progress, split_name):
     return x, np.asarray(data.labels)[kept], skipped
 
 
-def _require_classification(data, task):
-    if not hasattr(data, "labels"):
+def _require_kind(data, task):
+    """Raise unless ``data`` is the kind of dataset that ``task`` evaluates (``TASKS.meta``)."""
+    if data.kind == TASKS.meta(task)["data"]:
+        return
+    if data.kind == "retrieval":
         raise UsageError(f"task {task} needs a classification dataset (images with class labels); "
                          f"{data.name} is a retrieval dataset")
+    raise UsageError(f"task {task} needs an image-caption dataset; {data.name} has "
+                     "class labels (try shapes:retrieval or a CSV/JSONL of image,caption)")
 
 
 def evaluate(backbone, *, model_spec: str, task: str, dataset: str, split: str = "test",
@@ -86,23 +88,17 @@ def evaluate(backbone, *, model_spec: str, task: str, dataset: str, split: str =
     ``val_fraction`` of train (fixed seed).
     """
     if task not in TASKS:
-        raise UsageError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+        raise UsageError(f"unknown task {task!r}: use one of {', '.join(TASKS.names())}")
     t0 = time.perf_counter()
     data = _load(dataset, split, n)
     load_s = time.perf_counter() - t0
     seeds = list(seeds)
+    _require_kind(data, task)
     if task == "zeroshot_classification":
-        _require_classification(data, task)
         res = zeroshot_classification(backbone, data, templates=templates, store=store, progress=progress)
     elif task == "zeroshot_retrieval":
-        if not hasattr(data, "captions"):
-            raise UsageError(f"task zeroshot_retrieval needs an image-caption dataset; {data.name} has "
-                             "class labels (try shapes:retrieval or a CSV/JSONL of image,caption)")
         res = zeroshot_retrieval(backbone, data, store=store, progress=progress)
     else:
-        from .datasets import split_train_val
-
-        _require_classification(data, task)
         t0 = time.perf_counter()
         train_all = _load(dataset, "train", n_train if n_train is not None else (2 * n if n else None))
         train, val = split_train_val(train_all, val_fraction=val_fraction, seed=0)

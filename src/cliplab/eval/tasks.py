@@ -5,6 +5,11 @@ extras cliplab records (confusion matrix, chosen hyper-parameters, few-shot curv
 skipped images, seconds per stage).  :func:`cliplab.eval.results.make_result` turns
 one into a results-file record.
 
+Each task is registered in :data:`TASKS` (the ``eval task`` registry) with a one-line
+``help`` and the kind of dataset it evaluates (``data``: ``"classification"`` or
+``"retrieval"``); ``cliplab eval --task``, ``cliplab interpolate --task`` and
+:func:`cliplab.eval.suite.evaluate` read their choices from it.
+
 Protocol rules, enforced by the signatures: hyper-parameters are chosen on a
 validation split only (:func:`select_on_validation`, :func:`sweep_C`); test features
 and labels are used once, to score the final fitted model.
@@ -13,7 +18,6 @@ and labels are used once, to score the final fitted model.
 from __future__ import annotations
 
 import inspect
-
 import itertools
 import logging
 import time
@@ -24,15 +28,24 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from .._progress import progress_bar
+from ..data.datasets import ClassificationData, fewshot_subset
 from ..errors import DataError, UsageError
+from ..registry import Registry
 from ..zeroshot.classifier import prompt_collisions
 from ..zeroshot.templates import fill, get_templates
 from .metrics import accuracy, confusion_matrix, mean_per_class_recall, retrieval_recall, topk_accuracy
 
-log = logging.getLogger("cliplab.eval.tasks")
+logger = logging.getLogger(__name__)
 
-__all__ = ["TaskResult", "zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot",
+__all__ = ["TASKS", "TaskResult", "zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot",
            "select_on_validation", "sweep_C", "logistic_regression", "image_features"]
+
+TASKS: Registry = Registry("eval task")
+"""The evaluation tasks, by CLIP_benchmark task name (``fewshot`` is cliplab's own).
+
+Metadata of each entry: ``help`` (one line) and ``data``, the dataset kind it evaluates
+(:attr:`cliplab.data.datasets.ClassificationData.kind` or ``RetrievalData.kind``).
+"""
 
 
 @dataclass
@@ -96,7 +109,7 @@ def _class_weights(backbone, classnames, templates, store=None, progress=None) -
     """Prompt-ensemble class embeddings (C, D), as :func:`cliplab.zeroshot.class_weights`."""
     groups = prompt_collisions(backbone, classnames, templates)
     if groups:  # a benchmark still runs, as CLIP_benchmark does; the tied classes are named
-        log.warning("classes %s give the same prompts once tokenized; zero-shot cannot tell them apart",
+        logger.warning("classes %s give the same prompts once tokenized; zero-shot cannot tell them apart",
                 "; ".join(" = ".join(repr(classnames[i]) for i in g) for g in groups[:5]))
     prompts = [fill(t, c) for c in classnames for t in templates]
     emb = _text_features(backbone, prompts, store, progress)                  # (C*T, D)
@@ -118,6 +131,8 @@ def _all_skipped(name: str, n: int):
 
 
 # ------------------------------------------------------------------------- zero-shot
+@TASKS.register("zeroshot_classification", data="classification",
+                help="zero-shot classification with prompt-ensemble class weights")
 def zeroshot_classification(backbone, data, *, templates=None, store=None,
                             batch_size: int = 64, progress=None) -> TaskResult:
     """Zero-shot classification of a ClassificationData with prompt-ensemble class weights.
@@ -154,6 +169,8 @@ def zeroshot_classification(backbone, data, *, templates=None, store=None,
     return TaskResult("zeroshot_classification", data.name, metrics, details, timings, skipped)
 
 
+@TASKS.register("zeroshot_retrieval", data="retrieval",
+                help="image-to-text and text-to-image retrieval recall@k")
 def zeroshot_retrieval(backbone, data, *, store=None, ks: Sequence[int] = (1, 5, 10),
                        batch_size: int = 64, progress=None) -> TaskResult:
     """Image-text retrieval on a RetrievalData (several captions per image).
@@ -296,7 +313,7 @@ def _probe_metrics(est, xs, ys, n_classes=None) -> tuple[dict, list]:
     pred = scores.argmax(axis=1)
     unseen = sorted(set(np.unique(ys).tolist()) - set(classes.tolist()))
     if unseen:
-        log.warning("%d test classes never occur in train/val; their examples count as errors", len(unseen))
+        logger.warning("%d test classes never occur in train/val; their examples count as errors", len(unseen))
     return ({"lp_acc1": accuracy(pred, ys), "lp_acc5": _acc5(scores, ys, c),
              "lp_mean_per_class_recall": mean_per_class_recall(pred, ys, c)}, unseen)
 
@@ -327,6 +344,8 @@ def _quiet_fits(n_values: int = 0):
         yield
 
 
+@TASKS.register("linear_probe", data="classification",
+                help="logistic-regression probe on frozen features, C chosen on validation")
 def linear_probe(train_feats, train_y, val_feats, val_y, test_feats, test_y, *, seed: int = 0,
                  coarse: int = 7, refine: int = 4, progress=None, dataset: str = "features",
                  classnames: Sequence[str] | None = None) -> TaskResult:
@@ -358,11 +377,11 @@ def linear_probe(train_feats, train_y, val_feats, val_y, test_feats, test_y, *, 
 
 # -------------------------------------------------------------------------- few-shot
 def _index_data(y, classnames, name):
-    from .datasets import ClassificationData
-
     return ClassificationData(list(range(len(y))), np.asarray(y), list(classnames), name)
 
 
+@TASKS.register("fewshot", data="classification",
+                help="k-shot linear probe over k and seeds, hyper-parameters chosen on validation")
 def fewshot(make_estimator: Callable, train, val, test, *, ks: Sequence[int] = (1, 2, 4, 8, 16),
             seeds: Sequence[int] = (0, 1, 2), grid=None, method: str = "method",
             classnames: Sequence[str] | None = None, dataset: str = "features",
@@ -390,8 +409,6 @@ def fewshot(make_estimator: Callable, train, val, test, *, ks: Sequence[int] = (
         metrics ``acc1@{k}shot`` (mean over seeds); details ``fewshot``:
         ``{method, ks, seeds, mean, std, per_seed, params}``.
     """
-    from .datasets import fewshot_subset
-
     timings: dict = {}
     xt, yt = _xy(*train, "train")
     xv, yv = _xy(*val, "val")

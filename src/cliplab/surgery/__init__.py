@@ -2,12 +2,9 @@
 
 from .layers import trainable_parameters
 from .lora import apply_lora, load_lora, lora_state_dict, merge_lora, save_lora, unmerge_lora
-from .sharpness import (layer_groups, layer_sharpness, rank_correlation, sharpness,
-                        straggler_layers, zero_shot_loss)
 from .svd import apply_svd
 from .wise_ft import interpolate, interpolate_state_dicts, sweep as wise_ft_sweep
 
 __all__ = ["apply_lora", "merge_lora", "unmerge_lora", "lora_state_dict", "save_lora",
            "load_lora", "apply_svd", "trainable_parameters", "interpolate",
-           "interpolate_state_dicts", "wise_ft_sweep", "sharpness", "layer_sharpness",
-           "layer_groups", "straggler_layers", "zero_shot_loss", "rank_correlation"]
+           "interpolate_state_dicts", "wise_ft_sweep"]

@@ -1,7 +1,9 @@
 """Training sets of the Trainer and the deterministic batch order.
 
 A training set is any map-style dataset (``len(ds)``, ``ds[i]``) whose items
-are ``(image, captions)``: ``image`` an RGB ``uint8`` array of shape (H, W, 3)
+are ``(image, captions)`` (:class:`ShapesTrainSet` here; caption tables and
+WebDataset shards through :class:`cliplab.data.sources.CaptionTableSet` and
+:class:`cliplab.data.sources.WebDatasetSet`): ``image`` an RGB ``uint8`` array of shape (H, W, 3)
 or a PIL image, ``captions`` a non-empty list of strings (several phrasings of
 one caption, LaCLIP-style).  A set may also offer
 ``get_batch(indices) -> (images, captions_lists)`` to load many items at once.
@@ -15,14 +17,11 @@ uninterrupted run.
 
 from __future__ import annotations
 
-import os
-from collections import OrderedDict
 from functools import lru_cache
 from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from cliplab.errors import BadImage, DataError
 
 # Domain tags keep the streams of the batch order and the caption choice apart.
 _ORDER_STREAM = 0
@@ -114,136 +113,6 @@ class ShapesTrainSet:
         """``(uint8 array (N, H, W, 3), list of caption lists)`` in one render call."""
         images, scenes = self.world.render_batch(self.split, [int(i) for i in indices])
         return images, [list(s.captions) for s in scenes]
-
-
-class CaptionTableSet:
-    """Image files with captions (rows of a CSV/JSONL/WebDataset caption table).
-
-    Parameters
-    ----------
-    records : sequence of CaptionRecord
-        Objects with ``.image`` (a path) and ``.captions`` (list of str), as
-        returned by :func:`cliplab.data.sources.read_caption_table`.
-    loader : callable, optional
-        ``path -> PIL.Image``; default :func:`cliplab.data.images.load_image`,
-        which raises :class:`~cliplab.errors.BadImage` on broken files (the
-        Trainer counts and replaces those samples).
-
-    Raises
-    ------
-    DataError
-        If the table is empty or a record has no caption.
-    """
-
-    def __init__(self, records, *, loader=None):
-        self.records = list(records)
-        if not self.records:
-            raise DataError("the caption table has no rows")
-        for r in self.records:
-            if not r.captions:
-                raise DataError(f"{r.image}: the row has no caption")
-        self.loader = loader
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int):
-        record = self.records[int(index)]
-        loader = self.loader
-        if loader is None:
-            from cliplab.data.images import load_image
-
-            loader = load_image
-        return loader(record.image), list(record.captions)
-
-
-class WebDatasetSet:
-    """WebDataset shard samples as a map-style training set (images read by byte offset).
-
-    Parameters
-    ----------
-    samples : sequence of ShardSample
-        As returned by :func:`cliplab.data.sources.index_webdataset`.
-    loader : callable, optional
-        ``bytes -> PIL.Image``; default :func:`cliplab.data.images.load_image`.
-        A broken image raises :class:`~cliplab.errors.BadImage` naming
-        ``shard:key`` (the Trainer counts and replaces those samples).
-    max_open : int, default 8
-        Shard files kept open per process (least recently used are closed).
-
-    Raises
-    ------
-    DataError
-        If there are no samples.
-    ValueError
-        If ``max_open < 1``.
-
-    Notes
-    -----
-    Open files are per process: a DataLoader worker (forked or spawned) opens its
-    own, because a handle inherited over ``fork`` shares its file position with
-    the parent.  One instance is not meant to be read from several threads.
-    """
-
-    def __init__(self, samples, *, loader=None, max_open: int = 8):
-        self.samples = list(samples)
-        if not self.samples:
-            raise DataError("the shards hold no usable sample (image + caption)")
-        if int(max_open) < 1:
-            raise ValueError(f"max_open must be at least 1, got {max_open!r}")
-        self.loader = loader
-        self.max_open = int(max_open)
-        self._files: OrderedDict = OrderedDict()
-        self._pid = os.getpid()
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        sample = self.samples[int(index)]
-        source = f"{sample.shard}:{sample.key}"
-        f = self._file(sample.shard)
-        f.seek(sample.offset)
-        data = f.read(sample.size)
-        if len(data) != sample.size:
-            raise BadImage(source, f"truncated shard: {len(data)} of {sample.size} bytes")
-        loader = self.loader
-        if loader is None:
-            from cliplab.data.images import load_image
-
-            loader = load_image
-        try:
-            image = loader(data)
-        except BadImage as err:
-            raise BadImage(source, err.reason) from err
-        return image, list(sample.captions)
-
-    def _file(self, shard):
-        if self._pid != os.getpid():  # forked: the inherited handles share the parent's positions
-            self._files, self._pid = OrderedDict(), os.getpid()
-        f = self._files.get(shard)
-        if f is None:
-            try:
-                f = open(shard, "rb")
-            except OSError as e:
-                raise DataError(f"{shard}: cannot open shard ({e.strerror or e})") from None
-            self._files[shard] = f
-            while len(self._files) > self.max_open:
-                self._files.popitem(last=False)[1].close()
-        self._files.move_to_end(shard)
-        return f
-
-    def close(self) -> None:
-        """Close the shard files this process opened."""
-        if self._pid == os.getpid():
-            for f in self._files.values():
-                f.close()
-        self._files.clear()
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_files"] = OrderedDict()  # file handles do not pickle (spawned workers)
-        return state
 
 
 class ConcatSet:

@@ -32,14 +32,14 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from cliplab.data.shapes import shapes_tiny_world, task_world
-from cliplab.errors import UsageError
-from cliplab.train.datasets import ConcatSet, ShapesTrainSet
-from cliplab.train.losses import get_loss_class
-from cliplab.models.transforms import images_to_tensor, make_preprocess
-from cliplab.train.trainer import TrainConfig
+from ..data.shapes import shapes_tiny_world, task_world
+from ..errors import UsageError
+from ..models.transforms import images_to_tensor, make_preprocess
+from .datasets import ConcatSet, ShapesTrainSet
+from .losses import get_loss_class
+from .trainer import TrainConfig
 
-logger = logging.getLogger("cliplab.train")
+logger = logging.getLogger(__name__)
 
 _RECIPES: dict[str, Callable[..., "Recipe"]] = {}
 
@@ -136,7 +136,7 @@ def init_model(model_cfg: dict, preprocess_cfg: dict | None = None, *, loss: str
     from open_clip.model import set_model_preprocess_cfg
     from open_clip.transform import PreprocessCfg
 
-    from cliplab.models.loading import build_model, make_tokenizer
+    from ..models.loading import build_model, make_tokenizer
 
     cfg = copy.deepcopy(model_cfg)
     if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
@@ -192,7 +192,7 @@ class ShapesZeroShot:
         self._data = None
 
     def _load(self):
-        from cliplab.data.shapes import COLORS
+        from ..data.shapes import COLORS
 
         images, scenes = self.world.render_batch(self.split, range(self.n))
         shapes = self.world.shapes_of(self.split)
@@ -231,11 +231,6 @@ SHAPES_TINY_MODEL = {
     # context 32: the longest caption of 1-3 object scenes is 31 tokens with start/end
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
-
-
-# The world is defined once, in cliplab.data.shapes, and shared with eval, export and
-# the demo; ``shapes_world`` is its older name here.
-shapes_world = shapes_tiny_world
 
 
 @register_recipe("shapes-tiny")
@@ -282,8 +277,8 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
 
 def _data_set(path):
     """The training set of ``path``: a caption table, else WebDataset shards."""
-    from cliplab.data.sources import SkipLog, expand_shards, index_webdataset, read_caption_table
-    from cliplab.train.datasets import CaptionTableSet, WebDatasetSet
+    from ..data.sources import (CaptionTableSet, SkipLog, WebDatasetSet, expand_shards, index_webdataset,
+                                read_caption_table)
 
     if Path(path).suffix.lower() in TABLE_SUFFIXES:
         return CaptionTableSet(read_caption_table(path))
@@ -302,8 +297,8 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, stop_at: int | None = No
     Returns the Trainer's last metric row plus ``checkpoint`` (the folder of
     the last checkpoint, loadable as ``local-dir:<folder>``).
     """
-    from cliplab.train.checkpoint import latest_checkpoint
-    from cliplab.train.trainer import Trainer
+    from .checkpoint import latest_checkpoint
+    from .trainer import Trainer
 
     built = init_model(recipe.model_cfg, recipe.preprocess_cfg, loss=recipe.config.loss,
                         seed=recipe.config.seed)

@@ -6,7 +6,8 @@
 
 See :class:`ShapesWorld` for the options, :mod:`.worlds` for the named worlds
 (``shapes-tiny``, the default, and ``plain``) and :func:`export` for writing the standard
-formats (class folders, CSV, JSONL, WebDataset shards, COCO).
+formats (class folders, CSV, JSONL, WebDataset shards, COCO); :mod:`.tasks` builds the
+in-memory ``shapes:<task>`` datasets (:func:`shapes_task`).
 """
 
 from .world import (
@@ -27,6 +28,7 @@ from .worlds import (
     DEFAULT_WORLD,
     MULTI_OBJECTS,
     SHAPES_TINY_OOD,
+    WORLDS,
     get_world,
     list_worlds,
     plain_world,
@@ -36,6 +38,7 @@ from .worlds import (
     task_world,
 )
 from .export import EXPORT_FORMATS, EXPORT_TASKS, ExportResult, export, scene_label
+from .tasks import SHAPES_DEFAULT_N, SHAPES_TASKS, shapes_task
 
 __all__ = [
     "BACKGROUNDS",
@@ -53,6 +56,7 @@ __all__ = [
     "DEFAULT_WORLD",
     "MULTI_OBJECTS",
     "SHAPES_TINY_OOD",
+    "WORLDS",
     "get_world",
     "list_worlds",
     "plain_world",
@@ -65,4 +69,7 @@ __all__ = [
     "ExportResult",
     "export",
     "scene_label",
+    "SHAPES_DEFAULT_N",
+    "SHAPES_TASKS",
+    "shapes_task",
 ]

@@ -25,9 +25,8 @@ tasks, :data:`MULTI_OBJECTS` for captions, retrieval and detection.
 
 from __future__ import annotations
 
-from typing import Callable
-
 from ...errors import UsageError
+from ...registry import Registry
 from .world import COLORS, ShapesWorld
 
 DEFAULT_WORLD = "shapes-tiny"
@@ -42,22 +41,19 @@ MULTI_OBJECTS: tuple[int, int] = (1, 3)
 CLASSIFICATION_TASKS: tuple[str, ...] = ("color-shape", "shape", "color")
 """Tasks whose scenes have one object, labelled by its colour and/or shape."""
 
-_WORLDS: dict[str, Callable[..., ShapesWorld]] = {}
+WORLDS: Registry = Registry("ShapesWorld")
+"""The named worlds: ``fn(seed=0, **options) -> ShapesWorld``, each with a one-line ``help``."""
 
 
-def register_world(name: str):
-    """Function decorator: make ``fn(seed=0, **options) -> ShapesWorld`` a named world."""
-
-    def decorator(fn):
-        _WORLDS[name] = fn
-        return fn
-
-    return decorator
+def register_world(name: str, **meta):
+    """Function decorator: make ``fn(seed=0, **options) -> ShapesWorld`` a named world
+    (an entry of :data:`WORLDS`; ``meta`` such as ``help="..."`` is stored with it)."""
+    return WORLDS.register(name, **meta)
 
 
 def list_worlds() -> list[str]:
     """Names of the registered worlds, sorted."""
-    return sorted(_WORLDS)
+    return sorted(WORLDS.names())
 
 
 def get_world(name: str = DEFAULT_WORLD, seed: int = 0, **options) -> ShapesWorld:
@@ -68,12 +64,12 @@ def get_world(name: str = DEFAULT_WORLD, seed: int = 0, **options) -> ShapesWorl
     UsageError
         For an unknown name or a bad option.
     """
-    if name not in _WORLDS:
+    if name not in WORLDS:
         raise UsageError(f"unknown ShapesWorld {name!r}; choose one of {', '.join(list_worlds())}")
-    return _WORLDS[name](seed=seed, **options)
+    return WORLDS.get(name)(seed=seed, **options)
 
 
-@register_world("shapes-tiny")
+@register_world("shapes-tiny", help="the world of the bundled model: 64 px, one object, 2 OOD shapes")
 def shapes_tiny_world(seed: int = 0, **options) -> ShapesWorld:
     """The world of the bundled shapes-tiny model: 64 px, single objects, 2 OOD shapes.
 
@@ -90,7 +86,7 @@ def shapes_tiny_world(seed: int = 0, **options) -> ShapesWorld:
     return ShapesWorld(seed=seed, **options)
 
 
-@register_world("plain")
+@register_world("plain", help="ShapesWorld's own defaults: 1-3 objects, all 10 shapes in every split")
 def plain_world(seed: int = 0, **options) -> ShapesWorld:
     """:class:`ShapesWorld` with its own defaults (1-3 objects, all 10 shapes in every split)."""
     return ShapesWorld(seed=seed, **options)

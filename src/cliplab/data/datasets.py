@@ -1,4 +1,4 @@
-"""Evaluation datasets: image classification and image-text retrieval.
+"""Datasets: image classification and image-text retrieval, their readers, splits and few-shot subsets.
 
 Two kinds of data, each a small dataclass whose ``kind`` says which tasks take it:
 
@@ -8,6 +8,8 @@ Two kinds of data, each a small dataclass whose ``kind`` says which tasks take i
 :class:`RetrievalData` (``kind == "retrieval"``)
     Images with one or more captions each.  Read from a CSV/TSV/JSONL caption table,
     WebDataset ``.tar`` shards, or ShapesWorld multi-object scenes.
+
+Evaluation, few-shot adaptation and the CLI all read data through this module.
 
 :func:`load_dataset` turns a spec string into either.  Images are not decoded here: an
 item is a path, the encoded bytes of a shard member, or (ShapesWorld) an in-memory uint8
@@ -31,24 +33,29 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..data.images import IMAGE_EXTENSIONS, find_images
-from ..data.sources import (
+from ..errors import DataError, UsageError
+from .images import find_images
+from .sources import (
+    CAPTION_COLUMNS,
+    IMAGE_COLUMNS,
+    IMAGE_EXTENSIONS,
     ImageIdentities,
     SkipLog,
+    WebDatasetSet,
     expand_shards,
     index_webdataset,
     read_caption_table,
+    read_table_header,
     valid_csv_rows,
 )
-from ..data.text import open_text, read_text
-from ..errors import DataError, UsageError
+from .text import open_text, read_text
 
-logger = logging.getLogger("cliplab.eval.datasets")
+logger = logging.getLogger(__name__)
 
 __all__ = [
+    "LABEL_COLUMNS",
     "MAX_CLASSES",
-    "SHAPES_TASKS",
-    "SHAPES_DEFAULT_N",
+    "SPLIT_NAMES",
     "ClassificationData",
     "RetrievalData",
     "classification_from_csv",
@@ -59,15 +66,12 @@ __all__ = [
     "split_train_val",
 ]
 
-SHAPES_TASKS: tuple[str, ...] = ("color-shape", "shape", "color", "color-shape-heldout", "retrieval")
-"""ShapesWorld tasks that :func:`load_dataset` accepts as ``"shapes:<task>"``."""
+SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+"""Split names: of ShapesWorld tasks, and of split sub-folders of a dataset folder."""
 
-SHAPES_DEFAULT_N: dict[str, int] = {"train": 2000, "val": 1000, "test": 1000}
-"""Scenes per split of a ShapesWorld task when ``n`` is not given."""
-
-_SPLIT_NAMES = ("train", "val", "test")
 _TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
-_LABEL_ALIASES = ("label", "class", "classname", "target", "y")
+LABEL_COLUMNS: tuple[str, ...] = ("label", "class", "classname", "target", "y")
+"""Label column of a classification table: the default name first, then the aliases."""
 
 MAX_CLASSES = 1_000_000
 """Most classes that integer labels may imply when no class names are given.
@@ -260,16 +264,6 @@ def classification_from_folder(root, *, classnames_json=None) -> ClassificationD
                               skip_log.to_list(), meta={"source": str(root)})
 
 
-def _csv_header(path: Path, delimiter: str) -> list[str]:
-    with open_text(path, what="classification table") as f:
-        try:
-            return [h.strip() for h in next(csv.reader(f, delimiter=delimiter))]
-        except StopIteration:
-            raise DataError(f"{path}: empty file; the first line must be a header") from None
-        except csv.Error as e:
-            raise DataError(f"{path}:1: unreadable header ({e})") from None
-
-
 def classification_from_csv(path, *, image_key: str = "filepath", label_key: str = "label",
                             classnames_json=None, root=None,
                             skip_log: SkipLog | None = None) -> ClassificationData:
@@ -303,8 +297,6 @@ def classification_from_csv(path, *, image_key: str = "filepath", label_key: str
         Missing file, missing column, no usable row, names that do not cover the labels,
         or, without names, an integer label of :data:`MAX_CLASSES` or more.
     """
-    from ..data.sources import _IMAGE_ALIASES, _pick_key  # the caption tables' column rule
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file; pass the path of a .csv or .tsv table")
@@ -312,14 +304,10 @@ def classification_from_csv(path, *, image_key: str = "filepath", label_key: str
     base = Path(root) if root is not None else path.parent
     skip_log = skip_log if skip_log is not None else SkipLog()
     before = skip_log.count
-    header = _csv_header(path, delimiter)
-    ikey = _pick_key(image_key, "filepath", _IMAGE_ALIASES, header)
-    lkey = _pick_key(label_key, "label", _LABEL_ALIASES, header)
-    for key, given, flag in ((ikey, image_key, "image_key"), (lkey, label_key, "label_key")):
-        if key is None:
-            raise DataError(f"{path}:1: no column {given!r} in header {header}; "
-                            f"rename the column or pass {flag}=<column name>")
-    ii, li = header.index(ikey), header.index(lkey)
+    header, index = read_table_header(path, {"image_key": (image_key, IMAGE_COLUMNS),
+                                             "label_key": (label_key, LABEL_COLUMNS)},
+                                      what="classification table")
+    ii, li = index["image_key"], index["label_key"]
     rows: list[tuple[int, str, str]] = []
     with open_text(path, what="classification table") as f:
         reader = csv.reader(f, delimiter=delimiter)
@@ -427,8 +415,6 @@ def retrieval_from_file(path) -> RetrievalData:
         captions = [list(r.captions) for r in records]
         name = spath.stem
     else:
-        from ..train.datasets import WebDatasetSet
-
         shards = expand_shards(path)
         samples = index_webdataset(shards, skip_log=skip_log)
         if not samples:
@@ -447,61 +433,6 @@ def retrieval_from_file(path) -> RetrievalData:
     return RetrievalData(items, captions, name, skip_log.to_list(), meta={"source": str(path)})
 
 
-# --------------------------------------------------------------------- ShapesWorld
-
-
-def _shapes(task: str, split: str, n: int | None, seed: int):
-    from ..data.shapes import scene_label, shapes_tiny_world, task_classes, task_world
-
-    if task not in SHAPES_TASKS:
-        raise UsageError(f"unknown ShapesWorld task {task!r}; choose one of "
-                         f"{', '.join('shapes:' + t for t in SHAPES_TASKS)}")
-    if split not in _SPLIT_NAMES:
-        raise UsageError(f"unknown split {split!r}; choose one of {', '.join(_SPLIT_NAMES)}")
-    n = SHAPES_DEFAULT_N[split] if n is None else int(n)
-    if n < 1:
-        raise UsageError(f"n must be >= 1, got {n}")
-    world = task_world(shapes_tiny_world(seed), task)  # the scenes `cliplab shapes export` writes
-    meta = {"source": f"shapes:{task}", "split": split, "n": n, "seed": seed, "world": world.config()}
-    name = f"shapes:{task}"
-
-    if task == "retrieval":
-        world = world.replace(split_sizes={split: max(n, world.split_sizes[split])})
-        meta["world"] = world.config()
-        images, scenes = world.render_batch(split, range(n))
-        return RetrievalData(list(images), [list(s.captions) for s in scenes], name, meta=meta)
-
-    classnames = task_classes(world, task, split)
-    if task == "color-shape-heldout":
-        if split != "test":
-            raise UsageError("shapes:color-shape-heldout exists only for split 'test' "
-                             "(held-out compositions never occur in train or val)")
-        heldout = set(world.heldout)
-        limit = max(world.split_sizes["test"], 32 * n)
-        world = world.replace(split_sizes={"test": limit})
-        images, scenes = [], []
-        for i in range(limit):
-            scene = world.scene("test", i)
-            obj = scene.objects[0]
-            if (obj.color, obj.shape) in heldout:
-                images.append(scene.image)
-                scenes.append(scene)
-                if len(scenes) == n:
-                    break
-        if len(scenes) < n:
-            logger.warning("%s: found %d held-out scenes of %d asked in %d test scenes",
-                           name, len(scenes), n, limit)
-        meta["heldout"] = sorted([list(p) for p in heldout if p[1] in world.shapes_of(split)])
-    else:
-        world = world.replace(split_sizes={split: max(n, world.split_sizes[split])})
-        batch, scenes = world.render_batch(split, range(n))
-        images = list(batch)
-
-    label_task = "color-shape" if task == "color-shape-heldout" else task
-    labels = [classnames.index(scene_label(s, label_task)) for s in scenes]  # the exported label
-    return ClassificationData(list(images), np.asarray(labels, dtype=np.int64), classnames, name, meta=meta)
-
-
 # --------------------------------------------------------------------- load_dataset
 
 
@@ -509,14 +440,14 @@ def _table_kind(path: Path) -> str:
     """``"classification"`` for a CSV with a label column and no caption column."""
     if path.suffix.lower() not in (".csv", ".tsv"):
         return "retrieval"
-    header = _csv_header(path, "\t" if path.suffix.lower() == ".tsv" else ",")
-    has_caption = any(h in header for h in ("caption", "captions", "text", "title"))
-    has_label = any(h in header for h in _LABEL_ALIASES)
+    header, _ = read_table_header(path, what="classification table")
+    has_caption = any(h in header for h in CAPTION_COLUMNS)
+    has_label = any(h in header for h in LABEL_COLUMNS)
     return "classification" if has_label and not has_caption else "retrieval"
 
 
 def load_dataset(spec, split: str = "test", *, n: int | None = None, seed: int = 0):
-    """Load an evaluation dataset from a spec.
+    """Load a dataset (classification or retrieval) from a spec.
 
     Parameters
     ----------
@@ -546,7 +477,7 @@ def load_dataset(spec, split: str = "test", *, n: int | None = None, seed: int =
         folders are used whole.
     n : int, optional
         Number of examples.  ShapesWorld: the first ``n`` scenes of the split, default
-        :data:`SHAPES_DEFAULT_N` (2000 train, 1000 val, 1000 test).  Files: a random
+        :data:`cliplab.data.shapes.tasks.SHAPES_DEFAULT_N` (2000 train, 1000 val, 1000 test).  Files: a random
         subset of ``n`` (seeded, kept in file order); default all.
     seed : int, default 0
         ShapesWorld world seed; subset seed for files.
@@ -557,11 +488,13 @@ def load_dataset(spec, split: str = "test", *, n: int | None = None, seed: int =
         Tell them apart by ``data.kind``.
     """
     if isinstance(spec, str) and spec.startswith("shapes:"):
-        return _shapes(spec.split(":", 1)[1], split, n, seed)
+        from .shapes.tasks import shapes_task  # renders scenes; not needed for files
+
+        return shapes_task(spec.split(":", 1)[1], split, n, seed)
     path = Path(spec)
     if path.is_dir():
         subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        if subdirs and all(p.name in _SPLIT_NAMES for p in subdirs):
+        if subdirs and all(p.name in SPLIT_NAMES for p in subdirs):
             if not (path / split).is_dir():
                 raise DataError(f"{path}: no {split!r} split folder; it has "
                                 f"{sorted(p.name for p in subdirs)}")
@@ -579,6 +512,8 @@ def load_dataset(spec, split: str = "test", *, n: int | None = None, seed: int =
         else:
             data = retrieval_from_file(path)
     elif path.is_file() and path.suffix.lower() != ".tar":
+        from .shapes.tasks import SHAPES_TASKS
+
         raise UsageError(f"{spec}: unknown dataset type; pass a folder, .csv, .jsonl, .tar shards "
                          f"or shapes:<task> ({', '.join(SHAPES_TASKS)})")
     else:

@@ -95,7 +95,7 @@ import difflib
 import logging
 import math
 import re
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -105,12 +105,12 @@ from .._progress import progress_bar
 from ..errors import UsageError
 from ..models.backbone import Backbone
 from ..models.transforms import images_to_tensor, is_model_sized, make_preprocess
-from .wise_ft import check_compatible, interpolate_state_dicts
+from ..surgery.wise_ft import check_compatible, interpolate_state_dicts
 
-log = logging.getLogger("cliplab.surgery.sharpness")
+logger = logging.getLogger(__name__)
 
 __all__ = ["sharpness", "layer_sharpness", "layer_groups", "straggler_layers",
-           "zero_shot_loss", "rank_correlation"]
+           "zero_shot_loss"]
 
 _MOMENTUM = 0.75            # a of eq. (6), Croce & Hein's default
 _MIN_UPDATE_RATIO = 0.75    # checkpoint condition 1 (reference ``min_update_ratio``)
@@ -309,7 +309,7 @@ def _select(available: Sequence[str], spec, groups: dict[str, list[str]]) -> lis
             few = ", ".join(dict.fromkeys(close + list(groups)[:6 - len(close)]))
             raise UsageError(f"unknown layer {entry!r}: no parameter is named so or lies under "
                              f"'{entry}.'; valid names include {few}, ... "
-                             "(see cliplab.surgery.sharpness.layer_groups)")
+                             "(see cliplab.eval.sharpness.layer_groups)")
         chosen.update(hit)
     return [n for n in available if n in chosen]
 
@@ -522,7 +522,7 @@ def sharpness(backbone: Backbone, images, labels, classnames, *, template: str =
     Examples
     --------
     >>> import cliplab
-    >>> from cliplab.surgery.sharpness import sharpness
+    >>> from cliplab.eval.sharpness import sharpness
     >>> bb = cliplab.load("shapes-tiny")                                   # doctest: +SKIP
     >>> sharpness(bb, images, labels, ["star", "circle"], rho=1e-3)        # doctest: +SKIP
     0.0123
@@ -579,7 +579,7 @@ normalize_logits, init, seed
         out[g] = _model_sharpness(model, x, y, tokens, names, rho=r, n_iters=int(n_iters),
                                   batch_size=int(batch_size), normalize_logits=normalize_logits,
                                   init=init, seed=seed, progress=False)
-        log.info("sharpness of %s: %.6g", g, out[g])
+        logger.info("sharpness of %s: %.6g", g, out[g])
     return out
 
 
@@ -705,46 +705,3 @@ def straggler_layers(zero_shot: Backbone, finetuned: Backbone, images, labels, c
     order = sorted(out, key=lambda g: out[g]["barrier"], reverse=True)
     return {"alphas": a, "full": full, "groups": {g: out[g] for g in order},
             "ranking": [(g, out[g]["barrier"]) for g in order], "anchor": anchor}
-
-
-# ---------------------------------------------------------------------- correlation
-def _kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
-    """Kendall's τ_b, O(n²): (P − Q) / sqrt((P + Q + T_x)(P + Q + T_y))."""
-    dx = np.sign(x[:, None] - x[None, :])
-    dy = np.sign(y[:, None] - y[None, :])
-    iu = np.triu_indices(len(x), k=1)
-    s = (dx * dy)[iu]
-    n_x, n_y = (dx[iu] != 0).sum(), (dy[iu] != 0).sum()
-    if n_x == 0 or n_y == 0:
-        return float("nan")
-    return float(s.sum() / math.sqrt(n_x * n_y))
-
-
-def rank_correlation(x: Iterable[float], y: Iterable[float]) -> float:
-    """Kendall's τ_b between two sequences (e.g. layer sharpness vs OOD accuracy over α).
-
-    Uses :func:`scipy.stats.kendalltau` when SciPy is importable, else the same τ_b in
-    NumPy.  NaN when either sequence is constant.
-
-    Parameters
-    ----------
-    x, y : array-like of float, shape (n,)
-        n ≥ 2, finite.
-
-    Returns
-    -------
-    float
-        τ_b in [−1, 1].
-    """
-    x = np.asarray(list(x) if not isinstance(x, np.ndarray) else x, dtype=float).reshape(-1)
-    y = np.asarray(list(y) if not isinstance(y, np.ndarray) else y, dtype=float).reshape(-1)
-    if x.shape != y.shape or x.size < 2:
-        raise UsageError(f"rank_correlation needs two sequences of the same length >= 2, got "
-                         f"{x.size} and {y.size}")
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        raise UsageError("rank_correlation needs finite values (no NaN or inf)")
-    try:
-        from scipy.stats import kendalltau
-    except ImportError:                                               # pragma: no cover
-        return _kendall_tau_b(x, y)
-    return float(kendalltau(x, y).statistic)

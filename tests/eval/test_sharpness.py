@@ -71,7 +71,7 @@ def _loss(bb, x, y, normalize):
 
 # ------------------------------------------------------------------------ sharpness
 def test_rho_zero_is_exactly_zero(tiny, data):
-    from cliplab.surgery.sharpness import layer_sharpness, sharpness
+    from cliplab.eval.sharpness import layer_sharpness, sharpness
 
     x, y = data
     assert sharpness(tiny, x, y, CLASSES, rho=0.0, n_iters=3, batch_size=4) == 0.0
@@ -82,7 +82,7 @@ def test_rho_zero_is_exactly_zero(tiny, data):
 
 @pytest.mark.parametrize("normalize", [True, False])
 def test_positive_and_more_iterations_never_lower(tiny, data, normalize):
-    from cliplab.surgery.sharpness import sharpness
+    from cliplab.eval.sharpness import sharpness
 
     x, y = data
     kw = dict(rho=1e-3, batch_size=4, normalize_logits=normalize)
@@ -96,7 +96,7 @@ def test_positive_and_more_iterations_never_lower(tiny, data, normalize):
 @pytest.mark.parametrize("normalize", [True, False])
 def test_first_order_closed_form(tiny, data, normalize):
     """One sign step to the box corner: S ≈ ρ Σ_i |w_i| |∂L/∂w_i| for small ρ."""
-    from cliplab.surgery.sharpness import sharpness
+    from cliplab.eval.sharpness import sharpness
 
     x, y = data
     rho = 1e-5
@@ -111,7 +111,7 @@ def test_first_order_closed_form(tiny, data, normalize):
 
 def test_batches_are_averaged(tiny, data):
     """S is the unweighted mean of the per-batch maxima (m-sharpness)."""
-    from cliplab.surgery.sharpness import sharpness
+    from cliplab.eval.sharpness import sharpness
 
     x, y = data
     kw = dict(rho=1e-3, n_iters=3)
@@ -122,7 +122,7 @@ def test_batches_are_averaged(tiny, data):
 
 def test_uint8_images_match_preprocessed_tensor(tiny):
     from cliplab.models.transforms import uint8_to_tensor
-    from cliplab.surgery.sharpness import sharpness
+    from cliplab.eval.sharpness import sharpness
 
     rng = np.random.default_rng(0)
     arrays = rng.integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
@@ -134,7 +134,7 @@ def test_uint8_images_match_preprocessed_tensor(tiny):
 
 
 def test_weights_restored_bit_for_bit(tiny, data):
-    from cliplab.surgery.sharpness import _model_sharpness, sharpness
+    from cliplab.eval.sharpness import _model_sharpness, sharpness
 
     x, y = data
     before = _sd(tiny.model)
@@ -158,7 +158,7 @@ def test_weights_restored_bit_for_bit(tiny, data):
 
 # ------------------------------------------------------------------ layer sharpness
 def test_layer_groups_partition_the_parameters(tiny):
-    from cliplab.surgery.sharpness import layer_groups
+    from cliplab.eval.sharpness import layer_groups
 
     groups = layer_groups(tiny)
     flat = [n for names in groups.values() for n in names]
@@ -179,7 +179,7 @@ def test_layer_groups_partition_the_parameters(tiny):
 
 def test_layer_sharpness_is_additive_to_first_order(tiny, data):
     """With one step and small ρ, per-layer values sum to the all-parameter value."""
-    from cliplab.surgery.sharpness import layer_groups, layer_sharpness, sharpness
+    from cliplab.eval.sharpness import layer_groups, layer_sharpness, sharpness
 
     x, y = data
     kw = dict(rho=1e-5, n_iters=1, batch_size=8)
@@ -199,7 +199,7 @@ def test_layer_sharpness_is_additive_to_first_order(tiny, data):
 
 
 def test_layer_sharpness_named_groups(tiny, data):
-    from cliplab.surgery.sharpness import layer_sharpness
+    from cliplab.eval.sharpness import layer_sharpness
 
     x, y = data
     out = layer_sharpness(tiny, x, y, CLASSES, rho=1e-3, n_iters=2, batch_size=8,
@@ -211,7 +211,7 @@ def test_layer_sharpness_named_groups(tiny, data):
 
 # ------------------------------------------------------------------ straggler layers
 def test_straggler_endpoints_are_the_two_models(tiny, finetuned, data):
-    from cliplab.surgery.sharpness import straggler_layers
+    from cliplab.eval.sharpness import straggler_layers
 
     x, y = data
     with torch.no_grad():
@@ -241,7 +241,7 @@ def test_straggler_endpoints_are_the_two_models(tiny, finetuned, data):
 def test_straggler_group_curve_matches_manual_swap(tiny, finetuned, data):
     """α = 1 for one group equals the zero-shot model with that group's tensors replaced."""
     from cliplab import Backbone
-    from cliplab.surgery.sharpness import straggler_layers
+    from cliplab.eval.sharpness import straggler_layers
 
     x, y = data
     g = "visual.transformer.resblocks.0"
@@ -257,7 +257,7 @@ def test_straggler_group_curve_matches_manual_swap(tiny, finetuned, data):
 
 
 def test_identical_backbones_have_zero_barriers(tiny, data):
-    from cliplab.surgery.sharpness import straggler_layers
+    from cliplab.eval.sharpness import straggler_layers
 
     x, y = data
     res = straggler_layers(tiny, tiny, x, y, CLASSES, alphas=np.linspace(0, 1, 5), batch_size=8)
@@ -268,28 +268,10 @@ def test_identical_backbones_have_zero_barriers(tiny, data):
         np.testing.assert_allclose(rec["loss"], res["full"]["loss"][0], atol=1e-6)
 
 
-# --------------------------------------------------------------------- correlation
-def test_rank_correlation():
-    from scipy.stats import kendalltau
-
-    from cliplab.errors import UsageError
-    from cliplab.surgery.sharpness import _kendall_tau_b, rank_correlation
-
-    x = [0.1, 0.4, 0.2, 0.9, 0.5]
-    assert rank_correlation(x, [2 * v for v in x]) == pytest.approx(1.0)
-    assert rank_correlation(x, [-v for v in x]) == pytest.approx(-1.0)
-    a = np.array([1, 2, 2, 3, 5, 4, 4, 0], dtype=float)                # ties in both
-    b = np.array([3, 1, 2, 2, 5, 6, 1, 0], dtype=float)
-    assert rank_correlation(a, b) == pytest.approx(kendalltau(a, b).statistic, abs=1e-12)
-    assert _kendall_tau_b(a, b) == pytest.approx(kendalltau(a, b).statistic, abs=1e-12)
-    with pytest.raises(UsageError, match="same length"):
-        rank_correlation([1, 2, 3], [1, 2])
-
-
 # -------------------------------------------------------------------------- errors
 def test_errors(tiny, finetuned, data):
     from cliplab.errors import UsageError
-    from cliplab.surgery.sharpness import layer_sharpness, sharpness, straggler_layers
+    from cliplab.eval.sharpness import layer_sharpness, sharpness, straggler_layers
 
     x, y = data
     with pytest.raises(UsageError, match="classnames is empty"):

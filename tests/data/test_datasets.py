@@ -1,4 +1,4 @@
-"""Evaluation datasets: folders, CSV, caption tables, shards, ShapesWorld tasks, splits."""
+"""Datasets: folders, CSV, caption tables, shards, ShapesWorld tasks, splits."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from PIL import Image
 
 from cliplab.data.images import load_image
 from cliplab.errors import DataError, UsageError
-from cliplab.eval import (
+from cliplab.data.datasets import (
     ClassificationData,
     RetrievalData,
     classification_from_csv,
@@ -127,7 +127,7 @@ def test_csv_integer_label_cannot_size_the_class_table(tmp_path, monkeypatch):
     an unknown label; the limit itself is allowed."""
     import resource
 
-    from cliplab.eval import datasets
+    from cliplab.data import datasets
 
     (tmp_path / "t.csv").write_text("filepath,label\na.png,0\nb.png,99999999999\n")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -296,9 +296,9 @@ def test_fewshot_subset_k_per_class():
 
 def _scenes_as_files(folder: Path, n: int = 3):
     """The first ``n`` test scenes of the shapes-tiny world (distinct colour-shapes) as PNGs."""
-    from cliplab.train.recipes import shapes_world
+    from cliplab.data.shapes import shapes_tiny_world
 
-    world = shapes_world(0)
+    world = shapes_tiny_world(0)
     scenes = [world.scene("test", i) for i in range(n)]
     for i, s in enumerate(scenes):
         Image.fromarray(s.image).save(folder / f"img{i}.png")
