@@ -161,11 +161,11 @@ def all_registries() -> list[Registry]:
     """
     found: dict[int, Registry] = {}
     root = importlib.import_module(__package__)
-    modules = [root] + [info.name for info in pkgutil.walk_packages(root.__path__, prefix=f"{__package__}.")
-                        if not info.name.rsplit(".", 1)[-1].startswith("_")]
-    for name in modules:
+    names = [__package__] + [info.name for info in pkgutil.walk_packages(root.__path__, f"{__package__}.")
+                             if not info.name.rsplit(".", 1)[-1].startswith("_")]
+    for name in names:
         try:
-            module = importlib.import_module(name) if isinstance(name, str) else name
+            module = importlib.import_module(name)
         except ModuleNotFoundError as e:
             if (e.name or "").split(".")[0] == __package__:
                 raise

@@ -35,7 +35,8 @@ def test_help_imports_nothing_heavy():
 def test_classify_help_imports_no_model_or_estimator_code():
     code = ("import contextlib, io\nfrom cliplab.cli.main import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    try:\n        main(['classify', '--help'])\n    except SystemExit as e:\n        assert e.code == 0")
+            "    try:\n        main(['classify', '--help'])\n"
+            "    except SystemExit as e:\n        assert e.code == 0")
     assert _imported_after(code) == []
 
 

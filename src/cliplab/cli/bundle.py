@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
                                    "(local-dir:OUT_DIR) into an fp32 model.")
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="open_clip folder, e.g. runs/shapes-tiny/checkpoints/step_0004000")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write, e.g. src/cliplab/models/bundled/shapes-tiny")
+    p.add_argument("out_dir", metavar="OUT_DIR",
+                   help="folder to write, e.g. src/cliplab/models/bundled/shapes-tiny")
     p.set_defaults(run=run)
 
 

@@ -49,7 +49,8 @@ def _command_help(module_name: str) -> str | None:
     if not {"add_parser", "run"} <= functions:
         return None
     for node in body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "HELP" for t in node.targets):
+        names = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        if isinstance(node, ast.Assign) and "HELP" in names:
             return ast.literal_eval(node.value)
     raise RuntimeError(f"command module {module_name} has no HELP = '<one line>' string")
 
