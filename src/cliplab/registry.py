@@ -18,12 +18,14 @@ every module of it (as timm's ``models/__init__.py`` star-imports its families),
 method is one new module in that package and nothing else is edited.
 
 The registry imports nothing heavy itself, so building the CLI parser from it is cheap
-as long as the registered modules are cheap to import.
+as long as the registered modules are cheap to import.  :func:`all_registries` finds every
+registry of cliplab (for tests and documentation tools; it imports every module).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
@@ -31,6 +33,8 @@ from typing import Any, Generic, TypeVar
 from .errors import UsageError
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 
 class Registry(Generic[T]):
@@ -144,8 +148,37 @@ def import_submodules(package: str) -> None:
             importlib.import_module(info.name)
 
 
+def all_registries() -> list[Registry]:
+    """Every registry of cliplab: the :class:`Registry` objects at module level of its modules.
+
+    Imports every public module of cliplab (slow; not for start-up), as scikit-learn's
+    ``all_estimators`` does.  A module that needs a missing optional package is skipped.
+
+    Returns
+    -------
+    list of Registry
+        Each registry once (a re-exported one is not repeated), sorted by ``kind``.
+    """
+    found: dict[int, Registry] = {}
+    root = importlib.import_module(__package__)
+    names = [__package__] + [info.name for info in pkgutil.walk_packages(root.__path__, f"{__package__}.")
+                             if not info.name.rsplit(".", 1)[-1].startswith("_")]
+    for name in names:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] == __package__:
+                raise
+            logger.info("all_registries: skipped %s (needs %s)", name, e.name)
+            continue
+        for value in vars(module).values():
+            if isinstance(value, Registry):
+                found[id(value)] = value
+    return sorted(found.values(), key=lambda r: r.kind)
+
+
 def _qualname(obj: object) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
-__all__ = ["Registry", "import_submodules"]
+__all__ = ["Registry", "all_registries", "import_submodules"]

@@ -74,12 +74,14 @@ class WithTeacher(Objective):
 
 
 @pytest.fixture
-def registered(monkeypatch):
+def registered():
     """Register the objectives of this file for one test only, as a loss module would at import."""
-    monkeypatch.setattr(losses, "_LOSSES", dict(losses._LOSSES))
     register_loss("two-terms")(TwoTerms)
     register_loss("with-teacher")(WithTeacher)
     WithTeacher.seen = []
+    yield
+    losses.LOSSES.unregister("two-terms")
+    losses.LOSSES.unregister("with-teacher")
 
 
 def _fit(tmp_path, loss, train_set, **cfg):

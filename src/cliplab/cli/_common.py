@@ -31,6 +31,13 @@ def add_model_args(p, *, spec: bool = True) -> None:
                    help="allow checkpoints that need code to unpickle (only for files you trust)")
 
 
+def entries_help(registry) -> str:
+    """The entries of a :class:`~cliplab.registry.Registry` with their one-line help, for an
+    option's help text: ``"a (what a does); b (what b does)"``."""
+    return "; ".join(f"{name} ({registry.meta(name)['help']})" if registry.meta(name).get("help") else name
+                     for name in registry.names())
+
+
 def load_backbone(args, spec: str | None = None):
     """Load ``spec`` (default ``args.model``) with the options of :func:`add_model_args`."""
     from ..models.loading import load

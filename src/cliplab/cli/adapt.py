@@ -8,11 +8,13 @@ import sys
 from ..adapt.fewshot import METHODS
 from ._common import add_model_args, load_backbone
 
+HELP = ("fit a few-shot adapter (linear probe, GDA, Tip-Adapter, CapS) or train a prompt learner / "
+        "fine-tuner (CoOp, KgCoOp, MoCoOp, LoRA, CLIP-SVD) on a dataset")
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "adapt", help="fit a few-shot adapter (linear probe, GDA, Tip-Adapter, CapS) or train a "
-                      "prompt learner / fine-tuner (CoOp, KgCoOp, MoCoOp, LoRA, CLIP-SVD) on a dataset",
+        "adapt", help=HELP,
         description="Draw K labelled images per class from the train split of DS and fit METHOD: "
                     "training-free adapters choose their hyper-parameters on the validation split "
                     "and fit on image features; learners (coop, kgcoop, mocoop on frozen image "

@@ -8,9 +8,11 @@ from ..errors import DataError, UsageError
 from ._common import (add_image_args, add_model_args, all_unreadable, image_kwargs, load_backbone, report_skipped,
                       write_rows)
 
+HELP = "classify images zero-shot into free-text labels"
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("classify", help="classify images zero-shot into free-text labels",
+    p = sub.add_parser("classify", help=HELP,
                        description="Classify images zero-shot. A PATH may be a folder (searched recursively).")
     p.add_argument("paths", nargs="+", metavar="PATH")
     lab = p.add_mutually_exclusive_group()
@@ -50,7 +52,6 @@ def _topk(proba: np.ndarray, classes: np.ndarray, k: int):
 
 def run(args) -> int:
     from ..data.images import find_images
-    from ..adapt._base import softmax
     from ..zeroshot import ZeroShotClassifier
 
     if args.top_k < 1:
@@ -81,6 +82,8 @@ def run(args) -> int:
     skipped_idx = {s.index for s in skipped}
     kept = [f for i, f in enumerate(files) if i not in skipped_idx]
     if args.adapter:
+        from ..adapt._base import softmax
+
         probs = (softmax(est.logits_from_features(feats)) if hasattr(est, "logits_from_features")
                  else est.predict_proba(feats))
         names, probs = _topk(probs, np.asarray(names), args.top_k)

@@ -8,9 +8,11 @@ from pathlib import Path
 from ..errors import UsageError
 from ._common import add_model_args, load_backbone
 
+HELP = "convert a checkpoint between open_clip and Hugging Face formats"
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert", help="convert a checkpoint between open_clip and Hugging Face formats",
+    p = sub.add_parser("convert", help=HELP,
                        description="Load SRC with any spec cliplab understands and write DST as an "
                                    "open_clip folder (open_clip_config.json + safetensors) or a "
                                    "transformers CLIPModel folder.")

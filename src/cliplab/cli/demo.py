@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from ._common import add_model_args, load_backbone, table_string
 
+HELP = "classify a fresh ShapesWorld test set zero-shot and write a report"
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="classify a fresh ShapesWorld test set zero-shot and write a report",
+    p = sub.add_parser("demo", help=HELP,
                        description="Render ShapesWorld test scenes, classify them zero-shot with the "
                                    "model (bundled shapes-tiny by default) and write demo-output/: "
                                    "images, predictions.csv, report.md and grid.png.")

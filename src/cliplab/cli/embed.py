@@ -19,11 +19,13 @@ from ..data.text import read_lines
 from ..errors import BadImage, DataError, UsageError
 from ._common import add_image_args, add_model_args, all_unreadable, image_kwargs, load_backbone, report_skipped
 
+HELP = "embed images or texts into L2-normalised features"
+
 _CHUNK = 256  # items per saved chunk, rounded to whole batches
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("embed", help="embed images or texts into L2-normalised features",
+    p = sub.add_parser("embed", help=HELP,
                        description="Embed images (files or folders) or texts. Writes F.npy with a "
                                    "F.npy.json sidecar (paths/texts, model, fingerprint), or F.parquet.")
     p.add_argument("paths", nargs="*", metavar="PATH")

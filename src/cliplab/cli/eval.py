@@ -10,6 +10,8 @@ from ..errors import UsageError
 from ..eval.tasks import TASKS
 from ._common import add_model_args, load_backbone, write_rows
 
+HELP = "evaluate a model: zero-shot, retrieval, linear probe, few-shot"
+
 
 def default_cache() -> Path:
     """``$CLIPLAB_CACHE`` or ``~/.cache/cliplab/features``."""
@@ -18,7 +20,7 @@ def default_cache() -> Path:
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "eval", help="evaluate a model: zero-shot, retrieval, linear probe, few-shot",
+        "eval", help=HELP,
         description="Evaluate a model on one task and dataset (--task, --dataset) or on a suite "
                     "(--suite shapes). Writes results JSON that CLIP_benchmark's `clip_benchmark "
                     "build` reads as its own (one file per evaluation) and an optional HTML report. "

@@ -9,10 +9,12 @@ from ..errors import UsageError
 from ..eval.tasks import TASKS
 from ._common import add_model_args, load_backbone, write_rows
 
+HELP = "WiSE-FT: mix a zero-shot and a fine-tuned model's weights"
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "interpolate", help="WiSE-FT: mix a zero-shot and a fine-tuned model's weights",
+        "interpolate", help=HELP,
         description="Mix two models of the same architecture, (1 - alpha) * ZERO_SHOT + alpha * "
                     "FINETUNED (WiSE-FT, arXiv:2109.01903). With --alpha, write the mixed model as an "
                     "open_clip folder (--out). With --sweep, evaluate the mixed model at each alpha on "

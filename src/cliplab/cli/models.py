@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from ._common import write_rows
 
+HELP = "list available models"
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("models", help="list available models",
+    p = sub.add_parser("models", help=HELP,
                        description="List bundled models (work offline) and, with --all, every "
                                    "open_clip ARCH:TAG (downloaded on first use).")
     p.add_argument("--all", action="store_true", help="also list every open_clip pretrained ARCH:TAG")

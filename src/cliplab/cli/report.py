@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import sys
 
+HELP = "build a comparison report from results JSON files"
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("report", help="build a comparison report from results JSON files",
+    p = sub.add_parser("report", help=HELP,
                        description="Read results files (cliplab eval --out, or CLIP_benchmark JSON) and "
                                    "write report.md, report.csv, report.html and figures/ to --out.")
     p.add_argument("results", nargs="+", metavar="RESULTS",

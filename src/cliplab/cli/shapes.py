@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+HELP = "ShapesWorld synthetic data"
+
 
 def add_parser(sub) -> None:
     from ..data.shapes import DEFAULT_WORLD, EXPORT_FORMATS, EXPORT_TASKS, list_worlds
 
-    p = sub.add_parser("shapes", help="ShapesWorld synthetic data",
+    p = sub.add_parser("shapes", help=HELP,
                        description="ShapesWorld: procedural coloured-shape scenes with captions, masks and boxes.")
     p.set_defaults(run=run)  # without a sub-command, run() names the choices
     commands = p.add_subparsers(dest="shapes_command", metavar="SUBCOMMAND")

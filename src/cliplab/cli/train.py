@@ -12,23 +12,31 @@ from pathlib import Path
 
 from ..data.text import read_text
 from ..errors import DataError, UsageError
+from ._common import entries_help
+
+HELP = "train a CLIP model (recipe, caption table or WebDataset shards)"
 
 
 def add_parser(sub) -> None:
+    from ..train.losses import LOSSES
+    from ..train.recipes import RECIPES
+
     p = sub.add_parser(
-        "train", help="train a CLIP model (recipe, caption table or WebDataset shards)",
+        "train", help=HELP,
         description="Train with a named recipe (--recipe shapes-tiny) or on a CSV/JSONL caption table or "
                     "WebDataset shards (--data PATH --model-config CFG). Writes metrics.jsonl/csv and "
                     "checkpoints loadable as local-dir:OUT/checkpoints/step_N.")
     src = p.add_argument_group("what to train")
-    src.add_argument("--recipe", help="a registered recipe, e.g. shapes-tiny")
+    src.add_argument("--recipe", choices=RECIPES.names(), metavar="NAME",
+                     help=f"a registered recipe: {entries_help(RECIPES)}")
     src.add_argument("--data", metavar="PATH", help="CSV/JSONL caption table (image path + one or more captions), or "
                                     "WebDataset .tar shards (image + txt/json per key): a .tar file, a folder "
                                     "of shards, a glob or a brace pattern such as 'shard-{0000..0003}.tar'")
     src.add_argument("--model-config",
                      help="open_clip architecture: a JSON file (model_cfg or open_clip_config.json) "
                           "or a built-in open_clip name such as ViT-B-32 (with --data)")
-    src.add_argument("--loss", help="infonce (default) or sigmoid")
+    src.add_argument("--loss", choices=LOSSES.names(), metavar="NAME",
+                     help=f"training objective (default: the recipe's, else infonce): {entries_help(LOSSES)}")
     run_g = p.add_argument_group("run")
     run_g.add_argument("--out", help="output folder (recipe default: runs/<recipe>)")
     run_g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")

@@ -3,26 +3,16 @@
 >>> from cliplab.train import get_recipe, list_recipes
 >>> "shapes-tiny" in list_recipes()
 True
+
+The names below are imported on first use (:mod:`cliplab.lazy`), so that importing the
+loss registry or one module does not import the Trainer.
 """
 
-from cliplab.train.checkpoint import latest_checkpoint
-from cliplab.train.losses import Batch, ModelOutputs, Objective, get_loss, list_losses, register_loss
-from cliplab.train.recipes import Recipe, get_recipe, init_model, list_recipes, register_recipe
-from cliplab.train.trainer import TrainConfig, Trainer
+from ..lazy import lazy_exports
 
-__all__ = [
-    "Trainer",
-    "TrainConfig",
-    "Objective",
-    "ModelOutputs",
-    "Batch",
-    "get_loss",
-    "list_losses",
-    "register_loss",
-    "Recipe",
-    "init_model",
-    "get_recipe",
-    "list_recipes",
-    "register_recipe",
-    "latest_checkpoint",
-]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    ".trainer": ["Trainer", "TrainConfig"],
+    ".losses": ["LOSSES", "Objective", "ModelOutputs", "Batch", "get_loss", "list_losses", "register_loss"],
+    ".recipes": ["RECIPES", "Recipe", "init_model", "get_recipe", "list_recipes", "register_recipe"],
+    ".checkpoint": ["latest_checkpoint"],
+})

@@ -38,10 +38,13 @@ from ..models.transforms import images_to_tensor, make_preprocess
 from .datasets import ConcatSet, ShapesTrainSet
 from .losses import get_loss_class
 from .trainer import TrainConfig
+from ..registry import Registry
 
 logger = logging.getLogger(__name__)
 
-_RECIPES: dict[str, Callable[..., "Recipe"]] = {}
+RECIPES: Registry = Registry("recipe")
+"""The training recipes, by name: functions ``(**train_config_overrides) -> Recipe``; each
+entry's metadata has a one-line ``help``."""
 
 
 @dataclass
@@ -78,19 +81,18 @@ class BuiltModel(NamedTuple):
     model_cfg: dict
 
 
-def register_recipe(name: str):
-    """Function decorator: make ``fn(**train_config_overrides) -> Recipe`` a named recipe."""
+def register_recipe(name: str, **meta):
+    """Function decorator: make ``fn(**train_config_overrides) -> Recipe`` a named recipe.
 
-    def decorator(fn):
-        _RECIPES[name] = fn
-        return fn
-
-    return decorator
+    Keyword arguments are the entry's metadata: give ``help="one line"``, which
+    ``cliplab train --help`` shows.
+    """
+    return RECIPES.register(name, **meta)
 
 
 def list_recipes() -> list[str]:
     """Names of the registered recipes, sorted."""
-    return sorted(_RECIPES)
+    return sorted(RECIPES.names())
 
 
 def get_recipe(name: str, **overrides) -> Recipe:
@@ -101,13 +103,12 @@ def get_recipe(name: str, **overrides) -> Recipe:
     UsageError
         For an unknown recipe or an override that is not a TrainConfig field.
     """
-    if name not in _RECIPES:
-        raise UsageError(f"unknown recipe {name!r}; choose one of {', '.join(list_recipes())}")
+    recipe = RECIPES.get(name)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise UsageError(f"not TrainConfig fields: {', '.join(unknown)}")
-    return _RECIPES[name](**{k: v for k, v in overrides.items() if v is not None})
+    return recipe(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def init_model(model_cfg: dict, preprocess_cfg: dict | None = None, *, loss: str = "infonce",
@@ -233,7 +234,7 @@ SHAPES_TINY_MODEL = {
 }
 
 
-@register_recipe("shapes-tiny")
+@register_recipe("shapes-tiny", help="the bundled model: a 7.6M-parameter CLIP on ShapesWorld, 4,000 steps")
 def shapes_tiny(**overrides) -> Recipe:
     """The embedded default model trained on ShapesWorld (see the module docstring)."""
     config = TrainConfig(steps=4000, batch_size=128, lr=1e-3, weight_decay=0.1, warmup_steps=100,

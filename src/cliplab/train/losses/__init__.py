@@ -13,12 +13,12 @@ forward pass, overrides ``forward_model``.  It is built with the distributed
 ``rank`` and ``world_size`` so it can gather features across ranks.
 
 Add an objective by writing one module in this folder, and its test; no other
-file changes (every module here is imported when the package is)::
+file changes (the registry imports every module here on its first lookup)::
 
     import torch
     from cliplab.train.losses import Objective, register_loss
 
-    @register_loss("my-loss")
+    @register_loss("my-loss", help="pull matching pairs together")
     class MyLoss(Objective):
         def forward(self, outputs, batch=None):
             sim = (outputs.image_features * outputs.text_features).sum(1)   # (B,)
@@ -29,40 +29,36 @@ It is then ``cliplab train --loss my-loss`` and ``TrainConfig(loss="my-loss")``.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from typing import Callable
+from ...lazy import lazy_exports
+from ...registry import Registry
 
-from cliplab.errors import UsageError
-from cliplab.train.losses.base import Batch, ModelOutputs, Objective
+LOSSES: Registry = Registry("loss", package=__name__)
+"""The Trainer's objectives, by name; each entry's metadata has a one-line ``help``.
 
-_LOSSES: dict[str, type] = {}
+Looking a name up imports every module of this package, which registers its objectives.
+"""
+
+__getattr__, __dir__, _lazy = lazy_exports(__name__, {".base": ["Batch", "ModelOutputs", "Objective"]})
 
 
-def register_loss(name: str) -> Callable[[type], type]:
-    """Class decorator: make an objective available to :func:`get_loss` under ``name``."""
+def register_loss(name: str, **meta):
+    """Class decorator: make an objective available to :func:`get_loss` under ``name``.
 
-    def decorator(cls: type) -> type:
-        if name in _LOSSES and _LOSSES[name] is not cls:
-            raise ValueError(f"loss {name!r} is already registered by {_LOSSES[name].__name__}")
-        _LOSSES[name] = cls
-        cls.name = name
-        return cls
-
-    return decorator
+    Keyword arguments are the entry's metadata: give ``help="one line"``, which
+    ``cliplab train --help`` shows.  Registering another class under a taken name raises
+    ``ValueError``.
+    """
+    return LOSSES.register(name, **meta)
 
 
 def list_losses() -> list[str]:
     """Names of the registered objectives, sorted."""
-    return sorted(_LOSSES)
+    return sorted(LOSSES.names())
 
 
 def get_loss_class(name: str) -> type:
     """The class registered under ``name``; raises :class:`UsageError` if unknown."""
-    try:
-        return _LOSSES[name]
-    except KeyError:
-        raise UsageError(f"unknown loss {name!r}; choose one of {', '.join(list_losses())}") from None
+    return LOSSES.get(name)
 
 
 def get_loss(name: str, **kwargs) -> Objective:
@@ -75,6 +71,11 @@ def get_loss(name: str, **kwargs) -> Objective:
     **kwargs
         Passed to the class, typically ``rank`` and ``world_size``.
 
+    Raises
+    ------
+    UsageError
+        ``name`` is not registered.
+
     Examples
     --------
     >>> from cliplab.train.losses import get_loss
@@ -84,8 +85,4 @@ def get_loss(name: str, **kwargs) -> Objective:
     return get_loss_class(name)(**kwargs)
 
 
-# Importing every module of this package runs its @register_loss decorators.
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
-
-__all__ = ["Batch", "ModelOutputs", "Objective", "register_loss", "get_loss", "get_loss_class", "list_losses"]
+__all__ = [*_lazy, "LOSSES", "register_loss", "get_loss", "get_loss_class", "list_losses"]

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from cliplab.train.losses import Batch, ModelOutputs, Objective, register_loss
+from . import register_loss
+from .base import Batch, ModelOutputs, Objective
 
 
 def infonce_loss(image_features: torch.Tensor, text_features: torch.Tensor,
@@ -50,7 +51,7 @@ def infonce_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-@register_loss("infonce")
+@register_loss("infonce", help="CLIP's symmetric contrastive loss (open_clip ClipLoss)")
 class InfoNCELoss(Objective):
     """CLIP's InfoNCE loss with the all-gather of open_clip for DDP.
 

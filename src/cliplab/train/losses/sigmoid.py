@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss
 
-from cliplab.train.losses import Batch, ModelOutputs, Objective, register_loss
+from . import register_loss
+from .base import Batch, ModelOutputs, Objective
 
 
 def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor,
@@ -51,7 +52,7 @@ def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     return -F.logsigmoid(labels * logits).sum() / n
 
 
-@register_loss("sigmoid")
+@register_loss("sigmoid", help="SigLIP's pairwise sigmoid loss (open_clip SigLipLoss)")
 class SigmoidLoss(Objective):
     """SigLIP's sigmoid loss with open_clip's ring exchange for DDP.
 
