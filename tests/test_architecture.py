@@ -28,7 +28,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "cliplab"
 #: same table as docs/architecture.md.  A package may import packages of its own layer or
 #: below.  ``cliplab`` is the root ``__init__`` (the public API).
 LAYERS: dict[str, int] = {
-    "errors": 0, "registry": 0, "_progress": 0, "validation": 0,  # core: no cliplab imports but each other
+    "errors": 0, "registry": 0, "_progress": 0, "validation": 0, "lazy": 0,  # core: no cliplab imports but each other
     "ops": 1,                                      # numeric kernels (to come)
     "data": 2,
     "models": 3, "features": 3,

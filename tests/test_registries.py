@@ -18,10 +18,13 @@ from cliplab.registry import Registry, all_registries
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Registry kind -> the arguments of ``cliplab`` that select an entry ({name}); the command
-# is the first word.  Only options are given, nothing is loaded or run.
+# Registry kind -> the arguments of ``cliplab`` that select an entry ({name}, or {example}: the
+# entry's ``example`` metadata, for kinds chosen by the form of a value such as a model spec);
+# the command is the first word.  Only options are given, nothing is loaded or run.
 CLI = {
     "eval task": "eval --task {name}",
+    "ShapesWorld": "shapes export out --world {name}",
+    "model source": "classify img.png --labels a,b --model {example}",   # a spec this source loads
     "loss": "train --loss {name}",
     "recipe": "train --recipe {name}",
 }
@@ -59,13 +62,14 @@ def test_every_entry_is_accepted_by_its_command_line_option(registries):
         if registry.kind not in CLI:
             continue  # reported by the test above
         for name in registry.names():
-            argv = [arg.format(name=name) for arg in shlex.split(CLI[registry.kind])]
+            value = registry.meta(name).get("example", name) if "{example}" in CLI[registry.kind] else name
+            argv = [arg.format(name=name, example=value) for arg in shlex.split(CLI[registry.kind])]
             try:
                 args = build_parser(argv[0]).parse_args(argv)
             except SystemExit:
                 failures.append(f"{registry.kind} {name!r}: `cliplab {shlex.join(argv)}` is rejected")
                 continue
-            if name not in vars(args).values():
+            if value not in vars(args).values():
                 failures.append(f"{registry.kind} {name!r}: `cliplab {shlex.join(argv)}` does not select it")
     assert not failures, "\n".join(failures)
 

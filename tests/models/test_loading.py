@@ -24,6 +24,8 @@ def test_sources_registered():
     for name in list_sources():
         meta = SOURCES.meta(name)
         assert callable(meta["match"]) and meta["help"]
+        first = next(n for n in list_sources() if SOURCES.meta(n)["match"](meta["example"]))
+        assert first == name, f"the example spec {meta['example']!r} of {name!r} is taken by {first!r}"
 
 
 def test_first_matching_source_loads(tiny_dir, tiny):

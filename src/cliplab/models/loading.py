@@ -82,7 +82,8 @@ class Resolved:
 
 SOURCES: Registry[Callable[[str, LoadOptions], Resolved]] = Registry("model source")
 """Model sources: ``fn(spec, options) -> Resolved``, registered with the metadata
-``match`` (``match(spec) -> bool``: the source accepts this spec) and ``help`` (one line).
+``match`` (``match(spec) -> bool``: the source accepts this spec), ``example`` (a spec it
+loads) and ``help`` (one line).
 :func:`load` asks them in registration order; the first that matches loads the spec."""
 
 
@@ -266,7 +267,7 @@ def _find_weights(folder: Path) -> Path | None:
     return found[0] if found else None
 
 
-@SOURCES.register("bundled", match=lambda spec: spec in bundled_models(),
+@SOURCES.register("bundled", match=lambda spec: spec in bundled_models(), example="shapes-tiny",
                   help="a model shipped inside the package (shapes-tiny)")
 def _load_bundled(spec: str, opts: LoadOptions) -> Resolved:
     return _open_clip_folder(BUNDLED_DIR / spec, opts, spec)
@@ -281,7 +282,7 @@ def _is_local(spec: str) -> bool:
     return _local_path(spec).exists()
 
 
-@SOURCES.register("local", match=_is_local,
+@SOURCES.register("local", match=_is_local, example=".",
                   help="an open_clip or Hugging Face transformers folder, or a weights file")
 def _load_local(spec: str, opts: LoadOptions) -> Resolved:
     from .convert import read_hf_folder, read_hf_preprocess_cfg
@@ -423,7 +424,7 @@ def _is_tag(spec: str) -> bool:
     return arch in open_clip.list_models() and bool(tag)
 
 
-@SOURCES.register("open_clip-tag", match=_is_tag,
+@SOURCES.register("open_clip-tag", match=_is_tag, example="ViT-B-32:openai",
                   help="an open_clip pretrained tag, ARCH:TAG (e.g. ViT-B-32:openai)")
 def _load_tag(spec: str, opts: LoadOptions) -> Resolved:
     import open_clip
@@ -469,7 +470,7 @@ def _url_reachable(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
-@SOURCES.register("hf-hub", match=lambda spec: spec.startswith("hf-hub:"),
+@SOURCES.register("hf-hub", match=lambda spec: spec.startswith("hf-hub:"), example="hf-hub:org/name",
                   help="an open_clip repository on the Hugging Face Hub, hf-hub:org/name")
 def _load_hf_hub(spec: str, opts: LoadOptions) -> Resolved:
     repo = spec[len("hf-hub:"):].strip("/")
