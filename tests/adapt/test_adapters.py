@@ -9,9 +9,11 @@ from sklearn.base import clone
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from cliplab.adapt import (ADAPTERS, GDA, CapSAdapter, LinearProbe, TipAdapter, TipAdapterF,
+from cliplab.adapt import (GDA, METHODS, CapSAdapter, LinearProbe, TipAdapter, TipAdapterF, list_methods,
                            load_adapter, save_adapter)
 from cliplab.adapt import _base
+
+ADAPTERS = list_methods("adapter")
 
 C, K, D = 5, 4, 16
 
@@ -32,18 +34,17 @@ def _data(seed=0, n_per=K, c=C, d=D, sep=1.5):
 
 
 def _make(name, T):
-    kw = {} if name == "linear" else {"text_weights": T}
-    if name == "tip-f":
-        kw["epochs"] = 3
-    if name in ("tip", "tip-f"):
-        kw["search_steps"] = (20, 5)
-    if name == "caps":
-        kw["search_steps"] = (5, 4, 3)
-    return ADAPTERS[name](**kw)
+    """The registered adapter ``name`` with its test preset (small grids) and text weights if it takes them."""
+    cls = METHODS.get(name)
+    kw = dict(cls.test_preset)
+    if "text_weights" in cls().get_params():
+        kw["text_weights"] = T
+    return cls(**kw)
 
 
 def _fit(est, X, y, cap, **kw):
-    return est.fit(X, y, captions_X=cap, **kw) if isinstance(est, CapSAdapter) else est.fit(X, y, **kw)
+    extra = {"captions_X": cap} if "captions_X" in est.fit_inputs else {}
+    return est.fit(X, y, **extra, **kw)
 
 
 # ----------------------------------------------------------------------- GDA parity
@@ -149,7 +150,7 @@ def test_caps_caption_callable_and_missing_captions():
 
 
 # --------------------------------------------------------------- every estimator
-@pytest.mark.parametrize("name", list(ADAPTERS))
+@pytest.mark.parametrize("name", ADAPTERS)
 def test_contract_clone_fit_proba_save_load(name, tmp_path):
     X, y, T, cap = _data(13)
     est = _make(name, T)
@@ -236,7 +237,12 @@ def test_fewshot_protocol_runs_adapters():
 
 
 # ------------------------------------------------------------ scikit-learn checks
-@parametrize_with_checks([LinearProbe(C=1.0), LinearProbe(), GDA(), GDA(ridge="none")])
+def _preset(name):
+    cls = METHODS.get(name)
+    return cls(**cls.test_preset)
+
+
+@parametrize_with_checks([LinearProbe(C=1.0), GDA(ridge="none"), *(_preset(n) for n in ADAPTERS)])
 def test_sklearn_contract(estimator, check):
     check(estimator)
 

@@ -30,12 +30,11 @@ from .metrics import accuracy, confusion_matrix, mean_per_class_recall, retrieva
 from .report import build_report
 from .results import make_result, read_results, write_results
 from .suite import SUITES, evaluate, run_suite
-from .tasks import (TaskResult, fewshot, linear_probe, select_on_validation, sweep_C, zeroshot_classification,
-                    zeroshot_retrieval)
+from .tasks import TaskResult, fewshot, linear_probe, select_on_validation, zeroshot_classification, zeroshot_retrieval
 
 __all__ += [
     "accuracy", "confusion_matrix", "mean_per_class_recall", "retrieval_recall", "topk_accuracy",
     "build_report", "make_result", "read_results", "write_results", "SUITES", "evaluate", "run_suite",
-    "TaskResult", "fewshot", "linear_probe", "select_on_validation", "sweep_C",
+    "TaskResult", "fewshot", "linear_probe", "select_on_validation",
     "zeroshot_classification", "zeroshot_retrieval",
 ]
