@@ -337,3 +337,22 @@ def test_linear_probe_C_search_is_coops():
     assert search_C((X, y), (Xv, yv)) == (1e5, 0.0)
     est = LinearProbe().fit(X, y, Xv, yv)
     assert est.C_ == 1e5 and est.val_score_ == 0.0
+
+
+def test_linear_probe_refit_fits_train_plus_validation():
+    """``refit=True`` (the benchmark protocol): the same C search on (train -> val), then the
+    final fit on train + val; ``refit=False`` fits on train only.  Without a given validation
+    split both fit on all of X."""
+    from cliplab.adapt.linear import logistic_regression
+
+    X, y, _, _ = _data(26, n_per=6)
+    Xv, yv, _, _ = _data(27, n_per=3)
+    own = LinearProbe().fit(X, y, Xv, yv)
+    both = LinearProbe(refit=True).fit(X, y, Xv, yv)
+    assert both.C_ == own.C_ and both.search_path_ == own.search_path_ and len(own.search_path_) == 7 + 2 * 8
+    X64, Xv64 = X.astype(np.float64), Xv.astype(np.float64)
+    ref = logistic_regression(own.C_).fit(np.concatenate([X64, Xv64]), np.concatenate([y, yv]))
+    np.testing.assert_allclose(both.coef_, ref.coef_, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(own.coef_, logistic_regression(own.C_).fit(X64, y).coef_, rtol=1e-6, atol=1e-9)
+    carved = LinearProbe(refit=True).fit(X, y)
+    np.testing.assert_array_equal(carved.coef_, LinearProbe().fit(X, y).coef_)

@@ -139,3 +139,19 @@ def test_label_template_and_descriptor_files_that_are_not_utf8(tmp_path):
     t = tmp_path / "t.txt"
     t.write_bytes(b"\xef\xbb\xbfa photo of a {c}.\r\nart of the {}.\r\n")
     assert get_templates(str(t)) == ["a photo of a {c}.", "art of the {c}."]
+
+
+def test_classify_images_is_the_classifiers_top_k(tiny):
+    from cliplab.zeroshot import classify_images
+
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    clf = ZeroShotClassifier(tiny, ["red", "green", "blue"])
+    assert clf.image_encoder is tiny
+    res = classify_images(clf, [*images[:2], "no-such-file.png", *images[2:]], k=2)
+    assert [s.index for s in res.skipped] == [2] and len(res.items) == 4
+    labels, probs = clf.topk(images, k=2)
+    np.testing.assert_array_equal(res.labels, labels)
+    np.testing.assert_allclose(res.probs, probs, rtol=1e-6)
+    with pytest.raises(UsageError, match="k must be"):
+        classify_images(clf, images, k=0)

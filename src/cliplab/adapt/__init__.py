@@ -34,7 +34,7 @@ _LAZY = {"LinearProbe": "linear", "GDA": "gda", "TipAdapter": "tip", "TipAdapter
          "CapSAdapter": "caps", "CoOp": "coop", "KgCoOp": "coop", "MoCoOp": "mocoop",
          "FineTuner": "finetune", "LoRAFineTuner": "finetune", "SVDFineTuner": "finetune",
          "FullFineTuner": "finetune", "save_adapter": "io", "load_adapter": "io",
-         "fit_adapter": "fewshot", "classify_images": "fewshot"}
+         "fit_adapter": "fewshot", "FeatureAdapter": "_base"}
 
 __all__ = ["METHODS", "list_methods", "method_table", *_LAZY]
 
@@ -47,10 +47,14 @@ def list_methods(kind: str | None = None) -> list[str]:
 
 
 def method_table() -> list[dict]:
-    """One row per method (``name``, ``class``, ``kind``, ``input``, ``help``): the docs table."""
-    return [{"name": n, "class": cls.__name__, "kind": METHODS.meta(n).get("kind", ""),
+    """One row per method (``name``, ``class``, ``kind``, ``input``, ``help``): the docs table.
+
+    Adapters first, then learners, each in registration order.
+    """
+    rows = [{"name": n, "class": cls.__name__, "kind": METHODS.meta(n).get("kind", ""),
              "input": getattr(cls, "input_kind", "features"), "help": METHODS.meta(n).get("help", "")}
             for n, cls in METHODS.items()]
+    return sorted(rows, key=lambda r: r["kind"] != "adapter")
 
 
 def __getattr__(name: str):

@@ -301,7 +301,7 @@ class FineTuner(TrainedClassifier):
         raise NotImplementedError
 
 
-@METHODS.register("lora", kind="learner", help="LoRA on both towers (images in)")
+@METHODS.register("lora", kind="learner", help="LoRA on both towers (rank 4)")
 class LoRAFineTuner(FineTuner):
     """LoRA (rank ``rank``, scale ``lora_alpha / rank``) on both towers, lr 1e-4.
 
@@ -339,7 +339,7 @@ class LoRAFineTuner(FineTuner):
         return merge_lora(self._model())
 
 
-@METHODS.register("svd", kind="learner", help="CLIP-SVD: singular values only (images in)")
+@METHODS.register("svd", kind="learner", help="CLIP-SVD: only the singular values of the tower weights train")
 class SVDFineTuner(FineTuner):
     """CLIP-SVD: every linear layer ``W = U diag(s) Vᵀ`` with only ``s`` trained, lr 5e-4."""
 
@@ -356,7 +356,7 @@ class SVDFineTuner(FineTuner):
         return _materialise(self.backbone, self._model(), f"{self.backbone.name}+svd-merged")
 
 
-@METHODS.register("full", kind="learner", help="every weight (images in; the WiSE-FT endpoint)")
+@METHODS.register("full", kind="learner", help="every weight trains (the WiSE-FT endpoint)")
 class FullFineTuner(FineTuner):
     """Every weight (and the temperature) trains, lr 1e-5 (FLYP / WiSE-FT's fine-tuned endpoint)."""
 

@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
                     "features or on images, see --method) and report their validation accuracy.  "
                     "The result is saved for 'cliplab classify --adapter'.",
         formatter_class=_MethodHelp)
-    p.add_argument("--method", required=True, choices=METHODS, metavar="METHOD")
+    p.add_argument("--method", required=True, choices=METHODS, metavar="METHOD", help="few-shot method")
     p.add_argument("--shots", type=int, required=True, help="labelled images per class (K)")
     p.add_argument("--dataset", required=True,
                    help="classification dataset: an image folder (with train/ and val/ sub-folders, "
