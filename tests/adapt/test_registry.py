@@ -98,3 +98,16 @@ def test_a_new_adapter_is_one_module(new_adapter, tiny_dir, tiny, tmp_path, caps
     with pytest.raises(SystemExit):
         main(["adapt", "--help"])
     assert "nearest-mean(adapteronfeatures)" in "".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("page", ["adaptation.md", "finetuning.md"])
+def test_docs_tables_name_registered_methods(page):
+    """Every method row of the docs tables (``| `name` | `Class` |``) is the registry's."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / page).read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `([a-z-]+)` \| `(\w+)` \|", text, flags=re.M)
+    assert rows
+    classes = {r["name"]: r["class"] for r in method_table()}
+    assert all(classes.get(name) == cls for name, cls in rows), rows

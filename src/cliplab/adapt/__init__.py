@@ -4,7 +4,7 @@ Every method is registered in :data:`METHODS` where its class is defined
 (``@METHODS.register("gda", kind="adapter", help=...)``); the ``cliplab adapt --method``
 choices and help, :func:`save_adapter` / :func:`load_adapter` and the documentation tables
 read that registry (:func:`method_table`).  ``kind`` is ``"adapter"`` for the
-scikit-learn classifiers on image features (N, D) (:class:`~cliplab.adapt._base.FeatureAdapter`)
+scikit-learn classifiers on image features (N, D) (subclasses of :class:`FeatureAdapter`)
 and ``"learner"`` for the classifiers trained by gradient descent over the Backbone
 (:mod:`cliplab.adapt._trainable`); a learner's ``input_kind`` says whether ``fit`` takes
 image features or images.

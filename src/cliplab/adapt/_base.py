@@ -54,7 +54,7 @@ def best_of(candidates, y_val: np.ndarray, fallback: dict | None = None) -> tupl
     return best, best_acc
 
 
-def carve_validation(y: np.ndarray, val_fraction: float, seed: int):
+def carve_validation(y: np.ndarray, val_fraction: float, random_state: int):
     """Stratified (train_idx, val_idx) of class indices ``y``, or ``None`` for a class of 1."""
     from ..eval.datasets import ClassificationData, split_train_val
 
@@ -62,7 +62,7 @@ def carve_validation(y: np.ndarray, val_fraction: float, seed: int):
     if len(counts) == 0 or counts.min() < 2:
         return None
     data = ClassificationData(list(range(len(y))), y, [str(c) for c in range(len(counts))], "train")
-    tr, va = split_train_val(data, val_fraction=val_fraction, seed=seed)
+    tr, va = split_train_val(data, val_fraction=val_fraction, seed=random_state)
     return np.asarray(tr.items, dtype=np.int64), np.asarray(va.items, dtype=np.int64)
 
 

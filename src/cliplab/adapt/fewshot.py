@@ -11,6 +11,7 @@ it was fit on, so a different model is refused.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ import numpy as np
 from ..data.text import read_text
 from ..errors import DataError, UsageError
 from . import METHODS, list_methods
+
+logger = logging.getLogger(__name__)
 
 META_FILE = "cliplab_adapter.json"
 
@@ -85,8 +88,6 @@ def images_at_model_size(backbone, items) -> tuple[np.ndarray, np.ndarray]:
     and centre-cropped.  Returns the arrays and the indices of the items kept (unreadable
     ones are skipped and logged).
     """
-    import logging
-
     from PIL import Image, ImageOps
 
     from ..data.images import load_image
@@ -101,7 +102,7 @@ def images_at_model_size(backbone, items) -> tuple[np.ndarray, np.ndarray]:
             try:
                 img = Image.fromarray(item) if isinstance(item, np.ndarray) else load_image(item)
             except (BadImage, OSError, ValueError) as e:
-                logging.getLogger("cliplab.adapt").warning("skipping unreadable image %s: %s", item, e)
+                logger.warning("skipping unreadable image %s: %s", item, e)
                 continue
             out.append(np.asarray(ImageOps.fit(img.convert("RGB"), (size, size), Image.BICUBIC)))
         kept.append(i)
