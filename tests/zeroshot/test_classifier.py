@@ -155,3 +155,16 @@ def test_classify_images_is_the_classifiers_top_k(tiny):
     np.testing.assert_allclose(res.probs, probs, rtol=1e-6)
     with pytest.raises(UsageError, match="k must be"):
         classify_images(clf, images, k=0)
+
+
+def test_every_zero_shot_classifier_follows_the_prediction_protocol(tiny):
+    from cliplab.zeroshot import DescriptionClassifier, PerceptionCLIP
+    from cliplab.zeroshot.perception import SHAPES_BACKGROUNDS
+
+    feats = tiny.encode_images([np.random.default_rng(6).integers(0, 256, (32, 32, 3), dtype=np.uint8)])
+    shapes = ["circle", "square", "star"]
+    for clf in (ZeroShotClassifier(tiny, shapes),
+                DescriptionClassifier(tiny, {"circle": ["round"], "square": ["four corners"], "star": ["points"]}),
+                PerceptionCLIP(tiny, shapes, SHAPES_BACKGROUNDS, "a photo of a {c}")):
+        assert clf.image_encoder is tiny
+        np.testing.assert_allclose(clf.predict_proba_features(feats), clf.predict_proba(feats), rtol=1e-6)

@@ -139,8 +139,8 @@ def fit_adapter(backbone, *, method: str, dataset: str, shots: int, random_state
     """Fit ``method`` on ``shots`` images per class of ``dataset``; returns (estimator, meta).
 
     ``random_state`` seeds the few-shot draw (and the validation split of a dataset without
-    one).  ``store``: a FeatureStore or a cache folder for the image features.  ``params`` go to a learner's constructor (``epochs``, ``lr``...; None means its
-    default).
+    one).  ``store``: a FeatureStore or a cache folder for the image features.  ``params``
+    go to a learner's constructor (``epochs``, ``lr``...; None means its default).
 
     Raises
     ------
@@ -172,8 +172,8 @@ def fit_adapter(backbone, *, method: str, dataset: str, shots: int, random_state
         est, n_t, n_v, val_acc, missing = _fit_learner(backbone, method, train, val, idx, store, params)
         meta = {"method": method, "classnames": list(est.classnames_), "fingerprint": backbone.fingerprint,
                 "model_spec": str(model_spec), "dataset": dataset, "shots": int(shots),
-                "random_state": int(random_state), "n_train": n_t, "n_val": n_v, "val_accuracy": val_acc, "trainable_parameters": est.n_trainable_,
-                "fit_seconds": round(est.fit_time_, 2)}
+                "random_state": int(random_state), "n_train": n_t, "n_val": n_v, "val_accuracy": val_acc,
+                "trainable_parameters": est.n_trainable_, "fit_seconds": round(est.fit_time_, 2)}
         if missing:
             meta["classes_without_examples"] = [train.classnames[c] for c in missing]
         return est, meta

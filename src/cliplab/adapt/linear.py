@@ -120,7 +120,8 @@ def search_C(train, val, *, steps: int = 8, random_state: int = 0, max_iter: int
     return float(best), best_acc
 
 
-@METHODS.register("linear", kind="adapter", help="logistic regression on features, C chosen on validation (CLIP, CoOp lpclip)")
+@METHODS.register("linear", kind="adapter",
+                  help="logistic regression on features, C chosen on validation (CLIP, CoOp lpclip)")
 class LinearProbe(FeatureAdapter):
     """Logistic-regression probe with C chosen on validation.
 

@@ -231,7 +231,7 @@ class ZeroShotClassifier:
 
     def predict_proba_features(self, features: np.ndarray) -> np.ndarray:
         """Probabilities (N, C) from features (N, D) of :attr:`image_encoder` (the prediction protocol)."""
-        return softmax(self.backbone.logit_scale * np.asarray(features, np.float32) @ self.weights_.T)
+        return self.predict_proba(np.asarray(features, dtype=np.float32))
 
     def predict(self, images, **kwargs) -> np.ndarray:
         return self.classes_[self.decision_function(images, **kwargs).argmax(axis=1)]
