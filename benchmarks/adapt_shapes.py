@@ -1,6 +1,6 @@
 """Few-shot adapters and zero-shot variants compared on ShapesWorld.
 
-Part 1, few-shot (every method of ``cliplab.adapt.ADAPTERS`` x shots 1, 2, 4, 8, 16 x seeds
+Part 1, few-shot (every training-free adapter of ``cliplab.adapt.METHODS`` x shots 1, 2, 4, 8, 16 x seeds
 0, 1, 2), through the eval harness's few-shot protocol (``cliplab.eval.tasks.fewshot``):
 
 - ``shapes:color-shape``: 64-way colour x shape; train and val never show the 8 held-out
@@ -40,7 +40,7 @@ import numpy as np
 os.environ.setdefault("CLIPLAB_PROGRESS", "0")
 
 import cliplab  # noqa: E402
-from cliplab.adapt import ADAPTERS  # noqa: E402
+from cliplab.adapt import list_methods  # noqa: E402
 from cliplab.adapt.fewshot import make_adapter  # noqa: E402
 from cliplab.data.datasets import ClassificationData, fewshot_subset  # noqa: E402
 from cliplab.eval.metrics import accuracy, worst_group_accuracy  # noqa: E402
@@ -98,7 +98,7 @@ class ValFit:
         on = np.isin(yv, present)
         self.est_ = make_adapter(self.method, text_weights=self.text[present], logit_scale=self.logit_scale)
         extra = {}
-        if self.method == "caps":      # caption feature of each training row, looked up by its bytes
+        if "captions_X" in self.est_.fit_inputs:   # caption feature of each training row, looked up by its bytes
             extra["captions_X"] = np.stack([self.captions[row.tobytes()] for row in X])
         self.est_.fit(X, y, X_val=xv[on], y_val=yv[on], **extra)
         return self
@@ -129,7 +129,7 @@ def fewshot_dataset(store, name, train, val, test, classnames, ks, seeds, model_
                     {"acc1": accuracy(zs_pred, ys)}, {"templates": [TEMPLATE], "n": int(len(ys))})
     captions = caption_lookup(store, xt, st)
     curves, metrics, timings = [], {}, {}
-    for method in ADAPTERS:
+    for method in list_methods("adapter"):
         t0 = time.perf_counter()
         res = fewshot(lambda: ValFit(method, text, bb.logit_scale, (xv, yv), captions), (xt, yt), (xv, yv),
                       (xs, ys), ks=ks, seeds=seeds, method=method, classnames=classnames, dataset=name)
@@ -202,7 +202,7 @@ def spurious_part(store, n_train, n_val, n_test, model_spec, shots=16, seeds=(0,
     captions = caption_lookup(store, xt, st)
     pool = ClassificationData(list(range(len(yt))), yt, shapes, "spurious train")
     metrics = {}
-    for method in ADAPTERS:
+    for method in list_methods("adapter"):
         acc, wga = [], []
         for seed in seeds:
             idx = np.asarray(fewshot_subset(pool, shots, seed).items, dtype=np.int64)

@@ -6,7 +6,7 @@ seen in training, in two domains: clean scenes ("seen-compositions", as in
 benchmarks/adapt_shapes.py; the model is near its ceiling there) and "defects" (the same
 world with ``defect_rate=1``: a scratch, hole or stain on every scene, never seen by the
 model in training).  Methods: zero-shot, three training-free adapters for reference
-(linear probe, GDA, Tip-Adapter) and every learner of ``cliplab.adapt.LEARNERS``
+(linear probe, GDA, Tip-Adapter) and every learner of ``cliplab.adapt.METHODS``
 (CoOp, KgCoOp, MoCoOp on frozen features; LoRA, CLIP-SVD, full fine-tuning on images).
 Shots 1, 4, 16 x seeds 0, 1; epochs: CoOp/KgCoOp 20, MoCoOp 10 (lr 2e-3), LoRA/SVD/full 3 (a CPU
 budget, far below the papers').  Trainable-parameter count and seconds per epoch (at the
@@ -48,7 +48,7 @@ import numpy as np
 os.environ.setdefault("CLIPLAB_PROGRESS", "0")
 
 import cliplab  # noqa: E402
-from cliplab.adapt import LEARNERS  # noqa: E402
+from cliplab.adapt import METHODS, list_methods  # noqa: E402
 from cliplab.adapt.fewshot import make_adapter, make_learner  # noqa: E402
 from cliplab.data.shapes import COLORS  # noqa: E402
 from cliplab.data.datasets import ClassificationData, fewshot_subset  # noqa: E402
@@ -144,7 +144,7 @@ def fewshot_part(b: Bench, names, train, val, tests: dict, ks, seeds, model_spec
         zs = accuracy((fs @ text.T).argmax(1), ys)
         metrics, curves, cost = {"zero-shot": zs}, [], {}
         log(f"{tname}: zero-shot {zs:.3f}")
-        for method in (*FREE, *LEARNERS):
+        for method in (*FREE, *list_methods("learner")):
             t0 = time.perf_counter()
             if method in FREE:
                 rec = None
@@ -153,7 +153,7 @@ def fewshot_part(b: Bench, names, train, val, tests: dict, ks, seeds, model_spec
             else:
                 rec = Recorder(lambda m=method: b.learner(m, names))
                 make = rec
-                images = LEARNERS[method].input_kind == "images"
+                images = METHODS.get(method).input_kind == "images"
                 data = (((it, yt), (iv, yv), (is_, ys)) if images else ((ft, yt), (fv, yv), (fs, ys)))
             res = fewshot(make, *data, ks=ks, seeds=seeds, method=method, classnames=names, dataset=tname)
             curves += res.details["fewshot"]
@@ -189,14 +189,14 @@ def base_to_novel_part(b: Bench, names, train, test, shots, seeds, model_spec):
     base_names, novel_names = [names[c] for c in base], [names[c] for c in novel]
     tb, tn = class_weights(b.bb, base_names, [TEMPLATE]), class_weights(b.bb, novel_names, [TEMPLATE])
     rows = {"zero-shot": (accuracy((fb @ tb.T).argmax(1), yb), accuracy((fn @ tn.T).argmax(1), yn))}
-    for method in (m for m in LEARNERS if LEARNERS[m].input_kind == "features"):   # the prompt learners
+    for method in (m for m in list_methods("learner") if METHODS.get(m).input_kind == "features"):   # the prompt learners
         images = False
         accs = []
         for seed in seeds:
             idx = np.asarray(fewshot_subset(pool, shots, seed).items, dtype=np.int64)
             x = it[idx] if images else b.features(it[idx])
             y = np.asarray([remap[int(c)] for c in yt[idx]])
-            est = b.learner(method, base_names, seed=seed).fit(x, y)
+            est = b.learner(method, base_names, random_state=seed).fit(x, y)
             nov = est.with_classnames(novel_names)
             xb, xn = (is_[sb], is_[sn]) if images else (fb, fn)
             accs.append((accuracy(est.predict(xb), yb), accuracy(nov.predict(xn), yn)))
@@ -272,7 +272,7 @@ def write_docs(records, out: Path) -> Path:
                       "| method | " + " | ".join(f"{k}-shot" for k in ks) + " | trainable params | s/epoch |",
                       "|---" * (len(ks) + 3) + "|",
                       f"| zero-shot | " + " | ".join(f"{m['zero-shot']:.3f}" for _ in ks) + " | 0 | - |"]
-            for meth in (*FREE, *LEARNERS):
+            for meth in (*FREE, *list_methods("learner")):
                 c = d["cost"].get(meth, {})
                 lines.append(f"| {meth} | " + " | ".join(f"{m[f'{meth} acc1@{k}shot']:.3f}" for k in ks)
                              + f" | {c.get('trainable_parameters', 'n/a')} | "
@@ -282,7 +282,7 @@ def write_docs(records, out: Path) -> Path:
             m = r["metrics"]
             lines += [f"## Base-to-novel ({r['cliplab']['shots']} shots of 32 base classes; 32 novel)", "",
                       "| method | base | novel | HM |", "|---|---|---|---|"]
-            for meth in ["zero-shot", *(k for k in LEARNERS if f"{k} base" in m)]:
+            for meth in ["zero-shot", *(k for k in list_methods("learner") if f"{k} base" in m)]:
                 lines.append(f"| {meth} | {m[f'{meth} base']:.3f} | {m[f'{meth} novel']:.3f} | {m[f'{meth} hm']:.3f} |")
             lines.append("")
         elif r["task"] == "wise_ft":

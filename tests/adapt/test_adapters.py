@@ -9,9 +9,11 @@ from sklearn.base import clone
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from cliplab.adapt import (ADAPTERS, GDA, CapSAdapter, LinearProbe, TipAdapter, TipAdapterF,
+from cliplab.adapt import (GDA, METHODS, CapSAdapter, LinearProbe, TipAdapter, TipAdapterF, list_methods,
                            load_adapter, save_adapter)
 from cliplab.adapt import _base
+
+ADAPTERS = list_methods("adapter")
 
 C, K, D = 5, 4, 16
 
@@ -32,18 +34,17 @@ def _data(seed=0, n_per=K, c=C, d=D, sep=1.5):
 
 
 def _make(name, T):
-    kw = {} if name == "linear" else {"text_weights": T}
-    if name == "tip-f":
-        kw["epochs"] = 3
-    if name in ("tip", "tip-f"):
-        kw["search_steps"] = (20, 5)
-    if name == "caps":
-        kw["search_steps"] = (5, 4, 3)
-    return ADAPTERS[name](**kw)
+    """The registered adapter ``name`` with its test preset (small grids) and text weights if it takes them."""
+    cls = METHODS.get(name)
+    kw = dict(cls.test_preset)
+    if "text_weights" in cls().get_params():
+        kw["text_weights"] = T
+    return cls(**kw)
 
 
 def _fit(est, X, y, cap, **kw):
-    return est.fit(X, y, captions_X=cap, **kw) if isinstance(est, CapSAdapter) else est.fit(X, y, **kw)
+    extra = {"captions_X": cap} if "captions_X" in est.fit_inputs else {}
+    return est.fit(X, y, **extra, **kw)
 
 
 # ----------------------------------------------------------------------- GDA parity
@@ -149,7 +150,7 @@ def test_caps_caption_callable_and_missing_captions():
 
 
 # --------------------------------------------------------------- every estimator
-@pytest.mark.parametrize("name", list(ADAPTERS))
+@pytest.mark.parametrize("name", ADAPTERS)
 def test_contract_clone_fit_proba_save_load(name, tmp_path):
     X, y, T, cap = _data(13)
     est = _make(name, T)
@@ -236,7 +237,12 @@ def test_fewshot_protocol_runs_adapters():
 
 
 # ------------------------------------------------------------ scikit-learn checks
-@parametrize_with_checks([LinearProbe(C=1.0), LinearProbe(), GDA(), GDA(ridge="none")])
+def _preset(name):
+    cls = METHODS.get(name)
+    return cls(**cls.test_preset)
+
+
+@parametrize_with_checks([LinearProbe(C=1.0), GDA(ridge="none"), *(_preset(n) for n in ADAPTERS)])
 def test_sklearn_contract(estimator, check):
     check(estimator)
 
@@ -331,3 +337,22 @@ def test_linear_probe_C_search_is_coops():
     assert search_C((X, y), (Xv, yv)) == (1e5, 0.0)
     est = LinearProbe().fit(X, y, Xv, yv)
     assert est.C_ == 1e5 and est.val_score_ == 0.0
+
+
+def test_linear_probe_refit_fits_train_plus_validation():
+    """``refit=True`` (the benchmark protocol): the same C search on (train -> val), then the
+    final fit on train + val; ``refit=False`` fits on train only.  Without a given validation
+    split both fit on all of X."""
+    from cliplab.adapt.linear import logistic_regression
+
+    X, y, _, _ = _data(26, n_per=6)
+    Xv, yv, _, _ = _data(27, n_per=3)
+    own = LinearProbe().fit(X, y, Xv, yv)
+    both = LinearProbe(refit=True).fit(X, y, Xv, yv)
+    assert both.C_ == own.C_ and both.search_path_ == own.search_path_ and len(own.search_path_) == 7 + 2 * 8
+    X64, Xv64 = X.astype(np.float64), Xv.astype(np.float64)
+    ref = logistic_regression(own.C_).fit(np.concatenate([X64, Xv64]), np.concatenate([y, yv]))
+    np.testing.assert_allclose(both.coef_, ref.coef_, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(own.coef_, logistic_regression(own.C_).fit(X64, y).coef_, rtol=1e-6, atol=1e-9)
+    carved = LinearProbe(refit=True).fit(X, y)
+    np.testing.assert_array_equal(carved.coef_, LinearProbe().fit(X, y).coef_)

@@ -1,4 +1,4 @@
-"""FineTune (LoRA / CLIP-SVD / full) on the tiny CLIP: zero-shot at step 0, the original
+"""The fine-tuners (LoRA / CLIP-SVD / full) on the tiny CLIP: zero-shot at step 0, the original
 Backbone untouched, only the adapter tensors trained, state_ round trip, WiSE-FT merge."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cliplab.adapt.finetune import (DEFAULT_LR, FineTune, FullFineTune, LoRAClassifier,
-                                    SVDClassifier)
+from cliplab.adapt import METHODS as REGISTRY
+from cliplab.adapt.finetune import FineTuner, FullFineTuner, LoRAFineTuner, SVDFineTuner
 from cliplab.errors import CheckpointMismatch, UsageError
 from cliplab.surgery import interpolate, trainable_parameters
 
@@ -17,6 +17,12 @@ from _tiny import TINY_CFG, snapshot
 NAMES = ["red circle", "blue square", "green star"]
 METHODS = ("lora", "svd", "full")
 LR = {"lora": 1e-2, "svd": 1e-2, "full": 1e-3}      # large, so 2 epochs move the weights visibly
+
+
+def tuner(method, *args, **kw):
+    """The registered fine-tuner ``method`` built with those of ``kw`` it takes."""
+    cls = REGISTRY.get(method)
+    return cls(*args, **{k: v for k, v in kw.items() if k in cls().get_params()})
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +42,7 @@ def fitted(tiny, data):
         if method not in cache:
             before = snapshot(tiny.model)
             flags = [p.requires_grad for p in tiny.model.parameters()]
-            est = FineTune(tiny, NAMES, method=method, epochs=2, batch_size=4, lr=LR[method],
-                           progress=False).fit(*data)
+            est = tuner(method, tiny, NAMES, epochs=2, batch_size=4, lr=LR[method], progress=False).fit(*data)
             after = tiny.model.state_dict()
             same = (all(torch.equal(v, after[k]) for k, v in before.items())
                     and flags == [p.requires_grad for p in tiny.model.parameters()])
@@ -90,7 +95,7 @@ def test_only_trained_tensors_change(fitted, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_untrained_is_zero_shot(tiny, data, method):
     X, _ = data
-    est = FineTune(tiny, NAMES, method=method)
+    est = tuner(method, tiny, NAMES)
     est._setup()                                                        # the model of step 0
     with torch.no_grad():
         est._finish()
@@ -106,7 +111,7 @@ def test_untrained_is_zero_shot(tiny, data, method):
 def test_state_round_trip(fitted, data, method):
     est, _ = fitted(method)
     X, _ = data
-    loaded = FineTune(**est.get_params())
+    loaded = type(est)(**est.get_params())
     for k, v in vars(est).items():                                      # what save_adapter keeps
         if k.endswith("_") and not k.startswith("_"):
             setattr(loaded, k, v)
@@ -114,7 +119,7 @@ def test_state_round_trip(fitted, data, method):
     np.testing.assert_array_equal(loaded.decision_function(X), est.decision_function(X))
     assert loaded._adapted is not None                                  # rebuilt lazily
 
-    wrong = FineTune(**{**est.get_params(), "method": "svd" if method != "svd" else "lora"})
+    wrong = tuner("svd" if method != "svd" else "lora", **est.get_params())
     for k, v in vars(est).items():
         if k.endswith("_") and not k.startswith("_"):
             setattr(wrong, k, v)
@@ -151,23 +156,17 @@ def test_n_trainable(tiny, fitted):
     assert full.n_trainable_ == sum(p.numel() for p in tiny.model.parameters())
 
 
-def test_named_subclasses(tiny, fitted, data):
-    assert "method" not in LoRAClassifier().get_params() and LoRAClassifier.method == "lora"
-    assert {"rank", "lora_alpha"} <= set(LoRAClassifier().get_params())
-    assert "rank" not in SVDClassifier().get_params() and FullFineTune.method == "full"
-    est = SVDClassifier(tiny, NAMES, epochs=2, batch_size=4, lr=LR["svd"], progress=False).fit(*data)
+def test_one_class_per_method(tiny, fitted, data):
+    assert all(issubclass(REGISTRY.get(m), FineTuner) and REGISTRY.meta(m)["kind"] == "learner" for m in METHODS)
+    assert [REGISTRY.get(m) for m in METHODS] == [LoRAFineTuner, SVDFineTuner, FullFineTuner]
+    assert "method" not in LoRAFineTuner().get_params() and LoRAFineTuner.name == "lora"
+    assert {"rank", "lora_alpha"} <= set(LoRAFineTuner().get_params())
+    assert "rank" not in SVDFineTuner().get_params() and FullFineTuner.name == "full"
+    assert {"optimizer": "adamw", "weight_decay": 0.01, "grad_clip": 1.0, "random_state": 0}.items() \
+        <= FullFineTuner().get_params().items()                          # hyper-parameters are parameters
+    est = SVDFineTuner(tiny, NAMES, epochs=2, batch_size=4, lr=LR["svd"], progress=False).fit(*data)
     np.testing.assert_array_equal(est.decision_function(data[0]), fitted("svd")[0].decision_function(data[0]))
     assert type(est)(**est.get_params()).get_params() == est.get_params()   # params stored verbatim
-
-
-def test_defaults_and_epoch_budget(tiny, data):
-    _, y = data
-    for method, lr in DEFAULT_LR.items():
-        est = FineTune(tiny, NAMES, method=method)
-        est._check_common()
-        assert est.lr_ == lr
-    est = FineTune(tiny, NAMES, epochs=None, batch_size=4)
-    assert est._epochs(y) == int(np.ceil(200 * 4 / 3))                  # 200·K iterations, 3 per epoch
 
 
 def test_with_classnames(fitted, data):
@@ -180,19 +179,19 @@ def test_with_classnames(fitted, data):
 
 def test_errors(tiny, fitted, data):
     X, y = data
-    with pytest.raises(UsageError, match="method"):
-        FineTune(tiny, NAMES, method="prefix").fit(X, y)
+    with pytest.raises(UsageError, match="optimizer"):
+        LoRAFineTuner(tiny, NAMES, optimizer="adam", epochs=1).fit(X, y)
     with pytest.raises(UsageError, match="uint8"):
-        FineTune(tiny, NAMES).fit(X.astype(np.float32), y)
+        LoRAFineTuner(tiny, NAMES).fit(X.astype(np.float32), y)
     with pytest.raises(UsageError, match="model's size"):
-        FineTune(tiny, NAMES).fit(X[:, :16, :16], y)
+        LoRAFineTuner(tiny, NAMES).fit(X[:, :16, :16], y)
     with pytest.raises(UsageError, match="uint8"):
-        FineTune(tiny, NAMES).fit(np.zeros((12, TINY_CFG["embed_dim"]), np.float32), y)
+        LoRAFineTuner(tiny, NAMES).fit(np.zeros((12, TINY_CFG["embed_dim"]), np.float32), y)
     with pytest.raises(UsageError, match="lr"):
-        FineTune(tiny, NAMES, lr=-1.0).fit(X, y)
+        LoRAFineTuner(tiny, NAMES, lr=-1.0).fit(X, y)
     with pytest.raises(UsageError, match="template"):
-        FineTune(tiny, NAMES, template="a photo").fit(X, y)
+        LoRAFineTuner(tiny, NAMES, template="a photo").fit(X, y)
     with pytest.raises(UsageError, match="epochs"):
-        FineTune(tiny, NAMES, epochs=0).fit(X, y)
+        LoRAFineTuner(tiny, NAMES, epochs=0).fit(X, y)
     with pytest.raises(UsageError, match="model's size"):
         fitted("lora")[0].predict(X[:, :16, :16])

@@ -33,7 +33,7 @@ def _snapshot(model):
 def test_gate_weights_sum_to_one_with_top_k_nonzeros(tiny):
     X, y = _data(tiny.embed_dim)
     for k in (1, 2, 3):
-        est = _untrained(MoCoOp(tiny, NAMES, top_k=k, seed=k), X, y)   # the router's init differs by seed
+        est = _untrained(MoCoOp(tiny, NAMES, top_k=k, random_state=k), X, y)   # the router's init differs by seed
         G = est.expert_weights(X)
         assert G.shape == (len(X), len(DEFAULT_GROUPS))
         np.testing.assert_allclose(G.sum(axis=1), 1.0, atol=1e-6)

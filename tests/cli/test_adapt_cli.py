@@ -14,7 +14,7 @@ def adapter(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("adapter") / "gda"
     rc = main(["adapt", "--method", "gda", "--shots", "2", "--dataset", "shapes:color-shape",
                "--model", str(tiny_dir), "--out", str(out), "--n-train", "400", "--n-val", "120",
-               "--seed", "1"])
+               "--random-state", "1"])
     assert rc == 0
     return out
 
@@ -28,7 +28,7 @@ def image(tmp_path_factory):
 
 def test_adapt_writes_adapter_and_summary(adapter, capsys):
     meta = json.loads((adapter / "cliplab_adapter.json").read_text())
-    assert meta["method"] == "gda" and meta["shots"] == 2 and meta["seed"] == 1
+    assert meta["method"] == "gda" and meta["shots"] == 2 and meta["random_state"] == 1
     assert len(meta["fingerprint"]) == 64 and 0.0 <= meta["val_accuracy"] <= 1.0
     assert len(meta["classnames"]) < meta["n_train"] <= 2 * len(meta["classnames"])   # <= 2 shots a class
     assert all(" " in c for c in meta["classnames"])                   # "red circle"...
@@ -105,12 +105,12 @@ def test_learner_from_the_cli_then_classify(method, image, tiny_dir, tiny, tmp_p
     printed, err = capsys.readouterr()
     assert rc == 0, err
     (row,) = json.loads(printed)
-    from cliplab.adapt._base import softmax
     from cliplab.adapt.fewshot import load_fitted
+    from cliplab.zeroshot import softmax
 
     est, names = load_fitted(out, tiny)                     # the library path: the learner's own encoder
-    assert (est.image_backbone() is tiny) == (est.input_kind == "features")
-    proba = softmax(est.logits_from_features(est.image_backbone().encode_images([image]).features))[0]
+    assert (est.image_encoder is tiny) == (est.input_kind == "features")
+    proba = softmax(est.logits_from_features(est.image_encoder.encode_images([image]).features))[0]
     top = np.argsort(-proba, kind="stable")[:2]
     assert [p["label"] for p in row["predictions"]] == [names[i] for i in top]
     np.testing.assert_allclose([p["prob"] for p in row["predictions"]], proba[top], rtol=1e-4)

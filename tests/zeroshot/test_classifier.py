@@ -106,10 +106,8 @@ def test_every_prompt_builder_refuses_colliding_names(tiny):
 
 
 def test_eval_runs_on_tied_dataset_classes_and_names_them(tiny, caplog):
-    from cliplab.eval.tasks import _class_weights
-
-    with caplog.at_level("WARNING", logger="cliplab.eval.tasks"):
-        w = _class_weights(tiny, ["Cat", "dog", "cat"], ["a photo of a {c}."])   # as CLIP_benchmark: runs
+    with caplog.at_level("WARNING", logger="cliplab.zeroshot.classifier"):
+        w = class_weights(tiny, ["Cat", "dog", "cat"], ["a photo of a {c}."], ties="warn")   # as CLIP_benchmark: runs
     assert "'Cat' = 'cat'" in caplog.text
     np.testing.assert_array_equal(w[0], w[2])
 
@@ -141,3 +139,32 @@ def test_label_template_and_descriptor_files_that_are_not_utf8(tmp_path):
     t = tmp_path / "t.txt"
     t.write_bytes(b"\xef\xbb\xbfa photo of a {c}.\r\nart of the {}.\r\n")
     assert get_templates(str(t)) == ["a photo of a {c}.", "art of the {c}."]
+
+
+def test_classify_images_is_the_classifiers_top_k(tiny):
+    from cliplab.zeroshot import classify_images
+
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    clf = ZeroShotClassifier(tiny, ["red", "green", "blue"])
+    assert clf.image_encoder is tiny
+    res = classify_images(clf, [*images[:2], "no-such-file.png", *images[2:]], k=2)
+    assert [s.index for s in res.skipped] == [2] and len(res.items) == 4
+    labels, probs = clf.topk(images, k=2)
+    np.testing.assert_array_equal(res.labels, labels)
+    np.testing.assert_allclose(res.probs, probs, rtol=1e-6)
+    with pytest.raises(UsageError, match="k must be"):
+        classify_images(clf, images, k=0)
+
+
+def test_every_zero_shot_classifier_follows_the_prediction_protocol(tiny):
+    from cliplab.zeroshot import DescriptionClassifier, PerceptionCLIP
+    from cliplab.zeroshot.perception import SHAPES_BACKGROUNDS
+
+    feats = tiny.encode_images([np.random.default_rng(6).integers(0, 256, (32, 32, 3), dtype=np.uint8)])
+    shapes = ["circle", "square", "star"]
+    for clf in (ZeroShotClassifier(tiny, shapes),
+                DescriptionClassifier(tiny, {"circle": ["round"], "square": ["four corners"], "star": ["points"]}),
+                PerceptionCLIP(tiny, shapes, SHAPES_BACKGROUNDS, "a photo of a {c}")):
+        assert clf.image_encoder is tiny
+        np.testing.assert_allclose(clf.predict_proba_features(feats), clf.predict_proba(feats), rtol=1e-6)

@@ -1,49 +1,69 @@
-"""Few-shot adapters on image features: scikit-learn classifiers on (N, D) float32 features.
+"""Few-shot adaptation: training-free adapters on image features and trainable learners.
 
-=============  ==================  ====================================================
-name (CLI)     class               method
-=============  ==================  ====================================================
-``linear``     :class:`LinearProbe`  logistic regression, C chosen on validation
-``gda``        :class:`GDA`          Gaussian discriminant analysis + zero-shot (ICLR'24)
-``tip``        :class:`TipAdapter`   training-free feature cache + zero-shot (ECCV'22)
-``tip-f``      :class:`TipAdapterF`  Tip-Adapter with fine-tuned cache keys
-``caps``       :class:`CapSAdapter`  image + caption cache with KL term (arXiv:2405.16591)
-=============  ==================  ====================================================
+Every method is registered in :data:`METHODS` where its class is defined
+(``@METHODS.register("gda", kind="adapter", help=...)``); the ``cliplab adapt --method``
+choices and help, :func:`save_adapter` / :func:`load_adapter` and the documentation tables
+read that registry (:func:`method_table`).  ``kind`` is ``"adapter"`` for the
+scikit-learn classifiers on image features (N, D) (subclasses of :class:`FeatureAdapter`)
+and ``"learner"`` for the classifiers trained by gradient descent over the Backbone
+(:mod:`cliplab.adapt._trainable`); a learner's ``input_kind`` says whether ``fit`` takes
+image features or images.
 
-Learners train by gradient descent (:mod:`cliplab.adapt._trainable`); prompt learners
-take the frozen image features, fine-tuners take images:
-
-=============  ======================  ===============================================
-``coop``       :class:`CoOp`             learnable prompt context (IJCV'22)
-``kgcoop``     :class:`KgCoOp`           CoOp kept near the hand-written prompt (CVPR'23)
-``mocoop``     :class:`MoCoOp`           mixture of soft prompts with a router (arXiv:2409.12011)
-``lora``       :class:`LoRAClassifier`   LoRA on both towers (images in)
-``svd``        :class:`SVDClassifier`    CLIP-SVD: singular values only (images in)
-``full``       :class:`FullFineTune`     every weight (images in; the WiSE-FT endpoint)
-=============  ======================  ===============================================
+Adding a training-free adapter is one new module in this package (a ``FeatureAdapter``
+subclass with the decorator) plus its test: the registry imports every module of the
+package on its first lookup.
 
 Every adapter chooses its hyper-parameters on a validation split (``fit(X, y, X_val,
 y_val)``, or carved from ``X``), never on test.  ``save_adapter`` / ``load_adapter``
 write and read a fitted adapter (JSON + safetensors).
+
+The classes are imported on first use, so that ``import cliplab.adapt`` (and building the
+command-line parser from :data:`METHODS`) stays cheap.
 """
 
-from .caps import CapSAdapter
-from .coop import CoOp, KgCoOp
-from .finetune import FullFineTune, LoRAClassifier, SVDClassifier
-from .mocoop import MoCoOp
-from .gda import GDA
-from .io import load_adapter, save_adapter
-from .linear import LinearProbe
-from .tip import TipAdapter, TipAdapterF
+from __future__ import annotations
 
-__all__ = ["LinearProbe", "GDA", "TipAdapter", "TipAdapterF", "CapSAdapter", "CoOp", "KgCoOp", "MoCoOp",
-           "LoRAClassifier", "SVDClassifier", "FullFineTune", "save_adapter", "load_adapter", "ADAPTERS",
-           "LEARNERS"]
+import importlib
 
-#: CLI name -> adapter class.
-ADAPTERS = {"linear": LinearProbe, "gda": GDA, "tip": TipAdapter, "tip-f": TipAdapterF,
-            "caps": CapSAdapter}
+from ..registry import Registry
 
-#: CLI name -> learner class (trained by gradient descent).
-LEARNERS = {"coop": CoOp, "kgcoop": KgCoOp, "mocoop": MoCoOp, "lora": LoRAClassifier, "svd": SVDClassifier,
-            "full": FullFineTune}
+#: Few-shot methods by CLI name: metadata ``kind`` ("adapter" or "learner") and ``help``.
+METHODS: Registry = Registry("few-shot method", package=__name__)
+
+_LAZY = {"LinearProbe": "linear", "GDA": "gda", "TipAdapter": "tip", "TipAdapterF": "tip",
+         "CapSAdapter": "caps", "CoOp": "coop", "KgCoOp": "coop", "MoCoOp": "mocoop",
+         "FineTuner": "finetune", "LoRAFineTuner": "finetune", "SVDFineTuner": "finetune",
+         "FullFineTuner": "finetune", "save_adapter": "io", "load_adapter": "io",
+         "fit_adapter": "fewshot", "FeatureAdapter": "_base"}
+
+__all__ = ["METHODS", "list_methods", "method_table", *_LAZY]
+
+
+def list_methods(kind: str | None = None) -> list[str]:
+    """Registered method names, all or those of one ``kind`` ("adapter" or "learner")."""
+    if kind not in (None, "adapter", "learner"):
+        raise ValueError(f"kind must be None, 'adapter' or 'learner'; got {kind!r}")
+    return [n for n in METHODS.names() if kind is None or METHODS.meta(n).get("kind") == kind]
+
+
+def method_table() -> list[dict]:
+    """One row per method (``name``, ``class``, ``kind``, ``input``, ``help``): the docs table.
+
+    Adapters first, then learners, each in registration order.
+    """
+    rows = [{"name": n, "class": cls.__name__, "kind": METHODS.meta(n).get("kind", ""),
+             "input": getattr(cls, "input_kind", "features"), "help": METHODS.meta(n).get("help", "")}
+            for n, cls in METHODS.items()]
+    return sorted(rows, key=lambda r: r["kind"] != "adapter")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])

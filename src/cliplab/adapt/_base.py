@@ -1,4 +1,4 @@
-"""What every feature adapter shares: validation, the validation split, scoring, softmax.
+"""What every feature adapter shares: validation, the validation split, scoring.
 
 An adapter is a scikit-learn classifier on image features (N, D).  Subclasses implement
 ``_fit(X, y, X_val, y_val, **extra)`` (``y`` and ``y_val`` are class indices 0..C-1,
@@ -26,15 +26,9 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..errors import UsageError
+from ..zeroshot.classifier import softmax
 
-__all__ = ["FeatureAdapter", "val_accuracy", "best_of", "softmax"]
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    """Row softmax of logits (N, C), computed stably."""
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+__all__ = ["FeatureAdapter", "val_accuracy", "best_of"]
 
 
 def val_accuracy(logits: np.ndarray, y_val: np.ndarray) -> float:
@@ -60,7 +54,7 @@ def best_of(candidates, y_val: np.ndarray, fallback: dict | None = None) -> tupl
     return best, best_acc
 
 
-def carve_validation(y: np.ndarray, val_fraction: float, seed: int):
+def carve_validation(y: np.ndarray, val_fraction: float, random_state: int):
     """Stratified (train_idx, val_idx) of class indices ``y``, or ``None`` for a class of 1."""
     from ..data.datasets import ClassificationData, split_train_val
 
@@ -68,7 +62,7 @@ def carve_validation(y: np.ndarray, val_fraction: float, seed: int):
     if len(counts) == 0 or counts.min() < 2:
         return None
     data = ClassificationData(list(range(len(y))), y, [str(c) for c in range(len(counts))], "train")
-    tr, va = split_train_val(data, val_fraction=val_fraction, seed=seed)
+    tr, va = split_train_val(data, val_fraction=val_fraction, seed=random_state)
     return np.asarray(tr.items, dtype=np.int64), np.asarray(va.items, dtype=np.int64)
 
 
@@ -81,6 +75,17 @@ class FeatureAdapter(ClassifierMixin, BaseEstimator):
     """
 
     _dtype = np.float64
+    input_kind = "features"
+    #: Names of the extra keyword inputs ``fit`` needs beyond ``X, y`` (e.g. CapS-Adapter's
+    #: ``("captions_X",)``); :func:`cliplab.adapt.fewshot.fit_adapter` provides them.
+    fit_inputs: tuple[str, ...] = ()
+    #: Small constructor parameters that keep the searches short in tests (the scikit-learn
+    #: estimator checks run on ``cls(**cls.test_preset)``); not used by the library.
+    test_preset: dict = {}
+    #: The Backbone whose image features the adapter scores (the prediction protocol of
+    #: :func:`cliplab.zeroshot.classify_images`).  Not a parameter: an adapter works on
+    #: features; :func:`cliplab.adapt.fewshot.load_fitted` and ``fit_adapter`` set it.
+    image_encoder = None
 
     # ------------------------------------------------------------------ helpers
     def _check_text_weights(self, n_classes: int, n_features: int):
@@ -156,6 +161,10 @@ class FeatureAdapter(ClassifierMixin, BaseEstimator):
         """Softmax of the logits over the classes: (N, C), rows sum to 1."""
         check_is_fitted(self)
         return softmax(self._logits(self._check_X(X)))
+
+    def predict_proba_features(self, X) -> np.ndarray:
+        """:meth:`predict_proba` of features of :attr:`image_encoder` (the prediction protocol)."""
+        return self.predict_proba(X)
 
     def predict(self, X) -> np.ndarray:
         """The most probable class of each row: (N,), values from ``classes_``."""

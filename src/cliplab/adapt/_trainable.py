@@ -7,9 +7,12 @@ images (N, H, W, 3) uint8 at the model's size (fine-tuners); ``y`` holds indices
 ``classnames``.  Every class of ``classnames`` can be predicted, also those without
 training examples (base-to-novel: see :meth:`TrainedClassifier.with_classnames`).
 
-The loop (:meth:`TrainedClassifier._train`): ``epochs`` passes over the K-shot set in a
-seeded random order, mini-batches of ``batch_size``, the method's loss terms summed,
-backward, optional gradient clipping, an SGD or AdamW step.  Learning rate: by default
+The loop (:func:`supervised_loop`, also Tip-Adapter-F's): ``epochs`` passes over the
+K-shot set in a seeded random order, mini-batches of ``batch_size``, the method's loss
+terms summed, backward, optional gradient clipping, an optimizer step and a scheduler
+step.  The learners use SGD or AdamW (constructor parameters ``optimizer``,
+``weight_decay``, ``momentum``, ``grad_clip``; each class sets the defaults of its
+reference).  Learning rate: by default
 :func:`cliplab.train.schedule.warmup_cosine_factor` per step (linear warm-up over
 ``warmup_epochs``); a class with ``lr_schedule = "epoch"`` follows Dassl's scheduler, which
 the CoOp-family references train with: the rate changes once per epoch, is held at
@@ -36,10 +39,9 @@ from sklearn.utils.validation import check_is_fitted
 
 from .._progress import progress_bar
 from ..errors import UsageError
-from ..zeroshot.classifier import check_classnames
-from ._base import softmax
+from ..zeroshot.classifier import check_classnames, softmax
 
-__all__ = ["TrainedClassifier", "count_trainable", "frozen"]
+__all__ = ["TrainedClassifier", "count_trainable", "frozen", "supervised_loop"]
 
 
 @contextmanager
@@ -66,6 +68,67 @@ def count_trainable(*modules) -> int:
     return int(sum(p.numel() for p in seen.values()))
 
 
+def supervised_loop(params, batch_loss, n: int, *, epochs: int, batch_size: int, optimizer, scheduler,
+                    generator, grad_clip: float | None = None, on_epoch_end=None, progress: bool | None = False,
+                    desc: str = "train") -> list[dict]:
+    """The one supervised mini-batch loop of the few-shot learners and Tip-Adapter-F.
+
+    Parameters
+    ----------
+    params : list of Tensor
+        The trained tensors (for gradient clipping); ``optimizer`` holds them.
+    batch_loss : callable
+        ``batch_loss(idx) -> dict[str, Tensor]``: the loss terms of the examples ``idx``
+        (a LongTensor (B,) of indices into the training set); their sum is minimised.
+    n : int
+        Training-set size.
+    epochs, batch_size : int
+        Each epoch visits the ``n`` examples once in the order ``torch.randperm(n,
+        generator=generator)``, in ``ceil(n / batch_size)`` mini-batches.
+    optimizer : torch.optim.Optimizer
+    scheduler : torch.optim.lr_scheduler.LRScheduler
+        Stepped after every optimizer step.
+    generator : torch.Generator
+        Seeded by the caller (``random_state``).
+    grad_clip : float or None
+        Clip the gradient norm of ``params`` to this before each step.
+    on_epoch_end : callable, optional
+        ``on_epoch_end(epoch)`` after each epoch (1-based), e.g. to score a validation split.
+    progress : bool or None
+        A progress bar over the steps.
+
+    Returns
+    -------
+    list of dict
+        ``{"epoch", "loss", **terms}`` per epoch: the example-weighted mean of each term.
+    """
+    B = int(batch_size)
+    history = []
+    bar = progress_bar(total=-(-n // B) * int(epochs), progress=progress, desc=desc, unit="step")
+    with bar:
+        for epoch in range(int(epochs)):
+            sums: dict[str, float] = {}
+            order = torch.randperm(n, generator=generator)
+            for s in range(0, n, B):
+                bi = order[s:s + B]
+                terms = batch_loss(bi)
+                loss = sum(terms.values())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                optimizer.step()
+                scheduler.step()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(bi) / n
+                bar.update(1)
+            history.append({"epoch": epoch + 1, "loss": sum(sums.values()), **sums})
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1)
+    return history
+
+
 class TrainedClassifier(ClassifierMixin, BaseEstimator):
     """Base class: input checks, the training loop, prediction.
 
@@ -75,14 +138,18 @@ class TrainedClassifier(ClassifierMixin, BaseEstimator):
     tensor, ``yb`` class indices) and ``_finish()`` (after training: store what
     prediction needs as fitted attributes) and ``_logits(X) -> ndarray (N, C)``.
     Constructor parameters every subclass takes: ``backbone``, ``classnames``,
-    ``epochs``, ``batch_size``, ``lr``, ``warmup_epochs``, ``seed``, ``progress``.
+    ``epochs``, ``batch_size``, ``lr``, ``warmup_epochs``, ``optimizer`` ("sgd" or
+    "adamw"), ``weight_decay``, ``momentum`` (SGD only), ``grad_clip`` (None: no
+    clipping), ``random_state``, ``progress``.
+
+    ``clone`` deep-copies every parameter, ``backbone`` included (as scikit-learn's
+    ``clone`` does for any non-estimator parameter).
+
+    Prediction protocol (:func:`cliplab.zeroshot.classify_images`): ``image_encoder`` is
+    the Backbone whose image features :meth:`predict_proba_features` takes.
     """
 
     input_kind = "features"
-    optimizer = "sgd"
-    weight_decay = 5e-4
-    momentum = 0.9
-    grad_clip: float | None = None
     lr_schedule = "step"            # "epoch": Dassl's per-epoch cosine with a constant warm-up
     warmup_lr = 1e-5                # the constant warm-up rate of lr_schedule = "epoch"
 
@@ -150,7 +217,7 @@ class TrainedClassifier(ClassifierMixin, BaseEstimator):
         self.classnames_ = [str(c) for c in self.classnames]
         self.n_features_in_ = X.shape[1] if self.input_kind == "features" else int(np.prod(X.shape[1:]))
         self.epochs_ = self._epochs(y)
-        torch.manual_seed(self.seed)
+        torch.manual_seed(self.random_state)
         modules = self._setup()
         self.n_trainable_ = count_trainable(*modules)
         tic = time.perf_counter()
@@ -173,6 +240,8 @@ class TrainedClassifier(ClassifierMixin, BaseEstimator):
         return 50 if k <= 1 else 100 if k <= 4 else 200
 
     def _optimizer(self, params):
+        if self.optimizer not in ("sgd", "adamw"):
+            raise UsageError(f"optimizer must be 'sgd' or 'adamw'; got {self.optimizer!r}")
         if self.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.lr_, momentum=self.momentum, weight_decay=self.weight_decay)
         return torch.optim.AdamW(params, lr=self.lr_, weight_decay=self.weight_decay)
@@ -194,34 +263,13 @@ class TrainedClassifier(ClassifierMixin, BaseEstimator):
         if not params:
             raise UsageError(f"{type(self).__name__}: nothing to train")
         opt = self._optimizer(params)
-        n, B = len(X), int(self.batch_size)
-        per_epoch = -(-n // B)
-        total = per_epoch * self.epochs_
+        per_epoch = -(-len(X) // int(self.batch_size))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: self._lr_factor(t, per_epoch))
-        gen = torch.Generator().manual_seed(int(self.seed))
         yt = torch.from_numpy(y)
-        history = []
-        bar = progress_bar(total=total, progress=self.progress, desc=type(self).__name__, unit="step")
-        with bar:
-            for epoch in range(self.epochs_):
-                sums: dict[str, float] = {}
-                order = torch.randperm(n, generator=gen)
-                for s in range(0, n, B):
-                    bi = order[s:s + B].numpy()
-                    terms = self._loss(self._to_tensor(X[bi]), yt[bi])
-                    loss = sum(terms.values())
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if self.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-                    opt.step()
-                    sched.step()
-                    for k, v in terms.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(bi) / n
-                    bar.update(1)
-                history.append({"epoch": epoch + 1, "loss": sum(sums.values()), **sums})
-                bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-        return history
+        return supervised_loop(params, lambda bi: self._loss(self._to_tensor(X[bi.numpy()]), yt[bi]), len(X),
+                               epochs=self.epochs_, batch_size=self.batch_size, optimizer=opt, scheduler=sched,
+                               generator=torch.Generator().manual_seed(int(self.random_state)),
+                               grad_clip=self.grad_clip, progress=self.progress, desc=type(self).__name__)
 
     # -------------------------------------------------------------- predict
     def with_classnames(self, classnames):
@@ -251,15 +299,20 @@ class TrainedClassifier(ClassifierMixin, BaseEstimator):
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
     def logits_from_features(self, F: np.ndarray) -> np.ndarray:
-        """``logit_scale · f · t_cᵀ`` (N, C) from image features ``F`` (N, D) of :meth:`image_backbone`."""
+        """``logit_scale · f · t_cᵀ`` (N, C) from image features ``F`` (N, D) of :attr:`image_encoder`."""
         check_is_fitted(self)
         F = np.asarray(F, dtype=np.float32)
         F = F / np.maximum(np.linalg.norm(F, axis=1, keepdims=True), 1e-12)
         return self.logit_scale_ * (F @ self.text_features_.T)
 
-    def image_backbone(self):
+    @property
+    def image_encoder(self):
         """The Backbone whose image features :meth:`logits_from_features` takes (the frozen one)."""
         return self.backbone
+
+    def predict_proba_features(self, F: np.ndarray) -> np.ndarray:
+        """Softmax (N, C) of :meth:`logits_from_features` (the prediction protocol)."""
+        return softmax(self.logits_from_features(F))
 
     def _logits(self, X: np.ndarray) -> np.ndarray:
         return self.logits_from_features(self._image_features(X))

@@ -59,8 +59,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UsageError
-from . import _base
-from ._base import FeatureAdapter, softmax
+from ..zeroshot.classifier import softmax
+from . import METHODS, _base
+from ._base import FeatureAdapter
 from .tip import TipAdapter, linear_grid
 
 __all__ = ["CapSAdapter", "multimodal_affinity", "kl_signatures", "kl_logits"]
@@ -94,6 +95,13 @@ def kl_logits(kl, affinity, starts):
     return -np.add.reduceat(scaled, starts, axis=1)                           # eq. (3)
 
 
+def _noisy_copy(X):
+    """Stand-in caption features for the estimator checks: ``X`` rotated slightly (N, D)."""
+    X = np.asarray(X, dtype=np.float32)
+    return np.roll(X, 1, axis=1) * 0.3 + X
+
+
+@METHODS.register("caps", kind="adapter", help="image + caption cache with a KL term (arXiv:2405.16591)")
 class CapSAdapter(FeatureAdapter):
     """Training-free multimodal (image + caption) cache with a KL-signature term.
 
@@ -141,6 +149,8 @@ class CapSAdapter(FeatureAdapter):
     """
 
     _dtype = np.float32
+    fit_inputs = ("captions_X",)
+    test_preset = {"search_steps": (5, 4, 3), "caption_features": _noisy_copy}
 
     def __init__(self, *, alpha=None, beta=None, gamma=None, delta=None, search_steps=(50, 20, 10),
                  caption_features=None, text_weights=None, logit_scale=100.0, val_fraction=0.25,

@@ -38,12 +38,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
+from . import METHODS
 from ._trainable import TrainedClassifier
 from .prompts import SoftPrompts
 
 __all__ = ["CoOp", "KgCoOp"]
 
 
+@METHODS.register("coop", kind="learner", help="learnable prompt context on frozen features (IJCV 2022)")
 class CoOp(TrainedClassifier):
     """Context Optimization: a prompt learner over the frozen Backbone.
 
@@ -67,7 +69,14 @@ class CoOp(TrainedClassifier):
     lr : float, default 2e-3
     warmup_epochs : int, default 1
         Epochs at the constant warm-up rate 1e-5 (``warmup_lr``).
-    seed : int, default 0
+    optimizer : {"sgd", "adamw"}, default "sgd"
+    weight_decay : float, default 5e-4
+    momentum : float, default 0.9
+        SGD momentum.
+    grad_clip : float or None, default None
+        Largest gradient norm; None: no clipping.
+    random_state : int, default 0
+        Seeds the context initialisation and the mini-batch order.
     progress : bool, optional
 
     Attributes
@@ -90,7 +99,9 @@ class CoOp(TrainedClassifier):
 
     def __init__(self, backbone=None, classnames=None, *, n_ctx: int = 16, ctx_init: str = "",
                  class_specific: bool = False, epochs: int | None = None, batch_size: int = 32,
-                 lr: float = 2e-3, warmup_epochs: int = 1, seed: int = 0, progress: bool | None = None):
+                 lr: float = 2e-3, warmup_epochs: int = 1, optimizer: str = "sgd", weight_decay: float = 5e-4,
+                 momentum: float = 0.9, grad_clip: float | None = None, random_state: int = 0,
+                 progress: bool | None = None):
         self.backbone = backbone
         self.classnames = classnames
         self.n_ctx = n_ctx
@@ -100,14 +111,18 @@ class CoOp(TrainedClassifier):
         self.batch_size = batch_size
         self.lr = lr
         self.warmup_epochs = warmup_epochs
-        self.seed = seed
+        self.optimizer = optimizer
+        self.weight_decay = weight_decay
+        self.momentum = momentum
+        self.grad_clip = grad_clip
+        self.random_state = random_state
         self.progress = progress
 
     lr_schedule = "epoch"
 
     # ------------------------------------------------------------- training
     def _make_prompts(self, classnames) -> SoftPrompts:
-        gen = torch.Generator().manual_seed(int(self.seed))
+        gen = torch.Generator().manual_seed(int(self.random_state))
         return SoftPrompts(self.backbone, classnames, before=self.ctx_init or int(self.n_ctx),
                            class_specific=self.class_specific, generator=gen)
 
@@ -136,6 +151,7 @@ class CoOp(TrainedClassifier):
         self.text_features_ = F.normalize(prompts(self.backbone.model), dim=-1).numpy()
 
 
+@METHODS.register("kgcoop", kind="learner", help="CoOp kept near the hand-written prompt (CVPR 2023)")
 class KgCoOp(CoOp):
     """Knowledge-guided CoOp: CoOp plus ``λ (1 − mean_c cos(g(t_c), w_c^clip))``.
 
@@ -153,10 +169,13 @@ class KgCoOp(CoOp):
     def __init__(self, backbone=None, classnames=None, *, kg_weight: float = 8.0,
                  template: str = "a photo of a {}.", n_ctx: int = 4, ctx_init: str = "a photo of a",
                  class_specific: bool = False, epochs: int | None = 100, batch_size: int = 128,
-                 lr: float = 2e-3, warmup_epochs: int = 1, seed: int = 0, progress: bool | None = None):
+                 lr: float = 2e-3, warmup_epochs: int = 1, optimizer: str = "sgd", weight_decay: float = 5e-4,
+                 momentum: float = 0.9, grad_clip: float | None = None, random_state: int = 0,
+                 progress: bool | None = None):
         super().__init__(backbone, classnames, n_ctx=n_ctx, ctx_init=ctx_init, class_specific=class_specific,
-                         epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, seed=seed,
-                         progress=progress)
+                         epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,
+                         optimizer=optimizer, weight_decay=weight_decay, momentum=momentum, grad_clip=grad_clip,
+                         random_state=random_state, progress=progress)
         self.kg_weight = kg_weight
         self.template = template
 

@@ -1,6 +1,8 @@
 """Fit a few-shot adapter or learner from a dataset spec and save/load it with its metadata.
 
-What ``cliplab adapt`` and ``cliplab classify --adapter`` call.  The adapter folder holds
+What ``cliplab adapt`` and ``cliplab classify --adapter`` call.  The methods are those of
+:data:`cliplab.adapt.METHODS`; an adapter whose ``fit`` needs more than features and labels
+names those inputs in ``fit_inputs`` and :data:`FIT_INPUTS` provides them.  The adapter folder holds
 what :func:`cliplab.adapt.save_adapter` writes plus ``cliplab_adapter.json``: the class
 names, the method, the data it was fit on and the fingerprint of the model whose features
 it was fit on, so a different model is refused.
@@ -9,14 +11,17 @@ it was fit on, so a different model is refused.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from ..data.text import read_text
 from ..errors import DataError, UsageError
+from . import METHODS, list_methods
 
-METHODS = ("linear", "gda", "tip", "tip-f", "caps", "coop", "kgcoop", "mocoop", "lora", "svd", "full")
+logger = logging.getLogger(__name__)
+
 META_FILE = "cliplab_adapter.json"
 
 
@@ -24,7 +29,7 @@ def _has_val_split(spec: str) -> bool:
     return spec.startswith("shapes:") or (Path(spec) / "val").is_dir()
 
 
-def _load_splits(spec: str, n_train, n_val, seed: int):
+def _load_splits(spec: str, n_train, n_val, random_state: int):
     """(train, val) ClassificationData of ``spec``: its own val split, else 20 % of train."""
     from ..data.datasets import load_dataset, split_train_val
 
@@ -37,7 +42,7 @@ def _load_splits(spec: str, n_train, n_val, seed: int):
     if _has_val_split(spec):
         val = load_dataset(spec, "val", n=n_val, seed=0)
     else:
-        train, val = split_train_val(train, seed=seed)
+        train, val = split_train_val(train, seed=random_state)
     return train, val
 
 
@@ -61,13 +66,19 @@ def _caption_features(backbone, data, idx, store) -> np.ndarray:
     return np.asarray(out, np.float32)                                                      # (N, D)
 
 
-def make_adapter(method: str, **params):
-    """``ADAPTERS[method]`` built with those of ``params`` it takes (a linear probe has no text head)."""
-    from . import ADAPTERS
+#: Providers of the extra ``fit`` inputs that adapters declare in ``fit_inputs``:
+#: ``provider(backbone, train, idx, store) -> array`` for the training items ``idx``.
+FIT_INPUTS = {"captions_X": _caption_features}
 
-    cls = ADAPTERS[method]
+
+def _accepted(cls, params: dict) -> dict:
     accepted = cls().get_params()
-    return cls(**{k: v for k, v in params.items() if k in accepted})
+    return {k: v for k, v in params.items() if k in accepted and v is not None}
+
+
+def make_adapter(method: str, **params):
+    """The training-free adapter ``method`` built with those of ``params`` it takes."""
+    return METHODS.get(method)(**_accepted(METHODS.get(method), params))
 
 
 def images_at_model_size(backbone, items) -> tuple[np.ndarray, np.ndarray]:
@@ -77,8 +88,6 @@ def images_at_model_size(backbone, items) -> tuple[np.ndarray, np.ndarray]:
     and centre-cropped.  Returns the arrays and the indices of the items kept (unreadable
     ones are skipped and logged).
     """
-    import logging
-
     from PIL import Image, ImageOps
 
     from ..data.images import load_image
@@ -93,7 +102,7 @@ def images_at_model_size(backbone, items) -> tuple[np.ndarray, np.ndarray]:
             try:
                 img = Image.fromarray(item) if isinstance(item, np.ndarray) else load_image(item)
             except (BadImage, OSError, ValueError) as e:
-                logging.getLogger("cliplab.adapt").warning("skipping unreadable image %s: %s", item, e)
+                logger.warning("skipping unreadable image %s: %s", item, e)
                 continue
             out.append(np.asarray(ImageOps.fit(img.convert("RGB"), (size, size), Image.BICUBIC)))
         kept.append(i)
@@ -101,13 +110,9 @@ def images_at_model_size(backbone, items) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_learner(method: str, backbone, classnames, **params):
-    """``LEARNERS[method]`` over ``backbone`` and ``classnames`` with those ``params`` it takes."""
-    from . import LEARNERS
-
-    cls = LEARNERS[method]
-    accepted = cls().get_params()
-    return cls(backbone=backbone, classnames=list(classnames),
-               **{k: v for k, v in params.items() if k in accepted and v is not None})
+    """The learner ``method`` over ``backbone`` and ``classnames`` with those ``params`` it takes."""
+    cls = METHODS.get(method)
+    return cls(backbone=backbone, classnames=list(classnames), **_accepted(cls, params))
 
 
 def _fit_learner(backbone, method, train, val, idx, store, params):
@@ -129,35 +134,46 @@ def _fit_learner(backbone, method, train, val, idx, store, params):
     return est, len(yt), len(yv), float(est.val_accuracy_), sorted(set(range(len(names))) - set(yt.tolist()))
 
 
-def fit_adapter(backbone, *, method: str, dataset: str, shots: int, seed: int = 0, store=None,
+def fit_adapter(backbone, *, method: str, dataset: str, shots: int, random_state: int = 0, store=None,
                 templates="default", n_train=None, n_val=None, model_spec: str = "", **params):
     """Fit ``method`` on ``shots`` images per class of ``dataset``; returns (estimator, meta).
 
-    ``params`` go to a learner's constructor (``epochs``, ``lr``...; None means its default).
+    ``random_state`` seeds the few-shot draw (and the validation split of a dataset without
+    one).  ``store``: a FeatureStore or a cache folder for the image features.  ``params``
+    go to a learner's constructor (``epochs``, ``lr``...; None means its default).
+
+    Raises
+    ------
+    UsageError
+        An unknown method, learner options for a training-free adapter, ``shots < 1``.
+    DataError
+        Fewer than two classes in the draw, or no validation image of a training class.
     """
-    from . import ADAPTERS, LEARNERS
     from ..data.datasets import ClassificationData, fewshot_subset
     from ..eval.tasks import image_features
     from ..zeroshot import class_weights, get_templates
 
-    if method not in ADAPTERS and method not in LEARNERS:
-        raise UsageError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    kind = METHODS.meta(method).get("kind")          # UsageError naming the methods if unknown
+    if isinstance(store, (str, Path)):
+        from ..features import FeatureStore
+
+        store = FeatureStore(store, backbone)
     given = sorted(k for k, v in params.items() if v is not None)
-    if method in ADAPTERS and given:
-        raise UsageError(f"{', '.join(given)} only apply to learners ({', '.join(LEARNERS)}); "
+    if kind != "learner" and given:
+        raise UsageError(f"{', '.join(given)} only apply to learners ({', '.join(list_methods('learner'))}); "
                          f"{method} chooses its hyper-parameters on the validation split")
     if shots < 1:
         raise UsageError(f"--shots must be >= 1, got {shots}")
     tpl = get_templates(templates)       # a bad template file fails before any image is read
-    train, val = _load_splits(dataset, n_train, n_val, seed)
+    train, val = _load_splits(dataset, n_train, n_val, random_state)
     pool = ClassificationData(list(range(len(train))), train.labels, train.classnames, train.name)
-    idx = np.asarray(fewshot_subset(pool, shots, seed).items, dtype=np.int64)
-    if method in LEARNERS:
+    idx = np.asarray(fewshot_subset(pool, shots, random_state).items, dtype=np.int64)
+    if kind == "learner":
         est, n_t, n_v, val_acc, missing = _fit_learner(backbone, method, train, val, idx, store, params)
         meta = {"method": method, "classnames": list(est.classnames_), "fingerprint": backbone.fingerprint,
-                "model_spec": str(model_spec), "dataset": dataset, "shots": int(shots), "seed": int(seed),
-                "n_train": n_t, "n_val": n_v, "val_accuracy": val_acc, "trainable_parameters": est.n_trainable_,
-                "fit_seconds": round(est.fit_time_, 2)}
+                "model_spec": str(model_spec), "dataset": dataset, "shots": int(shots),
+                "random_state": int(random_state), "n_train": n_t, "n_val": n_v, "val_accuracy": val_acc,
+                "trainable_parameters": est.n_trainable_, "fit_seconds": round(est.fit_time_, 2)}
         if missing:
             meta["classes_without_examples"] = [train.classnames[c] for c in missing]
         return est, meta
@@ -175,14 +191,13 @@ def fit_adapter(backbone, *, method: str, dataset: str, shots: int, seed: int = 
     names = list(train.classnames)
     text = class_weights(backbone, [names[c] for c in present], tpl)                       # (C', D)
     est = make_adapter(method, text_weights=text, logit_scale=backbone.logit_scale)
-    extra = {}
-    if method == "caps":
-        extra["captions_X"] = _caption_features(backbone, train, idx, store)
+    extra = {name: FIT_INPUTS[name](backbone, train, idx, store) for name in est.fit_inputs}
     est.fit(xt, yt, X_val=xv[on], y_val=yv[on], **extra)
+    est.image_encoder = backbone
     val_acc = float(np.mean(est.predict(xv) == yv))
     meta = {"method": method, "classnames": [names[int(c)] for c in est.classes_],
             "fingerprint": backbone.fingerprint, "model_spec": str(model_spec), "dataset": dataset,
-            "shots": int(shots), "seed": int(seed), "templates": tpl, "n_train": int(len(yt)),
+            "shots": int(shots), "random_state": int(random_state), "templates": tpl, "n_train": int(len(yt)),
             "n_val": int(len(yv)), "val_accuracy": val_acc}
     if len(present) < len(names):
         meta["classes_without_examples"] = [n for c, n in enumerate(names) if c not in set(present.tolist())]
@@ -218,8 +233,10 @@ def load_fitted(path, backbone):
                          f"(fingerprint {fp[:12]}), not of --model {backbone.name} "
                          f"({backbone.fingerprint[:12]}); pass the model it was fit with")
     est = load_adapter(path)
-    if hasattr(est, "backbone"):         # learners keep using the towers of the model
-        est.backbone = backbone
+    if METHODS.meta(est.name).get("kind") == "learner":
+        est.backbone = backbone          # learners keep using the towers of the model
+    else:
+        est.image_encoder = backbone     # adapters score the features of the model they were fit on
     if len(est.classes_) != len(names):
         raise DataError(f"{path}: the adapter has {len(est.classes_)} classes but {META_FILE} names {len(names)}")
     return est, names

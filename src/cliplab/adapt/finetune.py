@@ -8,14 +8,20 @@ arXiv:2106.09685.  Full fine-tuning against class prompts as in FLYP — Goyal e
 from :mod:`cliplab.surgery` (:func:`~cliplab.surgery.apply_lora`,
 :func:`~cliplab.surgery.apply_svd`); the result can be mixed with the zero-shot model
 by WiSE-FT (:func:`~cliplab.surgery.interpolate`, arXiv:2109.01903) through
-:meth:`FineTune.adapted_backbone`.
+:meth:`FineTuner.adapted_backbone`.
+
+=========  ======================  ==========================================
+``lora``   :class:`LoRAFineTuner`  LoRA on both towers, lr 1e-4
+``svd``    :class:`SVDFineTuner`   CLIP-SVD: singular values only, lr 5e-4
+``full``   :class:`FullFineTuner`  every weight (the WiSE-FT endpoint), lr 1e-5
+=========  ======================  ==========================================
 
 Algorithm
 ---------
 1. Adapt a copy of the Backbone (the given one is never changed):
-   ``method="lora"``: ``W' = W + (α/r) B A`` on qkv, out, c_fc, c_proj of both towers
-   (LoRA eq. 3); ``"svd"``: ``W = U diag(s) Vᵀ`` with only ``s`` trained (CLIP-SVD);
-   ``"full"``: every parameter trains, the temperature included (FLYP).
+   lora: ``W' = W + (α/r) B A`` on qkv, out, c_fc, c_proj of both towers
+   (LoRA eq. 3); svd: ``W = U diag(s) Vᵀ`` with only ``s`` trained (CLIP-SVD);
+   full: every parameter trains, the temperature included (FLYP).
 2. Every step, for a mini-batch of images x and ALL class prompts
    ``t_c = template.format(c)``, with the adapted image tower f and text tower g::
 
@@ -23,7 +29,8 @@ Algorithm
        L = CE(logits, y)                                    (CLIP-SVD train.py)
 
    ``s = exp(logit_scale)`` of the adapted model (fixed for lora/svd, trained by "full").
-3. AdamW, weight decay 0.01, gradient norm clipped at 1.0, linear warm-up over
+3. AdamW, weight decay 0.01, gradient norm clipped at 1.0 (constructor parameters
+   ``optimizer``, ``weight_decay``, ``grad_clip``), linear warm-up over
    ``warmup_epochs`` then cosine to 0, batch 32.
 
 Defaults (``lr=None``): 5e-4 for "svd" (the reference's AdamW lr), 1e-4 for "lora",
@@ -62,13 +69,12 @@ from torch.nn.utils import parametrize
 
 from ..errors import CheckpointMismatch, UsageError
 from ..models.backbone import Backbone, encode_token_embeddings
+from . import METHODS
 from ._trainable import TrainedClassifier
 from .prompts import check_prompt_backbone
 
-__all__ = ["FineTune", "LoRAClassifier", "SVDClassifier", "FullFineTune", "DEFAULT_LR"]
+__all__ = ["FineTuner", "LoRAFineTuner", "SVDFineTuner", "FullFineTuner"]
 
-#: method -> learning rate used when ``lr=None``.
-DEFAULT_LR = {"lora": 1e-4, "svd": 5e-4, "full": 1e-5}
 _ENCODE_BATCH = 64
 
 
@@ -97,8 +103,12 @@ def _materialise(base: Backbone, adapted: Backbone, name: str) -> Backbone:
     return _plain_copy(base, model, name)
 
 
-class FineTune(TrainedClassifier):
-    """Fine-tune both towers of a Backbone on K-shot labelled images.
+class FineTuner(TrainedClassifier):
+    """Base of the fine-tuners: fine-tune both towers of a Backbone on K-shot labelled images.
+
+    Subclasses (:class:`LoRAFineTuner`, :class:`SVDFineTuner`, :class:`FullFineTuner`)
+    say what trains by overriding :meth:`_build` and :meth:`adapted_backbone`, and set
+    ``default_lr``.
 
     Parameters
     ----------
@@ -106,22 +116,22 @@ class FineTune(TrainedClassifier):
         fp32.  Left unchanged; a copy is adapted.
     classnames : list of str
         One name per class index of ``y``.
-    method : {"lora", "svd", "full"}, default "lora"
-        What trains: LoRA adapters, the singular values of every linear layer
-        (CLIP-SVD), or every weight.
-    rank : int, default 4
-        LoRA rank r (``method="lora"`` only).
-    lora_alpha : float, default 8
-        LoRA scale numerator α; the update is ``(α/r) B A`` (``method="lora"`` only).
     template : str, default "a photo of a {}."
         Class prompt; its text features are recomputed by the adapted tower every step.
     epochs : int or None, default 10
         None: the CLIP-SVD reference budget of 200·K iterations.
     batch_size : int, default 32
     lr : float or None, default None
-        None: :data:`DEFAULT_LR` of the method (lora 1e-4, svd 5e-4, full 1e-5).
+        None: the class's ``default_lr`` (lora 1e-4, svd 5e-4, full 1e-5).
     warmup_epochs : int, default 1
-    seed : int, default 0
+    optimizer : {"adamw", "sgd"}, default "adamw"
+    weight_decay : float, default 0.01
+    momentum : float, default 0.9
+        SGD only.
+    grad_clip : float or None, default 1.0
+        Largest gradient norm; None: no clipping.
+    random_state : int, default 0
+        Seeds the adapters' initialisation and the mini-batch order.
     progress : bool, optional
 
     Attributes
@@ -144,37 +154,34 @@ class FineTune(TrainedClassifier):
 
     Examples
     --------
-    >>> est = FineTune(backbone=bb, classnames=names, method="svd").fit(images, labels)  # doctest: +SKIP
+    >>> est = SVDFineTuner(backbone=bb, classnames=names).fit(images, labels)           # doctest: +SKIP
     >>> est.predict(test_images)                                                         # doctest: +SKIP
     >>> cliplab.surgery.interpolate(bb, est.adapted_backbone(), 0.5)                     # doctest: +SKIP
     """
 
     input_kind = "images"
-    optimizer = "adamw"
-    weight_decay = 0.01
-    grad_clip = 1.0
+    default_lr: float = 1e-4
 
-    def __init__(self, backbone=None, classnames=None, *, method: str = "lora", rank: int = 4,
-                 lora_alpha: float = 8, template: str = "a photo of a {}.", epochs: int | None = 10,
-                 batch_size: int = 32, lr: float | None = None, warmup_epochs: int = 1, seed: int = 0,
-                 progress: bool | None = None):
+    def __init__(self, backbone=None, classnames=None, *, template: str = "a photo of a {}.",
+                 epochs: int | None = 10, batch_size: int = 32, lr: float | None = None, warmup_epochs: int = 1,
+                 optimizer: str = "adamw", weight_decay: float = 0.01, momentum: float = 0.9,
+                 grad_clip: float | None = 1.0, random_state: int = 0, progress: bool | None = None):
         self.backbone = backbone
         self.classnames = classnames
-        self.method = method
-        self.rank = rank
-        self.lora_alpha = lora_alpha
         self.template = template
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
         self.warmup_epochs = warmup_epochs
-        self.seed = seed
+        self.optimizer = optimizer
+        self.weight_decay = weight_decay
+        self.momentum = momentum
+        self.grad_clip = grad_clip
+        self.random_state = random_state
         self.progress = progress
 
     # --------------------------------------------------------------- inputs
     def _check_common(self):
-        if self.method not in DEFAULT_LR:
-            raise UsageError(f"method must be one of {list(DEFAULT_LR)}; got {self.method!r}")
         super()._check_common()
         if self.backbone.precision != "fp32":
             raise UsageError(f"fine-tuning needs fp32 weights; load the model with precision='fp32' "
@@ -183,7 +190,7 @@ class FineTune(TrainedClassifier):
             raise UsageError(f"template needs exactly one '{{}}' for the class name; got {self.template!r}")
 
     def _default_lr(self) -> float:
-        return DEFAULT_LR[self.method]
+        return self.default_lr
 
     def _as_input(self, X) -> np.ndarray:
         if self.backbone is None:
@@ -205,15 +212,7 @@ class FineTune(TrainedClassifier):
     # ---------------------------------------------------------------- model
     def _build(self) -> Backbone:
         """A fresh adapted copy of ``backbone`` (identical outputs before training)."""
-        from ..surgery import apply_lora, apply_svd
-
-        bb = self.backbone
-        if self.method == "lora":
-            return apply_lora(bb, rank=self.rank, alpha=self.lora_alpha)
-        if self.method == "svd":
-            return apply_svd(bb)
-        model = copy.deepcopy(bb.model).requires_grad_(True)
-        return _plain_copy(bb, model, f"{bb.name}+full")
+        raise NotImplementedError
 
     def _prompt_tokens(self, classnames) -> tuple[torch.Tensor, bool]:
         """Token ids (C, L) of the class prompts, cut after the last EOT when the tower allows."""
@@ -235,13 +234,13 @@ class FineTune(TrainedClassifier):
         if getattr(self, "_adapted", None) is None:
             check_is_fitted(self)
             if self.backbone is None:
-                raise UsageError("a loaded FineTune needs its backbone; set est.backbone first")
+                raise UsageError(f"a loaded {type(self).__name__} needs its backbone; set est.backbone first")
             adapted = self._build()
             params = dict(adapted.model.named_parameters())
             trained = {n for n, p in params.items() if p.requires_grad}
             if trained != set(self.state_):
                 missing, extra = sorted(trained - set(self.state_)), sorted(set(self.state_) - trained)
-                raise CheckpointMismatch(f"state_ does not fit method={self.method!r} on this backbone: "
+                raise CheckpointMismatch(f"state_ does not fit {type(self).__name__} on this backbone: "
                                          f"{len(missing)} missing (e.g. {missing[:1]}), "
                                          f"{len(extra)} unexpected (e.g. {extra[:1]})")
             with torch.no_grad():
@@ -287,7 +286,8 @@ class FineTune(TrainedClassifier):
         return (torch.cat(out).numpy() if out
                 else np.zeros((0, self.backbone.embed_dim), dtype=np.float32))
 
-    def image_backbone(self) -> Backbone:
+    @property
+    def image_encoder(self) -> Backbone:
         """The adapted Backbone (parametrised as trained): its image features go to
         :meth:`logits_from_features` (what ``cliplab classify --adapter`` uses)."""
         return self._model()
@@ -295,67 +295,78 @@ class FineTune(TrainedClassifier):
     def adapted_backbone(self) -> Backbone:
         """The fine-tuned model as a new plain Backbone, with the original's state-dict keys.
 
-        LoRA: merged (:func:`cliplab.surgery.merge_lora`, ``W + (α/r) B A`` folded in).
-        CLIP-SVD: ``U diag(s) Vᵀ`` evaluated into a copy of the original model (the
-        parametrised model's keys — ``...original``, ``U``, ``Vh`` — would not match the
-        zero-shot model's).  Full: a copy.  Each can go to
-        ``cliplab.surgery.interpolate(backbone, est.adapted_backbone(), alpha)`` (WiSE-FT).
+        It can go to ``cliplab.surgery.interpolate(backbone, est.adapted_backbone(), alpha)``
+        (WiSE-FT).
         """
-        from ..surgery import merge_lora
-
-        adapted = self._model()
-        if self.method == "lora":
-            return merge_lora(adapted)
-        if self.method == "svd":
-            return _materialise(self.backbone, adapted, f"{self.backbone.name}+svd-merged")
-        return _plain_copy(self.backbone, copy.deepcopy(adapted.model), adapted.name)
+        raise NotImplementedError
 
 
-class LoRAClassifier(FineTune):
-    """:class:`FineTune` with ``method="lora"``: LoRA (rank 4, α 8) on both towers, lr 1e-4."""
+@METHODS.register("lora", kind="learner", help="LoRA on both towers (rank 4)")
+class LoRAFineTuner(FineTuner):
+    """LoRA (rank ``rank``, scale ``lora_alpha / rank``) on both towers, lr 1e-4.
 
-    method = "lora"
+    Parameters
+    ----------
+    rank : int, default 4
+        LoRA rank r.
+    lora_alpha : float, default 8
+        LoRA scale numerator α; the update is ``(α/r) B A``.
+    Others as :class:`FineTuner`.
+    """
+
+    default_lr = 1e-4
 
     def __init__(self, backbone=None, classnames=None, *, rank: int = 4, lora_alpha: float = 8,
                  template: str = "a photo of a {}.", epochs: int | None = 10, batch_size: int = 32,
-                 lr: float | None = None, warmup_epochs: int = 1, seed: int = 0, progress: bool | None = None):
-        self.backbone = backbone
-        self.classnames = classnames
+                 lr: float | None = None, warmup_epochs: int = 1, optimizer: str = "adamw",
+                 weight_decay: float = 0.01, momentum: float = 0.9, grad_clip: float | None = 1.0,
+                 random_state: int = 0, progress: bool | None = None):
+        super().__init__(backbone, classnames, template=template, epochs=epochs, batch_size=batch_size, lr=lr,
+                         warmup_epochs=warmup_epochs, optimizer=optimizer, weight_decay=weight_decay,
+                         momentum=momentum, grad_clip=grad_clip, random_state=random_state, progress=progress)
         self.rank = rank
         self.lora_alpha = lora_alpha
-        self.template = template
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.warmup_epochs = warmup_epochs
-        self.seed = seed
-        self.progress = progress
+
+    def _build(self) -> Backbone:
+        from ..surgery import apply_lora
+
+        return apply_lora(self.backbone, rank=self.rank, alpha=self.lora_alpha)
+
+    def adapted_backbone(self) -> Backbone:
+        """The LoRA update merged (:func:`cliplab.surgery.merge_lora`, ``W + (α/r) B A`` folded in)."""
+        from ..surgery import merge_lora
+
+        return merge_lora(self._model())
 
 
-class _NoRankParams(FineTune):
-    """Constructor of the methods without LoRA's ``rank`` / ``lora_alpha``."""
+@METHODS.register("svd", kind="learner", help="CLIP-SVD: only the singular values of the tower weights train")
+class SVDFineTuner(FineTuner):
+    """CLIP-SVD: every linear layer ``W = U diag(s) Vᵀ`` with only ``s`` trained, lr 5e-4."""
 
-    def __init__(self, backbone=None, classnames=None, *, template: str = "a photo of a {}.",
-                 epochs: int | None = 10, batch_size: int = 32, lr: float | None = None,
-                 warmup_epochs: int = 1, seed: int = 0, progress: bool | None = None):
-        self.backbone = backbone
-        self.classnames = classnames
-        self.template = template
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.warmup_epochs = warmup_epochs
-        self.seed = seed
-        self.progress = progress
+    default_lr = 5e-4
 
+    def _build(self) -> Backbone:
+        from ..surgery import apply_svd
 
-class SVDClassifier(_NoRankParams):
-    """:class:`FineTune` with ``method="svd"``: CLIP-SVD, only singular values train, lr 5e-4."""
+        return apply_svd(self.backbone)
 
-    method = "svd"
+    def adapted_backbone(self) -> Backbone:
+        """``U diag(s) Vᵀ`` evaluated into a copy of the original model (the parametrised
+        model's keys — ``...original``, ``U``, ``Vh`` — would not match the zero-shot model's)."""
+        return _materialise(self.backbone, self._model(), f"{self.backbone.name}+svd-merged")
 
 
-class FullFineTune(_NoRankParams):
-    """:class:`FineTune` with ``method="full"``: every weight (and the temperature) trains, lr 1e-5."""
+@METHODS.register("full", kind="learner", help="every weight trains (the WiSE-FT endpoint)")
+class FullFineTuner(FineTuner):
+    """Every weight (and the temperature) trains, lr 1e-5 (FLYP / WiSE-FT's fine-tuned endpoint)."""
 
-    method = "full"
+    default_lr = 1e-5
+
+    def _build(self) -> Backbone:
+        bb = self.backbone
+        return _plain_copy(bb, copy.deepcopy(bb.model).requires_grad_(True), f"{bb.name}+full")
+
+    def adapted_backbone(self) -> Backbone:
+        """A plain copy of the fine-tuned model."""
+        adapted = self._model()
+        return _plain_copy(self.backbone, copy.deepcopy(adapted.model), adapted.name)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UsageError
+from . import METHODS
 from ._base import FeatureAdapter, best_of
 
 __all__ = ["GDA", "class_means", "shared_precision", "gda_head", "ALPHAS"]
@@ -86,6 +87,7 @@ def gda_head(means: np.ndarray, precision: np.ndarray, priors: np.ndarray) -> tu
     return coef, intercept
 
 
+@METHODS.register("gda", kind="adapter", help="Gaussian discriminant analysis + zero-shot head (ICLR 2024)")
 class GDA(FeatureAdapter):
     """Gaussian discriminant analysis with a shared, shrunk covariance, plus zero-shot logits.
 

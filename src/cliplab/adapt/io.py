@@ -30,10 +30,10 @@ def _jsonable(v):
 
 
 def _classes() -> dict:
-    """Class name -> class of every saveable estimator (training-free adapters and learners)."""
-    from . import ADAPTERS, LEARNERS
+    """Class name -> class of every saveable estimator: the methods of :data:`cliplab.adapt.METHODS`."""
+    from . import METHODS
 
-    return {c.__name__: c for c in [*ADAPTERS.values(), *LEARNERS.values()]}
+    return {c.__name__: c for _, c in METHODS.items()}
 
 
 def save_adapter(est, directory) -> Path:

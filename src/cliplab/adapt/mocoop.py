@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
+from . import METHODS
 from ._trainable import TrainedClassifier
 from .prompts import SoftPrompts, split_template
 
@@ -116,6 +117,7 @@ class _Mixture(nn.Module):
 
 
 # ------------------------------------------------------------------- estimator
+@METHODS.register("mocoop", kind="learner", help="mixture of soft prompts with a router (arXiv:2409.12011)")
 class MoCoOp(TrainedClassifier):
     """Mixture-of-prompts CoOp: one soft prompt per template group, mixed by a router.
 
@@ -143,7 +145,14 @@ class MoCoOp(TrainedClassifier):
     lr : float, default 0.032
         The reference's rate at batch 32; see the module notes.
     warmup_epochs : int, default 1
-    seed : int, default 0
+    optimizer : {"sgd", "adamw"}, default "sgd"
+    weight_decay : float, default 5e-4
+    momentum : float, default 0.9
+        SGD momentum.
+    grad_clip : float or None, default 1.0
+        Largest gradient norm (the reference's); None: no clipping.
+    random_state : int, default 0
+        Seeds the router and context initialisation and the mini-batch order.
     progress : bool, optional
 
     Attributes
@@ -176,12 +185,11 @@ class MoCoOp(TrainedClassifier):
     (N, 4)
     """
 
-    grad_clip = 1.0
-
     def __init__(self, backbone=None, classnames=None, *, templates=None, groups=None, top_k: int = 2,
                  gate_weight: float = 1.0, text_weight: float = 5.0, epochs: int | None = 50,
-                 batch_size: int = 32, lr: float = 0.032, warmup_epochs: int = 1, seed: int = 0,
-                 progress: bool | None = None):
+                 batch_size: int = 32, lr: float = 0.032, warmup_epochs: int = 1, optimizer: str = "sgd",
+                 weight_decay: float = 5e-4, momentum: float = 0.9, grad_clip: float | None = 1.0,
+                 random_state: int = 0, progress: bool | None = None):
         self.backbone = backbone
         self.classnames = classnames
         self.templates = templates
@@ -193,7 +201,11 @@ class MoCoOp(TrainedClassifier):
         self.batch_size = batch_size
         self.lr = lr
         self.warmup_epochs = warmup_epochs
-        self.seed = seed
+        self.optimizer = optimizer
+        self.weight_decay = weight_decay
+        self.momentum = momentum
+        self.grad_clip = grad_clip
+        self.random_state = random_state
         self.progress = progress
 
     # ------------------------------------------------------------- checks

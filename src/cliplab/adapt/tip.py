@@ -36,8 +36,8 @@ Deviations
 - Tip-Adapter-F is trained on the cache's own features (the reference trains on fresh
   augmented views each epoch), so every training query finds itself in the cache with
   affinity 1; this is a small, full-batch-sized training (mini-batches of 256, usually
-  one or a few steps per epoch) in torch on the CPU — not image-text training, so it does
-  not use :mod:`cliplab.train`'s Trainer.
+  one or a few steps per epoch) in torch on the CPU, run by the few-shot learners' loop
+  (:func:`cliplab.adapt._trainable.supervised_loop`), not image-text training.
 - Without ``text_weights`` the zero-shot term is 0 and only beta is searched (alpha
   only scales the logits).
 """
@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import METHODS
 from ._base import FeatureAdapter, best_of
 
 __all__ = ["TipAdapter", "TipAdapterF", "cache_logits", "linear_grid", "affinity_powers"]
@@ -90,6 +91,7 @@ def affinity_powers(affinity: np.ndarray, betas):
         yield phi
 
 
+@METHODS.register("tip", kind="adapter", help="training-free cache of the few-shot features + zero-shot (ECCV 2022)")
 class TipAdapter(FeatureAdapter):
     """Training-free cache model of the few-shot features, added to zero-shot logits.
 
@@ -131,6 +133,7 @@ class TipAdapter(FeatureAdapter):
     """
 
     _dtype = np.float32
+    test_preset = {"search_steps": (20, 5)}
 
     def __init__(self, *, alpha=None, beta=None, search_scale=(7.0, 3.0), search_steps=(200, 20),
                  text_weights=None, logit_scale=100.0, val_fraction=0.25, random_state=0):
@@ -214,6 +217,7 @@ class TipAdapter(FeatureAdapter):
         return self._zero_shot(X) + self.alpha_ * cache_logits(X @ self.keys_.T, self.beta_, self.starts_)
 
 
+@METHODS.register("tip-f", kind="adapter", help="Tip-Adapter with fine-tuned cache keys")
 class TipAdapterF(TipAdapter):
     """Tip-Adapter with fine-tuned cache keys (eq. 4); epochs chosen on validation.
 
@@ -237,6 +241,8 @@ class TipAdapterF(TipAdapter):
         As :class:`TipAdapter`.
     """
 
+    test_preset = {"search_steps": (20, 5), "epochs": 3}
+
     def __init__(self, *, alpha=None, beta=None, search_scale=(7.0, 3.0), search_steps=(200, 20),
                  text_weights=None, logit_scale=100.0, val_fraction=0.25, random_state=0,
                  epochs=20, lr=1e-3, batch_size=256):
@@ -255,7 +261,8 @@ class TipAdapterF(TipAdapter):
         """
         import torch
 
-        g = torch.Generator().manual_seed(int(self.random_state))
+        from ._trainable import supervised_loop
+
         xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))          # (N, D)
         yt = torch.from_numpy(np.asarray(y, dtype=np.int64))                      # (N,)
         n_classes = len(starts)
@@ -267,31 +274,25 @@ class TipAdapterF(TipAdapter):
         steps = max(1, -(-len(xt) // int(self.batch_size)))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, int(self.epochs) * steps)
 
-        def logits(f):
+        def batch_loss(idx):
+            f = xt[idx]                                                           # (B, D)
             z = alpha * torch.exp(-beta * (1.0 - f @ w.T)) @ values                # (B, C), eqs. (2)-(3)
-            return z if tw is None else z + self.logit_scale * f @ tw.T
+            z = z if tw is None else z + self.logit_scale * f @ tw.T
+            return {"ce": torch.nn.functional.cross_entropy(z, yt[idx])}
 
-        def val_acc():
-            with torch.no_grad():
-                return self._score_keys(w.detach().numpy().copy(), starts, alpha, beta, X_val, y_val)
+        best = {"keys": keys.copy(), "epoch": 0, "acc": -1.0}    # epoch 0 is never kept if one trains
 
-        best_keys, best_epoch, best_acc = keys.copy(), 0, -1.0   # epoch 0 is never kept if one trains
-        for epoch in range(1, int(epochs) + 1):
-            perm = torch.randperm(len(xt), generator=g)
-            for i in range(steps):
-                idx = perm[i * int(self.batch_size):(i + 1) * int(self.batch_size)]
-                loss = torch.nn.functional.cross_entropy(logits(xt[idx]), yt[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-            if X_val is None:
-                best_keys, best_epoch = w.detach().numpy().copy(), epoch
-            else:
-                acc = val_acc()
-                if acc > best_acc:
-                    best_keys, best_epoch, best_acc = w.detach().numpy().copy(), epoch, acc
-        return best_keys, best_epoch
+        def keep_best(epoch):
+            trained = w.detach().numpy().copy()
+            acc = (0.0 if X_val is None
+                   else self._score_keys(trained, starts, alpha, beta, X_val, y_val))
+            if X_val is None or acc > best["acc"]:
+                best.update(keys=trained, epoch=epoch, acc=acc)
+
+        supervised_loop([w], batch_loss, len(xt), epochs=int(epochs), batch_size=int(self.batch_size),
+                        optimizer=opt, scheduler=sched, generator=torch.Generator().manual_seed(int(self.random_state)),
+                        on_epoch_end=keep_best)
+        return best["keys"], best["epoch"]
 
     def _score_keys(self, keys, starts, alpha, beta, X_val, y_val):
         z = self._zero_shot(X_val) + alpha * cache_logits(X_val @ keys.T, beta, starts)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from ..errors import DataError, UsageError
-from ._common import (add_image_args, add_model_args, all_unreadable, image_kwargs, load_backbone, report_skipped,
-                      write_rows)
+from ._common import add_image_args, add_model_args, image_kwargs, load_backbone, report_skipped, write_rows
 
 HELP = "classify images zero-shot into free-text labels"
 
@@ -43,16 +40,9 @@ def parse_labels(args) -> list[str]:
     return labels
 
 
-def _topk(proba: np.ndarray, classes: np.ndarray, k: int):
-    """The k most probable classes per row: (labels (N, k), probabilities (N, k))."""
-    k = min(k, proba.shape[1])
-    idx = np.argsort(-proba, axis=1, kind="stable")[:, :k]
-    return classes[idx], np.take_along_axis(proba, idx, axis=1)
-
-
 def run(args) -> int:
     from ..data.images import find_images
-    from ..zeroshot import ZeroShotClassifier
+    from ..zeroshot import ZeroShotClassifier, classify_images
 
     if args.top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
@@ -67,30 +57,14 @@ def run(args) -> int:
         raise DataError(f"no image files found under {', '.join(args.paths)}")
     backbone = load_backbone(args)
     if args.adapter:
-        from ..adapt.fewshot import load_fitted as load_adapter_dir
+        from ..adapt.fewshot import load_fitted
 
-        est, names = load_adapter_dir(args.adapter, backbone)
+        clf, names = load_fitted(args.adapter, backbone)
     else:
-        clf = ZeroShotClassifier(backbone, labels, templates=args.templates)
-    kw = image_kwargs(args)
-    # a fine-tuned learner encodes images with its own adapted image tower
-    encoder = est.image_backbone() if args.adapter and hasattr(est, "image_backbone") else backbone
-    enc = encoder.encode_images(files, on_error="raise" if args.strict else "skip", **kw)
-    feats, skipped = enc.features, enc.skipped
-    if len(skipped) == len(files):
-        raise all_unreadable(skipped)
-    skipped_idx = {s.index for s in skipped}
-    kept = [f for i, f in enumerate(files) if i not in skipped_idx]
-    if args.adapter:
-        from ..adapt._base import softmax
-
-        probs = (softmax(est.logits_from_features(feats)) if hasattr(est, "logits_from_features")
-                 else est.predict_proba(feats))
-        names, probs = _topk(probs, np.asarray(names), args.top_k)
-    else:
-        names, probs = clf.topk(feats, k=args.top_k)
+        clf, names = ZeroShotClassifier(backbone, labels, templates=args.templates), None
+    res = classify_images(clf, files, classnames=names, k=args.top_k, strict=args.strict, **image_kwargs(args))
     rows = []
-    for path, n, pr in zip(kept, names, probs):
+    for path, n, pr in zip(res.items, res.labels, res.probs):
         if args.format == "json":
             rows.append({"path": str(path), "predictions": [
                 {"label": str(a), "prob": float(b)} for a, b in zip(n, pr)]})
@@ -103,5 +77,5 @@ def run(args) -> int:
                 row[f"#{r + 1}"] = f"{n[r]} ({pr[r]:.3f})"
             rows.append(row)
     write_rows(rows, args.format)
-    report_skipped(skipped)
+    report_skipped(res.skipped)
     return 0

@@ -34,12 +34,12 @@ from .metrics import (accuracy, confusion_matrix, mean_per_class_recall, rank_co
 from .report import build_report
 from .results import make_result, read_results, write_results
 from .suite import SUITES, evaluate, run_suite
-from .tasks import (TASKS, TaskResult, fewshot, linear_probe, select_on_validation, sweep_C, zeroshot_classification,
+from .tasks import (TASKS, TaskResult, fewshot, linear_probe, select_on_validation, zeroshot_classification,
                     zeroshot_retrieval)
 
 __all__ += [
     "accuracy", "confusion_matrix", "mean_per_class_recall", "rank_correlation", "retrieval_recall", "topk_accuracy",
     "build_report", "make_result", "read_results", "write_results", "SUITES", "evaluate", "run_suite",
-    "TASKS", "TaskResult", "fewshot", "linear_probe", "select_on_validation", "sweep_C",
+    "TASKS", "TaskResult", "fewshot", "linear_probe", "select_on_validation",
     "zeroshot_classification", "zeroshot_retrieval",
 ]

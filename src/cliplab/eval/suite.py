@@ -33,8 +33,7 @@ import numpy as np
 from ..errors import UsageError
 from .results import make_result
 from ..data.datasets import load_dataset, split_train_val
-from .tasks import (TASKS, fewshot, image_features, linear_probe, logistic_regression, zeroshot_classification,
-                    zeroshot_retrieval)
+from .tasks import TASKS, fewshot, image_features, linear_probe, zeroshot_classification, zeroshot_retrieval
 
 __all__ = ["TASKS", "SUITES", "evaluate", "run_suite", "FEWSHOT_C_GRID"]
 
@@ -112,6 +111,8 @@ def evaluate(backbone, *, model_spec: str, task: str, dataset: str, split: str =
             res = linear_probe(xt, yt, xv, yv, xs, ys, seed=seeds[0] if seeds else 0, progress=progress,
                                dataset=data.name, classnames=data.classnames)
         else:
+            from ..adapt.linear import logistic_regression
+
             res = fewshot(lambda **p: logistic_regression(**p), (xt, yt), (xv, yv), (xs, ys),
                           ks=shots, seeds=seeds, grid=FEWSHOT_C_GRID, method="linear probe",
                           classnames=data.classnames, dataset=data.name, progress=progress)

@@ -11,7 +11,7 @@ Each task is registered in :data:`TASKS` (the ``eval task`` registry) with a one
 :func:`cliplab.eval.suite.evaluate` read their choices from it.
 
 Protocol rules, enforced by the signatures: hyper-parameters are chosen on a
-validation split only (:func:`select_on_validation`, :func:`sweep_C`); test features
+validation split only (:func:`select_on_validation`, :func:`cliplab.adapt.linear.search_C`); test features
 and labels are used once, to score the final fitted model.
 """
 
@@ -31,14 +31,13 @@ from .._progress import progress_bar
 from ..data.datasets import ClassificationData, fewshot_subset
 from ..errors import DataError, UsageError
 from ..registry import Registry
-from ..zeroshot.classifier import prompt_collisions
-from ..zeroshot.templates import fill, get_templates
+from ..zeroshot import class_weights, get_templates
 from .metrics import accuracy, confusion_matrix, mean_per_class_recall, retrieval_recall, topk_accuracy
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TASKS", "TaskResult", "zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot",
-           "select_on_validation", "sweep_C", "logistic_regression", "image_features"]
+           "select_on_validation", "image_features"]
 
 TASKS: Registry = Registry("eval task")
 """The evaluation tasks, by CLIP_benchmark task name (``fewshot`` is cliplab's own).
@@ -105,18 +104,6 @@ def _text_features(backbone, texts, store=None, progress=None) -> np.ndarray:
     return backbone.encode_texts(list(texts), progress=progress)
 
 
-def _class_weights(backbone, classnames, templates, store=None, progress=None) -> np.ndarray:
-    """Prompt-ensemble class embeddings (C, D), as :func:`cliplab.zeroshot.class_weights`."""
-    groups = prompt_collisions(backbone, classnames, templates)
-    if groups:  # a benchmark still runs, as CLIP_benchmark does; the tied classes are named
-        logger.warning("classes %s give the same prompts once tokenized; zero-shot cannot tell them apart",
-                "; ".join(" = ".join(repr(classnames[i]) for i in g) for g in groups[:5]))
-    prompts = [fill(t, c) for c in classnames for t in templates]
-    emb = _text_features(backbone, prompts, store, progress)                  # (C*T, D)
-    emb = emb.reshape(len(classnames), len(templates), -1).mean(axis=1)       # (C, D)
-    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
-
-
 def _acc5(scores, y, n_classes: int) -> float:
     """Top-5 accuracy, NaN with fewer than 5 classes (where it would be 1 by construction).
 
@@ -150,7 +137,7 @@ def zeroshot_classification(backbone, data, *, templates=None, store=None,
     templates = get_templates(templates)
     classnames = list(data.classnames)
     with _timed(timings, "text_features"):
-        w = _class_weights(backbone, classnames, templates, store, progress)  # (C, D)
+        w = class_weights(backbone, classnames, templates, store=store, ties="warn", progress=progress)  # (C, D)
     with _timed(timings, "image_features"):
         x, kept, skipped = image_features(backbone, data.items, store=store, batch_size=batch_size,
                                           progress=progress)
@@ -200,13 +187,6 @@ def zeroshot_retrieval(backbone, data, *, store=None, ks: Sequence[int] = (1, 5,
 
 
 # --------------------------------------------------------------- hyper-parameter choice
-def logistic_regression(C: float = 1.0, *, seed: int = 0, max_iter: int = 1000):
-    """The linear-probe estimator: scikit-learn L-BFGS multinomial logistic regression."""
-    from sklearn.linear_model import LogisticRegression
-
-    return LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
-
-
 def _param_grid(grid) -> list[dict]:
     if isinstance(grid, Mapping):
         keys = list(grid)
@@ -233,55 +213,18 @@ def select_on_validation(estimator_factory: Callable, grid, train, val) -> tuple
     (best_params, best_val_accuracy, [(params, val_accuracy), ...])
         Ties go to the earlier candidate.
     """
+    from ..adapt.linear import quiet_fits
+
     (xt, yt), (xv, yv) = train, val
     if not len(yv):
         raise UsageError("the validation split is empty; hyper-parameters need a validation split")
     scores = []
     for params in _param_grid(grid):
-        with _quiet_fits(np.size(xt)):
+        with quiet_fits(np.size(xt)):
             est = estimator_factory(**params).fit(xt, yt)
         scores.append((params, accuracy(est.predict(xv), yv)))
     best = max(range(len(scores)), key=lambda i: (scores[i][1], -i))
     return scores[best][0], scores[best][1], scores
-
-
-def sweep_C(train, val, *, seed: int = 0, lo: float = 1e-6, hi: float = 1e6, coarse: int = 7,
-            refine: int = 4, progress=None) -> tuple[float, float, list]:
-    """Choose the logistic-regression C on validation, as in the CLIP paper (App. A.3).
-
-    The paper sweeps the L2 strength over [1e-6, 1e6] "with a parametric binary search that
-    starts with λ = [1e-6, 1e-4, ..., 1e6] and iteratively halves the interval around the
-    peak until it reaches a resolution of 8 steps per decade".  Here:
-
-    1. Coarse sweep: ``coarse`` log-spaced values of C in [lo, hi] (1e-6, 1e-4, ..., 1e6).
-    2. Refinement: ``refine`` times, try the log-midpoints between the best C and its two
-       neighbours at the current step, keep the best, halve the step.  With the defaults
-       the step goes 1, 1/2, 1/4, 1/8 decade: 8 steps per decade, as in the paper.
-
-    Returns ``(best_C, best_val_accuracy, [(C, val_accuracy), ...])``.  Deviation: the
-    paper sweeps λ = 1/C over the same symmetric range; scikit-learn is parameterised by C.
-    """
-    (xt, yt), (xv, yv) = train, val
-    tried: dict[float, float] = {}
-
-    def score(C: float) -> float:
-        if C not in tried:
-            with _quiet_fits(np.size(xt)):
-                est = logistic_regression(C, seed=seed).fit(xt, yt)
-            tried[C] = accuracy(est.predict(xv), yv)
-            bar.update(1)
-        return tried[C]
-
-    log_grid = np.linspace(np.log10(lo), np.log10(hi), coarse)
-    bar = progress_bar(total=coarse + 2 * refine, progress=progress, desc="linear probe C", unit="fit")
-    with bar:
-        best = max((10.0 ** g for g in log_grid), key=lambda C: (score(C), -abs(np.log10(C))))
-        step = (log_grid[1] - log_grid[0]) / 2 if coarse > 1 else 1.0                # in log10 units
-        for _ in range(refine):
-            cands = [best, 10.0 ** (np.log10(best) - step), 10.0 ** (np.log10(best) + step)]
-            best = max(cands, key=lambda C: (score(C), C == best))
-            step /= 2
-    return float(best), tried[best], sorted(tried.items())
 
 
 def _xy(x, y, name):
@@ -318,56 +261,32 @@ def _probe_metrics(est, xs, ys, n_classes=None) -> tuple[dict, list]:
              "lp_mean_per_class_recall": mean_per_class_recall(pred, ys, c)}, unseen)
 
 
-#: Below this many feature values (N * D) fits run with one BLAS/OpenMP thread: small
-#: L-BFGS problems are dominated by thread start-up and, on a busy machine, by spinning
-#: threads (measured on 2 cores beside a training run: 1280 x 128 features, 8 classes,
-#: one fit 2.5-15 s with 2 threads, 0.01 s with 1).
-SINGLE_THREAD_BELOW = 4_000_000
-
-
-@contextmanager
-def _quiet_fits(n_values: int = 0):
-    """Run small scikit-learn fits single-threaded and hide their expected warnings.
-
-    Few-shot subsets have few samples per class ("unique classes > 50 % of samples") and
-    the C sweep reaches values where L-BFGS stops at ``max_iter`` (ConvergenceWarning);
-    both are part of the protocol, not user errors.
-    """
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    from threadpoolctl import threadpool_limits
-
-    with warnings.catch_warnings(), threadpool_limits(1 if n_values < SINGLE_THREAD_BELOW else None):
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        warnings.filterwarnings("ignore", message="The number of unique classes is greater")
-        yield
-
-
 @TASKS.register("linear_probe", data="classification",
                 help="logistic-regression probe on frozen features, C chosen on validation")
 def linear_probe(train_feats, train_y, val_feats, val_y, test_feats, test_y, *, seed: int = 0,
-                 coarse: int = 7, refine: int = 4, progress=None, dataset: str = "features",
+                 refine: int = 8, progress=None, dataset: str = "features",
                  classnames: Sequence[str] | None = None) -> TaskResult:
     """Logistic-regression linear probe on frozen features (CLIP paper protocol).
 
-    C is chosen on (train -> val) by :func:`sweep_C`; the probe is then refit on
-    train + val with that C and scored once on test.  Metrics, named as CLIP_benchmark's
-    linear probe names them: ``lp_acc1``, ``lp_acc5`` (NaN with fewer than 5 classes),
-    ``lp_mean_per_class_recall``; details: ``C``, ``val_accuracy``, ``sweep``.
+    :class:`cliplab.adapt.LinearProbe` with ``refit=True``: C is chosen on (train -> val)
+    by :func:`cliplab.adapt.linear.search_C` (CoOp's ``lpclip`` search, ``refine``
+    binary-search rounds); the probe is then refit on train + val with that C and scored
+    once on test.  Metrics, named as CLIP_benchmark's linear probe names them: ``lp_acc1``,
+    ``lp_acc5`` (NaN with fewer than 5 classes), ``lp_mean_per_class_recall``; details:
+    ``C``, ``val_accuracy``, ``sweep`` (every (C, val accuracy) tried, in order).
     """
+    from ..adapt.linear import LinearProbe
+
     timings: dict = {}
     xt, yt = _xy(train_feats, train_y, "train")
     xv, yv = _xy(val_feats, val_y, "val")
     xs, ys = _xy(test_feats, test_y, "test")
-    with _timed(timings, "select_C"):
-        C, val_acc, sweep = sweep_C((xt, yt), (xv, yv), seed=seed, coarse=coarse, refine=refine,
-                                    progress=progress)
-    with _timed(timings, "fit"), _quiet_fits(np.size(xt) + np.size(xv)):
-        est = logistic_regression(C, seed=seed).fit(np.concatenate([xt, xv]), np.concatenate([yt, yv]))
+    with _timed(timings, "fit"):
+        est = LinearProbe(refit=True, search_steps=refine, random_state=seed, progress=progress)
+        est.fit(xt, yt, X_val=xv, y_val=yv)
     with _timed(timings, "metrics"):
         metrics, unseen = _probe_metrics(est, xs, ys, len(classnames) if classnames is not None else None)
-    details = {"C": C, "val_accuracy": val_acc, "sweep": [[c, a] for c, a in sweep],
+    details = {"C": est.C_, "val_accuracy": est.val_score_, "sweep": [[c, a] for c, a in est.search_path_],
                "n_train": int(len(yt)), "n_val": int(len(yv)), "n_test": int(len(ys)), "seed": seed,
                "unseen_test_classes": unseen}
     if classnames is not None:
@@ -409,6 +328,8 @@ def fewshot(make_estimator: Callable, train, val, test, *, ks: Sequence[int] = (
         metrics ``acc1@{k}shot`` (mean over seeds); details ``fewshot``:
         ``{method, ks, seeds, mean, std, per_seed, params}``.
     """
+    from ..adapt.linear import quiet_fits
+
     timings: dict = {}
     xt, yt = _xy(*train, "train")
     xv, yv = _xy(*val, "val")
@@ -435,7 +356,7 @@ def fewshot(make_estimator: Callable, train, val, test, *, ks: Sequence[int] = (
                 # estimators that search their own hyper-parameters (the adapters) get the
                 # validation split; test labels never reach fit
                 own_val = "X_val" in inspect.signature(est.fit).parameters
-                with _quiet_fits(np.size(sub[0])):
+                with quiet_fits(np.size(sub[0])):
                     est.fit(*sub, **({"X_val": xv, "y_val": yv} if own_val else {}))
                 per_seed[k].append(accuracy(est.predict(xs), ys))
                 params[k].append(best)

@@ -9,6 +9,8 @@ Models From Natural Language Supervision", ICML 2021, arXiv:2103.00020, Sec. 3.1
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +20,34 @@ from ..data.text import read_lines, read_text
 from ..errors import DataError, DuplicateClassError, UsageError
 from .templates import fill, get_templates
 
-__all__ = ["ZeroShotClassifier", "class_weights", "check_classnames", "prompt_collisions"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["ZeroShotClassifier", "class_weights", "check_classnames", "prompt_collisions", "softmax", "top_k",
+           "classify_images", "ImagePredictions"]
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row softmax of logits (N, C), computed stably (the maximum of each row subtracted)."""
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def top_k(proba: np.ndarray, classes, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most probable classes per row: (labels (N, k), probabilities (N, k)).
+
+    Ties keep the class order (stable sort); ``k`` is capped at the number of classes.
+
+    Raises
+    ------
+    UsageError
+        ``k < 1``.
+    """
+    if k < 1:
+        raise UsageError(f"k must be >= 1, got {k}")
+    k = min(k, proba.shape[1])
+    idx = np.argsort(-proba, axis=1, kind="stable")[:, :k]                   # (N, k)
+    return np.asarray(classes)[idx], np.take_along_axis(proba, idx, axis=1)
 
 
 def prompt_collisions(backbone, classnames: Sequence[str], templates: Sequence[str]) -> list[list[int]]:
@@ -95,27 +124,46 @@ def check_classnames(backbone, classnames: Sequence[str], templates: Sequence[st
     return names
 
 
-def class_weights(backbone, classnames: Sequence[str], templates: Sequence[str], *,
-                  progress: bool | None = None) -> np.ndarray:
+def class_weights(backbone, classnames: Sequence[str], templates: Sequence[str], *, store=None,
+                  ties: str = "raise", progress: bool | None = None) -> np.ndarray:
     """Prompt-ensemble class embeddings: float32 (C, D), L2-normalised rows.
 
-    Raises :class:`~cliplab.errors.DuplicateClassError` (and UsageError) as
-    :func:`check_classnames`.
+    Parameters
+    ----------
+    backbone : Backbone
+        Encodes the prompts (``encode_texts``) and tokenizes them for the tie check.
+    classnames : sequence of str (C,)
+    templates : sequence of str (T,)
+        ``{c}`` templates; the C*T prompt features are averaged per class.
+    store : FeatureStore, optional
+        Take the prompt features from (and add them to) its cache instead.
+    ties : {"raise", "warn"}, default "raise"
+        Classes whose prompts tokenize identically: ``"raise"`` checks the names with
+        :func:`check_classnames` (stripped, non-empty, distinct); ``"warn"`` uses the names
+        as given and logs the tied groups (a benchmark still runs, as CLIP_benchmark does).
+
+    Raises
+    ------
+    DuplicateClassError, UsageError
+        With ``ties="raise"``, as :func:`check_classnames`.
     """
-    return _ensemble(backbone, check_classnames(backbone, classnames, templates), templates, progress)
-
-
-def _ensemble(backbone, classnames: list[str], templates: Sequence[str], progress) -> np.ndarray:
-    prompts = [fill(t, c) for c in classnames for t in templates]
-    emb = backbone.encode_texts(prompts, progress=progress)                 # (C*T, D)
-    emb = emb.reshape(len(classnames), len(templates), -1).mean(axis=1)     # (C, D)
+    if ties == "raise":
+        names = check_classnames(backbone, classnames, templates)
+    elif ties == "warn":
+        names = list(classnames)
+        groups = prompt_collisions(backbone, names, templates)
+        if groups:
+            logger.warning("classes %s give the same prompts once tokenized; zero-shot cannot tell them apart",
+                           "; ".join(" = ".join(repr(names[i]) for i in g) for g in groups[:5]))
+    else:
+        raise UsageError(f"ties must be 'raise' or 'warn'; got {ties!r}")
+    prompts = [fill(t, c) for c in names for t in templates]
+    if store is not None:
+        emb = np.asarray(store.text_features(prompts), np.float32)         # (C*T, D)
+    else:
+        emb = backbone.encode_texts(prompts, progress=progress)             # (C*T, D)
+    emb = emb.reshape(len(names), len(templates), -1).mean(axis=1)          # (C, D)
     return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 class ZeroShotClassifier:
@@ -156,10 +204,14 @@ class ZeroShotClassifier:
     def __init__(self, backbone, classnames: Sequence[str], templates="default", *,
                  progress: bool | None = None):
         self.templates_ = get_templates(templates)
-        names = check_classnames(backbone, classnames, self.templates_)
+        self.weights_ = class_weights(backbone, classnames, self.templates_, progress=progress)   # checks the names
         self.backbone = backbone
-        self.classes_ = np.array(names)
-        self.weights_ = _ensemble(backbone, names, self.templates_, progress)
+        self.classes_ = np.array([str(c).strip() for c in classnames])
+
+    @property
+    def image_encoder(self):
+        """The Backbone whose image features :meth:`predict_proba` takes (the prediction protocol)."""
+        return self.backbone
 
     def _features(self, images, **kwargs) -> np.ndarray:
         if isinstance(images, np.ndarray) and images.dtype == np.float32 and images.ndim == 2:
@@ -175,7 +227,11 @@ class ZeroShotClassifier:
 
     def predict_proba(self, images, **kwargs) -> np.ndarray:
         """Softmax of the logits over the classes: (N, C)."""
-        return _softmax(self.decision_function(images, **kwargs))
+        return softmax(self.decision_function(images, **kwargs))
+
+    def predict_proba_features(self, features: np.ndarray) -> np.ndarray:
+        """Probabilities (N, C) from features (N, D) of :attr:`image_encoder` (the prediction protocol)."""
+        return self.predict_proba(np.asarray(features, dtype=np.float32))
 
     def predict(self, images, **kwargs) -> np.ndarray:
         return self.classes_[self.decision_function(images, **kwargs).argmax(axis=1)]
@@ -184,10 +240,78 @@ class ZeroShotClassifier:
         """The k most probable classes per image: (labels (N, k), probabilities (N, k))."""
         if k < 1:
             raise UsageError(f"k must be >= 1, got {k}")
-        proba = self.predict_proba(images, **kwargs)
-        k = min(k, proba.shape[1])
-        idx = np.argsort(-proba, axis=1, kind="stable")[:, :k]
-        return self.classes_[idx], np.take_along_axis(proba, idx, axis=1)
+        return top_k(self.predict_proba(images, **kwargs), self.classes_, k)
+
+
+@dataclass
+class ImagePredictions:
+    """What :func:`classify_images` returns.
+
+    Attributes
+    ----------
+    items : list
+        The images that were read, in input order (M,).
+    labels : ndarray (M, k)
+        The k most probable classes of each, most probable first.
+    probs : ndarray float (M, k)
+        Their probabilities.
+    skipped : list
+        The unreadable images (the Backbone's skip records); empty with ``strict``.
+    """
+
+    items: list
+    labels: np.ndarray
+    probs: np.ndarray
+    skipped: list = field(default_factory=list)
+
+
+def classify_images(classifier, images, *, classnames=None, k: int = 1, strict: bool = False,
+                    **encode_kwargs) -> ImagePredictions:
+    """Classify images (files, arrays, PIL images) with any cliplab classifier.
+
+    The prediction protocol every classifier follows — :class:`ZeroShotClassifier`, the
+    feature adapters and the learners of :mod:`cliplab.adapt` — is two members:
+    ``image_encoder`` (the Backbone whose ``encode_images`` gives the features it scores:
+    the model a zero-shot classifier or an adapter was built on, a fine-tuner's adapted
+    model) and ``predict_proba_features(F)`` -> (N, C).
+
+    Parameters
+    ----------
+    classifier : object with ``image_encoder`` and ``predict_proba_features``
+    images : sequence
+    classnames : sequence of str, optional
+        Name of each class column; default ``classifier.classes_``.
+    k : int, default 1
+        Classes reported per image.
+    strict : bool, default False
+        Raise on the first unreadable image instead of skipping it.
+    **encode_kwargs
+        Passed to ``encode_images`` (``batch_size``, ``num_workers``...).
+
+    Raises
+    ------
+    UsageError
+        ``k < 1``, or a classifier without an image encoder (an adapter that was not
+        loaded with :func:`cliplab.adapt.fewshot.load_fitted` and has no ``image_encoder`` set).
+    DataError
+        Every image is unreadable.
+    """
+    if k < 1:
+        raise UsageError(f"k must be >= 1, got {k}")
+    encoder = classifier.image_encoder
+    if encoder is None:
+        raise UsageError(f"{type(classifier).__name__} has no image encoder; set est.image_encoder to the "
+                         "Backbone whose features it was fit on")
+    images = list(images)
+    enc = encoder.encode_images(images, on_error="raise" if strict else "skip", **encode_kwargs)
+    feats, skipped = enc.features, enc.skipped
+    if images and len(skipped) == len(images):
+        raise DataError(f"none of the {len(images)} images could be read (first: {skipped[0].source}: "
+                        f"{skipped[0].reason})")
+    kept = [images[i] for i in enc.kept]
+    names = classifier.classes_ if classnames is None else classnames
+    labels, probs = top_k(classifier.predict_proba_features(feats), names, k)
+    return ImagePredictions(kept, labels, probs, list(skipped))
 
 
 def read_labels(path: str | Path) -> list[str]:
