@@ -46,7 +46,8 @@ from cliplab.data.datasets import ClassificationData, fewshot_subset  # noqa: E4
 from cliplab.eval.metrics import accuracy, worst_group_accuracy  # noqa: E402
 from cliplab.eval.report import build_report  # noqa: E402
 from cliplab.eval.results import make_result, write_results  # noqa: E402
-from cliplab.eval.tasks import TaskResult, fewshot, image_features  # noqa: E402
+from cliplab.eval.tasks import TaskResult, fewshot  # noqa: E402
+from cliplab.features import image_features  # noqa: E402
 from cliplab.features import FeatureStore  # noqa: E402
 from cliplab.data.shapes import shapes_tiny_world  # noqa: E402
 from cliplab.zeroshot import ZeroShotClassifier, class_weights  # noqa: E402

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # the command is the first word.  Only options are given, nothing is loaded or run.
 CLI = {
     "eval task": "eval --task {name}",
-    "ShapesWorld": "shapes export out --world {name}",
+    "ShapesWorld": "shapes export out --n 1 --world {name}",
+    "few-shot method": "adapt --method {name} --shots 1 --dataset d --out o",
     "model source": "classify img.png --labels a,b --model {example}",   # a spec this source loads
     "loss": "train --loss {name}",
     "recipe": "train --recipe {name}",

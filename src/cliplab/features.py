@@ -33,6 +33,7 @@ Examples
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import io
@@ -57,7 +58,7 @@ from .validation import check_positive_int
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FeatureResult", "FeatureStore"]
+__all__ = ["FeatureResult", "FeatureStore", "image_features"]
 
 _CHUNK_RE = re.compile(r"^chunk_(\d+)\.npz$")
 _TMP_PREFIX = ".tmp-"
@@ -436,3 +437,17 @@ def _as_rows(feats, n: int) -> np.ndarray:
     """``feats`` as a float32 (n, D) array; a chunk with only skipped items holds (0, 0)."""
     arr = np.asarray(feats, dtype=np.float32)
     return arr.reshape(n, -1) if n else arr.reshape(0, arr.shape[-1] if arr.ndim == 2 else 0)
+
+
+def image_features(backbone, items, *, store=None, batch_size: int = 64, progress=None):
+    """Image features of ``items``, skipping unreadable ones, through ``store`` when given.
+
+    Returns ``(features (M, D) float32, kept int array (M,), skipped list of dict)``;
+    with a FeatureStore the features come from (and go to) its cache.
+    """
+    if store is not None:
+        r = store.image_features(items, batch_size=batch_size)
+        skipped = [dataclasses.asdict(s) for s in r.skipped]
+        return np.asarray(r.features, np.float32), np.asarray(r.kept, np.int64), skipped
+    res = backbone.encode_images(items, batch_size=batch_size, progress=progress, on_error="skip")
+    return res.features, res.kept, [dataclasses.asdict(s) for s in res.skipped]

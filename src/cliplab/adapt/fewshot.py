@@ -117,7 +117,7 @@ def make_learner(method: str, backbone, classnames, **params):
 
 def _fit_learner(backbone, method, train, val, idx, store, params):
     """Train a learner on the K-shot items ``idx`` of ``train``; returns (est, n_train, n_val, val_acc)."""
-    from ..eval.tasks import image_features
+    from ..features import image_features
 
     names = list(train.classnames)
     est = make_learner(method, backbone, names, **params)
@@ -150,7 +150,7 @@ def fit_adapter(backbone, *, method: str, dataset: str, shots: int, random_state
         Fewer than two classes in the draw, or no validation image of a training class.
     """
     from ..data.datasets import ClassificationData, fewshot_subset
-    from ..eval.tasks import image_features
+    from ..features import image_features
     from ..zeroshot import class_weights, get_templates
 
     kind = METHODS.meta(method).get("kind")          # UsageError naming the methods if unknown

@@ -33,7 +33,8 @@ import numpy as np
 from ..errors import UsageError
 from .results import make_result
 from ..data.datasets import load_dataset, split_train_val
-from .tasks import TASKS, fewshot, image_features, linear_probe, zeroshot_classification, zeroshot_retrieval
+from ..features import image_features
+from .tasks import TASKS, fewshot, linear_probe, zeroshot_classification, zeroshot_retrieval
 
 __all__ = ["TASKS", "SUITES", "evaluate", "run_suite", "FEWSHOT_C_GRID"]
 

@@ -32,12 +32,13 @@ from ..data.datasets import ClassificationData, fewshot_subset
 from ..errors import DataError, UsageError
 from ..registry import Registry
 from ..zeroshot import class_weights, get_templates
+from ..features import image_features
 from .metrics import accuracy, confusion_matrix, mean_per_class_recall, retrieval_recall, topk_accuracy
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TASKS", "TaskResult", "zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot",
-           "select_on_validation", "image_features"]
+           "select_on_validation"]
 
 TASKS: Registry = Registry("eval task")
 """The evaluation tasks, by CLIP_benchmark task name (``fewshot`` is cliplab's own).
@@ -84,20 +85,6 @@ def _timed(timings: dict, stage: str):
 
 
 # ---------------------------------------------------------------------------- features
-def image_features(backbone, items, *, store=None, batch_size: int = 64, progress=None):
-    """Image features of ``items``, skipping unreadable ones.
-
-    Returns ``(features (M, D) float32, kept int array (M,), skipped list of dict)``;
-    with a FeatureStore the features come from (and go to) its cache.
-    """
-    if store is not None:
-        r = store.image_features(items, batch_size=batch_size)
-        skipped = [dict(s) if isinstance(s, Mapping) else vars(s) for s in r.skipped]
-        return np.asarray(r.features, np.float32), np.asarray(r.kept, np.int64), skipped
-    res = backbone.encode_images(items, batch_size=batch_size, progress=progress, on_error="skip")
-    return res.features, res.kept, [vars(s) for s in res.skipped]
-
-
 def _text_features(backbone, texts, store=None, progress=None) -> np.ndarray:
     if store is not None:
         return np.asarray(store.text_features(list(texts)), np.float32)
