@@ -91,7 +91,7 @@ def test_a_new_adapter_is_one_module(new_adapter, tiny_dir, tiny, tmp_path, caps
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(image)
     assert main(["classify", str(image), "--adapter", str(out), "--model", str(tiny_dir), "--format", "json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
-    feats = tiny.encode_images([image])                                  # (1, D)
+    feats = tiny.encode_images([image]).features                         # (1, D)
     want = int(np.argmax(feats @ est.means_.T))
     assert row["predictions"][0]["label"] == names[int(est.classes_[want])]
     np.testing.assert_allclose(row["predictions"][0]["prob"], est.predict_proba(feats)[0, want], rtol=1e-5)

@@ -161,7 +161,7 @@ def test_every_zero_shot_classifier_follows_the_prediction_protocol(tiny):
     from cliplab.zeroshot import DescriptionClassifier, PerceptionCLIP
     from cliplab.zeroshot.perception import SHAPES_BACKGROUNDS
 
-    feats = tiny.encode_images([np.random.default_rng(6).integers(0, 256, (32, 32, 3), dtype=np.uint8)])
+    feats = tiny.encode_images([np.random.default_rng(6).integers(0, 256, (32, 32, 3), dtype=np.uint8)]).features
     shapes = ["circle", "square", "star"]
     for clf in (ZeroShotClassifier(tiny, shapes),
                 DescriptionClassifier(tiny, {"circle": ["round"], "square": ["four corners"], "star": ["points"]}),
