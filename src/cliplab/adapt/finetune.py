@@ -78,12 +78,6 @@ __all__ = ["FineTuner", "LoRAFineTuner", "SVDFineTuner", "FullFineTuner"]
 _ENCODE_BATCH = 64
 
 
-def _plain_copy(backbone: Backbone, model: torch.nn.Module, name: str) -> Backbone:
-    return Backbone(model, model_cfg=backbone.model_cfg, preprocess_cfg=backbone.preprocess_cfg,
-                    tokenizer=backbone.tokenizer, name=name, device=str(backbone.device),
-                    precision=backbone.precision)
-
-
 def _materialise(base: Backbone, adapted: Backbone, name: str) -> Backbone:
     """A plain copy of ``base`` holding the weights that the parametrised ``adapted`` computes.
 
@@ -100,7 +94,7 @@ def _materialise(base: Backbone, adapted: Backbone, name: str) -> Backbone:
                 for attr in mod.parametrizations:
                     getattr(target, attr).copy_(getattr(mod, attr))
     model.requires_grad_(True)
-    return _plain_copy(base, model, name)
+    return base.with_model(model, name=name)
 
 
 class FineTuner(TrainedClassifier):
@@ -364,9 +358,9 @@ class FullFineTuner(FineTuner):
 
     def _build(self) -> Backbone:
         bb = self.backbone
-        return _plain_copy(bb, copy.deepcopy(bb.model).requires_grad_(True), f"{bb.name}+full")
+        return bb.with_model(copy.deepcopy(bb.model).requires_grad_(True), name=f"{bb.name}+full")
 
     def adapted_backbone(self) -> Backbone:
         """A plain copy of the fine-tuned model."""
         adapted = self._model()
-        return _plain_copy(self.backbone, copy.deepcopy(adapted.model), adapted.name)
+        return self.backbone.with_model(copy.deepcopy(adapted.model), name=adapted.name)
