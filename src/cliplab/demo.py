@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from .zeroshot import ZeroShotClassifier
 
-log = logging.getLogger("cliplab.demo")
+logger = logging.getLogger("cliplab.demo")
 
 PROMPT = "a photo of a {c}."
 

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from ..errors import DataError, UsageError
 
-log = logging.getLogger("cliplab.eval.results")
+logger = logging.getLogger("cliplab.eval.results")
 
 __all__ = ["make_result", "write_results", "read_results", "result_filename", "results_folder",
            "split_model_spec", "BENCHMARK_KEYS"]

@@ -41,7 +41,6 @@ __all__ = ["read_state_dict", "save_state_dict", "read_saved_config", "infer_mod
 
 logger = logging.getLogger("cliplab.models.state_dicts")
 
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Integer attributes that OpenAI's TorchScript archives keep next to the weights.
 TORCHSCRIPT_INT_ENTRIES = ("input_resolution", "context_length", "vocab_size")
 # Wrappers used by training scripts around the model weights, tried in order.

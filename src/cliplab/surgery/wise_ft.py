@@ -35,7 +35,6 @@ import logging
 import math
 from typing import Callable, Iterable
 
-import torch
 
 from ..errors import CheckpointMismatch, UsageError
 from ..models.backbone import Backbone

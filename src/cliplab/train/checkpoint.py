@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cliplab.models.convert import save_open_clip_folder
-from cliplab.train import distributed
+from ..models.convert import save_open_clip_folder
+from . import distributed
 
 logger = logging.getLogger("cliplab.train")
 
