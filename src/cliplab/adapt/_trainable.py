@@ -39,6 +39,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from .._progress import progress_bar
 from ..errors import UsageError
+from ..validation import check_choice, check_positive_int
 from ..zeroshot.classifier import check_classnames, softmax
 
 __all__ = ["TrainedClassifier", "count_trainable", "frozen", "supervised_loop"]
@@ -160,10 +161,8 @@ class TrainedClassifier(ClassifierMixin, BaseEstimator):
         if not self.classnames:
             raise UsageError(f"{type(self).__name__} needs classnames= (one name per class index)")
         check_classnames(self.backbone, self.classnames, ["{c}."])  # names the prompts cannot tell apart
-        for name in ("epochs", "batch_size"):
-            v = getattr(self, name)
-            if not (v is None and name == "epochs") and int(v) < 1:
-                raise UsageError(f"{name} must be >= 1, got {v}")
+        check_positive_int("epochs", self.epochs, allow_none=True)
+        check_positive_int("batch_size", self.batch_size)
         lr = self._default_lr() if self.lr is None else self.lr
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
             raise UsageError(f"lr must be > 0, got {self.lr!r}")
@@ -240,8 +239,7 @@ class TrainedClassifier(ClassifierMixin, BaseEstimator):
         return 50 if k <= 1 else 100 if k <= 4 else 200
 
     def _optimizer(self, params):
-        if self.optimizer not in ("sgd", "adamw"):
-            raise UsageError(f"optimizer must be 'sgd' or 'adamw'; got {self.optimizer!r}")
+        check_choice("optimizer", self.optimizer, ("sgd", "adamw"))
         if self.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.lr_, momentum=self.momentum, weight_decay=self.weight_decay)
         return torch.optim.AdamW(params, lr=self.lr_, weight_decay=self.weight_decay)

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..data.text import read_text
 from ..errors import DataError, UsageError
+from ..validation import check_positive_int
 from . import METHODS, list_methods
 
 logger = logging.getLogger(__name__)
@@ -162,8 +163,7 @@ def fit_adapter(backbone, *, method: str, dataset: str, shots: int, random_state
     if kind != "learner" and given:
         raise UsageError(f"{', '.join(given)} only apply to learners ({', '.join(list_methods('learner'))}); "
                          f"{method} chooses its hyper-parameters on the validation split")
-    if shots < 1:
-        raise UsageError(f"--shots must be >= 1, got {shots}")
+    check_positive_int("--shots", shots)
     tpl = get_templates(templates)       # a bad template file fails before any image is read
     train, val = _load_splits(dataset, n_train, n_val, random_state)
     pool = ClassificationData(list(range(len(train))), train.labels, train.classnames, train.name)

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
+from ..validation import check_positive_int
 from . import METHODS
 from ._trainable import TrainedClassifier
 from .prompts import SoftPrompts, split_template
@@ -226,8 +227,7 @@ class MoCoOp(TrainedClassifier):
                 or sum(groups) != len(templates)):
             raise UsageError(f"groups must be positive sizes of consecutive templates summing to "
                              f"len(templates) = {len(templates)}; got {list(groups)}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 1:
-            raise UsageError(f"top_k must be an integer >= 1, got {self.top_k!r}")
+        check_positive_int("top_k", self.top_k)
         for name in ("gate_weight", "text_weight"):
             if not getattr(self, name) >= 0:
                 raise UsageError(f"{name} must be >= 0, got {getattr(self, name)!r}")

@@ -42,10 +42,10 @@ def parse_labels(args) -> list[str]:
 
 def run(args) -> int:
     from ..data.images import find_images
+    from ..validation import check_positive_int
     from ..zeroshot import ZeroShotClassifier, classify_images
 
-    if args.top_k < 1:
-        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
+    check_positive_int("--top-k", args.top_k)
     given = args.labels is not None or args.labels_file is not None
     if args.adapter and given:
         raise UsageError("--adapter brings its own classes; drop --labels/--labels-file")

@@ -21,10 +21,9 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..demo import run_demo
-    from ..errors import UsageError
+    from ..validation import check_positive_int
 
-    if args.n < 1:
-        raise UsageError(f"--n must be >= 1, got {args.n}")
+    check_positive_int("--n", args.n)
     bb = load_backbone(args)
     res = run_demo(bb, args.out, n=args.n, seed=args.seed)
     shown = [{k: r[k] for k in ("image", "true", "predicted", "prob", "correct")} for r in res.rows]

@@ -53,14 +53,15 @@ def _alphas(text: str) -> list[float]:
 
 
 def _validate(args) -> list[float] | None:
+    from ..validation import check_positive_int
+
     if args.alpha is not None:
         if not args.out:
             raise UsageError("--alpha needs --out (the model folder to write)")
         return None
     if not args.dataset:
         raise UsageError("--sweep needs --dataset (a folder, CSV/JSONL, shards or shapes:NAME)")
-    if args.n is not None and args.n < 1:
-        raise UsageError(f"--n must be >= 1, got {args.n}")
+    check_positive_int("--n", args.n, allow_none=True)
     if args.out:
         from ..eval.results import results_folder
 

@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import UsageError
+from ..validation import check_positive_int
 
 __all__ = ["topk_accuracy", "mean_per_class_recall", "confusion_matrix", "retrieval_recall", "rank_correlation",
            "accuracy", "group_accuracies", "worst_group_accuracy"]
@@ -59,8 +60,7 @@ def topk_accuracy(logits, labels, k: int = 1) -> float:
     if z.ndim != 2:
         raise UsageError(f"logits must be (N, C), got shape {z.shape}")
     y = _labels(labels, len(z))
-    if k < 1:
-        raise UsageError(f"k must be >= 1, got {k}")
+    k = check_positive_int("k", k)
     if not len(y):
         return float("nan")
     k = min(k, z.shape[1])

@@ -106,6 +106,7 @@ from ..errors import UsageError
 from ..models.backbone import Backbone
 from ..models.transforms import images_to_tensor, is_model_sized, make_preprocess
 from ..surgery.wise_ft import check_compatible, interpolate_state_dicts
+from ..validation import check_backbone, check_choice, check_labels, check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +120,6 @@ _PARAMETRIZED = re.compile(r"\.parametrizations\.([^.]+)\.original\d*$")
 
 
 # --------------------------------------------------------------------------- inputs
-def _check_backbone(bb, name="backbone") -> None:
-    if not isinstance(bb, Backbone):
-        raise UsageError(f"{name} must be a Backbone (cliplab.load(...)), got {type(bb).__name__}")
-
-
 def _as_tensor(images, backbone: Backbone) -> torch.Tensor:
     """Images -> preprocessed float (N, 3, H, W) on the CPU."""
     if isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype != np.uint8:
@@ -144,7 +140,7 @@ def _as_tensor(images, backbone: Backbone) -> torch.Tensor:
 
 
 def _check_inputs(backbone, images, labels, classnames, template):
-    _check_backbone(backbone)
+    check_backbone("backbone", backbone)
     classnames = [classnames] if isinstance(classnames, str) else list(classnames)
     if not classnames:
         raise UsageError("classnames is empty; pass the class names the labels index into")
@@ -160,18 +156,9 @@ def _check_inputs(backbone, images, labels, classnames, template):
                          f"shape {y.shape}")
     if len(y) == 0:
         raise UsageError("images is empty; pass at least one image")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise UsageError(f"labels must be integer class indices, got dtype {y.dtype}")
-    if y.min() < 0 or y.max() >= len(classnames):
-        raise UsageError(f"labels must lie in [0, {len(classnames)}) (indices into classnames); "
-                         f"got values in [{y.min()}, {y.max()}]")
+    y = check_labels(y, len(classnames))
     tokens = backbone.tokenize(prompts)                               # (C, T)
     return x, torch.as_tensor(y, dtype=torch.long), tokens
-
-
-def _check_common(batch_size):
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
 def _batches(n: int, batch_size: int) -> list[slice]:
@@ -230,7 +217,7 @@ def zero_shot_loss(backbone: Backbone, images, labels, classnames, *,
         N images.
     """
     x, y, tokens = _check_inputs(backbone, images, labels, classnames, template)
-    _check_common(batch_size)
+    check_positive_int("batch_size", batch_size)
     model = _work_model(backbone)
     return _evaluate(model, x, y, tokens, batch_size, normalize_logits)
 
@@ -447,11 +434,9 @@ def _check_sharpness_args(rho, n_iters, batch_size, init):
         raise UsageError(f"rho must be a number, got {rho!r}") from None
     if not math.isfinite(r) or r < 0:
         raise UsageError(f"rho must be a finite number >= 0 (relative box radius), got {rho!r}")
-    if isinstance(n_iters, bool) or not isinstance(n_iters, (int, np.integer)) or n_iters < 1:
-        raise UsageError(f"n_iters must be an integer >= 1, got {n_iters!r}")
-    _check_common(batch_size)
-    if init not in ("zero", "random"):
-        raise UsageError(f"init must be 'zero' or 'random', got {init!r}")
+    check_positive_int("n_iters", n_iters)
+    check_positive_int("batch_size", batch_size)
+    check_choice("init", init, ("zero", "random"))
     return r
 
 
@@ -642,11 +627,10 @@ def straggler_layers(zero_shot: Backbone, finetuned: Backbone, images, labels, c
     Adilova, Andriushchenko, Kamp, Fischer, Jaggi. "Layer-wise Linear Mode Connectivity",
     ICLR 2024, arXiv:2307.06966.
     """
-    _check_backbone(zero_shot, "zero_shot")
-    _check_backbone(finetuned, "finetuned")
-    if anchor not in ("zero_shot", "finetuned"):
-        raise UsageError(f"anchor must be 'zero_shot' or 'finetuned', got {anchor!r}")
-    _check_common(batch_size)
+    check_backbone("zero_shot", zero_shot)
+    check_backbone("finetuned", finetuned)
+    check_choice("anchor", anchor, ("zero_shot", "finetuned"))
+    check_positive_int("batch_size", batch_size)
     try:
         a = np.asarray(alphas, dtype=float).reshape(-1)
     except (TypeError, ValueError):

@@ -31,6 +31,7 @@ from .._progress import progress_bar
 from ..data.datasets import ClassificationData, fewshot_subset
 from ..errors import DataError, UsageError
 from ..registry import Registry
+from ..validation import check_labels
 from ..zeroshot import class_weights, get_templates
 from ..features import image_features
 from .metrics import accuracy, confusion_matrix, mean_per_class_recall, retrieval_recall, topk_accuracy
@@ -321,10 +322,9 @@ def fewshot(make_estimator: Callable, train, val, test, *, ks: Sequence[int] = (
     xt, yt = _xy(*train, "train")
     xv, yv = _xy(*val, "val")
     xs, ys = _xy(*test, "test")
-    if not np.issubdtype(yt.dtype, np.integer) or (len(yt) and yt.min() < 0):
-        raise UsageError("few-shot labels must be class indices 0..C-1")
     names = (list(classnames) if classnames is not None
              else [str(c) for c in range(int(max(yt.max(), ys.max(), yv.max())) + 1)])
+    yt = check_labels(yt, len(names), name="few-shot labels")
     pool = _index_data(yt, names, dataset)
     per_seed: dict[int, list] = {}
     params: dict[int, list] = {}

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..data.text import read_lines, read_text
 from ..errors import DataError, DuplicateClassError, UsageError
+from ..validation import check_choice, check_positive_int
 from .templates import fill, get_templates
 
 logger = logging.getLogger(__name__)
@@ -43,8 +44,7 @@ def top_k(proba: np.ndarray, classes, k: int) -> tuple[np.ndarray, np.ndarray]:
     UsageError
         ``k < 1``.
     """
-    if k < 1:
-        raise UsageError(f"k must be >= 1, got {k}")
+    k = check_positive_int("k", k)
     k = min(k, proba.shape[1])
     idx = np.argsort(-proba, axis=1, kind="stable")[:, :k]                   # (N, k)
     return np.asarray(classes)[idx], np.take_along_axis(proba, idx, axis=1)
@@ -147,16 +147,14 @@ def class_weights(backbone, classnames: Sequence[str], templates: Sequence[str],
     DuplicateClassError, UsageError
         With ``ties="raise"``, as :func:`check_classnames`.
     """
-    if ties == "raise":
+    if check_choice("ties", ties, ("raise", "warn")) == "raise":
         names = check_classnames(backbone, classnames, templates)
-    elif ties == "warn":
+    else:
         names = list(classnames)
         groups = prompt_collisions(backbone, names, templates)
         if groups:
             logger.warning("classes %s give the same prompts once tokenized; zero-shot cannot tell them apart",
                            "; ".join(" = ".join(repr(names[i]) for i in g) for g in groups[:5]))
-    else:
-        raise UsageError(f"ties must be 'raise' or 'warn'; got {ties!r}")
     prompts = [fill(t, c) for c in names for t in templates]
     if store is not None:
         emb = np.asarray(store.text_features(prompts), np.float32)         # (C*T, D)
@@ -238,8 +236,7 @@ class ZeroShotClassifier:
 
     def topk(self, images, k: int = 5, **kwargs) -> tuple[np.ndarray, np.ndarray]:
         """The k most probable classes per image: (labels (N, k), probabilities (N, k))."""
-        if k < 1:
-            raise UsageError(f"k must be >= 1, got {k}")
+        check_positive_int("k", k)
         return top_k(self.predict_proba(images, **kwargs), self.classes_, k)
 
 
@@ -296,8 +293,7 @@ def classify_images(classifier, images, *, classnames=None, k: int = 1, strict: 
     DataError
         Every image is unreadable.
     """
-    if k < 1:
-        raise UsageError(f"k must be >= 1, got {k}")
+    k = check_positive_int("k", k)
     encoder = classifier.image_encoder
     if encoder is None:
         raise UsageError(f"{type(classifier).__name__} has no image encoder; set est.image_encoder to the "

@@ -39,6 +39,7 @@ import numpy as np
 
 from ..data.text import read_text
 from ..errors import DataError, UsageError
+from ..validation import check_choice
 from .classifier import ZeroShotClassifier
 
 __all__ = ["DescriptionClassifier", "description_scores", "load_descriptors", "describe",
@@ -157,8 +158,7 @@ class DescriptionClassifier(ZeroShotClassifier):
     def __init__(self, backbone, descriptors, template: str = "{c}, which has {d}.", *,
                  mode: str = "mean", grain_weight: float = 0.5, classnames: Sequence[str] | None = None,
                  class_templates="default", progress: bool | None = None):
-        if mode not in MODES:
-            raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        check_choice("mode", mode, MODES)
         if not 0.0 <= float(grain_weight) <= 1.0:
             raise UsageError(f"grain_weight must be in [0, 1], got {grain_weight!r}")
         if "{d}" not in template:

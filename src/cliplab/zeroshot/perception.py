@@ -31,6 +31,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..errors import UsageError
+from ..validation import check_choice
 from .classifier import ZeroShotClassifier
 
 __all__ = ["PerceptionCLIP", "context_posterior", "perception_proba", "SHAPES_BACKGROUNDS"]
@@ -118,8 +119,7 @@ class PerceptionCLIP(ZeroShotClassifier):
                 raise UsageError(f"context {z!r} needs a non-empty list of descriptions ('' = no phrase)")
         if not float(temperature) > 0:
             raise UsageError(f"temperature must be > 0, got {temperature!r}")
-        if infer not in INFER:
-            raise UsageError(f"infer must be one of {', '.join(INFER)}, got {infer!r}")
+        check_choice("infer", infer, INFER)
         if "{c}" not in template:
             raise UsageError(f"template {template!r} has no '{{c}}' placeholder")
         super().__init__(backbone, classnames, template + ".", progress=progress)  # validates names

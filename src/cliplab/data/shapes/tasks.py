@@ -17,6 +17,7 @@ import logging
 import numpy as np
 
 from ...errors import UsageError
+from ...validation import check_positive_int
 from ..datasets import SPLIT_NAMES, ClassificationData, RetrievalData
 from .export import scene_label
 from .worlds import shapes_tiny_world, task_classes, task_world
@@ -62,9 +63,7 @@ def shapes_task(task: str, split: str = "test", n: int | None = None, seed: int 
                          f"{', '.join('shapes:' + t for t in SHAPES_TASKS)}")
     if split not in SPLIT_NAMES:
         raise UsageError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_NAMES)}")
-    n = SHAPES_DEFAULT_N[split] if n is None else int(n)
-    if n < 1:
-        raise UsageError(f"n must be >= 1, got {n}")
+    n = SHAPES_DEFAULT_N[split] if n is None else check_positive_int("n", n)
     world = task_world(shapes_tiny_world(seed), task)  # the scenes `cliplab shapes export` writes
     meta = {"source": f"shapes:{task}", "split": split, "n": n, "seed": seed, "world": world.config()}
     name = f"shapes:{task}"
