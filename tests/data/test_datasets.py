@@ -91,15 +91,15 @@ def test_csv_string_labels_and_bad_rows(tmp_path):
     data = classification_from_csv(tmp_path / "t.csv")
     assert data.classnames == ["cat", "dog"] and data.labels.tolist() == [1, 0, 1]
     assert data.items[0] == tmp_path / "img/a.png" and data.items[2] == Path("/abs/e.png")
-    assert [s for s, _ in data.skipped] == [f"{tmp_path / 't.csv'}:{n}" for n in (4, 5, 6)]
-    assert "malformed row" in data.skipped[0][1] and data.skipped[2][1] == "empty label"
+    assert [s.source for s in data.skipped] == [f"{tmp_path / 't.csv'}:{n}" for n in (4, 5, 6)]
+    assert "malformed row" in data.skipped[0].reason and data.skipped[2].reason == "empty label"
 
     named = classification_from_csv(tmp_path / "t.csv", classnames_json={"cat": "a cat", "dog": "a dog"})
     assert named.classnames == ["a cat", "a dog"] and named.labels.tolist() == [1, 0, 1]
     # a class list orders the classes; labels outside it are skipped and counted
     ordered = classification_from_csv(tmp_path / "t.csv", classnames_json=["dog"])
     assert ordered.classnames == ["dog"] and ordered.labels.tolist() == [0, 0]
-    assert "unknown label 'cat'" in ordered.skipped[-1][1]
+    assert "unknown label 'cat'" in ordered.skipped[-1].reason
 
 
 def test_csv_integer_labels_and_header_errors(tmp_path):
@@ -137,12 +137,12 @@ def test_csv_integer_label_cannot_size_the_class_table(tmp_path, monkeypatch):
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB: < 100 MB
     named = classification_from_csv(tmp_path / "t.csv", classnames_json=["cat", "dog"])
     assert named.classnames == ["cat", "dog"] and named.labels.tolist() == [0]
-    assert "unknown label '99999999999'" in named.skipped[0][1]
+    assert "unknown label '99999999999'" in named.skipped[0].reason
     monkeypatch.setattr(datasets, "MAX_CLASSES", 4)
     (tmp_path / "edge.csv").write_text("filepath,label\na.png,3\nb.png,-1\n")
     edge = classification_from_csv(tmp_path / "edge.csv")
     assert edge.classnames == ["0", "1", "2", "3"] and edge.labels.tolist() == [3]
-    assert "unknown label '-1'" in edge.skipped[0][1]
+    assert "unknown label '-1'" in edge.skipped[0].reason
     (tmp_path / "edge.csv").write_text("filepath,label\na.png,4\n")
     with pytest.raises(DataError, match="at most 4"):
         classification_from_csv(tmp_path / "edge.csv")
@@ -173,7 +173,7 @@ def test_retrieval_from_jsonl_and_shards(tmp_path):
     data = retrieval_from_file(tmp_path / "r.jsonl")
     assert isinstance(data, RetrievalData) and data.kind == "retrieval"
     assert data.captions == [["one", "uno"], ["two"]] and data.items[1] == tmp_path / "b.png"
-    assert len(data.skipped) == 1 and "malformed row" in data.skipped[0][1]
+    assert len(data.skipped) == 1 and "malformed row" in data.skipped[0].reason
 
     shard = tmp_path / "shards" / "shard-0000.tar"
     shard.parent.mkdir()
@@ -190,7 +190,7 @@ def test_retrieval_from_jsonl_and_shards(tmp_path):
         data = load_dataset(spec)
         assert data.kind == "retrieval" and data.captions == [["red", "rouge"], ["blue"]]
         assert [np.asarray(load_image(b))[0, 0, 0] for b in data.items] == [10, 200]
-        assert len(data.skipped) == 1 and "no text" in data.skipped[0][1]
+        assert len(data.skipped) == 1 and "no text" in data.skipped[0].reason
 
 
 # ------------------------------------------------------------------ ShapesWorld
@@ -367,10 +367,10 @@ def test_classification_csv_counts_an_image_once(tmp_path):
     assert data.items == [tmp_path / f"img{i}.png" for i in range(3)]
     assert data.labels.tolist() == [0, 1, 1] and data.classnames == ["cat", "dog"]
     src = f"{tmp_path / 't.csv'}"
-    assert [(s, r.split(":")[0]) for s, r in data.skipped] == [
+    assert [(s.source, s.reason.split(":")[0]) for s in data.skipped] == [
         (f"{src}:3", "duplicate image"), (f"{src}:5", "conflicting label 'cat'"),
         (f"{src}:6", "duplicate image")]
-    assert "same file as line 4 (label 'dog'), which is kept" in data.skipped[1][1]
+    assert "same file as line 4 (label 'dog'), which is kept" in data.skipped[1].reason
 
 
 def test_folder_counts_an_image_once_and_reports_images_outside_class_folders(tmp_path):
@@ -383,17 +383,17 @@ def test_folder_counts_an_image_once_and_reports_images_outside_class_folders(tm
     data = classification_from_folder(tmp_path)
     assert data.items == [tmp_path / "cat" / "a.png", tmp_path / "cat" / "b.png", tmp_path / "dog" / "c.png"]
     assert data.labels.tolist() == [0, 0, 1]
-    assert [(Path(s).name, r.split(":")[0]) for s, r in data.skipped] == [
+    assert [(Path(s.source).name, s.reason.split(":")[0]) for s in data.skipped] == [
         ("stray.png", "not in a class folder"), ("a_too.png", "duplicate image")]
-    assert "class 'cat'" in data.skipped[1][1]
+    assert "class 'cat'" in data.skipped[1].reason
 
 
 def test_unclosed_quote_in_a_table_is_counted_not_swallowed(tmp_path):
     (tmp_path / "t.csv").write_text('filepath,label\na.png,cat\nb.png,"dog\nc.png,cat\nd.png,dog\n')
     data = classification_from_csv(tmp_path / "t.csv")
     assert [Path(p).name for p in data.items] == ["a.png"]
-    assert [s.rsplit(":", 1)[1] for s, _ in data.skipped] == ["3", "4", "5"]
-    assert all("never closed" in r for _, r in data.skipped)
+    assert [s.source.rsplit(":", 1)[1] for s in data.skipped] == ["3", "4", "5"]
+    assert all("never closed" in s.reason for s in data.skipped)
     (tmp_path / "ok.csv").write_text('filepath,caption\na.png,"two\nlines"\nb.png,one\n')
     ret = retrieval_from_file(tmp_path / "ok.csv")      # a closed multi-line field is fine
     assert ret.captions == [["two\nlines"], ["one"]] and ret.skipped == []

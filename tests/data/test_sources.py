@@ -20,7 +20,8 @@ def test_skiplog():
     log.add("a.csv:5", "malformed row: 4 fields")
     log.add("s.tar:k", "no image: x")
     assert log.count == 3 and len(log) == 3
-    assert log.to_list()[2] == ("s.tar:k", "no image: x")
+    last = log.to_list()[2]
+    assert (last.source, last.reason) == ("s.tar:k", "no image: x")
     assert log.summary() == "skipped 3 samples: 2 malformed row, 1 no image"
 
 
@@ -77,7 +78,7 @@ def test_csv_bad_rows_skipped_and_counted(tmp_path):
     recs = read_caption_table(tmp_path / "t.csv", skip_log=log)
     assert [r.image.name for r in recs] == ["a.png", "d.png"]
     assert log.count == 3
-    sources = [s for s, _ in log.to_list()]
+    sources = [s.source for s in log.to_list()]
     assert sources == [f"{tmp_path / 't.csv'}:3", f"{tmp_path / 't.csv'}:4", f"{tmp_path / 't.csv'}:5"]
 
 
@@ -104,13 +105,14 @@ def test_empty_entries_of_a_caption_list_are_counted(tmp_path):
     recs = read_caption_table(tmp_path / "t.jsonl", skip_log=log)
     assert [(r.image.name, r.captions) for r in recs] == [("a.png", ["one", "two"])]
     src = str(tmp_path / "t.jsonl")
-    assert log.to_list() == [(f"{src}:1", "empty caption: entry 1 of 'captions' is empty or not text"),
-                             (f"{src}:1", "empty caption: entry 2 of 'captions' is empty or not text"),
-                             (f"{src}:2", "empty caption: no 'caption' text")]
+    assert [(s.source, s.reason) for s in log.to_list()] == [
+        (f"{src}:1", "empty caption: entry 1 of 'captions' is empty or not text"),
+        (f"{src}:1", "empty caption: entry 2 of 'captions' is empty or not text"),
+        (f"{src}:2", "empty caption: no 'caption' text")]
     _tar(tmp_path / "s.tar", [("k.png", PNG), ("k.json", json.dumps({"captions": ["x", ""]}).encode())])
     log = SkipLog()
     assert [g[2] for g in iter_webdataset(tmp_path / "s.tar", skip_log=log)] == [["x"]]
-    assert [r for _, r in log.to_list()] == ["empty caption: entry 1 of 'captions' is empty or not text"]
+    assert [s.reason for s in log.to_list()] == ["empty caption: entry 1 of 'captions' is empty or not text"]
 
 
 def _tar(path, members):
@@ -139,7 +141,7 @@ def test_webdataset_groups_and_skips(tmp_path):
     assert got[0][1] == PNG and got[0][2] == ["cap a", "cap a2"] and got[0][3]["label"] == 1
     assert got[1][2] == ["from json"]
     assert got[2][2] == ["nested"]
-    reasons = sorted(r.split(":")[0] for _, r in log.to_list())
+    reasons = sorted(s.reason.split(":")[0] for s in log.to_list())
     assert reasons == ["no image", "no text"]
 
 
@@ -152,7 +154,7 @@ def test_webdataset_truncated_shard_reported(tmp_path):
     log = SkipLog()
     got = list(iter_webdataset(tmp_path / "cut.tar", skip_log=log))
     assert 0 < len(got) < 5
-    assert any("truncated" in r for _, r in log.to_list())
+    assert any("truncated" in s.reason for s in log.to_list())
     with pytest.raises(DataError, match="no such shard"):
         list(iter_webdataset(tmp_path / "nope.tar"))
 
@@ -239,7 +241,7 @@ def test_every_truncation_of_a_shard_is_counted(tmp_path, case):
         log = SkipLog()
         got = read(log)
         assert len(got) == n_kept
-        assert [r.split(":")[0] for _, r in log.to_list()] == reasons
+        assert [s.reason.split(":")[0] for s in log.to_list()] == reasons
         assert log.count == len(reasons) and log.summary().startswith(f"skipped {len(reasons)} sample")
 
 

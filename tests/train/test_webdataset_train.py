@@ -71,7 +71,7 @@ def test_index_counts_and_skips(data):
     samples = index_webdataset(data["bad"], skip_log=log)
     assert len(samples) == N                      # the corrupt image is only found when decoded
     assert log.count == 1 and log.summary() == "skipped 1 sample: 1 no image"
-    assert log.to_list()[0][0].endswith(":orphan")
+    assert log.to_list()[0].source.endswith(":orphan")
     streamed_log = SkipLog()                      # the same grouping as the streaming reader
     streamed = list(iter_webdataset(data["bad"], skip_log=streamed_log))
     assert streamed_log.to_list() == log.to_list()

@@ -34,6 +34,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import DataError, UsageError
+from ..validation import check_labels, check_positive_int
 from .images import find_images
 from .sources import (
     CAPTION_COLUMNS,
@@ -95,7 +96,7 @@ class ClassificationData:
     classnames : list of str
         C human-readable class names (used in prompts).
     name : str
-    skipped : list of (source, reason)
+    skipped : list of Skipped
         Rows left out while reading.
     meta : dict
         Extra facts (split, seed, ShapesWorld attributes...).
@@ -110,11 +111,8 @@ class ClassificationData:
     kind: ClassVar[str] = "classification"
 
     def __post_init__(self):
-        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
-        if len(self.items) != len(self.labels):
-            raise UsageError(f"{self.name}: {len(self.items)} items but {len(self.labels)} labels")
-        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classnames)):
-            raise UsageError(f"{self.name}: labels must index the {len(self.classnames)} classnames")
+        self.labels = check_labels(np.asarray(self.labels).reshape(-1), len(self.classnames),
+                                   n_samples=len(self.items), name=f"{self.name} labels")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -138,7 +136,7 @@ class RetrievalData:
     captions : list of list of str
         The captions of each image (at least one).
     name : str
-    skipped : list of (source, reason)
+    skipped : list of Skipped
     meta : dict
     """
 
@@ -352,14 +350,14 @@ def classification_from_csv(path, *, image_key: str = "filepath", label_key: str
     for line, image, label in rows:
         idx = to_index(label)
         if idx is None:
-            skip_log.add(f"{path}:{line}", f"unknown label {label!r}: not in the class names")
+            skip_log.add(f"{path}:{line}", f"unknown label {label!r}: not in the class names", index=line)
             continue
         resolved, ident = identities(image)
         if ident in first:
             seen_line, seen_label = first[ident]
             why = ("duplicate image" if to_index(seen_label) == idx else f"conflicting label {label!r}")
             skip_log.add(f"{path}:{line}", f"{why}: same file as line {seen_line} "
-                                           f"(label {seen_label!r}), which is kept")
+                                           f"(label {seen_label!r}), which is kept", index=line)
             continue
         first[ident] = (line, label)
         items.append(resolved)
@@ -487,6 +485,7 @@ def load_dataset(spec, split: str = "test", *, n: int | None = None, seed: int =
     ClassificationData or RetrievalData
         Tell them apart by ``data.kind``.
     """
+    n = check_positive_int("n", n, allow_none=True)
     if isinstance(spec, str) and spec.startswith("shapes:"):
         from .shapes.tasks import shapes_task  # renders scenes; not needed for files
 
@@ -573,8 +572,7 @@ def fewshot_subset(data: ClassificationData, k: int, seed: int = 0) -> Classific
     """
     if not isinstance(data, ClassificationData):
         raise UsageError("few-shot subsets need classification data")
-    if int(k) != k or k < 1:
-        raise UsageError(f"k must be a positive integer, got {k!r}")
+    k = check_positive_int("k", k)
     chosen = []
     for c in range(len(data.classnames)):
         idx = np.flatnonzero(data.labels == c)

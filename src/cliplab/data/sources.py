@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ..errors import BadImage, DataError
 from .text import open_text
+from .records import Skipped
 
 logger = logging.getLogger("cliplab.data.sources")
 
@@ -150,22 +151,29 @@ class ImageIdentities:
 
 
 class SkipLog:
-    """Records skipped samples as ``(source, reason)`` pairs.
+    """Records skipped samples as :class:`~cliplab.data.records.Skipped` records.
+
+    ``index`` is the sample's row or line number where the reader knows it, else its
+    position among the skipped samples; ``source`` names the file and place
+    (``"a.csv:3"``, ``"shard.tar:key"``).
 
     Examples
     --------
     >>> log = SkipLog()
-    >>> log.add("a.csv:3", "empty caption")
+    >>> log.add("a.csv:3", "empty caption", index=3)
     >>> log.count, log.summary()
     (1, 'skipped 1 sample: 1 empty caption')
+    >>> log.to_list()[0].reason
+    'empty caption'
     """
 
     def __init__(self):
-        self._items: list[tuple[str, str]] = []
+        self._items: list[Skipped] = []
 
-    def add(self, source, reason: str) -> None:
+    def add(self, source, reason: str, *, index: int | None = None) -> None:
         """Record one skipped sample (and log it at debug level)."""
-        self._items.append((str(source), str(reason)))
+        index = len(self._items) if index is None else index
+        self._items.append(Skipped(int(index), str(source), str(reason)))
         logger.debug("skipped %s: %s", source, reason)
 
     @property
@@ -179,8 +187,8 @@ class SkipLog:
     def __bool__(self) -> bool:
         return True  # a log is truthy even when empty (``skip_log or SkipLog()`` keeps it)
 
-    def to_list(self) -> list[tuple[str, str]]:
-        """Copies of the ``(source, reason)`` pairs in the order they were added."""
+    def to_list(self) -> list[Skipped]:
+        """The records in the order they were added."""
         return list(self._items)
 
     def summary(self) -> str:
@@ -188,8 +196,8 @@ class SkipLog:
         if not self._items:
             return "nothing skipped"
         reasons: dict[str, int] = {}
-        for _, reason in self._items:
-            key = reason.split(":")[0]
+        for item in self._items:
+            key = item.reason.split(":")[0]
             reasons[key] = reasons.get(key, 0) + 1
         parts = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
         plural = "s" if len(self._items) != 1 else ""
@@ -407,7 +415,7 @@ def valid_csv_rows(reader, path, n_fields: int, required: dict, skip_log: SkipLo
             break
         except csv.Error as e:
             end = reader.line_num
-            skip_log.add(f"{path}:{end}", f"malformed row: {e}")
+            skip_log.add(f"{path}:{end}", f"malformed row: {e}", index=end)
             continue
         end = reader.line_num
         if not row or all(not c.strip() for c in row):
@@ -416,15 +424,16 @@ def valid_csv_rows(reader, path, n_fields: int, required: dict, skip_log: SkipLo
             if _open_quote(path, start, end, reader.dialect):
                 for line in range(start, end + 1):
                     skip_log.add(f"{path}:{line}", f"malformed row: inside a quote opened on line "
-                                                   f"{start} and never closed")
+                                                   f"{start} and never closed", index=line)
                 continue
             spanning += 1
         if len(row) != n_fields:
-            skip_log.add(f"{path}:{start}", f"malformed row: {len(row)} fields, header has {n_fields}")
+            skip_log.add(f"{path}:{start}", f"malformed row: {len(row)} fields, header has {n_fields}",
+                         index=start)
             continue
         empty = next((what for what, i in required.items() if not row[i].strip()), None)
         if empty is not None:
-            skip_log.add(f"{path}:{start}", f"empty {empty}")
+            skip_log.add(f"{path}:{start}", f"empty {empty}", index=start)
             continue
         yield start, row
     if spanning:
@@ -454,20 +463,21 @@ def _jsonl_rows(path: Path, image_key: str, caption_key: str, skip_log: SkipLog)
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                skip_log.add(f"{path}:{line_no}", f"malformed row: invalid JSON ({e.msg})")
+                skip_log.add(f"{path}:{line_no}", f"malformed row: invalid JSON ({e.msg})", index=line_no)
                 continue
             if not isinstance(obj, dict):
-                skip_log.add(f"{path}:{line_no}", "malformed row: not a JSON object")
+                skip_log.add(f"{path}:{line_no}", "malformed row: not a JSON object", index=line_no)
                 continue
             ikey = pick_column(image_key, IMAGE_COLUMNS, obj)
             ckey = pick_column(caption_key, CAPTION_COLUMNS, obj)
             if ikey is None or not isinstance(obj[ikey], str) or not obj[ikey].strip():
-                skip_log.add(f"{path}:{line_no}", f"empty image path: no {image_key!r} string")
+                skip_log.add(f"{path}:{line_no}", f"empty image path: no {image_key!r} string",
+                             index=line_no)
                 continue
             captions, dropped = _caption_list(obj[ckey]) if ckey is not None else ([], [])
             _count_dropped_captions(skip_log, f"{path}:{line_no}", ckey, captions, dropped)
             if not captions:
-                skip_log.add(f"{path}:{line_no}", f"empty caption: no {caption_key!r} text")
+                skip_log.add(f"{path}:{line_no}", f"empty caption: no {caption_key!r} text", index=line_no)
                 continue
             meta = {k: v for k, v in obj.items() if k not in (ikey, ckey)}
             yield obj[ikey].strip(), captions, meta
