@@ -23,20 +23,26 @@ command-line parser from :data:`METHODS`) stays cheap.
 
 from __future__ import annotations
 
-import importlib
-
+from ..lazy import lazy_exports
 from ..registry import Registry
 
 #: Few-shot methods by CLI name: metadata ``kind`` ("adapter" or "learner") and ``help``.
 METHODS: Registry = Registry("few-shot method", package=__name__)
 
-_LAZY = {"LinearProbe": "linear", "GDA": "gda", "TipAdapter": "tip", "TipAdapterF": "tip",
-         "CapSAdapter": "caps", "CoOp": "coop", "KgCoOp": "coop", "MoCoOp": "mocoop",
-         "FineTuner": "finetune", "LoRAFineTuner": "finetune", "SVDFineTuner": "finetune",
-         "FullFineTuner": "finetune", "save_adapter": "io", "load_adapter": "io",
-         "fit_adapter": "fewshot", "FeatureAdapter": "_base"}
+__getattr__, __dir__, _LAZY_NAMES = lazy_exports(__name__, {
+    ".linear": ["LinearProbe"],
+    ".gda": ["GDA"],
+    ".tip": ["TipAdapter", "TipAdapterF"],
+    ".caps": ["CapSAdapter"],
+    ".coop": ["CoOp", "KgCoOp"],
+    ".mocoop": ["MoCoOp"],
+    ".finetune": ["FineTuner", "LoRAFineTuner", "SVDFineTuner", "FullFineTuner"],
+    ".io": ["save_adapter", "load_adapter"],
+    ".fewshot": ["fit_adapter"],
+    "._base": ["FeatureAdapter"],
+})
 
-__all__ = ["METHODS", "list_methods", "method_table", *_LAZY]
+__all__ = ["METHODS", "list_methods", "method_table", *_LAZY_NAMES]
 
 
 def list_methods(kind: str | None = None) -> list[str]:
@@ -55,15 +61,3 @@ def method_table() -> list[dict]:
              "input": getattr(cls, "input_kind", "features"), "help": METHODS.meta(n).get("help", "")}
             for n, cls in METHODS.items()]
     return sorted(rows, key=lambda r: r["kind"] != "adapter")
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])

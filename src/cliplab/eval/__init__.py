@@ -2,44 +2,22 @@
 sharpness and layer-wise connectivity in :mod:`.sharpness` (imported on its own: it needs torch).
 
 The datasets live in :mod:`cliplab.data.datasets`; their public names are re-exported here.
+The names below are imported on first use (:mod:`cliplab.lazy`), so that reading the task
+registry or the results format does not import the feature code.
 """
 
-from ..data.datasets import (
-    ClassificationData,
-    RetrievalData,
-    classification_from_csv,
-    classification_from_folder,
-    fewshot_subset,
-    load_dataset,
-    retrieval_from_file,
-    split_train_val,
-)
-from ..data.shapes.tasks import SHAPES_DEFAULT_N, SHAPES_TASKS
+from ..lazy import lazy_exports
 
-__all__ = [
-    "SHAPES_DEFAULT_N",
-    "SHAPES_TASKS",
-    "ClassificationData",
-    "RetrievalData",
-    "classification_from_csv",
-    "classification_from_folder",
-    "fewshot_subset",
-    "load_dataset",
-    "retrieval_from_file",
-    "split_train_val",
-]
-
-from .metrics import (accuracy, confusion_matrix, mean_per_class_recall, rank_correlation, retrieval_recall,
-                      topk_accuracy)
-from .report import build_report
-from .results import make_result, read_results, write_results
-from .suite import SUITES, evaluate, run_suite
-from .tasks import (TASKS, TaskResult, fewshot, linear_probe, select_on_validation, zeroshot_classification,
-                    zeroshot_retrieval)
-
-__all__ += [
-    "accuracy", "confusion_matrix", "mean_per_class_recall", "rank_correlation", "retrieval_recall", "topk_accuracy",
-    "build_report", "make_result", "read_results", "write_results", "SUITES", "evaluate", "run_suite",
-    "TASKS", "TaskResult", "fewshot", "linear_probe", "select_on_validation",
-    "zeroshot_classification", "zeroshot_retrieval",
-]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "..data.shapes.tasks": ["SHAPES_DEFAULT_N", "SHAPES_TASKS"],
+    "..data.datasets": ["ClassificationData", "RetrievalData", "classification_from_csv",
+                        "classification_from_folder", "fewshot_subset", "load_dataset",
+                        "retrieval_from_file", "split_train_val"],
+    ".metrics": ["accuracy", "confusion_matrix", "mean_per_class_recall", "rank_correlation",
+                 "retrieval_recall", "topk_accuracy"],
+    ".report": ["build_report"],
+    ".results": ["make_result", "read_results", "write_results"],
+    ".suite": ["SUITES", "evaluate", "run_suite"],
+    ".tasks": ["TASKS", "TaskResult", "fewshot", "linear_probe", "select_on_validation",
+               "zeroshot_classification", "zeroshot_retrieval"],
+})

@@ -1,6 +1,13 @@
-"""Model loading, the Backbone, and checkpoint conversion."""
+"""Model loading, the Backbone, and checkpoint conversion.
 
-from .backbone import Backbone, EncodedImages, Skipped
-from .loading import SOURCES, build_model, list_sources, load
+The names below are imported on first use (:mod:`cliplab.lazy`), so that importing one
+module of the package, or the model-source registry's metadata, does not import torch
+through the Backbone.
+"""
 
-__all__ = ["Backbone", "EncodedImages", "Skipped", "SOURCES", "build_model", "list_sources", "load"]
+from ..lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    ".backbone": ["Backbone", "EncodedImages", "Skipped"],
+    ".loading": ["SOURCES", "build_model", "list_sources", "load"],
+})
