@@ -71,23 +71,13 @@ def metric_rows(records) -> list[dict]:
 
 
 def run(args) -> int:
-    from ..eval.results import results_folder, write_results
-    from ..eval.suite import evaluate, run_suite
+    from ..eval.results import write_results
+    from ..eval.suite import check_request, evaluate, run_suite
 
     seeds = _ints(args.seeds, "--seeds")
     shots = _ints(args.shots, "--shots")
-    if min(shots) < 1:
-        raise UsageError(f"--shots must be positive, got {args.shots}")
-    for opt in ("n", "n_train"):
-        v = getattr(args, opt)
-        if v is not None and v < 1:
-            raise UsageError(f"--{opt.replace('_', '-')} must be >= 1, got {v}")
-    if args.task and not args.dataset:
-        raise UsageError("--task needs --dataset (a folder, CSV/JSONL, shards or shapes:NAME)")
-    if args.suite and args.out:
-        results_folder(args.out)                         # before the suite runs
-    if args.report and not args.report.lower().endswith((".html", ".htm")) and Path(args.report).suffix:
-        raise UsageError(f"--report must be an .html file or a folder, got {args.report}")
+    check_request(task=args.task, suite=args.suite, dataset=args.dataset, n=args.n, n_train=args.n_train,
+                  shots=shots, out=args.out, report=args.report)
     backbone = load_backbone(args)
     store = None
     if not args.no_cache:

@@ -70,7 +70,7 @@ def _validate(args) -> list[float] | None:
 
 
 def run(args) -> int:
-    from ..surgery.wise_ft import check_alpha, interpolate, sweep
+    from ..surgery.wise_ft import check_alpha, interpolate
 
     alphas = _validate(args)
     for a in alphas or [args.alpha]:
@@ -81,28 +81,17 @@ def run(args) -> int:
         print(f"alpha {args.alpha:g}: (1 - alpha) * {args.zero_shot} + alpha * {args.finetuned} -> {out}")
         return 0
 
-    from ..eval.suite import evaluate
+    from ..eval.suite import evaluate_interpolation
 
-    records = []
-
-    def evaluate_fn(backbone):
-        store = None
-        if args.cache:
-            from ..features import FeatureStore
-
-            store = FeatureStore(args.cache, backbone)
-        rec = evaluate(backbone, model_spec=args.finetuned, task=args.task, dataset=args.dataset,
-                       split=args.split, templates=args.templates, store=store, n=args.n)
-        records.append(rec)
-        print(f"[{len(records)}/{len(alphas)}] alpha {alphas[len(records) - 1]:g}: "
+    def show(i, alpha, rec):
+        print(f"[{i + 1}/{len(alphas)}] alpha {alpha:g}: "
               + ", ".join(f"{k}={v:.4f}" for k, v in rec["metrics"].items() if isinstance(v, float)),
               file=sys.stderr)
-        return {k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float))}
 
-    rows = sweep(zero_shot, finetuned, alphas, evaluate_fn, extrapolate=args.extrapolate)
-    for a, rec in zip(alphas, records):
-        rec["cliplab"].update({"alpha": a, "zero_shot_spec": str(args.zero_shot),
-                               "finetuned_spec": str(args.finetuned)})
+    rows, records = evaluate_interpolation(
+        zero_shot, finetuned, alphas, task=args.task, dataset=args.dataset, split=args.split,
+        templates=args.templates, cache=args.cache, n=args.n, extrapolate=args.extrapolate,
+        zero_shot_spec=args.zero_shot, finetuned_spec=args.finetuned, on_result=show)
     if args.out:
         from ..eval.results import write_results
 

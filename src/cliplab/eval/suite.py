@@ -34,9 +34,10 @@ from ..errors import UsageError
 from .results import make_result
 from ..data.datasets import load_dataset, split_train_val
 from ..features import image_features
+from ..validation import check_positive_int
 from .tasks import TASKS, fewshot, linear_probe, zeroshot_classification, zeroshot_retrieval
 
-__all__ = ["TASKS", "SUITES", "evaluate", "run_suite", "FEWSHOT_C_GRID"]
+__all__ = ["TASKS", "SUITES", "evaluate", "run_suite", "check_request", "evaluate_interpolation", "FEWSHOT_C_GRID"]
 
 #: C candidates of the few-shot linear probe, chosen on validation per (k, seed).
 FEWSHOT_C_GRID = {"C": [1e-2, 1e-1, 1.0, 10.0, 100.0]}
@@ -120,12 +121,54 @@ def evaluate(backbone, *, model_spec: str, task: str, dataset: str, split: str =
         res.skipped = sk_t + sk_v + sk_s
         res.timings = {"image_features": round(feat_s, 4), **res.timings}
     res.timings = {"load_dataset": round(load_s, 4), **res.timings}
-    read_skips = [{"source": str(src), "reason": str(why), "stage": "read"}
-                  for src, why in getattr(data, "skipped", None) or []]
+    read_skips = [{"source": s.source, "reason": s.reason, "stage": "read"}
+                  for s in getattr(data, "skipped", None) or []]
     res.skipped = read_skips + list(res.skipped)
     return make_result(res, model_spec=model_spec, fingerprint=backbone.fingerprint,
                        seeds=seeds if task == "fewshot" else None,
                        extra={"split": split, "n": n})
+
+
+def check_request(*, task: str | None = None, suite: str | None = None, dataset: str | None = None,
+                  n: int | None = None, n_train: int | None = None, shots: Sequence[int] = (1,),
+                  out=None, report=None) -> None:
+    """Check an evaluation request before any model or data is loaded (``cliplab eval``).
+
+    Parameters
+    ----------
+    task, suite : str, optional
+        One evaluation (``task`` on ``dataset``) or a suite of them.
+    dataset : str, optional
+        Required with ``task``.
+    n, n_train : int, optional
+        Positive when given.
+    shots : sequence of int
+        Few-shot k values, all positive.
+    out : path, optional
+        With ``suite``, a folder for one results file per evaluation
+        (:func:`cliplab.eval.results.results_folder`).
+    report : path, optional
+        An ``.html`` file, or a folder (no suffix).
+
+    Raises
+    ------
+    UsageError
+        Naming the offending option as the command line spells it.
+    """
+    from pathlib import Path
+
+    from .results import results_folder
+
+    if min(shots) < 1:
+        raise UsageError(f"--shots must be positive, got {','.join(map(str, shots))}")
+    check_positive_int("--n", n, allow_none=True)
+    check_positive_int("--n-train", n_train, allow_none=True)
+    if task and not dataset:
+        raise UsageError("--task needs --dataset (a folder, CSV/JSONL, shards or shapes:NAME)")
+    if suite and out:
+        results_folder(out)                              # before the suite runs
+    if report and not str(report).lower().endswith((".html", ".htm")) and Path(report).suffix:
+        raise UsageError(f"--report must be an .html file or a folder, got {report}")
 
 
 def run_suite(backbone, name: str, *, model_spec: str, store=None, progress=None,
@@ -143,3 +186,55 @@ def run_suite(backbone, name: str, *, model_spec: str, store=None, progress=None
         if on_result is not None:
             on_result(rec)
     return out
+
+
+def evaluate_interpolation(zero_shot, finetuned, alphas: Sequence[float], *, task: str, dataset: str,
+                           split: str = "test", templates=None, cache=None, n: int | None = None,
+                           extrapolate: bool = False, zero_shot_spec: str = "", finetuned_spec: str = "",
+                           on_result=None) -> tuple[list[dict], list[dict]]:
+    """Evaluate the WiSE-FT mix of two Backbones at each alpha (``cliplab interpolate --sweep``).
+
+    Parameters
+    ----------
+    zero_shot, finetuned : Backbone
+        Same architecture (:func:`cliplab.surgery.wise_ft.check_compatible`).
+    alphas : sequence of float
+        Weights of ``finetuned``, each in [0, 1] unless ``extrapolate``.
+    task, dataset, split, templates, n
+        As for :func:`evaluate`.
+    cache : path, optional
+        Feature cache folder; each mixed model gets its own entries (by fingerprint).
+    zero_shot_spec, finetuned_spec : str
+        The models' specs, recorded in each record (``cliplab.alpha``, ``..._spec``).
+    on_result : callable, optional
+        ``on_result(index, alpha, record)`` after each alpha.
+
+    Returns
+    -------
+    rows : list of dict
+        ``{"alpha": a, **numeric metrics}`` per alpha, in the given order.
+    records : list of dict
+        The results record of each alpha (:func:`cliplab.eval.results.make_result`).
+    """
+    from ..surgery.wise_ft import sweep
+
+    records = []
+
+    def evaluate_fn(backbone):
+        store = None
+        if cache:
+            from ..features import FeatureStore
+
+            store = FeatureStore(cache, backbone)
+        rec = evaluate(backbone, model_spec=finetuned_spec, task=task, dataset=dataset, split=split,
+                       templates=templates, store=store, n=n)
+        records.append(rec)
+        if on_result is not None:
+            on_result(len(records) - 1, alphas[len(records) - 1], rec)
+        return {k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float))}
+
+    rows = sweep(zero_shot, finetuned, alphas, evaluate_fn, extrapolate=extrapolate)
+    for a, rec in zip(alphas, records):
+        rec["cliplab"].update({"alpha": a, "zero_shot_spec": str(zero_shot_spec),
+                               "finetuned_spec": str(finetuned_spec)})
+    return rows, records
