@@ -53,12 +53,12 @@ from ._progress import progress_bar
 from .data.images import DEFAULT_MAX_PIXELS
 from .data.records import EncodedImages, Skipped
 from .data.sources import canonical_path
-from .errors import UsageError
-from .validation import check_positive_int
+from .errors import BadImage, DataError, UsageError
+from .validation import check_choice, check_positive_int
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FeatureResult", "FeatureStore", "image_features"]
+__all__ = ["FeatureResult", "FeatureStore", "image_features", "embed"]
 
 _CHUNK_RE = re.compile(r"^chunk_(\d+)\.npz$")
 _TMP_PREFIX = ".tmp-"
@@ -451,3 +451,52 @@ def image_features(backbone, items, *, store=None, batch_size: int = 64, progres
         return np.asarray(r.features, np.float32), np.asarray(r.kept, np.int64), skipped
     res = backbone.encode_images(items, batch_size=batch_size, progress=progress, on_error="skip")
     return res.features, res.kept, [dataclasses.asdict(s) for s in res.skipped]
+
+
+def embed(backbone, items, *, kind: str = "image", store: FeatureStore | None = None, strict: bool = False,
+          **image_kwargs) -> FeatureResult:
+    """L2-normalised features of images or texts, through ``store`` when given (``cliplab embed``).
+
+    Parameters
+    ----------
+    backbone : Backbone
+    items : sequence
+        Image sources (paths, arrays, bytes...) or texts.
+    kind : {"image", "text"}, default "image"
+    store : FeatureStore, optional
+        The cache to read and fill; ``None`` computes in memory.
+    strict : bool, default False
+        Raise on the first unreadable image instead of skipping it.
+    **image_kwargs
+        ``batch_size``, ``workers``, ``draft``, ``max_pixels`` of :meth:`Backbone.encode_images`.
+
+    Returns
+    -------
+    FeatureResult
+        ``features`` (M, D) float32, ``kept`` (M,), ``skipped`` (images only), and
+        ``n_cached``: how many items the store answered.
+
+    Raises
+    ------
+    BadImage
+        ``strict`` and an image cannot be read.
+    DataError
+        No image could be read (names the first).
+    """
+    check_choice("kind", kind, ("image", "text"))
+    if kind == "text":
+        feats = store.text_features(items) if store is not None else backbone.encode_texts(items)
+        feats = np.asarray(feats, np.float32)
+        return FeatureResult(feats, np.arange(len(feats), dtype=np.int64), [], n_computed=len(feats))
+    if store is not None:
+        res = store.image_features(items, **image_kwargs)
+        if strict and res.skipped:
+            raise BadImage(res.skipped[0].source, res.skipped[0].reason)
+    else:
+        enc = backbone.encode_images(items, on_error="raise" if strict else "skip", **image_kwargs)
+        res = FeatureResult(enc.features, enc.kept, enc.skipped, n_computed=len(enc.kept))
+    if items and len(res.skipped) == len(items):
+        first = res.skipped[0]
+        raise DataError(f"none of the {len(res.skipped)} image(s) could be read; nothing was written "
+                        f"(first: {first.source}: {first.reason})")
+    return res

@@ -88,15 +88,6 @@ def report_skipped(skipped) -> None:
             print(f"  ... and {len(skipped) - 20} more", file=sys.stderr)
 
 
-def all_unreadable(skipped):
-    """The DataError (exit 4) of a run in which no image could be read, naming the first."""
-    from ..errors import DataError
-
-    first = skipped[0]
-    return DataError(f"none of the {len(skipped)} image(s) could be read; nothing was written "
-                     f"(first: {first.source}: {first.reason})")
-
-
 def write_rows(rows: list[dict], fmt: str, out=None) -> None:
     """Print rows (dicts with the same keys) as an aligned table, JSON or CSV."""
     out = out or sys.stdout

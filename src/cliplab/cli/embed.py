@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ..data.text import read_lines
-from ..errors import BadImage, DataError, UsageError
-from ._common import add_image_args, add_model_args, all_unreadable, image_kwargs, load_backbone, report_skipped
+from ..errors import DataError, UsageError
+from ._common import add_image_args, add_model_args, image_kwargs, load_backbone, report_skipped
 
 HELP = "embed images or texts into L2-normalised features"
 
@@ -42,6 +42,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..data.images import find_images
+    from ..features import embed
 
     out = Path(args.out)
     if out.suffix not in (".npy", ".parquet"):
@@ -49,28 +50,22 @@ def run(args) -> int:
     if bool(args.texts) == bool(args.paths):
         raise UsageError("give image PATHs or --texts FILE (exactly one of them)")
     if args.texts:
-        items = read_lines(args.texts, what="texts file", comments=False)
+        items, kind = read_lines(args.texts, what="texts file", comments=False), "text"
         if not items:
             raise DataError(f"{args.texts}: the texts file has no non-empty lines")
-        bb = load_backbone(args)
-        store = _store(args, bb)
-        feats = store.text_features(items) if store is not None else bb.encode_texts(items)
-        skipped, kind = [], "text"
     else:
-        files = find_images(args.paths)
-        if not files:
+        items, kind = find_images(args.paths), "image"
+        if not items:
             raise DataError(f"no image files found under {', '.join(args.paths)}")
-        bb = load_backbone(args)
-        store = _store(args, bb)
-        if store is not None:
-            feats, skipped = _cached_images(store, files, args)
-        else:
-            enc = bb.encode_images(files, on_error="raise" if args.strict else "skip", **image_kwargs(args))
-            feats, skipped = enc.features, enc.skipped
-        if len(skipped) == len(files):
-            raise all_unreadable(skipped)
-        bad = {s.index for s in skipped}
-        items, kind = [str(f) for i, f in enumerate(files) if i not in bad], "image"
+    bb = load_backbone(args)
+    store = _store(args, bb)
+    res = embed(bb, items, kind=kind, store=store, strict=args.strict,
+                **(image_kwargs(args) if kind == "image" else {}))
+    if kind == "image" and res.n_cached:
+        print(f"{res.n_cached} of {len(items)} image features read from the cache {store.path}",
+              file=sys.stderr)
+    feats, skipped = res.features, res.skipped
+    items = [str(items[i]) for i in res.kept]
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": bb.name, "fingerprint": bb.fingerprint, "kind": kind, "dim": int(feats.shape[1]),
             "skipped": [{"source": s.source, "reason": s.reason} for s in skipped]}
@@ -95,18 +90,6 @@ def _store(args, backbone):
     batch = max(1, int(getattr(args, "batch_size", 64) or 64))
     return FeatureStore(args.cache or default_cache(), backbone,
                         chunk_size=batch * max(1, _CHUNK // batch))
-
-
-def _cached_images(store, files, args):
-    """``(features (M, D), skipped)`` of ``files`` through ``store``, as ``encode_images`` gives."""
-    res = store.image_features(files, **image_kwargs(args))
-    skipped = res.skipped
-    if res.n_cached:
-        print(f"{res.n_cached} of {len(files)} image features read from the cache {store.path}",
-              file=sys.stderr)
-    if args.strict and skipped:
-        raise BadImage(skipped[0].source, skipped[0].reason)
-    return res.features, skipped
 
 
 def _atomic(path: Path, write) -> None:
