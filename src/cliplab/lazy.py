@@ -8,8 +8,8 @@ command line stay fast::
     from ..lazy import lazy_exports
 
     __getattr__, __dir__, __all__ = lazy_exports(__name__, {
-        ".backbone": ["Backbone", "Skipped"],
-        ".loading": ["load", "register_source"],
+        ".backbone": ["Backbone", "EncodedImages", "Skipped"],
+        ".loading": ["SOURCES", "build_model", "list_sources", "load"],
     })
 
 ``from cliplab.models import Backbone``, ``cliplab.models.Backbone``, ``dir()`` and
