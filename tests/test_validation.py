@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cliplab.errors import UsageError
-from cliplab.validation import check_backbone, check_choice, check_labels, check_positive_int
+from cliplab.validation import check_backbone, check_choice, check_labels, check_number, check_positive_int
 
 
 def test_check_positive_int():
@@ -19,6 +19,19 @@ def test_check_positive_int():
         check_positive_int("workers", -1, minimum=0, hint="0: decode in this thread")
     with pytest.raises(UsageError, match="a positive integer or None, got 0"):
         check_positive_int("draft_size", 0, allow_none=True)
+
+
+def test_check_number():
+    assert check_number("lr", 1e-3, minimum=0, strict_minimum=True) == 1e-3
+    assert type(check_number("alpha", np.float32(0.5), minimum=0, maximum=1)) is float
+    assert check_number("alpha", 1, minimum=0, maximum=1) == 1.0
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "0.1", None):
+        with pytest.raises(UsageError, match=r"^lr must be a finite number > 0, got "):
+            check_number("lr", bad, minimum=0, strict_minimum=True)
+    with pytest.raises(UsageError, match=r"grain_weight must be a finite number in \[0, 1\], got 1.5"):
+        check_number("grain_weight", 1.5, minimum=0, maximum=1)
+    with pytest.raises(UsageError, match=r"rho must be a finite number >= 0 \(relative box radius\), got -1"):
+        check_number("rho", -1, minimum=0, hint="relative box radius")
 
 
 def test_check_choice():

@@ -18,6 +18,7 @@ Examples
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from .errors import UsageError
 
-__all__ = ["check_positive_int", "check_choice", "check_backbone", "check_labels"]
+__all__ = ["check_positive_int", "check_number", "check_choice", "check_backbone", "check_labels"]
 
 
 def check_positive_int(name: str, value, *, minimum: int = 1, allow_none: bool = False,
@@ -58,6 +59,44 @@ def check_positive_int(name: str, value, *, minimum: int = 1, allow_none: bool =
     what += " or None" if allow_none else ""
     what += f" ({hint})" if hint else ""
     raise UsageError(f"{name} must be {what}, got {value!r}")
+
+
+def check_number(name: str, value, *, minimum: float | None = None, maximum: float | None = None,
+                 strict_minimum: bool = False, hint: str = "") -> float:
+    """``value`` as a finite ``float`` in ``[minimum, maximum]`` (``(minimum, ...`` when ``strict_minimum``).
+
+    Parameters
+    ----------
+    name : str
+        The argument's name, for the message.
+    value : object
+        A real number (``bool`` is refused); NumPy scalars are accepted.
+    minimum, maximum : float, optional
+        Bounds; ``None`` leaves that side open.
+    strict_minimum : bool, default=False
+        ``value`` must be greater than ``minimum`` (a learning rate, a temperature).
+    hint : str, optional
+        What the value means, shown in parentheses.
+
+    Raises
+    ------
+    UsageError
+        ``value`` is not a finite real number, or lies outside the bounds.
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value > minimum if strict_minimum else value >= minimum
+    if ok and maximum is not None:
+        ok = value <= maximum
+    if ok:
+        return float(value)
+    if minimum is not None and maximum is not None:
+        where = f" in {'(' if strict_minimum else '['}{minimum:g}, {maximum:g}]"
+    elif minimum is not None:
+        where = f" {'>' if strict_minimum else '>='} {minimum:g}"
+    else:
+        where = f" <= {maximum:g}" if maximum is not None else ""
+    raise UsageError(f"{name} must be a finite number{where}{f' ({hint})' if hint else ''}, got {value!r}")
 
 
 def check_choice(name: str, value, choices: Iterable, *, many: bool = False):

@@ -39,7 +39,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from .._progress import progress_bar
 from ..errors import UsageError
-from ..validation import check_choice, check_positive_int
+from ..validation import check_choice, check_number, check_positive_int
 from ..zeroshot.classifier import check_classnames, softmax
 
 __all__ = ["TrainedClassifier", "count_trainable", "frozen", "supervised_loop"]
@@ -164,9 +164,7 @@ class TrainedClassifier(ClassifierMixin, BaseEstimator):
         check_positive_int("epochs", self.epochs, allow_none=True)
         check_positive_int("batch_size", self.batch_size)
         lr = self._default_lr() if self.lr is None else self.lr
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise UsageError(f"lr must be > 0, got {self.lr!r}")
-        self.lr_ = float(lr)
+        self.lr_ = check_number("lr", lr, minimum=0, strict_minimum=True)
 
     def _default_lr(self) -> float | None:
         """The learning rate ``lr=None`` stands for (None: lr is required)."""

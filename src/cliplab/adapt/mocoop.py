@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
-from ..validation import check_positive_int
+from ..validation import check_number, check_positive_int
 from . import METHODS
 from ._trainable import TrainedClassifier
 from .prompts import SoftPrompts, split_template
@@ -229,8 +229,7 @@ class MoCoOp(TrainedClassifier):
                              f"len(templates) = {len(templates)}; got {list(groups)}")
         check_positive_int("top_k", self.top_k)
         for name in ("gate_weight", "text_weight"):
-            if not getattr(self, name) >= 0:
-                raise UsageError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+            check_number(name, getattr(self, name), minimum=0)
         return templates, [int(g) for g in groups]
 
     # ------------------------------------------------------------- training

@@ -106,7 +106,7 @@ from ..errors import UsageError
 from ..models.backbone import Backbone
 from ..models.transforms import images_to_tensor, is_model_sized, make_preprocess
 from ..surgery.wise_ft import check_compatible, interpolate_state_dicts
-from ..validation import check_backbone, check_choice, check_labels, check_positive_int
+from ..validation import check_backbone, check_choice, check_labels, check_number, check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -428,12 +428,7 @@ def _model_sharpness(model, x, y, tokens, names, *, rho, n_iters, batch_size,
 
 
 def _check_sharpness_args(rho, n_iters, batch_size, init):
-    try:
-        r = float(rho)
-    except (TypeError, ValueError):
-        raise UsageError(f"rho must be a number, got {rho!r}") from None
-    if not math.isfinite(r) or r < 0:
-        raise UsageError(f"rho must be a finite number >= 0 (relative box radius), got {rho!r}")
+    r = check_number("rho", rho, minimum=0, hint="relative box radius")
     check_positive_int("n_iters", n_iters)
     check_positive_int("batch_size", batch_size)
     check_choice("init", init, ("zero", "random"))

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..data.text import read_text
 from ..errors import DataError, UsageError
-from ..validation import check_choice
+from ..validation import check_choice, check_number
 from .classifier import ZeroShotClassifier
 
 __all__ = ["DescriptionClassifier", "description_scores", "load_descriptors", "describe",
@@ -159,8 +159,7 @@ class DescriptionClassifier(ZeroShotClassifier):
                  mode: str = "mean", grain_weight: float = 0.5, classnames: Sequence[str] | None = None,
                  class_templates="default", progress: bool | None = None):
         check_choice("mode", mode, MODES)
-        if not 0.0 <= float(grain_weight) <= 1.0:
-            raise UsageError(f"grain_weight must be in [0, 1], got {grain_weight!r}")
+        check_number("grain_weight", grain_weight, minimum=0, maximum=1)
         if "{d}" not in template:
             raise UsageError(f"template {template!r} has no '{{d}}' placeholder for the descriptor")
         table = load_descriptors(descriptors)

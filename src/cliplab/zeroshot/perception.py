@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..errors import UsageError
-from ..validation import check_choice
+from ..validation import check_choice, check_number
 from .classifier import ZeroShotClassifier
 
 __all__ = ["PerceptionCLIP", "context_posterior", "perception_proba", "SHAPES_BACKGROUNDS"]
@@ -117,8 +117,7 @@ class PerceptionCLIP(ZeroShotClassifier):
         for z, descs in contexts.items():
             if isinstance(descs, str) or not descs or not all(isinstance(t, str) for t in descs):
                 raise UsageError(f"context {z!r} needs a non-empty list of descriptions ('' = no phrase)")
-        if not float(temperature) > 0:
-            raise UsageError(f"temperature must be > 0, got {temperature!r}")
+        check_number("temperature", temperature, minimum=0, strict_minimum=True)
         check_choice("infer", infer, INFER)
         if "{c}" not in template:
             raise UsageError(f"template {template!r} has no '{{c}}' placeholder")
