@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
+from ..validation import check_number
 from . import METHODS
 from ._trainable import TrainedClassifier
 from .prompts import SoftPrompts
@@ -180,8 +181,7 @@ class KgCoOp(CoOp):
         self.template = template
 
     def _setup(self) -> list:
-        if self.kg_weight < 0:
-            raise UsageError(f"kg_weight must be >= 0, got {self.kg_weight}")
+        check_number("kg_weight", self.kg_weight, minimum=0)
         self._anchor = torch.from_numpy(self.backbone.encode_texts(
             [self.template.format(c) for c in self.classnames], progress=False))   # (C, D) w^clip
         return super()._setup()

@@ -38,6 +38,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UsageError
+from ..validation import check_choice
 from . import METHODS
 from ._base import FeatureAdapter, best_of
 
@@ -160,8 +161,7 @@ class GDA(FeatureAdapter):
         return means, precision, coef, intercept
 
     def _fit(self, X, y, X_val, y_val):
-        if self.ridge not in ("ks", "none"):
-            raise UsageError(f"ridge must be 'ks' or 'none', got {self.ridge!r}")
+        check_choice("ridge", self.ridge, ("ks", "none"))
         c = len(self.classes_)
         self.val_score_ = None
         head = None                                               # the final head, fit on all of X

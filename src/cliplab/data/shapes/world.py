@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ...errors import UsageError
+from ...validation import check_number, check_positive_int
 from . import render
 from .captions import make_captions
 
@@ -218,8 +219,7 @@ class ShapesWorld:
         if not 1 <= lo <= hi <= 6:
             raise UsageError(f"n_objects must be an int or (lo, hi) range within 1..6, got {n_objects!r}")
         for name, value in (("spurious", spurious), ("defect_rate", defect_rate)):
-            if not 0.0 <= value <= 1.0:
-                raise UsageError(f"{name} must be in [0, 1], got {value!r}")
+            check_number(name, value, minimum=0, maximum=1)
         heldout = tuple((str(c), str(s)) for c, s in heldout)
         for c, s in heldout:
             if c not in COLORS or s not in SHAPES:
@@ -234,8 +234,7 @@ class ShapesWorld:
         for s in in_shapes:
             if all((c, s) in heldout for c in COLORS):
                 raise UsageError(f"every colour of {s!r} is held out; it could never be trained")
-        if n_captions < 3:
-            raise UsageError(f"n_captions must be >= 3, got {n_captions}")
+        check_positive_int("n_captions", n_captions, minimum=3)
         sizes = {"train": 1_000_000, "val": 5_000, "test": 5_000}
         if ood_shapes:
             sizes["ood"] = 5_000
