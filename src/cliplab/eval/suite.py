@@ -2,7 +2,9 @@
 
 :func:`evaluate` is what ``cliplab eval --task`` calls: it loads the dataset, computes
 (cached) features and runs one task of :mod:`cliplab.eval.tasks`.  :func:`run_suite`
-runs a named list of such evaluations (``SUITES``).
+runs a named list of such evaluations (``SUITES``).  :func:`check_request` checks a
+``cliplab eval`` request before anything is loaded, and :func:`evaluate_interpolation`
+evaluates WiSE-FT mixes (``cliplab interpolate --sweep``).
 
 The ``shapes`` suite; with shapes-tiny it takes well under a minute on 2 CPU cores
 (``benchmarks/eval_suite.py`` measures it).  Test sets are shared between tasks, so their
@@ -30,14 +32,15 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import UsageError
-from .results import make_result
 from ..data.datasets import load_dataset, split_train_val
+from ..errors import UsageError
 from ..features import image_features
 from ..validation import check_positive_int
+from .results import make_result
 from .tasks import TASKS, fewshot, linear_probe, zeroshot_classification, zeroshot_retrieval
 
-__all__ = ["TASKS", "SUITES", "evaluate", "run_suite", "check_request", "evaluate_interpolation", "FEWSHOT_C_GRID"]
+__all__ = ["TASKS", "SUITES", "evaluate", "run_suite", "check_request", "evaluate_interpolation",
+           "FEWSHOT_C_GRID"]
 
 #: C candidates of the few-shot linear probe, chosen on validation per (k, seed).
 FEWSHOT_C_GRID = {"C": [1e-2, 1e-1, 1.0, 10.0, 100.0]}

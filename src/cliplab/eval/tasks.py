@@ -30,10 +30,10 @@ import numpy as np
 from .._progress import progress_bar
 from ..data.datasets import ClassificationData, fewshot_subset
 from ..errors import DataError, UsageError
+from ..features import image_features
 from ..registry import Registry
 from ..validation import check_labels
 from ..zeroshot import class_weights, get_templates
-from ..features import image_features
 from .metrics import accuracy, confusion_matrix, mean_per_class_recall, retrieval_recall, topk_accuracy
 
 logger = logging.getLogger(__name__)
