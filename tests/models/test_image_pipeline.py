@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from cliplab.data.images import can_fork, iter_filled, load_image
-from cliplab.errors import BadImage
+from cliplab.errors import BadImage, DataError
 from cliplab.models.backbone import _fused_tail, _to_tensor_into
 
 PATHS = [("threads", 2), ("processes", 2), ("processes", 1), ("auto", 3)]
@@ -101,6 +101,19 @@ def test_iter_filled_bytes_and_early_close(processes):
     first = next(gen)
     assert first.indices == [0, 1]
     gen.close()
+
+
+@pytest.mark.skipif(not can_fork(), reason="no fork on this platform")
+def test_a_dead_decoding_process_is_a_data_error():
+    import os
+
+    def fill(source, out):
+        if source == 3:
+            os._exit(1)  # as a decoder crash or the OOM killer would end it
+        out.fill_(source)
+
+    with pytest.raises(DataError, match="decoding process died"):
+        list(iter_filled(range(8), 2, fill=fill, item_shape=(1,), workers=2, processes=True))
 
 
 def _smooth(h, w):

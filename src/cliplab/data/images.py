@@ -741,9 +741,17 @@ def _process_init(fill: Callable, ring: Any, nice: int) -> None:
     _WORKER = (fill, ring)
 
 
-def _process_fill(buffer: int, position: int, source: Any) -> tuple[str, str] | None:
+def _process_fill(buffer: int, start: int, sources: list) -> list[tuple[str, str] | None]:
+    """Fill rows ``start, start + 1, ...`` of buffer ``buffer`` (in a decoding process)."""
     fill, ring = _WORKER
-    return _fill_one(fill, source, ring[buffer, position])
+    return [_fill_one(fill, source, ring[buffer, start + k]) for k, source in enumerate(sources)]
+
+
+class _Part(NamedTuple):
+    """Item ``offset`` of the list that a process task's future returns."""
+
+    future: Future
+    offset: int
 
 
 def can_fork() -> bool:
@@ -856,13 +864,15 @@ def _iter_filled(sources, batch_size, fill, ring, on_error, workers, processes, 
         batch = FilledBatch([], None, [])
         kept: list[int] = []
         for position, ((index, source), result) in enumerate(zip(chunk, results)):
-            if isinstance(result, Future):
-                try:
+            try:
+                if isinstance(result, _Part):
+                    result = result.future.result()[result.offset]
+                elif isinstance(result, Future):
                     result = result.result()
-                except BrokenProcessPool:
-                    raise DataError(f"a decoding process died while decoding item {index} "
-                                    f"({_describe(source)}); pass workers=0 to decode in this "
-                                    "process") from None
+            except BrokenProcessPool:
+                raise DataError(f"a decoding process died while decoding item {index} "
+                                f"({_describe(source)}); pass workers=0 to decode in this "
+                                "process") from None
             if result is None:
                 kept.append(position)
                 batch.indices.append(index)
@@ -887,13 +897,20 @@ def _iter_filled(sources, batch_size, fill, ring, on_error, workers, processes, 
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
                                    initializer=_process_init, initargs=(fill, ring, nice))
 
-        def submit(buffer: int, position: int, source: Any) -> Future:
-            return pool.submit(_process_fill, buffer, position, source)
+        def submit(buffer: int, chunk: list[tuple[int, Any]]) -> list[_Part]:
+            # one task per worker and batch: contiguous rows, few messages
+            parts = min(workers, len(chunk))
+            bounds = [len(chunk) * k // parts for k in range(parts + 1)]
+            out = []
+            for lo, hi in zip(bounds, bounds[1:]):
+                future = pool.submit(_process_fill, buffer, lo, [s for _, s in chunk[lo:hi]])
+                out.extend(_Part(future, k) for k in range(hi - lo))
+            return out
     else:
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cliplab-decode")
 
-        def submit(buffer: int, position: int, source: Any) -> Future:
-            return pool.submit(_fill_one, fill, source, ring[buffer, position])
+        def submit(buffer: int, chunk: list[tuple[int, Any]]) -> list[Future]:
+            return [pool.submit(_fill_one, fill, s, ring[buffer, j]) for j, (_, s) in enumerate(chunk)]
 
     pending: collections.deque = collections.deque()
     counter = 0
@@ -905,7 +922,7 @@ def _iter_filled(sources, batch_size, fill, ring, on_error, workers, processes, 
             if chunk:
                 buffer = counter % n_buffers
                 counter += 1
-                pending.append((buffer, chunk, [submit(buffer, j, s) for j, (_, s) in enumerate(chunk)]))
+                pending.append((buffer, chunk, submit(buffer, chunk)))
             return bool(chunk)
 
         for _ in range(1 + prefetch):
