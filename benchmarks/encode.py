@@ -1,17 +1,31 @@
-"""Encoding speed: cliplab's fast text path and image pipeline against plain open_clip.
+"""Encoding speed: cliplab's fast text path and image pipeline against what users would
+otherwise run.
 
-Measures, as ratios within one run (medians of ``--repeats`` runs):
+Every contender runs once per round, in an order rotated each round, and ratios are
+taken within a round (median and min-max over ``--rounds``); see ``_interleave.py``.
+All run in this one process (no interpreter start-up counted), with torch's default
+threads in the main process.
 
 - text: ``Backbone.encode_texts`` vs open_clip ``encode_text`` on 1,000 short prompts
   (random-init ViT-B-32, context 77), and their largest feature difference;
-- images from JPEG files (``--n`` photo-sized 1024x768 files): cliplab ``encode_images``
-  (exact and draft decode), a plain open_clip loop (PIL open -> preprocess ->
-  ``encode_image`` in batches) and model-only forward on pre-made tensors, for
-  ViT-B-32 and for a tiny 64 px model (where decoding dominates); plus the cosine
-  between draft-decoded and exact features.
+- images, ``--n`` photo-like 1024x768 JPEG files, batches of 32, for ViT-B-32 (random
+  weights) and the 64 px shapes-tiny model (where decoding dominates):
 
-Usage: python benchmarks/encode.py [--n 200] [--repeats 3] [--quick]
-Writes benchmarks/results/encode.json and prints a one-line summary.
+  ``model_only``     the model's ``encode_image`` on tensors preprocessed beforehand (no decode);
+  ``plain``          one process: PIL open -> ``convert("RGB")`` -> open_clip preprocess ->
+                     ``torch.stack`` -> ``encode_image``;
+  ``dataloader``     the stock pipeline: ``torch.utils.data.DataLoader`` with 2 worker
+                     processes (started each run) doing the same PIL decode + open_clip
+                     preprocess, default collate, ``encode_image`` in the main process;
+  ``cliplab``        ``Backbone.encode_images`` (exact decode; safe decoding, its worker
+                     processes started each run, L2-normalised NumPy features);
+  ``cliplab_threads`` the same with ``parallel="threads"`` (the design alternative);
+  ``cliplab_draft``  the same with ``draft=True`` (reduced-scale JPEG decode).
+
+  plus the cosine between draft and exact features.
+
+Usage: python benchmarks/encode.py [--n 200] [--rounds 3] [--quick]
+Writes benchmarks/results/encode.json and prints a summary.
 """
 
 from __future__ import annotations
@@ -20,9 +34,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,19 +46,12 @@ import cliplab
 from cliplab.models.backbone import Backbone
 from cliplab.models.loading import build_model, default_preprocess_cfg, make_tokenizer
 
+from _interleave import fmt, interleave, ratio, rates
+
 RESULTS = Path(__file__).parent / "results"
 TINY64 = {"embed_dim": 128,
           "vision_cfg": {"image_size": 64, "layers": 3, "width": 128, "patch_size": 8, "head_width": 32},
           "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3}}
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def wrap(model, cfg, name):
@@ -68,7 +73,7 @@ def tiny64():
         return wrap(build_model(TINY64), TINY64, "tiny-64px (random)")
 
 
-def bench_text(bb, repeats: int, n: int = 1000, batch_size: int = 256) -> dict:
+def bench_text(bb, rounds: int, n: int = 1000, batch_size: int = 256) -> dict:
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
     prompts = [f"a photo of a {IMAGENET_CLASSNAMES[i % 1000]}." for i in range(n)]
@@ -79,13 +84,15 @@ def bench_text(bb, repeats: int, n: int = 1000, batch_size: int = 256) -> dict:
     def reference():
         return torch.cat([model.encode_text(tokens[i:i + batch_size]) for i in range(0, n, batch_size)])
 
-    ref = torch.nn.functional.normalize(reference(), dim=-1).numpy()
-    ours = bb.encode_texts(prompts, batch_size=batch_size, progress=False)
-    t_ref = median_time(reference, repeats)
-    t_ours = median_time(lambda: bb.encode_texts(prompts, batch_size=batch_size, progress=False), repeats)
-    return {"model": bb.name, "prompts": n, "open_clip_s": t_ref, "cliplab_s": t_ours,
-            "speedup": t_ref / t_ours, "max_abs_diff": float(np.abs(ours - ref).max()),
-            "mean_tokens": float((tokens.argmax(-1) + 1).float().mean())}
+    def ours():
+        return bb.encode_texts(prompts, batch_size=batch_size, progress=False)
+
+    diff = float(np.abs(ours() - torch.nn.functional.normalize(reference(), dim=-1).numpy()).max())
+    times = interleave({"open_clip_encode_text": reference, "cliplab_encode_texts": ours}, rounds)
+    return {"model": bb.name, "prompts": n, "times_s": times, "per_s": rates(times, n),
+            "speedup": ratio(times, "cliplab_encode_texts", "open_clip_encode_text"),
+            "max_abs_diff": diff, "mean_tokens": float((tokens.argmax(-1) + 1).float().mean()),
+            "includes": "tokenising + text tower, both; cliplab also sorts by length and L2-normalises"}
 
 
 def make_jpegs(folder: Path, n: int) -> list[Path]:
@@ -101,67 +108,99 @@ def make_jpegs(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def bench_images(bb, paths: list[Path], repeats: int, batch_size: int = 32) -> dict:
+class _PlainFiles(torch.utils.data.Dataset):
+    """The stock dataset: PIL open -> convert("RGB") -> open_clip preprocess."""
+
+    def __init__(self, paths, preprocess):
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.preprocess(Image.open(self.paths[i]).convert("RGB"))
+
+
+def bench_images(bb, paths: list[Path], rounds: int, batch_size: int = 32) -> dict:
     model, preprocess = bb.model, bb.preprocess
+    dataset = _PlainFiles(paths, preprocess)
 
     @torch.inference_mode()
-    def plain_loop():
-        for i in range(0, len(paths), batch_size):
-            batch = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths[i:i + batch_size]])
+    def plain(files=paths):
+        for i in range(0, len(files), batch_size):
+            batch = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in files[i:i + batch_size]])
             model.encode_image(batch)
 
-    tensors = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths])
+    @torch.inference_mode()
+    def dataloader(ds=dataset):
+        for batch in torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=2):
+            model.encode_image(batch)
+
+    tensors = torch.stack([dataset[i] for i in range(len(paths))])
 
     @torch.inference_mode()
-    def model_only():
-        for i in range(0, len(paths), batch_size):
+    def model_only(n=len(paths)):
+        for i in range(0, n, batch_size):
             model.encode_image(tensors[i:i + batch_size])
 
-    exact = bb.encode_images(paths, batch_size=batch_size, progress=False).features
-    draft = bb.encode_images(paths, batch_size=batch_size, progress=False, draft=True).features
-    model_only(), plain_loop()  # every path warmed once before timing
-    t = {
-        "model_only_s": median_time(model_only, repeats),
-        "plain_open_clip_s": median_time(plain_loop, repeats),
-        "cliplab_exact_s": median_time(lambda: bb.encode_images(paths, batch_size=batch_size, progress=False), repeats),
-        "cliplab_draft_s": median_time(lambda: bb.encode_images(paths, batch_size=batch_size, progress=False,
-                                                                draft=True), repeats),
-    }
-    n = len(paths)
+    def features(files=paths, **kw):
+        return bb.encode_images(files, batch_size=batch_size, progress=False, **kw).features
+
+    cliplab = features
+
+    few = paths[:2 * batch_size]
+    warmup = {"model_only": lambda: model_only(len(few)), "plain": lambda: plain(few),
+              "dataloader": lambda: dataloader(_PlainFiles(few, preprocess)),
+              "cliplab": lambda: cliplab(few, parallel="processes")}
+    contenders = {"model_only": model_only, "plain": plain, "dataloader": dataloader,
+                  "cliplab": cliplab, "cliplab_threads": lambda: cliplab(parallel="threads"),
+                  "cliplab_draft": lambda: cliplab(draft=True)}
+    exact, draft = features(), features(draft=True)
+    times = interleave(contenders, rounds, warmup)
     cos = (exact * draft).sum(1)
-    return {"model": bb.name, "images": n, **t,
-            **{k.replace("_s", "_img_per_s"): n / v for k, v in t.items()},
-            "draft_vs_model_only": t["model_only_s"] / t["cliplab_draft_s"],
-            "exact_vs_model_only": t["model_only_s"] / t["cliplab_exact_s"],
-            "draft_vs_plain": t["plain_open_clip_s"] / t["cliplab_draft_s"],
-            "exact_vs_plain": t["plain_open_clip_s"] / t["cliplab_exact_s"],
+    versus = {f"{a}_vs_{b}": ratio(times, a, b) for a, b in [
+        ("cliplab", "model_only"), ("cliplab", "dataloader"), ("cliplab", "plain"),
+        ("cliplab", "cliplab_threads"), ("cliplab_draft", "model_only"), ("cliplab_draft", "dataloader"),
+        ("cliplab_draft", "plain"), ("dataloader", "plain")]}
+    return {"model": bb.name, "images": len(paths), "batch_size": batch_size, "times_s": times,
+            "img_per_s": rates(times, len(paths)), **versus,
             "draft_cosine_mean": float(cos.mean()), "draft_cosine_min": float(cos.min())}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200, help="number of JPEG files")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="40 files, 1 repeat (smoke run)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=1000)
+    ap.add_argument("--quick", action="store_true", help="64 files, 200 prompts, 3 rounds (smoke run)")
     args = ap.parse_args()
     if args.quick:
-        args.n, args.repeats = 40, 1
+        args.n, args.prompts, args.rounds = 64, 200, 3
     os.environ.setdefault("CLIPLAB_PROGRESS", "0")
     big, small = vit_b32(), tiny64()
     result = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "torch": torch.__version__, "python": platform.python_version()},
-              "repeats": args.repeats, "text": bench_text(big, args.repeats)}
+                          "torch": torch.__version__, "python": platform.python_version(),
+                          "load_avg_before": os.getloadavg()},
+              "rounds": args.rounds, "text": bench_text(big, args.rounds, n=args.prompts)}
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_jpegs(Path(tmp), args.n)
-        result["images_vit_b32"] = bench_images(big, paths, args.repeats)
-        result["images_tiny64"] = bench_images(small, paths, args.repeats)
+        result["images_tiny64"] = bench_images(small, paths, args.rounds)
+        result["images_vit_b32"] = bench_images(big, paths, args.rounds)
+    result["machine"]["load_avg_after"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "encode.json").write_text(json.dumps(result, indent=2))
-    t, b, s = result["text"], result["images_vit_b32"], result["images_tiny64"]
-    print(f"text fast path {t['speedup']:.1f}x open_clip (max diff {t['max_abs_diff']:.1e}); "
-          f"ViT-B-32 images: cliplab draft {100 * b['draft_vs_model_only']:.0f}% of model-only, "
-          f"{b['draft_vs_plain']:.2f}x plain loop; tiny 64px: {s['draft_vs_plain']:.1f}x plain loop "
-          f"(exact {s['exact_vs_plain']:.1f}x); draft cosine {b['draft_cosine_mean']:.4f}")
+    t = result["text"]
+    print(f"text: cliplab encode_texts vs open_clip encode_text {fmt(t['speedup'])}, "
+          f"max diff {t['max_abs_diff']:.1e} ({args.prompts} prompts, {args.rounds} rounds)")
+    for key in ("images_tiny64", "images_vit_b32"):
+        r = result[key]
+        print(f"{r['model']}, {r['images']} JPEGs 1024x768, img/s "
+              + ", ".join(f"{k} {v:.1f}" for k, v in r["img_per_s"].items()))
+        for name in ("cliplab_vs_model_only", "cliplab_vs_dataloader", "cliplab_vs_plain",
+                     "cliplab_vs_cliplab_threads", "cliplab_draft_vs_dataloader",
+                     "cliplab_draft_vs_model_only", "dataloader_vs_plain"):
+            print(f"  {name}: {fmt(r[name])}")
+        print(f"  draft vs exact cosine: mean {r['draft_cosine_mean']:.5f}, min {r['draft_cosine_min']:.5f}")
 
 
 if __name__ == "__main__":

@@ -1,111 +1,124 @@
 """Trainer throughput on the shapes-tiny recipe against a plain open_clip training loop.
 
-Both run the same model config, batch size, optimiser and loss for ``--steps`` steps
-after ``--warmup`` untimed steps:
+Every contender trains the recipe's model (same init, config, batch 128, AdamW, clip
+1.0) for ``--steps`` steps from step 0, and is timed from its first step to the end of
+its last checkpoint write; building the model and the data set is outside the clock.
+Contenders run once per round, in an order rotated each round (``_interleave.py``), and
+ratios are taken within a round: median and min-max over ``--rounds``.
 
-- cliplab: ``Trainer.fit`` on the recipe's training set (ShapesWorld rendered on the
-  fly, one caption sampled per image, metrics and a tqdm bar);
-- plain: a hand-written open_clip loop (forward, ``ClipLoss``, backward, clip, AdamW
-  step) over the same batches, rendered and tokenised beforehand.
+- ``trainer``: ``Trainer.fit`` with ``num_workers=--workers`` (ShapesWorld rendered and
+  captions tokenised in a DataLoader worker process while the model trains; that
+  process is started inside the clock), metrics rows, and checkpoints every
+  ``--ckpt-every`` steps written in the background (the last one waited for);
+- ``trainer_inline``: the same with ``num_workers=0`` (rendering in the training process);
+- ``plain``: a hand-written open_clip loop that renders and tokenises each batch in the
+  training process (the same ``get_batch`` render and tokenizer as the Trainer), then
+  forward, ``ClipLoss``, backward, clip, AdamW step, and ``torch.save`` of the model and
+  optimizer every ``--ckpt-every`` steps;
+- ``plain_prerendered``: the same loop over batches rendered and tokenised before its
+  clock starts (an upper bound: no data cost at all).
 
-Reported as samples/s and the ratio cliplab / plain (median of ``--repeats``), plus
-ShapesWorld render rate at 64 px.
-
-Usage: python benchmarks/train_throughput.py [--steps 30] [--repeats 3]
-Writes benchmarks/results/train_throughput.json and prints a one-line summary.
+Usage: python benchmarks/train_throughput.py [--steps 30] [--rounds 3] [--workers 1]
+Writes benchmarks/results/train_throughput.json and prints a summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from cliplab.models.transforms import images_to_tensor
 from cliplab.train.datasets import caption_choice, global_batch_indices
 from cliplab.train.recipes import get_recipe, init_model
-from cliplab.models.transforms import images_to_tensor
 from cliplab.train.trainer import ADAMW_BETAS, ADAMW_EPS, Trainer, parameter_groups
+
+from _interleave import fmt, interleave, ratio, rates
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def cliplab_run(steps: int, warmup: int) -> float:
+def trainer_run(steps: int, workers: int, ckpt_every: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = get_recipe("shapes-tiny", steps=warmup + steps, eval_every=0, ckpt_every=0,
-                            log_every=warmup + steps, out_dir=tmp)
+        recipe = get_recipe("shapes-tiny", steps=steps, eval_every=0, ckpt_every=ckpt_every,
+                            num_workers=workers, out_dir=tmp)
         built = init_model(recipe.model_cfg, recipe.preprocess_cfg, seed=0)
         trainer = Trainer(built.model, built.tokenizer, built.preprocess, recipe.train_set, recipe.config,
                           model_cfg=built.model_cfg, progress=False)
-        trainer.fit(stop_at=warmup)
         t0 = time.perf_counter()
-        trainer.fit(resume=True)
-        return recipe.config.batch_size * steps / (time.perf_counter() - t0)
+        trainer.fit()
+        return time.perf_counter() - t0
 
 
-def plain_run(steps: int, warmup: int) -> float:
+def _batch(ds, built, bs: int, step: int):
+    idx = global_batch_indices(len(ds), bs, 0, step)
+    images, captions = ds.get_batch(idx)
+    choice = caption_choice([len(c) for c in captions], 0, step)
+    return (images_to_tensor(images, built.preprocess, None),            # (B, 3, H, W)
+            built.tokenizer([c[k] for c, k in zip(captions, choice)]))   # (B, T)
+
+
+def plain_run(steps: int, ckpt_every: int, prerendered: bool) -> float:
     from open_clip.loss import ClipLoss
 
     recipe = get_recipe("shapes-tiny")
     built = init_model(recipe.model_cfg, recipe.preprocess_cfg, seed=0)
     model, bs, ds = built.model.train(), recipe.config.batch_size, recipe.train_set
-    batches = []
-    for step in range(warmup + steps):
-        idx = global_batch_indices(len(ds), bs, 0, step)
-        items = [ds[int(i)] for i in idx]
-        choice = caption_choice([len(c) for _, c in items], 0, step)
-        images = images_to_tensor([im for im, _ in items], built.preprocess, None)
-        batches.append((images, built.tokenizer([c[k] for (_, c), k in zip(items, choice)])))
+    ready = [_batch(ds, built, bs, step) for step in range(steps)] if prerendered else None
     opt = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-3, betas=ADAMW_BETAS, eps=ADAMW_EPS)
     loss_fn = ClipLoss()
-    t0 = 0.0
-    for step, (images, texts) in enumerate(batches):
-        if step == warmup:
-            t0 = time.perf_counter()
-        img_f, txt_f, scale = model(images, texts)
-        loss = loss_fn(img_f, txt_f, scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    return bs * steps / (time.perf_counter() - t0)
-
-
-def render_rate(n: int = 2000) -> float:
-    from cliplab.data.shapes import shapes_tiny_world
-
-    world = shapes_tiny_world(0)
-    t0 = time.perf_counter()
-    world.render_batch("train", range(n))
-    return n / (time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        for step in range(steps):
+            images, texts = ready[step] if prerendered else _batch(ds, built, bs, step)
+            img_f, txt_f, scale = model(images, texts)
+            loss = loss_fn(img_f, txt_f, scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+                torch.save({"step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict()},
+                           os.path.join(tmp, f"step_{step + 1}.pt"))
+        return time.perf_counter() - t0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=1, help="the Trainer's data-loading processes")
+    ap.add_argument("--ckpt-every", type=int, default=10)
     args = ap.parse_args()
-    ours, plain = [], []
-    for _ in range(args.repeats):  # interleaved, so both see the same machine load
-        ours.append(cliplab_run(args.steps, args.warmup))
-        plain.append(plain_run(args.steps, args.warmup))
-    ratios = [a / b for a, b in zip(ours, plain)]
-    res = {"steps": args.steps, "batch_size": 128, "threads": torch.get_num_threads(),
-           "cliplab_samples_per_s": statistics.median(ours), "plain_samples_per_s": statistics.median(plain),
-           "ratio_median": statistics.median(ratios), "ratios": ratios,
-           "render_images_per_s_64px_1obj": render_rate()}
+    s, c = args.steps, args.ckpt_every
+    contenders = {"trainer": lambda: trainer_run(s, args.workers, c),
+                  "trainer_inline": lambda: trainer_run(s, 0, c),
+                  "plain": lambda: plain_run(s, c, prerendered=False),
+                  "plain_prerendered": lambda: plain_run(s, c, prerendered=True)}
+    warmup = {"trainer": lambda: trainer_run(3, args.workers, 3), "plain": lambda: plain_run(3, 3, False)}
+    load_before = os.getloadavg()
+    times = interleave(contenders, args.rounds, warmup)
+    samples = s * get_recipe("shapes-tiny").config.batch_size
+    res = {"steps": s, "batch_size": samples // s, "ckpt_every": c, "workers": args.workers,
+           "rounds": args.rounds, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+           "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
+           "times_s": times, "samples_per_s": rates(times, samples),
+           "trainer_vs_plain": ratio(times, "trainer", "plain"),
+           "trainer_vs_plain_prerendered": ratio(times, "trainer", "plain_prerendered"),
+           "trainer_vs_trainer_inline": ratio(times, "trainer", "trainer_inline"),
+           "trainer_inline_vs_plain": ratio(times, "trainer_inline", "plain")}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "train_throughput.json").write_text(json.dumps(res, indent=2))
-    print(f"Trainer {res['cliplab_samples_per_s']:.0f} samples/s vs plain open_clip loop "
-          f"{res['plain_samples_per_s']:.0f} samples/s: ratio {res['ratio_median']:.2f} "
-          f"(data rendered on the fly vs pre-made); ShapesWorld renders "
-          f"{res['render_images_per_s_64px_1obj']:.0f} images/s at 64 px")
+    print(f"samples/s over {s} steps x {args.rounds} rounds: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in res["samples_per_s"].items()))
+    for name in ("trainer_vs_plain", "trainer_vs_plain_prerendered", "trainer_vs_trainer_inline",
+                 "trainer_inline_vs_plain"):
+        print(f"  {name}: {fmt(res[name])}")
 
 
 if __name__ == "__main__":

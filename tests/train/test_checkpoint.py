@@ -6,8 +6,10 @@ import numpy as np
 import torch
 
 from cliplab.train import distributed
-from cliplab.train.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                                      set_rng_state)
+import pytest
+
+from cliplab.train.checkpoint import (CheckpointWriter, latest_checkpoint, load_checkpoint, rng_state,
+                                      save_checkpoint, set_rng_state)
 from cliplab.train.schedule import warmup_cosine_scheduler
 from cliplab.train.trainer import TrainConfig
 
@@ -83,3 +85,37 @@ def test_save_is_atomic_and_resume_restores_every_state(tmp_path):
 def test_no_checkpoint_starts_at_zero(tmp_path):
     assert latest_checkpoint(tmp_path) is None
     assert load_checkpoint(tmp_path, *_run(), ENV, config=TrainConfig(out_dir=str(tmp_path))) == 0
+
+
+def test_background_writer_saves_the_state_of_its_step(tmp_path):
+    """Training goes on (weights and Adam moments change in place) while the checkpoint is
+    written: the files hold the state of the step saved, and load like a synchronous save."""
+    model, optimizer, scheduler, scaler = _run()
+    _steps(model, optimizer, scheduler, 3)
+    saved_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_moments = [optimizer.state[p]["exp_avg"].clone() for p in model.parameters()]
+    writer = CheckpointWriter()
+    writer.save(tmp_path, 3, model, optimizer, scheduler, scaler, ENV, config={"lr": 0.1})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+            optimizer.state[p]["exp_avg"].add_(1.0)
+    _steps(model, optimizer, scheduler, 1)
+    writer.close(ENV)
+    model_b, optimizer_b, scheduler_b, scaler_b = _run(seed=99)
+    assert load_checkpoint(tmp_path, model_b, optimizer_b, scheduler_b, scaler_b, ENV,
+                           config=TrainConfig(out_dir=str(tmp_path))) == 3
+    for k, v in model_b.state_dict().items():
+        assert torch.equal(v, saved_weights[k]), k
+    for p, m in zip(model_b.parameters(), saved_moments):
+        assert torch.equal(optimizer_b.state[p]["exp_avg"], m)
+    assert scheduler_b.last_epoch == 3
+
+
+def test_background_write_error_reaches_the_caller(tmp_path):
+    (tmp_path / "checkpoints").write_text("a file where the folder should be")
+    writer = CheckpointWriter()
+    writer.save(tmp_path, 1, *_run(), ENV, config={})
+    with pytest.raises(OSError):
+        writer.close(ENV)
+    writer.close(ENV)  # reported once

@@ -181,15 +181,18 @@ def test_smoke_loss_falls_and_checkpoint_loads_in_open_clip(tmp_path):
     assert trainer.model.logit_scale.item() <= np.log(100) + 1e-6
 
 
-def test_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_resume_is_bit_exact(tmp_path, num_workers):
+    """Also with a data-loading process: the DataLoader draws nothing from torch's RNG."""
     cfg = {**TINY, "vision_cfg": {**TINY["vision_cfg"], "patch_dropout": 0.25}}  # uses torch's RNG
     _trainer(tmp_path / "a", model_cfg=cfg, ckpt_every=4).fit()
-    _trainer(tmp_path / "b", model_cfg=cfg, ckpt_every=4).fit(stop_at=5)  # stops after a checkpoint
+    _trainer(tmp_path / "b", model_cfg=cfg, ckpt_every=4, num_workers=num_workers).fit(stop_at=5)
     assert latest_checkpoint(tmp_path / "b").name == "step_0000005"
     (tmp_path / "b" / "checkpoints" / "latest").write_text("step_0000004\n")  # as if killed at step 5
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "lo')                                          # ... while writing a row
-    _trainer(tmp_path / "b", model_cfg=cfg, ckpt_every=4, seed=123).fit(resume=True)  # other init: overwritten
+    _trainer(tmp_path / "b", model_cfg=cfg, ckpt_every=4, seed=123,
+             num_workers=num_workers).fit(resume=True)  # other init: overwritten
 
     wa, wb = _weights(tmp_path / "a/checkpoints/step_0000008"), _weights(tmp_path / "b/checkpoints/step_0000008")
     assert wa.keys() == wb.keys()

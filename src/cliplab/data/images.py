@@ -1,7 +1,9 @@
 """Safe image decoding: one function turns any image source into an RGB PIL image.
 
 Every image that enters cliplab goes through :func:`load_image` (directly, or through
-:func:`decode_many` / :func:`iter_decoded`, which decode many images in a thread pool).
+:func:`decode_many` / :func:`iter_decoded`, which decode many images in a thread pool, or
+:func:`iter_filled`, which decodes and preprocesses straight into preallocated batch
+tensors, in threads or worker processes).
 It guarantees that
 
 - the result is a fully decoded ``"RGB"`` :class:`PIL.Image.Image`, with the EXIF
@@ -25,12 +27,18 @@ import collections
 import contextlib
 import io
 import logging
+import math
+import mmap
+import multiprocessing
 import os
 import re
+import signal
+import sys
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, NamedTuple, Union
 
@@ -38,7 +46,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .._progress import progress_bar
-from ..errors import BadImage, UsageError
+from ..errors import BadImage, DataError, UsageError
 from ..validation import check_choice, check_positive_int
 from .records import Skipped, describe_source
 from .sources import IMAGE_EXTENSIONS
@@ -50,11 +58,13 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS_ENV",
     "DecodedBatch",
+    "FilledBatch",
     "decode_many",
     "default_max_pixels",
     "describe_source",
     "find_images",
     "iter_decoded",
+    "iter_filled",
     "load_image",
     "to_rgb",
 ]
@@ -662,6 +672,256 @@ def _iter_decoded(
             chunk, futures = pending.popleft()
             submit_next()
             yield collect(chunk, futures)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------- batches filled in place
+
+
+class FilledBatch(NamedTuple):
+    """One batch from :func:`iter_filled`.
+
+    Attributes
+    ----------
+    indices : list of int
+        Positions in the input of the items kept, ascending.
+    tensor : torch.Tensor of shape (len(indices), *item_shape)
+        The kept items, in input order: a view of a preallocated buffer that is
+        reused, so it is valid only until the next batch is requested.
+    skipped : list of Skipped
+        One record per item of this batch that failed (only with ``on_error="skip"``).
+    """
+
+    indices: list[int]
+    tensor: Any
+    skipped: list[Skipped]
+
+
+_WORKER: tuple | None = None  # (fill, ring) of a decoding process, set by _process_init
+
+
+def _fill_one(fill: Callable[[Any, Any], None], source: Any, out: Any) -> tuple[str, str] | None:
+    """Run ``fill(source, out)``; a failure of this item comes back as ``(source, reason)``.
+
+    A tuple, not the :class:`BadImage`: it crosses the process boundary by pickle, and
+    holds no decoding state (see :func:`_bare`).
+    """
+    try:
+        fill(source, out)
+        return None
+    except BadImage as exc:
+        return exc.source, exc.reason
+    except MemoryError:
+        return _describe(source), "out of memory decoding or preprocessing the image"
+
+
+def _process_init(fill: Callable, ring: Any, nice: int) -> None:
+    """Set up a decoding process (forked: ``fill`` and the shared ``ring`` are inherited)."""
+    global _WORKER, _PIL_GUARD_LOCK
+    import torch
+
+    torch.set_num_threads(1)  # one process per core; no intra-op threads of its own
+    if nice:
+        os.nice(nice)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _PIL_GUARD_LOCK = threading.Lock()  # another thread of the parent may have held it at fork
+    _WORKER = (fill, ring)
+
+
+def _process_fill(buffer: int, start: int, sources: list) -> list[tuple[str, str] | None]:
+    """Fill rows ``start, start + 1, ...`` of buffer ``buffer`` (in a decoding process)."""
+    fill, ring = _WORKER
+    return [_fill_one(fill, source, ring[buffer, start + k]) for k, source in enumerate(sources)]
+
+
+class _Part(NamedTuple):
+    """Item ``offset`` of the list that a process task's future returns."""
+
+    future: Future
+    offset: int
+
+
+def can_fork() -> bool:
+    """Whether decoding processes are forked here: on Linux only (macOS system libraries
+    are not safe to use after a fork; Windows has none)."""
+    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+
+
+def iter_filled(
+    sources: Iterable[Any],
+    batch_size: int,
+    *,
+    fill: Callable[[Any, Any], None],
+    item_shape: tuple[int, ...],
+    on_error: str = "raise",
+    workers: int = 2,
+    processes: bool = False,
+    prefetch: int = 2,
+    pin_memory: bool = False,
+    nice: int = 0,
+) -> Iterator[FilledBatch]:
+    """Decode and preprocess items straight into preallocated batch tensors.
+
+    ``fill(source, out)`` writes one item into ``out``, a ``float32`` view of shape
+    ``item_shape`` inside a batch buffer; a batch is therefore assembled without a
+    ``torch.stack`` or any copy beyond that write.  ``prefetch`` batches are filled
+    ahead of the one being returned, so the caller (the model) does not wait for data
+    while decoding keeps up.
+
+    Parameters
+    ----------
+    sources : iterable
+        Read lazily, at most ``(1 + prefetch) * batch_size`` ahead of the caller.
+    batch_size : int
+        Items per batch (the last one may be shorter).
+    fill : callable
+        ``fill(source, out) -> None``; it may raise :class:`~cliplab.errors.BadImage`.
+    item_shape : tuple of int
+        Shape of one item, e.g. ``(3, H, W)``.
+    on_error : {"raise", "skip"}, default "raise"
+        As in :func:`iter_decoded`.
+    workers : int, default 2
+        Threads or processes; 0 fills in the calling thread, without read-ahead.
+    processes : bool, default False
+        Fill in forked worker processes instead of threads (where :func:`can_fork`):
+        Python code of the decode and transform runs outside this process's GIL, and
+        the buffers live in an anonymous shared mapping, so nothing is pickled but the
+        sources (paths or bytes) and the failures.  Without fork, threads are used.
+    prefetch : int, default 2
+        Batches filled ahead of the one returned; ``prefetch + 2`` buffers are allocated.
+    pin_memory : bool, default False
+        Allocate the buffers in page-locked memory (for copies to a GPU); threads only.
+    nice : int, default 0
+        Added to the worker processes' niceness: with a positive value they use the
+        CPU time the caller leaves idle first, instead of taking it from the caller.
+
+    Yields
+    ------
+    FilledBatch
+        ``(indices, tensor, skipped)`` per ``batch_size`` consecutive sources, in order.
+        Items that failed are left out (the kept ones are moved up within the buffer).
+        The tensor is overwritten once the next batch is requested.
+
+    Raises
+    ------
+    cliplab.errors.BadImage
+        With ``on_error="raise"``, the first failed item in input order, when its
+        batch is reached.
+    cliplab.errors.DataError
+        If a decoding process died (killed, or crashed in a decoder).
+
+    Notes
+    -----
+    Each worker process runs ``torch.set_num_threads(1)`` and ignores SIGINT (the
+    caller's ``KeyboardInterrupt`` closes the generator, which cancels what has not
+    started and stops the processes).  Closing the generator early waits for the
+    items being filled.
+    """
+    import torch
+
+    _check_many_args(on_error, workers, batch_size)
+    check_positive_int("prefetch", prefetch, minimum=0)
+    processes = processes and workers > 0 and can_fork()
+    n_buffers = prefetch + 2 if workers else 1
+    shape = (n_buffers, batch_size, *item_shape)
+    with torch.inference_mode(False):  # written by worker threads, which are not in that mode
+        if processes:
+            # an anonymous shared mapping: inherited by the forked workers, and not
+            # limited by the size of /dev/shm (64 MB in a default container)
+            ring = torch.frombuffer(mmap.mmap(-1, 4 * math.prod(shape)), dtype=torch.float32).view(shape)
+        else:
+            ring = torch.empty(shape, dtype=torch.float32, pin_memory=pin_memory)
+    return _iter_filled(sources, batch_size, fill, ring, on_error, workers, processes, prefetch, nice)
+
+
+def _iter_filled(sources, batch_size, fill, ring, on_error, workers, processes, prefetch, nice):
+    """The generator behind :func:`iter_filled`, arguments already validated."""
+    numbered = enumerate(sources)
+    n_buffers = ring.shape[0]
+
+    def next_chunk() -> list[tuple[int, Any]]:
+        chunk = []
+        for item in numbered:
+            chunk.append(item)
+            if len(chunk) == batch_size:
+                break
+        return chunk
+
+    def collect(buffer: int, chunk: list[tuple[int, Any]], results: list) -> FilledBatch:
+        batch = FilledBatch([], None, [])
+        kept: list[int] = []
+        for position, ((index, source), result) in enumerate(zip(chunk, results)):
+            try:
+                if isinstance(result, _Part):
+                    result = result.future.result()[result.offset]
+                elif isinstance(result, Future):
+                    result = result.result()
+            except BrokenProcessPool:
+                raise DataError(f"a decoding process died while decoding item {index} "
+                                f"({_describe(source)}); pass workers=0 to decode in this "
+                                "process") from None
+            if result is None:
+                kept.append(position)
+                batch.indices.append(index)
+                continue
+            error = BadImage(*result)
+            if on_error == "raise":
+                raise error
+            logger.warning("skipping image %d: %s", index, error)
+            batch.skipped.append(Skipped.of(index, source, error.reason))
+        buf = ring[buffer]
+        for row, position in enumerate(kept):  # close the gaps left by failed items
+            if row != position:
+                buf[row].copy_(buf[position])
+        return batch._replace(tensor=buf[:len(kept)])
+
+    if workers == 0:
+        while chunk := next_chunk():
+            yield collect(0, chunk, [_fill_one(fill, s, ring[0, j]) for j, (_, s) in enumerate(chunk)])
+        return
+
+    if processes:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_process_init, initargs=(fill, ring, nice))
+
+        def submit(buffer: int, chunk: list[tuple[int, Any]]) -> list[_Part]:
+            # one task per worker and batch: contiguous rows, few messages
+            parts = min(workers, len(chunk))
+            bounds = [len(chunk) * k // parts for k in range(parts + 1)]
+            out = []
+            for lo, hi in zip(bounds, bounds[1:]):
+                future = pool.submit(_process_fill, buffer, lo, [s for _, s in chunk[lo:hi]])
+                out.extend(_Part(future, k) for k in range(hi - lo))
+            return out
+    else:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cliplab-decode")
+
+        def submit(buffer: int, chunk: list[tuple[int, Any]]) -> list[Future]:
+            return [pool.submit(_fill_one, fill, s, ring[buffer, j]) for j, (_, s) in enumerate(chunk)]
+
+    pending: collections.deque = collections.deque()
+    counter = 0
+    try:
+
+        def submit_next() -> bool:
+            nonlocal counter
+            chunk = next_chunk()
+            if chunk:
+                buffer = counter % n_buffers
+                counter += 1
+                pending.append((buffer, chunk, submit(buffer, chunk)))
+            return bool(chunk)
+
+        for _ in range(1 + prefetch):
+            if not submit_next():
+                break
+        while pending:
+            buffer, chunk, futures = pending.popleft()
+            # n_buffers = prefetch + 2: this fills the buffer the caller has just
+            # finished with, never the one about to be yielded
+            submit_next()
+            yield collect(buffer, chunk, futures)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

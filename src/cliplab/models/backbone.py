@@ -16,6 +16,17 @@ features equal open_clip's ``encode_text`` to float tolerance (tested to 1e-5 in
 fp32) and short prompts are encoded several times faster (see the README for
 the measured ratio).
 
+Image pipeline
+--------------
+:meth:`Backbone.encode_images` decodes and preprocesses ``prefetch=2`` batches ahead
+of the model, writing each image into its row of a preallocated batch tensor
+(:func:`cliplab.data.images.iter_filled`): open_clip's PIL steps run unchanged, its
+``ToTensor`` and ``Normalize`` are done in place in that row, so the batch is the one
+``torch.stack`` of the transform's outputs would give, bit for bit.  Many image files
+are handled by forked worker processes (their Python code runs outside this process's
+GIL; the batch buffers are shared memory), few images or images already in memory by
+threads.  Every choice, and ``workers=0``, gives the same features exactly (tested).
+
 The temperature
 ---------------
 open_clip models store the temperature in log space: the parameter
@@ -44,7 +55,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .._progress import progress_bar
-from ..data.images import DEFAULT_MAX_PIXELS, iter_decoded, load_image
+from ..data.images import DEFAULT_MAX_PIXELS, can_fork, iter_filled, load_image
 from ..data.records import EncodedImages, Skipped
 from ..errors import BadImage, CliplabError, UsageError
 from ..validation import check_choice, check_positive_int
@@ -59,8 +70,45 @@ TEXT_CHUNK = 65_536
 positions); the length sorting of the fast path works within each chunk."""
 
 
+_PARALLEL = ("auto", "threads", "processes")
+MIN_ITEMS_FOR_PROCESSES = 64
+"""With ``parallel="auto"``, image files or encoded bytes are decoded in worker processes
+from this many images on (fewer: threads, which start at once)."""
+
+
+WORKER_NICE = 0
+"""Niceness added to decoding processes (see :func:`cliplab.data.images.iter_filled`)."""
+
+
 def _default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
+
+
+def _fused_tail(transform):
+    """Split an eval transform ending in ``ToTensor, Normalize`` for :func:`_to_tensor_into`.
+
+    Returns ``(head, mean (3, 1, 1), std (3, 1, 1))``, or None for any other transform.
+    """
+    from torchvision.transforms import Compose, Normalize, ToTensor
+
+    steps = getattr(transform, "transforms", None)
+    if (not isinstance(transform, Compose) or len(steps) < 2 or not isinstance(steps[-2], ToTensor)
+            or not isinstance(steps[-1], Normalize)):
+        return None
+    mean = torch.as_tensor(steps[-1].mean, dtype=torch.float32).view(-1, 1, 1)   # (3, 1, 1)
+    std = torch.as_tensor(steps[-1].std, dtype=torch.float32).view(-1, 1, 1)
+    return Compose(steps[:-2]), mean, std
+
+
+def _to_tensor_into(img: Image.Image, out: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """torchvision's ``ToTensor`` then ``Normalize`` of an RGB image, written into ``out`` (3, H, W).
+
+    The same float32 operations in the same order (``x / 255``, ``- mean``, ``/ std``),
+    so the result is bit for bit torchvision's, without its intermediate tensors.
+    """
+    pixels = torch.from_numpy(np.array(img))                            # (H, W, 3) uint8
+    out.copy_(pixels.permute(2, 0, 1))
+    out.div_(255).sub_(mean).div_(std)
 
 
 def encode_token_embeddings(model, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -329,23 +377,42 @@ class Backbone:
         return F.normalize(out, dim=-1).numpy()
 
     # -------------------------------------------------------------------- images
-    def _prepare(self, item, max_pixels, draft) -> torch.Tensor:
-        """One input -> preprocessed (3, H, W) tensor.  Runs in worker threads."""
+    def _prepare_into(self, item, out: torch.Tensor, max_pixels, draft, tail) -> None:
+        """One input -> preprocessed (3, H, W) values written into ``out``.
+
+        Runs in worker threads or processes.  ``tail`` is :func:`_fused_tail` of the
+        transform (or None): the PIL steps run as they are, ``ToTensor`` and
+        ``Normalize`` write straight into ``out``.
+        """
         if isinstance(item, torch.Tensor):
             if item.ndim != 3 or item.shape[0] != 3:
                 raise UsageError(f"image tensors must be preprocessed (3, H, W); got {tuple(item.shape)}")
-            return item
+            self._check_shape(item, out)
+            out.copy_(item)
+            return
         if isinstance(item, np.ndarray):
             if item.dtype != np.uint8 or item.ndim not in (2, 3):
                 raise UsageError("image arrays must be uint8 (H, W) or (H, W, 3); got "
                                  f"{item.dtype} {item.shape}")
             if is_model_sized(item, self.preprocess_cfg):
-                return uint8_to_tensor([item], self.preprocess_cfg)[0]
+                out.copy_(uint8_to_tensor([item], self.preprocess_cfg)[0])
+                return
             item = Image.fromarray(item)
         img = load_image(item, max_pixels=max_pixels,
                          draft_size=self.image_size if draft else None)
         try:
-            return self.preprocess(img)
+            if tail is not None:
+                img = tail[0](img)
+                if isinstance(img, Image.Image) and img.mode == "RGB":
+                    self._check_shape(img, out)
+                    _to_tensor_into(img, out, tail[1], tail[2])
+                    return
+                img = self.preprocess.transforms[-1](self.preprocess.transforms[-2](img))
+            else:
+                img = self.preprocess(img)
+            self._check_shape(img, out)
+            out.copy_(img)
+            return
         except CliplabError:
             raise
         except (ValueError, MemoryError) as exc:  # this image's failure, not the run's
@@ -353,6 +420,17 @@ class Backbone:
         img = None  # raised outside the except block: the error keeps no decoded image
         raise BadImage(str(item) if isinstance(item, (str, os.PathLike)) else f"<{type(item).__name__}>",
                        reason)
+
+    @staticmethod
+    def _check_shape(image, out: torch.Tensor) -> None:
+        shape = (3, image.height, image.width) if isinstance(image, Image.Image) else tuple(image.shape)
+        if shape != tuple(out.shape):
+            raise UsageError(f"preprocessed images must be {tuple(out.shape)} (the model input); got {shape}")
+
+    def _input_shape(self) -> tuple[int, int, int]:
+        size = self.preprocess_cfg.get("size", self.model_cfg["vision_cfg"].get("image_size", 224))
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return 3, int(h), int(w)
 
     def _expand(self, images) -> list:
         if isinstance(images, (str, Path, Image.Image, bytes, bytearray, memoryview)):
@@ -367,24 +445,29 @@ class Backbone:
 
     @torch.inference_mode()
     def _run_images(self, images, *, batch_size, progress, on_error, workers, max_pixels,
-                    draft, fn, desc):
+                    draft, fn, desc, parallel="auto"):
         check_choice("on_error", on_error, ("raise", "skip"))
+        check_choice("parallel", parallel, _PARALLEL)
         check_positive_int("batch_size", batch_size)
         items = self._expand(images)
+        workers = _default_workers() if workers is None else workers
         outs, kept, skipped = [], [], []
         bar = progress_bar(total=len(items), progress=progress if len(items) > batch_size else False,
                            desc=desc, unit="img")
-        # Decoding + preprocessing run in threads (PIL releases the GIL), two batches
-        # ahead of the model, so they overlap with compute.
-        batches = iter_decoded(items, batch_size, on_error=on_error, prefetch=2,
-                               workers=_default_workers() if workers is None else workers,
-                               load=lambda item: self._prepare(item, max_pixels, draft))
+        tail = _fused_tail(self.preprocess)
+        # Decoding + preprocessing fill preallocated batches, two batches ahead of the
+        # model, in worker processes (files and bytes, many of them) or threads.
+        batches = iter_filled(items, batch_size, on_error=on_error, prefetch=2, workers=workers,
+                              processes=self._use_processes(items, parallel),
+                              item_shape=self._input_shape(), pin_memory=self.device.type == "cuda",
+                              nice=WORKER_NICE,
+                              fill=lambda item, out: self._prepare_into(item, out, max_pixels, draft, tail))
         with bar:
-            for idx, tensors, skip in batches:
+            for idx, tensor, skip in batches:
                 skipped.extend(skip)
                 kept.extend(idx)
-                if tensors:
-                    batch = torch.stack(tensors).to(self.device, self._dtype)  # (B, 3, H, W)
+                if idx:
+                    batch = tensor.to(self.device, self._dtype)  # (B, 3, H, W)
                     outs.append(fn(batch).float().cpu())
                 bar.update(len(idx) + len(skip))
         if skipped:
@@ -392,10 +475,18 @@ class Backbone:
                         skipped[0].source, skipped[0].reason)
         return outs, kept, skipped
 
+    @staticmethod
+    def _use_processes(items: list, parallel: str) -> bool:
+        """Processes for many files or encoded images; threads for few, or for images in memory."""
+        if parallel != "auto":
+            return parallel == "processes"
+        return (len(items) >= MIN_ITEMS_FOR_PROCESSES and can_fork()
+                and all(isinstance(x, (str, os.PathLike, bytes)) for x in items))
+
     def encode_images(self, images, *, batch_size: int = 64, progress: bool | None = None,
                       on_error: str = "raise", workers: int | None = None,
                       max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                      draft: bool = False) -> EncodedImages:
+                      draft: bool = False, parallel: str = "auto") -> EncodedImages:
         """Embed images: L2-normalised float32 features (M, D) of the M images kept.
 
         Parameters
@@ -411,13 +502,19 @@ class Backbone:
             (then M = N).  With ``"skip"`` bad images are left out, counted, logged
             and listed in the result's ``skipped``.
         workers : int, optional
-            Decoding threads (default: up to 4); 0 decodes in the calling thread.
+            Decoding workers (default: up to 4); 0 decodes in the calling thread.
         max_pixels : int or None
             Decompression-bomb guard; ``None`` disables it.
         draft : bool, default=False
             Let libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale (never below
             the model input).  Faster; features differ slightly from the exact
             path (cosine measured in the README).
+        parallel : {"auto", "threads", "processes"}, default="auto"
+            Where decoding and preprocessing run.  ``"auto"``: forked worker
+            processes for :data:`MIN_ITEMS_FOR_PROCESSES` or more files or encoded
+            images (their Python code then runs outside this process's GIL),
+            threads otherwise (few images, PIL images, arrays, tensors).  Every
+            choice gives the same features, bit for bit.
 
         Returns
         -------
@@ -427,7 +524,7 @@ class Backbone:
         """
         outs, kept, skipped = self._run_images(
             images, batch_size=batch_size, progress=progress, on_error=on_error,
-            workers=workers, max_pixels=max_pixels, draft=draft,
+            workers=workers, max_pixels=max_pixels, draft=draft, parallel=parallel,
             fn=self.model.encode_image, desc="encode images")
         feats = (F.normalize(torch.cat(outs), dim=-1).numpy() if outs
                  else np.zeros((0, self.embed_dim), dtype=np.float32))
@@ -435,12 +532,14 @@ class Backbone:
 
     def image_tokens(self, images, *, batch_size: int = 64, progress: bool | None = None,
                      project: bool = False, workers: int | None = None,
-                     max_pixels: int | None = DEFAULT_MAX_PIXELS, draft: bool = False) -> np.ndarray:
+                     max_pixels: int | None = DEFAULT_MAX_PIXELS, draft: bool = False,
+                     parallel: str = "auto") -> np.ndarray:
         """Patch tokens of the vision tower, before pooling: float32 (N, T, W).
 
         T is the number of patches (class token excluded), W the tower width, or
         D with ``project=True`` (tokens mapped by the tower's output projection, as
-        dense methods such as MaskCLIP do).  Not L2-normalised.
+        dense methods such as MaskCLIP do).  Not L2-normalised.  Other arguments as in
+        :meth:`encode_images`.
         """
         visual = self.model.visual
         if not hasattr(visual, "output_tokens"):
@@ -460,7 +559,7 @@ class Backbone:
         with self._lock:  # output_tokens is toggled on the shared module
             outs, _, _ = self._run_images(images, batch_size=batch_size, progress=progress,
                                        on_error="raise", workers=workers, max_pixels=max_pixels,
-                                       draft=draft, fn=fn, desc="image tokens")
+                                       draft=draft, parallel=parallel, fn=fn, desc="image tokens")
         return torch.cat(outs).numpy()
 
     # ----------------------------------------------------------------- utilities

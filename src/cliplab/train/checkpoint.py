@@ -11,14 +11,20 @@ renamed, then ``latest`` is replaced by rename, so a run killed at any moment
 leaves the previous checkpoint intact and ``latest`` pointing to a complete
 folder.  ``trainer_state.pt`` holds only tensors and primitives, so it loads
 with ``torch.load(..., weights_only=True)``.
+
+:class:`CheckpointWriter` lets training go on while a checkpoint is written: the
+state is copied (to CPU) at the step it belongs to, and the files are written from
+that copy in a background thread, one checkpoint at a time.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
 import shutil
+import threading
 from dataclasses import fields
 from pathlib import Path
 
@@ -66,31 +72,113 @@ def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, scaler, env
     preprocess_cfg : dict, optional
         Saved with ``model_cfg``.
     """
-    rng = rng_state(env)
-    if env.is_main:
-        from safetensors.torch import save_file
+    writer = CheckpointWriter(background=False)
+    writer.save(out_dir, step, model, optimizer, scheduler, scaler, env, config=config,
+                model_cfg=model_cfg, preprocess_cfg=preprocess_cfg)
+    writer.close(env)
 
-        root = Path(out_dir) / "checkpoints"
-        name = f"step_{step:07d}"
-        tmp = root / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        if model_cfg is not None:  # an open_clip folder: loadable by cliplab and open_clip
-            save_open_clip_folder(tmp, model_cfg, weights, preprocess_cfg)
-        else:
-            save_file(weights, str(tmp / WEIGHTS_FILE))
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict(), "rng": rng, "config": config, "world_size": env.world_size}
-        torch.save(state, tmp / STATE_FILE)
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        (root / "latest.tmp").write_text(name + "\n")
-        os.replace(root / "latest.tmp", root / "latest")
-        logger.info("saved checkpoint %s", final)
-    distributed.barrier(env)
+
+class CheckpointWriter:
+    """Writes the Trainer's checkpoints, by default in a background thread.
+
+    :meth:`save` takes the RNG states (a collective) and, on the main rank, copies
+    the weights, optimizer, scheduler and scaler states to CPU memory at once: the
+    checkpoint is the state of that step whatever training does next.  The files are
+    then written from the copy (atomically, as :func:`save_checkpoint` does) while
+    training continues.  One write is in flight at a time: the next ``save`` first
+    waits for the previous one.  :meth:`close` waits for the last write (re-raising
+    its error, if any) and synchronises the ranks.
+
+    Parameters
+    ----------
+    background : bool, default True
+        False writes in the calling thread, inside :meth:`save`.
+    """
+
+    def __init__(self, *, background: bool = True):
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, out_dir, step: int, model, optimizer, scheduler, scaler, env: distributed.DistEnv, *,
+             config: dict, model_cfg: dict | None = None, preprocess_cfg: dict | None = None) -> None:
+        """Snapshot the state of ``step`` and write it (collective: call on every rank)."""
+        rng = rng_state(env)
+        if not env.is_main:
+            return
+        weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+        state = {"step": step, "optimizer": _cpu_copy(optimizer.state_dict()),
+                 "scheduler": copy.deepcopy(scheduler.state_dict()), "scaler": copy.deepcopy(scaler.state_dict()),
+                 "rng": rng, "config": copy.deepcopy(config), "world_size": env.world_size}
+        args = (Path(out_dir), step, weights, state, copy.deepcopy(model_cfg), copy.deepcopy(preprocess_cfg))
+        self.wait()
+        if not self.background:
+            _write(*args)
+            return
+        self._thread = threading.Thread(target=self._run, args=args, name="cliplab-checkpoint")
+        self._thread.start()
+
+    def _run(self, *args) -> None:
+        try:
+            _write(*args)
+        except BaseException as exc:  # re-raised in the training thread by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        """Wait for the write in flight; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def abandon(self) -> None:
+        """Wait for the write in flight, logging (not raising) its error: for a run that is failing."""
+        try:
+            self.wait()
+        except Exception as exc:
+            logger.error("writing the last checkpoint failed too: %s", exc)
+
+    def close(self, env: distributed.DistEnv) -> None:
+        """Wait for the last write, then synchronise the ranks (collective)."""
+        self.wait()
+        distributed.barrier(env)
+
+
+def _cpu_copy(obj):
+    """A copy of a (nested) state dict whose tensors are new CPU tensors."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _write(out_dir: Path, step: int, weights: dict, state: dict, model_cfg: dict | None,
+           preprocess_cfg: dict | None) -> None:
+    """Write one checkpoint folder under a temporary name, then rename it and ``latest``."""
+    from safetensors.torch import save_file
+
+    root = out_dir / "checkpoints"
+    name = f"step_{step:07d}"
+    tmp = root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if model_cfg is not None:  # an open_clip folder: loadable by cliplab and open_clip
+        save_open_clip_folder(tmp, model_cfg, weights, preprocess_cfg)
+    else:
+        save_file(weights, str(tmp / WEIGHTS_FILE))
+    torch.save(state, tmp / STATE_FILE)
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    (root / "latest.tmp").write_text(name + "\n")
+    os.replace(root / "latest.tmp", root / "latest")
+    logger.info("saved checkpoint %s", final)
 
 
 def load_checkpoint(out_dir, model, optimizer, scheduler, scaler, env: distributed.DistEnv, *, config) -> int:

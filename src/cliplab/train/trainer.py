@@ -17,6 +17,12 @@ What a step does (``t`` counts optimizer steps from 0):
    from :func:`~cliplab.train.schedule.warmup_cosine_factor`;
 4. clamp ``logit_scale`` to [0, ln 100] as CLIP does.
 
+With ``num_workers`` > 0, step ``t``'s batch (images rendered or decoded,
+captions tokenised) is made in DataLoader worker processes while the model trains on
+earlier steps.  Checkpoints are copied at their step and written by a background
+thread (:class:`~cliplab.train.checkpoint.CheckpointWriter`); ``fit`` returns once the
+last one is on disk.
+
 Everything random is a function of ``(seed, t)`` or lives in the checkpoint
 (:mod:`cliplab.train.checkpoint`), so ``fit(resume=True)`` continues exactly as
 if never stopped.
@@ -44,7 +50,7 @@ from cliplab._progress import progress_bar
 from cliplab.errors import BadImage, DataError, UsageError
 from cliplab.models.transforms import images_to_tensor
 from cliplab.train import distributed
-from cliplab.train.checkpoint import load_checkpoint, save_checkpoint
+from cliplab.train.checkpoint import CheckpointWriter, load_checkpoint
 from cliplab.train.datasets import caption_choice, global_batch_indices
 from cliplab.train.losses import Batch, Objective, get_loss
 from cliplab.train.schedule import warmup_cosine_scheduler
@@ -394,9 +400,14 @@ class Trainer:
         batches = _StepBatches(self.train_set, self.tokenizer, self.preprocess, pp_cfg, seed=cfg.seed,
                                batch_size=cfg.batch_size, first=start, last=end,
                                rank=env.rank, world_size=env.world_size, objective=objective)
+        # With workers, rendering/decoding and tokenising run in other processes, ahead of
+        # the model.  Their generator keeps the DataLoader from drawing on torch's global
+        # RNG, which belongs to the model (and to the checkpoint).
         loader = (batches[k] for k in range(len(batches))) if cfg.num_workers == 0 else torch.utils.data.DataLoader(
             batches, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
-            pin_memory=env.device.type == "cuda", persistent_workers=False)
+            pin_memory=env.device.type == "cuda", persistent_workers=False,
+            generator=torch.Generator().manual_seed(cfg.seed))
+        writer = CheckpointWriter()
         logger.info("training steps %d..%d of %d, global batch %d on %d rank(s), %s, %d threads",
                     start, end, cfg.steps, cfg.batch_size, env.world_size, env.device, torch.get_num_threads())
 
@@ -405,45 +416,50 @@ class Trainer:
         row: dict = {"step": start}
         window_time, window_steps, bad_images = 0.0, 0, 0
         tic = time.perf_counter()
-        for step, item in enumerate(loader, start=start):
-            n_bad = item.pop("n_bad")
-            batch = Batch(**_to_device(item, env.device))
-            with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                outputs = step_forward(batch)
-                terms = objective(outputs, batch)
-                loss = sum(terms.values())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            done = step + 1
-            bad_images += n_bad
-            window_steps += 1
-            window_time += time.perf_counter() - tic
+        try:
+            for step, item in enumerate(loader, start=start):
+                n_bad = item.pop("n_bad")
+                batch = Batch(**_to_device(item, env.device))
+                with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    outputs = step_forward(batch)
+                    terms = objective(outputs, batch)
+                    loss = sum(terms.values())
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                done = step + 1
+                bad_images += n_bad
+                window_steps += 1
+                window_time += time.perf_counter() - tic
 
-            is_last = done == end
-            is_eval = self.evaluate is not None and (
-                (cfg.eval_every and done % cfg.eval_every == 0) or is_last)
-            if done % cfg.log_every == 0 or is_last or is_eval:
-                row = self._log_row(env, done, terms, loss, model, lr, bad_images,
-                                    cfg.batch_size * window_steps / max(window_time, 1e-9))
-                window_time, window_steps = 0.0, 0
-                if is_eval:
-                    row.update(self._run_evaluate(env, model, done))
-                metrics.append(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-            if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or is_last:
-                save_checkpoint(out_dir, done, model, optimizer, scheduler, scaler, env, config=asdict(cfg),
-                                model_cfg=self.model_cfg, preprocess_cfg=pp_cfg)
-            bar.update(1)
-            tic = time.perf_counter()
+                is_last = done == end
+                is_eval = self.evaluate is not None and (
+                    (cfg.eval_every and done % cfg.eval_every == 0) or is_last)
+                if done % cfg.log_every == 0 or is_last or is_eval:
+                    row = self._log_row(env, done, terms, loss, model, lr, bad_images,
+                                        cfg.batch_size * window_steps / max(window_time, 1e-9))
+                    window_time, window_steps = 0.0, 0
+                    if is_eval:
+                        row.update(self._run_evaluate(env, model, done))
+                    metrics.append(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or is_last:
+                    writer.save(out_dir, done, model, optimizer, scheduler, scaler, env, config=asdict(cfg),
+                                model_cfg=self.model_cfg, preprocess_cfg=pp_cfg)  # written while training goes on
+                bar.update(1)
+                tic = time.perf_counter()
+        except BaseException:
+            writer.abandon()  # the checkpoint being written still lands; the error is the caller's
+            raise
+        writer.close(env)
         bar.close()
         return row
 
