@@ -713,7 +713,7 @@ def _fill_one(fill: Callable[[Any, Any], None], source: Any, out: Any) -> tuple[
     except BadImage as exc:
         return exc.source, exc.reason
     except MemoryError:
-        return _describe(source), "out of memory decoding or preprocessing the image"
+        return describe_source(source), "out of memory decoding or preprocessing the image"
 
 
 def _process_init(fill: Callable, ring: Any, nice: int) -> None:
@@ -859,7 +859,7 @@ def _iter_filled(sources, batch_size, fill, ring, on_error, workers, processes, 
                     result = result.result()
             except BrokenProcessPool:
                 raise DataError(f"a decoding process died while decoding item {index} "
-                                f"({_describe(source)}); pass workers=0 to decode in this "
+                                f"({describe_source(source)}); pass workers=0 to decode in this "
                                 "process") from None
             if result is None:
                 kept.append(position)

@@ -46,14 +46,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cliplab._progress import progress_bar
-from cliplab.errors import BadImage, DataError, UsageError
-from cliplab.models.transforms import images_to_tensor
-from cliplab.train import distributed
-from cliplab.train.checkpoint import CheckpointWriter, load_checkpoint
-from cliplab.train.datasets import caption_choice, global_batch_indices
-from cliplab.train.losses import Batch, Objective, get_loss
-from cliplab.train.schedule import warmup_cosine_scheduler
+from .._progress import progress_bar
+from ..errors import BadImage, DataError, UsageError
+from ..models.transforms import images_to_tensor
+from . import distributed
+from .checkpoint import CheckpointWriter, load_checkpoint
+from .datasets import caption_choice, global_batch_indices
+from .losses import Batch, Objective, get_loss
+from .schedule import warmup_cosine_scheduler
 
 logger = logging.getLogger("cliplab.train")
 

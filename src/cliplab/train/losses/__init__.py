@@ -16,7 +16,7 @@ Add an objective by writing one module in this folder, and its test; no other
 file changes (the registry imports every module here on its first lookup)::
 
     import torch
-    from cliplab.train.losses import Objective, register_loss
+    from . import Objective, register_loss
 
     @register_loss("my-loss", help="pull matching pairs together")
     class MyLoss(Objective):
