@@ -615,6 +615,16 @@ def iter_decoded(
     return _iter_decoded(sources, batch_size, on_error, load, workers, prefetch)
 
 
+def _take(numbered: Iterator[tuple[int, Any]], n: int) -> list[tuple[int, Any]]:
+    """The next ``n`` (index, source) pairs of ``numbered`` (fewer at its end)."""
+    chunk = []
+    for item in numbered:
+        chunk.append(item)
+        if len(chunk) == n:
+            break
+    return chunk
+
+
 def _iter_decoded(
     sources: Iterable[Any],
     batch_size: int,
@@ -627,12 +637,7 @@ def _iter_decoded(
     numbered = enumerate(sources)
 
     def next_chunk() -> list[tuple[int, Any]]:
-        chunk = []
-        for item in numbered:
-            chunk.append(item)
-            if len(chunk) == batch_size:
-                break
-        return chunk
+        return _take(numbered, batch_size)
 
     def collect(chunk: list[tuple[int, Any]], results: list) -> DecodedBatch:
         batch = DecodedBatch([], [], [])
@@ -841,12 +846,7 @@ def _iter_filled(sources, batch_size, fill, ring, on_error, workers, processes, 
     n_buffers = ring.shape[0]
 
     def next_chunk() -> list[tuple[int, Any]]:
-        chunk = []
-        for item in numbered:
-            chunk.append(item)
-            if len(chunk) == batch_size:
-                break
-        return chunk
+        return _take(numbered, batch_size)
 
     def collect(buffer: int, chunk: list[tuple[int, Any]], results: list) -> FilledBatch:
         batch = FilledBatch([], None, [])
