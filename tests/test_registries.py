@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = {
     "eval task": "eval --task {name}",
     "ShapesWorld": "shapes export out --n 1 --world {name}",
+    "ShapesWorld task": "eval --task zeroshot_classification --dataset {example}",  # shapes:<task>
     "few-shot method": "adapt --method {name} --shots 1 --dataset d --out o",
     "model source": "classify img.png --labels a,b --model {example}",   # a spec this source loads
     "loss": "train --loss {name}",

@@ -19,9 +19,11 @@ from .world import (
     SIZES,
     SPURIOUS_BACKGROUND,
     ObjectGT,
+    ObjectSpec,
     Scene,
     ShapesSplit,
     ShapesWorld,
+    jitter_color,
 )
 from .worlds import (
     CLASSIFICATION_TASKS,
@@ -38,7 +40,7 @@ from .worlds import (
     task_world,
 )
 from .export import EXPORT_FORMATS, EXPORT_TASKS, ExportResult, export, scene_label
-from .tasks import SHAPES_DEFAULT_N, SHAPES_TASKS, shapes_task
+from .tasks import SHAPES_DEFAULT_N, SHAPES_TASKS, TaskRequest, register_task, shapes_task
 
 __all__ = [
     "BACKGROUNDS",
@@ -49,9 +51,11 @@ __all__ = [
     "SIZES",
     "SPURIOUS_BACKGROUND",
     "ObjectGT",
+    "ObjectSpec",
     "Scene",
     "ShapesSplit",
     "ShapesWorld",
+    "jitter_color",
     "CLASSIFICATION_TASKS",
     "DEFAULT_WORLD",
     "MULTI_OBJECTS",
@@ -71,5 +75,7 @@ __all__ = [
     "scene_label",
     "SHAPES_DEFAULT_N",
     "SHAPES_TASKS",
+    "TaskRequest",
+    "register_task",
     "shapes_task",
 ]

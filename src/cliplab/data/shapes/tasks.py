@@ -1,7 +1,10 @@
 """ShapesWorld evaluation tasks as datasets: ``shapes:<task>`` of :func:`cliplab.data.datasets.load_dataset`.
 
-Each task renders the scenes of the shapes-tiny world (:func:`~.worlds.shapes_tiny_world`,
-the world of the bundled model and of ``cliplab shapes export``) in memory:
+Each task renders its scenes in memory from the shapes-tiny world
+(:func:`~.worlds.shapes_tiny_world`, the world of the bundled model and of ``cliplab
+shapes export``) or from a world derived from it.  The tasks are the entries of
+:data:`SHAPES_TASKS`, a registry: a module of this package adds one with
+:func:`register_task`.  Built in:
 
 - ``color-shape``: 64-way colour x shape classification;
 - ``shape``, ``color``: 8-way;
@@ -13,24 +16,71 @@ the world of the bundled model and of ``cliplab shapes export``) in memory:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
 from ...errors import UsageError
+from ...registry import Registry
 from ...validation import check_positive_int
 from ..datasets import SPLIT_NAMES, ClassificationData, RetrievalData
 from .export import scene_label
+from .world import ShapesWorld
 from .worlds import shapes_tiny_world, task_classes, task_world
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SHAPES_DEFAULT_N", "SHAPES_TASKS", "shapes_task"]
+__all__ = ["SHAPES_DEFAULT_N", "SHAPES_TASKS", "TaskRequest", "register_task", "shapes_task"]
 
-SHAPES_TASKS: tuple[str, ...] = ("color-shape", "shape", "color", "color-shape-heldout", "retrieval")
-"""ShapesWorld tasks that :func:`~cliplab.data.datasets.load_dataset` accepts as ``"shapes:<task>"``."""
+SHAPES_TASKS: Registry = Registry("ShapesWorld task", package=__package__)
+"""The ShapesWorld tasks that :func:`~cliplab.data.datasets.load_dataset` accepts as
+``"shapes:<task>"``: ``fn(request: TaskRequest) -> ClassificationData | RetrievalData``, each
+with a one-line ``help`` and ``example`` (the dataset spec, ``"shapes:<task>"``)."""
 
 SHAPES_DEFAULT_N: dict[str, int] = {"train": 2000, "val": 1000, "test": 1000}
 """Scenes per split of a ShapesWorld task when ``n`` is not given."""
+
+
+class TaskRequest:
+    """What a task function is asked for: the first ``n`` scenes of ``split`` of ``world``.
+
+    Attributes
+    ----------
+    task : str
+        The task name (without ``shapes:``).
+    world : ShapesWorld
+        The shapes-tiny world of ``seed``; a task may derive its own from it with
+        :meth:`ShapesWorld.replace`.
+    split : str
+    n : int
+    seed : int
+    meta : dict
+        Provenance the task puts into its dataset's ``meta`` (source, split, n, seed, world).
+    """
+
+    def __init__(self, task: str, world: ShapesWorld, split: str, n: int, seed: int):
+        self.task, self.world, self.split, self.n, self.seed = task, world, split, n, seed
+        self.meta = {"source": f"shapes:{task}", "split": split, "n": n, "seed": seed, "world": world.config()}
+
+    @property
+    def name(self) -> str:
+        """The dataset name, ``"shapes:<task>"``."""
+        return f"shapes:{self.task}"
+
+    def sized(self, world: ShapesWorld) -> ShapesWorld:
+        """``world`` with room for ``n`` scenes in the split; records it in ``meta``."""
+        world = world.replace(split_sizes={self.split: max(self.n, world.split_sizes[self.split])})
+        self.meta["world"] = world.config()
+        return world
+
+
+def register_task(name: str, **meta) -> Callable:
+    """Decorator: make ``fn(request: TaskRequest) -> data`` the task ``shapes:<name>``.
+
+    ``meta`` needs ``help="one line"``; ``example`` defaults to ``"shapes:<name>"``.
+    """
+    meta.setdefault("example", f"shapes:{name}")
+    return SHAPES_TASKS.register(name, **meta)
 
 
 def shapes_task(task: str, split: str = "test", n: int | None = None, seed: int = 0):
@@ -39,7 +89,7 @@ def shapes_task(task: str, split: str = "test", n: int | None = None, seed: int 
     Parameters
     ----------
     task : str
-        One of :data:`SHAPES_TASKS`.
+        A name of :data:`SHAPES_TASKS`.
     split : {"train", "val", "test"}, default "test"
     n : int, optional
         Number of scenes; default :data:`SHAPES_DEFAULT_N` of the split.
@@ -55,8 +105,7 @@ def shapes_task(task: str, split: str = "test", n: int | None = None, seed: int 
     Raises
     ------
     UsageError
-        Unknown task or split, ``n < 1``, or ``color-shape-heldout`` on a split other
-        than ``test``.
+        Unknown task or split, ``n < 1``, or a split the task does not have.
     """
     if task not in SHAPES_TASKS:
         raise UsageError(f"unknown ShapesWorld task {task!r}; choose one of "
@@ -64,42 +113,70 @@ def shapes_task(task: str, split: str = "test", n: int | None = None, seed: int 
     if split not in SPLIT_NAMES:
         raise UsageError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_NAMES)}")
     n = SHAPES_DEFAULT_N[split] if n is None else check_positive_int("n", n)
-    world = task_world(shapes_tiny_world(seed), task)  # the scenes `cliplab shapes export` writes
-    meta = {"source": f"shapes:{task}", "split": split, "n": n, "seed": seed, "world": world.config()}
-    name = f"shapes:{task}"
+    request = TaskRequest(task, shapes_tiny_world(seed), split, n, seed)
+    return SHAPES_TASKS.get(task)(request)
 
-    if task == "retrieval":
-        world = world.replace(split_sizes={split: max(n, world.split_sizes[split])})
-        meta["world"] = world.config()
-        images, scenes = world.render_batch(split, range(n))
-        return RetrievalData(list(images), [list(s.captions) for s in scenes], name, meta=meta)
 
-    classnames = task_classes(world, task, split)
-    if task == "color-shape-heldout":
-        if split != "test":
-            raise UsageError("shapes:color-shape-heldout exists only for split 'test' "
-                             "(held-out compositions never occur in train or val)")
-        heldout = set(world.heldout)
-        limit = max(world.split_sizes["test"], 32 * n)
-        world = world.replace(split_sizes={"test": limit})
-        images, scenes = [], []
-        for i in range(limit):
-            scene = world.scene("test", i)
-            obj = scene.objects[0]
-            if (obj.color, obj.shape) in heldout:
-                images.append(scene.image)
-                scenes.append(scene)
-                if len(scenes) == n:
-                    break
-        if len(scenes) < n:
-            logger.warning("%s: found %d held-out scenes of %d asked in %d test scenes",
-                           name, len(scenes), n, limit)
-        meta["heldout"] = sorted([list(p) for p in heldout if p[1] in world.shapes_of(split)])
-    else:
-        world = world.replace(split_sizes={split: max(n, world.split_sizes[split])})
-        batch, scenes = world.render_batch(split, range(n))
-        images = list(batch)
+# ------------------------------------------------------------------ built-in tasks
 
-    label_task = "color-shape" if task == "color-shape-heldout" else task
+
+def _classification(request: TaskRequest, label_task: str) -> ClassificationData:
+    world = task_world(request.world, label_task)  # the scenes `cliplab shapes export` writes
+    world = request.sized(world)
+    classnames = task_classes(world, label_task, request.split)
+    images, scenes = world.render_batch(request.split, range(request.n))
     labels = [classnames.index(scene_label(s, label_task)) for s in scenes]  # the exported label
-    return ClassificationData(list(images), np.asarray(labels, dtype=np.int64), classnames, name, meta=meta)
+    return ClassificationData(list(images), np.asarray(labels, dtype=np.int64), classnames, request.name,
+                              meta=request.meta)
+
+
+@register_task("color-shape", help="64-way colour x shape classification of single-object scenes")
+def color_shape(request: TaskRequest) -> ClassificationData:
+    return _classification(request, "color-shape")
+
+
+@register_task("shape", help="8-way shape classification of single-object scenes")
+def shape(request: TaskRequest) -> ClassificationData:
+    return _classification(request, "shape")
+
+
+@register_task("color", help="8-way colour classification of single-object scenes")
+def color(request: TaskRequest) -> ClassificationData:
+    return _classification(request, "color")
+
+
+@register_task("color-shape-heldout",
+               help="test scenes of held-out colour-shape pairs, classified among all 64 pairs")
+def color_shape_heldout(request: TaskRequest) -> ClassificationData:
+    if request.split != "test":
+        raise UsageError("shapes:color-shape-heldout exists only for split 'test' "
+                         "(held-out compositions never occur in train or val)")
+    world = task_world(request.world, "color-shape-heldout")
+    classnames = task_classes(world, "color-shape", "test")
+    heldout = set(world.heldout)
+    n = request.n
+    limit = max(world.split_sizes["test"], 32 * n)
+    world = world.replace(split_sizes={"test": limit})
+    images, scenes = [], []
+    for i in range(limit):
+        scene = world.scene("test", i)
+        obj = scene.objects[0]
+        if (obj.color, obj.shape) in heldout:
+            images.append(scene.image)
+            scenes.append(scene)
+            if len(scenes) == n:
+                break
+    if len(scenes) < n:
+        logger.warning("%s: found %d held-out scenes of %d asked in %d test scenes",
+                       request.name, len(scenes), n, limit)
+    meta = dict(request.meta, world=world.config())
+    meta["heldout"] = sorted([list(p) for p in heldout if p[1] in world.shapes_of("test")])
+    labels = [classnames.index(scene_label(s, "color-shape")) for s in scenes]
+    return ClassificationData(images, np.asarray(labels, dtype=np.int64), classnames, request.name, meta=meta)
+
+
+@register_task("retrieval", help="image-text retrieval over scenes of 1-3 objects and all their captions")
+def retrieval(request: TaskRequest) -> RetrievalData:
+    world = request.sized(task_world(request.world, "retrieval"))
+    images, scenes = world.render_batch(request.split, range(request.n))
+    return RetrievalData(list(images), [list(s.captions) for s in scenes], request.name, meta=request.meta)

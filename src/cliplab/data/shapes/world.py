@@ -87,6 +87,37 @@ class ObjectGT:
 
 
 @dataclass
+class ObjectSpec:
+    """An object to draw (the input of :meth:`ShapesWorld.compose`).
+
+    Attributes
+    ----------
+    shape, color, size : str
+        Attribute words; ``size`` is ``"small"`` or ``"large"`` (the caption word).
+    cx, cy : float
+        Centre in pixels (``x`` to the right, ``y`` down).
+    r : float
+        Half-extent in pixels.
+    rgb : ndarray of float32, shape (3,)
+        Fill colour, 0-255 (:func:`jitter_color` of ``color``).
+    """
+
+    shape: str
+    color: str
+    size: str
+    cx: float
+    cy: float
+    r: float
+    rgb: np.ndarray = field(repr=False)
+
+
+def jitter_color(color: str, rng: np.random.Generator) -> np.ndarray:
+    """The palette colour of ``color`` with ShapesWorld's per-object jitter: (3,) float32, 0-255."""
+    jitter = rng.uniform(-_COLOR_JITTER, _COLOR_JITTER, 3) + rng.uniform(-_COLOR_JITTER, _COLOR_JITTER)
+    return np.clip(np.asarray(render.PALETTE[color], np.float32) + jitter, 0, 255)
+
+
+@dataclass
 class Scene:
     """One ShapesWorld image with its ground truth.
 
@@ -359,40 +390,64 @@ class ShapesWorld:
                 continue
             size_word, cx, cy, r = spot
             placed.append((cx, cy, r))
-            jitter = rng.uniform(-_COLOR_JITTER, _COLOR_JITTER, 3) + rng.uniform(-_COLOR_JITTER, _COLOR_JITTER)
-            rgb = np.clip(np.asarray(render.PALETTE[color], np.float32) + jitter, 0, 255)
-            specs.append((shape, color, size_word, cx, cy, r, rgb))
+            specs.append(ObjectSpec(shape, color, size_word, cx, cy, r, jitter_color(color, rng)))
 
         bg = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
         if rng.random() < self.spurious:
-            bg = SPURIOUS_BACKGROUND[specs[0][0]]
-        image = render.background(bg, S, rng)  # (S, S, 3) float32
+            bg = SPURIOUS_BACKGROUND[specs[0].shape]
+        drng = np.random.default_rng([self.seed, SPLIT_IDS[split], index, 1])  # defects' own stream
+        return self.compose(specs, bg, rng, drng, split=split, index=index)
+
+    def compose(self, specs, background: str, rng: np.random.Generator,
+                defect_rng: np.random.Generator | None = None, *, split: str = "train", index: int = 0) -> Scene:
+        """Render a scene from given objects: background, objects in order, defect, captions.
+
+        This is the second half of :meth:`scene`; tasks that choose their objects
+        themselves (counting, relations, paired images) call it with their own specs.
+
+        Parameters
+        ----------
+        specs : sequence of ObjectSpec
+            Objects in drawing order (later ones on top), in pixels of ``image_size``.
+        background : str
+            One of :data:`BACKGROUNDS`.
+        rng : numpy.random.Generator
+            Draws the background texture and picks the caption rewrites.
+        defect_rng : numpy.random.Generator, optional
+            Decides and draws a defect with probability ``defect_rate``; none when omitted.
+        split, index : optional
+            Recorded on the scene.
+
+        Returns
+        -------
+        Scene
+        """
+        S = self.image_size
+        image = render.background(background, S, rng)  # (S, S, 3) float32
 
         # objects, later ones on top
         masks = []
-        for shape, color, size_word, cx, cy, r, rgb in specs:
-            window, alpha = render.coverage(shape, cx, cy, r, S, self.antialias)
-            render.paint(image, window, alpha, rgb)
+        for spec in specs:
+            window, alpha = render.coverage(spec.shape, spec.cx, spec.cy, spec.r, S, self.antialias)
+            render.paint(image, window, alpha, spec.rgb)
             mask = np.zeros((S, S), dtype=bool)  # (H, W)
             mask[window] = alpha >= 0.5
             for m in masks:
                 m[window] &= ~mask[window]
             masks.append(mask)
         objects = [
-            ObjectGT(shape, color, size_word, _position_word(cx, cy, S), _box(m), m)
-            for (shape, color, size_word, cx, cy, r, _), m in zip(specs, masks)
+            ObjectGT(spec.shape, spec.color, spec.size, _position_word(spec.cx, spec.cy, S), _box(m), m)
+            for spec, m in zip(specs, masks)
         ]
 
-        # defects, from their own stream
         defects = []
-        drng = np.random.default_rng([self.seed, SPLIT_IDS[split], index, 1])
-        if drng.random() < self.defect_rate:
-            kind = DEFECTS[drng.integers(len(DEFECTS))]
-            alpha, rgb, dmask = render.defect(kind, S, drng)
+        if defect_rng is not None and defect_rng.random() < self.defect_rate:
+            kind = DEFECTS[defect_rng.integers(len(DEFECTS))]
+            alpha, rgb, dmask = render.defect(kind, S, defect_rng)
             window = (slice(0, S), slice(0, S))
             render.paint(image, window, alpha, rgb)
             defects.append({"kind": kind, "mask": dmask, "box": _box(dmask)})
 
-        captions = make_captions(objects, bg, rng, self.n_captions)
+        captions = make_captions(objects, background, rng, self.n_captions)
         out = np.clip(image + 0.5, 0, 255).astype(np.uint8)  # (H, W, 3)
-        return Scene(out, objects, bg, captions, defects, split, index)
+        return Scene(out, objects, background, captions, defects, split, index)
