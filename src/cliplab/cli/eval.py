@@ -51,8 +51,31 @@ def add_parser(sub) -> None:
     p.add_argument("--shots", default="1,2,4,8,16", help="few-shot k values (default: 1,2,4,8,16)")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table",
                    help="how to print the metrics (default: table)")
+    for name, (text, tasks) in _task_options().items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, metavar=name.split("_")[-1].upper(),
+                       help=f"{text} (task {', '.join(tasks)})")
     add_model_args(p)
     p.set_defaults(run=run)
+
+
+def _task_options() -> dict:
+    """``{option: (help, [tasks that take it])}`` from the tasks' ``options`` metadata."""
+    out: dict = {}
+    for task in TASKS.names():
+        for name, text in TASKS.meta(task).get("options", {}).items():
+            out.setdefault(name, (text, []))[1].append(task)
+    return out
+
+
+def _options_of(args) -> dict:
+    """The task options given on the command line; refuses those of another task."""
+    given = {name: getattr(args, name) for name in _task_options() if getattr(args, name, None) is not None}
+    own = TASKS.meta(args.task).get("options", {}) if args.task else {}
+    other = sorted(set(given) - set(own))
+    if other:
+        raise UsageError(f"--{other[0].replace('_', '-')} is an option of task "
+                         f"{', '.join(_task_options()[other[0]][1])}, not of {args.task or 'a suite'}")
+    return given
 
 
 def _ints(text: str, option: str) -> list[int]:
@@ -78,6 +101,7 @@ def run(args) -> int:
     shots = _ints(args.shots, "--shots")
     check_request(task=args.task, suite=args.suite, dataset=args.dataset, n=args.n, n_train=args.n_train,
                   shots=shots, out=args.out, report=args.report)
+    options = _options_of(args)
     backbone = load_backbone(args)
     store = None
     if not args.no_cache:
@@ -98,7 +122,7 @@ def run(args) -> int:
     else:
         records = [evaluate(backbone, model_spec=args.model, task=args.task, dataset=args.dataset,
                             split=args.split, templates=args.templates, store=store, n=args.n,
-                            n_train=args.n_train, seeds=seeds, shots=shots)]
+                            n_train=args.n_train, seeds=seeds, shots=shots, options=options)]
     if args.out:
         written = write_results(args.out, records if args.suite else records[0])
         print(f"results: {written}", file=sys.stderr)

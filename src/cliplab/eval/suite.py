@@ -27,23 +27,15 @@ shapes:shape                   fewshot (linear probe)      same; k 1,2,4,8,16; s
 
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
-import numpy as np
-
-from ..data.datasets import load_dataset, split_train_val
 from ..errors import UsageError
-from ..features import image_features
 from ..validation import check_positive_int
 from .results import make_result
-from .tasks import TASKS, fewshot, linear_probe, zeroshot_classification, zeroshot_retrieval
+from .tasks import FEWSHOT_C_GRID, TASKS, EvalRequest
 
 __all__ = ["TASKS", "SUITES", "evaluate", "run_suite", "check_request", "evaluate_interpolation",
            "FEWSHOT_C_GRID"]
-
-#: C candidates of the few-shot linear probe, chosen on validation per (k, seed).
-FEWSHOT_C_GRID = {"C": [1e-2, 1e-1, 1.0, 10.0, 100.0]}
 
 SUITES = {
     "shapes": [
@@ -57,17 +49,6 @@ SUITES = {
         dict(task="fewshot", dataset="shapes:shape", n=800, n_train=2560),
     ],
 }
-
-
-def _load(spec, split, n, seed=0):
-    return load_dataset(spec, split, n=n, seed=seed)
-
-
-def _labelled_features(backbone, data, store, progress, split_name):
-    x, kept, skipped = image_features(backbone, data.items, store=store, progress=progress)
-    for s in skipped:
-        s.setdefault("split", split_name)
-    return x, np.asarray(data.labels)[kept], skipped
 
 
 def _require_kind(data, task):
@@ -84,51 +65,33 @@ def _require_kind(data, task):
 def evaluate(backbone, *, model_spec: str, task: str, dataset: str, split: str = "test",
              templates=None, store=None, n: int | None = None, n_train: int | None = None,
              seeds: Sequence[int] = (0, 1, 2), shots: Sequence[int] = (1, 2, 4, 8, 16),
-             val_fraction: float = 0.2, progress=None) -> dict:
+             val_fraction: float = 0.2, options: dict | None = None, progress=None) -> dict:
     """Run one task on one dataset spec; return a results record (see :mod:`.results`).
 
     ``n`` limits the evaluated split, ``n_train`` the train split of ``linear_probe`` and
     ``fewshot`` (default: ``2 * n`` when ``n`` is given); the validation split is
-    ``val_fraction`` of train (fixed seed).
+    ``val_fraction`` of train (fixed seed).  ``options`` are the task's own options
+    (``TASKS.meta(task)["options"]``).  The task's ``run`` (:func:`.tasks.register_task`)
+    does the work.
     """
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}: use one of {', '.join(TASKS.names())}")
-    t0 = time.perf_counter()
-    data = _load(dataset, split, n)
-    load_s = time.perf_counter() - t0
-    seeds = list(seeds)
+    meta = TASKS.meta(task)
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(meta.get("options", {})))
+    if unknown:
+        raise UsageError(f"task {task} has no option {', '.join(unknown)}")
+    request = EvalRequest(backbone, dataset, split=split, n=n, n_train=n_train, templates=templates, store=store,
+                          seeds=list(seeds), shots=list(shots), val_fraction=val_fraction, options=options,
+                          progress=progress)
+    data = request.load()
     _require_kind(data, task)
-    if task == "zeroshot_classification":
-        res = zeroshot_classification(backbone, data, templates=templates, store=store, progress=progress)
-    elif task == "zeroshot_retrieval":
-        res = zeroshot_retrieval(backbone, data, store=store, progress=progress)
-    else:
-        t0 = time.perf_counter()
-        train_all = _load(dataset, "train", n_train if n_train is not None else (2 * n if n else None))
-        train, val = split_train_val(train_all, val_fraction=val_fraction, seed=0)
-        load_s += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        xt, yt, sk_t = _labelled_features(backbone, train, store, progress, "train")
-        xv, yv, sk_v = _labelled_features(backbone, val, store, progress, "val")
-        xs, ys, sk_s = _labelled_features(backbone, data, store, progress, split)
-        feat_s = time.perf_counter() - t0
-        if task == "linear_probe":
-            res = linear_probe(xt, yt, xv, yv, xs, ys, seed=seeds[0] if seeds else 0, progress=progress,
-                               dataset=data.name, classnames=data.classnames)
-        else:
-            from ..adapt.linear import logistic_regression
-
-            res = fewshot(lambda **p: logistic_regression(**p), (xt, yt), (xv, yv), (xs, ys),
-                          ks=shots, seeds=seeds, grid=FEWSHOT_C_GRID, method="linear probe",
-                          classnames=data.classnames, dataset=data.name, progress=progress)
-        res.skipped = sk_t + sk_v + sk_s
-        res.timings = {"image_features": round(feat_s, 4), **res.timings}
-    res.timings = {"load_dataset": round(load_s, 4), **res.timings}
-    read_skips = [{"source": s.source, "reason": s.reason, "stage": "read"}
-                  for s in getattr(data, "skipped", None) or []]
-    res.skipped = read_skips + list(res.skipped)
+    res = meta["run"](request, data)
+    res.timings = {**request.timings, **{k: v for k, v in res.timings.items() if k not in request.timings}}
+    seen = {id(s) for s in request.skipped}
+    res.skipped = list(request.skipped) + [s for s in res.skipped if id(s) not in seen]
     return make_result(res, model_spec=model_spec, fingerprint=backbone.fingerprint,
-                       seeds=seeds if task == "fewshot" else None,
+                       seeds=list(seeds) if task == "fewshot" else None,
                        extra={"split": split, "n": n})
 
 

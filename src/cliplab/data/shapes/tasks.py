@@ -180,3 +180,16 @@ def retrieval(request: TaskRequest) -> RetrievalData:
     world = request.sized(task_world(request.world, "retrieval"))
     images, scenes = world.render_batch(request.split, range(request.n))
     return RetrievalData(list(images), [list(s.captions) for s in scenes], request.name, meta=request.meta)
+
+
+@register_task("ood", help="the shapes-tiny world's out-of-distribution shapes (heart, crescent), test only")
+def ood(request: TaskRequest) -> ClassificationData:
+    if request.split != "test":
+        raise UsageError("shapes:ood exists only for split 'test' (its shapes never occur in train or val)")
+    world = task_world(request.world, "shape")
+    world = world.replace(split_sizes={"ood": max(request.n, world.split_sizes["ood"])})
+    meta = dict(request.meta, world=world.config(), split="ood")
+    classnames = list(world.shapes_of("ood"))
+    images, scenes = world.render_batch("ood", range(request.n))
+    labels = [classnames.index(s.objects[0].shape) for s in scenes]
+    return ClassificationData(list(images), np.asarray(labels, dtype=np.int64), classnames, request.name, meta=meta)

@@ -23,30 +23,120 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .._progress import progress_bar
-from ..data.datasets import ClassificationData, fewshot_subset
-from ..errors import DataError, UsageError
-from ..features import image_features
-from ..registry import Registry
-from ..validation import check_labels
-from ..zeroshot import class_weights, get_templates
-from .metrics import accuracy, confusion_matrix, mean_per_class_recall, retrieval_recall, topk_accuracy
+from ..._progress import progress_bar
+from ...data.datasets import ClassificationData, fewshot_subset, load_dataset, split_train_val
+from ...errors import DataError, UsageError
+from ...features import image_features
+from ...registry import Registry
+from ...validation import check_labels
+from ...zeroshot import class_weights, get_templates
+from ..metrics import accuracy, confusion_matrix, mean_per_class_recall, retrieval_recall, topk_accuracy
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TASKS", "TaskResult", "zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot",
+__all__ = ["TASKS", "EvalRequest", "register_task", "TaskResult", "zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot",
            "select_on_validation"]
 
-TASKS: Registry = Registry("eval task")
+TASKS: Registry = Registry("eval task", package=__name__)
 """The evaluation tasks, by CLIP_benchmark task name (``fewshot`` is cliplab's own).
 
-Metadata of each entry: ``help`` (one line) and ``data``, the dataset kind it evaluates
-(:attr:`cliplab.data.datasets.ClassificationData.kind` or ``RetrievalData.kind``).
+Metadata of each entry: ``help`` (one line); ``data``, the dataset kind it evaluates
+(:attr:`cliplab.data.datasets.ClassificationData.kind` or ``RetrievalData.kind``);
+``run``, ``run(request: EvalRequest, data) -> TaskResult``, what :func:`cliplab.eval.evaluate`
+calls; ``options``, the task's own options (``{name: help}``; ``cliplab eval`` offers each
+as ``--name``, the task reads it from ``request.options``).  A new task is one module
+of this package (``cliplab/eval/tasks/<name>.py``) that calls :func:`register_task`; the
+registry imports the package's modules when it is first read.
 """
+
+
+def register_task(name: str, *, data: str, help: str, run: Callable, options: Mapping[str, str] | None = None):
+    """Decorator: register a task function under ``name`` in :data:`TASKS`.
+
+    Parameters
+    ----------
+    name : str
+        The task name (``cliplab eval --task NAME``).
+    data : str
+        The dataset kind it evaluates (``data.kind`` of the loaded ``--dataset``).
+    help : str
+        One line.
+    run : callable
+        ``run(request: EvalRequest, data) -> TaskResult``: loads what else it needs through
+        ``request`` (train/val splits, other datasets) and calls the task function.
+    options : dict of str -> str, optional
+        Extra options of the task and their one-line help.
+    """
+    return TASKS.register(name, data=data, help=help, run=run, options=dict(options or {}))
+
+
+@dataclass
+class EvalRequest:
+    """One evaluation: what ``cliplab eval --task`` asks of a task's ``run``.
+
+    Attributes
+    ----------
+    backbone : Backbone
+    dataset : str
+        The dataset spec of the evaluated split (``--dataset``).
+    split : str
+    n, n_train : int or None
+        Images of the evaluated split; of the train split (default ``2 * n`` when ``n`` is set).
+    templates, store, progress
+        Zero-shot templates spec, feature cache, progress bar switch.
+    seeds, shots : sequence of int
+        Few-shot seeds and k values.
+    val_fraction : float
+        Share of train held out for validation.
+    options : dict
+        The task's own options (``TASKS.meta(name)["options"]``).
+    timings : dict
+        Seconds spent loading data and computing features through this request.
+    skipped : list of dict
+        Images left out while reading or encoding through this request.
+    """
+
+    backbone: Any
+    dataset: str
+    split: str = "test"
+    n: int | None = None
+    n_train: int | None = None
+    templates: Any = None
+    store: Any = None
+    seeds: Sequence[int] = (0, 1, 2)
+    shots: Sequence[int] = (1, 2, 4, 8, 16)
+    val_fraction: float = 0.2
+    options: dict = field(default_factory=dict)
+    progress: Any = None
+    timings: dict = field(default_factory=dict)
+    skipped: list = field(default_factory=list)
+
+    def load(self, spec: str | None = None, split: str | None = None, n: int | None = None):
+        """Load ``spec`` (default: the request's dataset) ``split`` (default: its split), ``n`` images."""
+        with _timed(self.timings, "load_dataset"):
+            data = load_dataset(spec or self.dataset, split or self.split, n=n if spec or split else (n or self.n))
+        self.skipped.extend({"source": s.source, "reason": s.reason, "stage": "read"}
+                            for s in getattr(data, "skipped", None) or [])
+        return data
+
+    def train_val(self):
+        """The train split (``n_train`` images) cut into (train, val) with ``val_fraction``, seed 0."""
+        n_train = self.n_train if self.n_train is not None else (2 * self.n if self.n else None)
+        train_all = self.load(split="train", n=n_train)
+        return split_train_val(train_all, val_fraction=self.val_fraction, seed=0)
+
+    def labelled_features(self, data, split_name: str):
+        """``(features (N, D), labels (N,), skipped)`` of a classification dataset's readable images."""
+        with _timed(self.timings, "image_features"):
+            x, kept, skipped = image_features(self.backbone, data.items, store=self.store, progress=self.progress)
+        for s in skipped:
+            s.setdefault("split", split_name)
+        self.skipped.extend(skipped)
+        return x, np.asarray(data.labels)[kept], skipped
 
 
 @dataclass
@@ -106,8 +196,10 @@ def _all_skipped(name: str, n: int):
 
 
 # ------------------------------------------------------------------------- zero-shot
-@TASKS.register("zeroshot_classification", data="classification",
-                help="zero-shot classification with prompt-ensemble class weights")
+@register_task("zeroshot_classification", data="classification",
+               help="zero-shot classification with prompt-ensemble class weights",
+               run=lambda req, data: zeroshot_classification(req.backbone, data, templates=req.templates,
+                                                             store=req.store, progress=req.progress))
 def zeroshot_classification(backbone, data, *, templates=None, store=None,
                             batch_size: int = 64, progress=None) -> TaskResult:
     """Zero-shot classification of a ClassificationData with prompt-ensemble class weights.
@@ -144,8 +236,9 @@ def zeroshot_classification(backbone, data, *, templates=None, store=None,
     return TaskResult("zeroshot_classification", data.name, metrics, details, timings, skipped)
 
 
-@TASKS.register("zeroshot_retrieval", data="retrieval",
-                help="image-to-text and text-to-image retrieval recall@k")
+@register_task("zeroshot_retrieval", data="retrieval",
+               help="image-to-text and text-to-image retrieval recall@k",
+               run=lambda req, data: zeroshot_retrieval(req.backbone, data, store=req.store, progress=req.progress))
 def zeroshot_retrieval(backbone, data, *, store=None, ks: Sequence[int] = (1, 5, 10),
                        batch_size: int = 64, progress=None) -> TaskResult:
     """Image-text retrieval on a RetrievalData (several captions per image).
@@ -201,7 +294,7 @@ def select_on_validation(estimator_factory: Callable, grid, train, val) -> tuple
     (best_params, best_val_accuracy, [(params, val_accuracy), ...])
         Ties go to the earlier candidate.
     """
-    from ..adapt.linear import quiet_fits
+    from ...adapt.linear import quiet_fits
 
     (xt, yt), (xv, yv) = train, val
     if not len(yv):
@@ -249,8 +342,17 @@ def _probe_metrics(est, xs, ys, n_classes=None) -> tuple[dict, list]:
              "lp_mean_per_class_recall": mean_per_class_recall(pred, ys, c)}, unseen)
 
 
-@TASKS.register("linear_probe", data="classification",
-                help="logistic-regression probe on frozen features, C chosen on validation")
+def _run_linear_probe(req: EvalRequest, data) -> TaskResult:
+    train, val = req.train_val()
+    xt, yt, _ = req.labelled_features(train, "train")
+    xv, yv, _ = req.labelled_features(val, "val")
+    xs, ys, _ = req.labelled_features(data, req.split)
+    return linear_probe(xt, yt, xv, yv, xs, ys, seed=req.seeds[0] if req.seeds else 0, progress=req.progress,
+                        dataset=data.name, classnames=data.classnames)
+
+
+@register_task("linear_probe", data="classification",
+               help="logistic-regression probe on frozen features, C chosen on validation", run=_run_linear_probe)
 def linear_probe(train_feats, train_y, val_feats, val_y, test_feats, test_y, *, seed: int = 0,
                  refine: int = 8, progress=None, dataset: str = "features",
                  classnames: Sequence[str] | None = None) -> TaskResult:
@@ -263,7 +365,7 @@ def linear_probe(train_feats, train_y, val_feats, val_y, test_feats, test_y, *, 
     ``lp_acc5`` (NaN with fewer than 5 classes), ``lp_mean_per_class_recall``; details:
     ``C``, ``val_accuracy``, ``sweep`` (every (C, val accuracy) tried, in order).
     """
-    from ..adapt.linear import LinearProbe
+    from ...adapt.linear import LinearProbe
 
     timings: dict = {}
     xt, yt = _xy(train_feats, train_y, "train")
@@ -287,8 +389,24 @@ def _index_data(y, classnames, name):
     return ClassificationData(list(range(len(y))), np.asarray(y), list(classnames), name)
 
 
-@TASKS.register("fewshot", data="classification",
-                help="k-shot linear probe over k and seeds, hyper-parameters chosen on validation")
+#: C candidates of the few-shot linear probe, chosen on validation per (k, seed).
+FEWSHOT_C_GRID = {"C": [1e-2, 1e-1, 1.0, 10.0, 100.0]}
+
+
+def _run_fewshot(req: EvalRequest, data) -> TaskResult:
+    from ...adapt.linear import logistic_regression
+
+    train, val = req.train_val()
+    xt, yt, _ = req.labelled_features(train, "train")
+    xv, yv, _ = req.labelled_features(val, "val")
+    xs, ys, _ = req.labelled_features(data, req.split)
+    return fewshot(lambda **p: logistic_regression(**p), (xt, yt), (xv, yv), (xs, ys), ks=req.shots,
+                   seeds=req.seeds, grid=FEWSHOT_C_GRID, method="linear probe", classnames=data.classnames,
+                   dataset=data.name, progress=req.progress)
+
+
+@register_task("fewshot", data="classification",
+               help="k-shot linear probe over k and seeds, hyper-parameters chosen on validation", run=_run_fewshot)
 def fewshot(make_estimator: Callable, train, val, test, *, ks: Sequence[int] = (1, 2, 4, 8, 16),
             seeds: Sequence[int] = (0, 1, 2), grid=None, method: str = "method",
             classnames: Sequence[str] | None = None, dataset: str = "features",
@@ -316,7 +434,7 @@ def fewshot(make_estimator: Callable, train, val, test, *, ks: Sequence[int] = (
         metrics ``acc1@{k}shot`` (mean over seeds); details ``fewshot``:
         ``{method, ks, seeds, mean, std, per_seed, params}``.
     """
-    from ..adapt.linear import quiet_fits
+    from ...adapt.linear import quiet_fits
 
     timings: dict = {}
     xt, yt = _xy(*train, "train")

@@ -1,0 +1,72 @@
+"""``cliplab eval --task calibration | ood_detection`` round trips on a tiny random model."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cliplab.cli.main import main
+from cliplab.data.datasets import load_dataset
+
+
+def _run(capsys, *argv):
+    rc = main(["eval", *argv, "--format", "json", "--no-cache"])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_calibration_task_fits_temperature_on_val(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "cal.json"
+    rc, printed, err = _run(capsys, "--model", str(tiny_dir), "--task", "calibration",
+                            "--dataset", "shapes:shape", "--n", "24", "--out", str(out))
+    assert rc == 0, err
+    rec = json.loads(out.read_text())
+    m = rec["metrics"]
+    assert {"ece", "adaptive_ece", "brier", "nll", "ece_ts", "nll_ts", "temperature", "val_ece_ts"} <= set(m)
+    assert 0 <= m["ece"] <= 1 and m["temperature"] > 0
+    assert rec["cliplab"]["val_source"] == "val split"
+    assert sum(rec["cliplab"]["reliability"]["count"]) == 24
+
+
+def test_calibration_on_a_folder_without_splits_uses_disjoint_halves(tiny_dir, tmp_path, capsys):
+    data = load_dataset("shapes:shape", "test", n=12)
+    from PIL import Image
+
+    for i, (img, y) in enumerate(zip(data.items, data.labels)):
+        d = tmp_path / "f" / data.classnames[y]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"{i}.png")
+    out = tmp_path / "cal.json"
+    rc, _, err = _run(capsys, "--model", str(tiny_dir), "--task", "calibration", "--dataset",
+                      str(tmp_path / "f"), "--out", str(out))
+    assert rc == 0, err
+    rec = json.loads(out.read_text())["cliplab"]
+    assert rec["val_source"].startswith("half") and rec["n_test"] + rec["n_val"] == 12
+
+
+def test_ood_detection_task(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "ood.json"
+    rc, _, err = _run(capsys, "--model", str(tiny_dir), "--task", "ood_detection", "--dataset", "shapes:shape",
+                      "--ood-dataset", "shapes:ood", "--n", "16", "--out", str(out))
+    assert rc == 0, err
+    rec = json.loads(out.read_text())
+    for score in ("mcm", "energy", "max_logit", "msp", "msp_probe"):
+        assert 0 <= rec["metrics"][f"auroc_{score}"] <= 1 and 0 <= rec["metrics"][f"fpr95_{score}"] <= 1
+    hist = rec["cliplab"]["histograms"]["mcm"]
+    assert sum(hist["id"]) == 16 and sum(hist["ood"]) == 16
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "ood_detection", "--dataset", "shapes:shape"], "needs --ood-dataset"),
+    (["--task", "calibration", "--dataset", "shapes:shape", "--ood-dataset", "shapes:ood"], "option of task"),
+    (["--task", "calibration", "--dataset", "shapes:retrieval"], "classification dataset"),
+])
+def test_task_option_errors_are_one_line(tiny_dir, capsys, argv, message):
+    rc, _, err = _run(capsys, "--model", str(tiny_dir), *argv, "--n", "4")
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_shapes_ood_task_has_only_ood_shapes():
+    data = load_dataset("shapes:ood", "test", n=10)
+    assert data.classnames == ["heart", "crescent"] and len(data.items) == 10
+    assert np.asarray(data.items[0]).shape == (64, 64, 3)
