@@ -16,9 +16,9 @@ def _run(capsys, *argv):
 
 
 def test_calibration_task_fits_temperature_on_val(tiny_dir, tmp_path, capsys):
-    out = tmp_path / "cal.json"
+    out, report = tmp_path / "cal.json", tmp_path / "rep" / "r.html"
     rc, printed, err = _run(capsys, "--model", str(tiny_dir), "--task", "calibration",
-                            "--dataset", "shapes:shape", "--n", "24", "--out", str(out))
+                            "--dataset", "shapes:shape", "--n", "24", "--out", str(out), "--report", str(report))
     assert rc == 0, err
     rec = json.loads(out.read_text())
     m = rec["metrics"]
@@ -26,6 +26,9 @@ def test_calibration_task_fits_temperature_on_val(tiny_dir, tmp_path, capsys):
     assert 0 <= m["ece"] <= 1 and m["temperature"] > 0
     assert rec["cliplab"]["val_source"] == "val split"
     assert sum(rec["cliplab"]["reliability"]["count"]) == 24
+    page = report.read_text()
+    assert "<h2>Calibration</h2>" in page and "Reliability diagrams" in page
+    assert any((tmp_path / "rep" / "r_figures").glob("calibration_*.png"))
 
 
 def test_calibration_on_a_folder_without_splits_uses_disjoint_halves(tiny_dir, tmp_path, capsys):
@@ -45,15 +48,16 @@ def test_calibration_on_a_folder_without_splits_uses_disjoint_halves(tiny_dir, t
 
 
 def test_ood_detection_task(tiny_dir, tmp_path, capsys):
-    out = tmp_path / "ood.json"
+    out, report = tmp_path / "ood.json", tmp_path / "o.html"
     rc, _, err = _run(capsys, "--model", str(tiny_dir), "--task", "ood_detection", "--dataset", "shapes:shape",
-                      "--ood-dataset", "shapes:ood", "--n", "16", "--out", str(out))
+                      "--ood-dataset", "shapes:ood", "--n", "16", "--out", str(out), "--report", str(report))
     assert rc == 0, err
     rec = json.loads(out.read_text())
     for score in ("mcm", "energy", "max_logit", "msp", "msp_probe"):
         assert 0 <= rec["metrics"][f"auroc_{score}"] <= 1 and 0 <= rec["metrics"][f"fpr95_{score}"] <= 1
     hist = rec["cliplab"]["histograms"]["mcm"]
     assert sum(hist["id"]) == 16 and sum(hist["ood"]) == 16
+    assert "<h2>Out-of-distribution detection</h2>" in report.read_text()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["build_report", "comparison_rows", "model_label", "MAIN_METRICS"]
+__all__ = ["build_report", "comparison_rows", "model_label", "MAIN_METRICS", "new_figure", "figure_png"]
 
 MAIN_METRICS = {
     "zeroshot_classification": ["acc1", "acc5", "mean_per_class_recall"],
@@ -111,16 +111,44 @@ def _best(row, models):
 
 
 # ------------------------------------------------------------------------------ plots
-def _figure(w, h):
+def new_figure(w: float, h: float):
+    """A matplotlib ``Figure`` of ``w`` x ``h`` inches, 100 dpi, constrained layout (no pyplot state)."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(w, h), dpi=100, layout="constrained")
 
 
-def _png(fig) -> bytes:
+def figure_png(fig) -> bytes:
+    """The PNG bytes of ``fig``."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+_figure, _png = new_figure, figure_png
+
+#: Built-in plot sections: (section, heading).  A task adds its own with the ``report``
+#: metadata of :func:`cliplab.eval.tasks.register_task`.
+_SECTIONS = [("confusion", "Confusion matrices"), ("fewshot", "Few-shot curves"), ("retrieval", "Retrieval")]
+
+
+def _task_report(task: str) -> dict | None:
+    from .tasks import TASKS
+
+    return TASKS.meta(task).get("report") if task in TASKS else None
+
+
+def _sections(plots) -> list[tuple[str, str, str]]:
+    """(section, heading, explanation) of every section that has plots, built-in ones first."""
+    out = [(sec, head, _EXPLAIN[sec]) for sec, head in _SECTIONS]
+    seen = {sec for sec, _ in _SECTIONS}
+    for section, _, _, _ in plots:
+        if section not in seen:
+            seen.add(section)
+            spec = _task_report(section) or {}
+            out.append((section, spec.get("heading", section), spec.get("explain", "")))
+    present = {p[0] for p in plots}
+    return [s for s in out if s[0] in present]
 
 
 def _confusion_plot(r: dict) -> bytes:
@@ -230,6 +258,11 @@ def _plots(results: list[dict]) -> list[tuple[str, str, str, bytes]]:
             ret.setdefault(r["dataset"], []).append(r)
     for ds, recs in ret.items():
         plots.append(("retrieval", ds, _slug(f"retrieval_{ds}"), _retrieval_plot(ds, recs)))
+    for r in results:                                      # sections of tasks that bring their own plots
+        spec = _task_report(r["task"])
+        if spec and r.get("cliplab"):
+            caption = f"{model_label(r)} — {r['dataset']}"
+            plots.append((r["task"], caption, _slug(f"{r['task']}_{model_label(r)}_{r['dataset']}"), spec["plot"](r)))
     return plots
 
 
@@ -256,11 +289,10 @@ def _markdown(title, models, rows, plots, paths, results) -> str:
         cells = [(f"**{_fmt(row[m])}**" if best is not None and row[m] == best else _fmt(row[m]))
                  for m in models]
         lines.append(f"| {row['dataset']} | {row['task']} | {row['metric']} | " + " | ".join(cells) + " |")
-    for section, heading in [("confusion", "Confusion matrices"), ("fewshot", "Few-shot curves"),
-                             ("retrieval", "Retrieval")]:
+    for section, heading, explain in _sections(plots):
         sec = [p for p in plots if p[0] == section]
         if sec:
-            lines += ["", f"## {heading}", "", _EXPLAIN[section], ""]
+            lines += ["", f"## {heading}", "", explain, ""]
             for _, caption, stem, _ in sec:
                 rel = (paths["figures"] / f"{stem}.png").relative_to(paths["md"].parent)
                 lines.append(f"![{caption}]({rel.as_posix()})")
@@ -297,11 +329,10 @@ def _html(title, models, rows, plots, results) -> str:
         out.append(f"<tr><td>{e(row['dataset'])}</td><td>{e(row['task'])}</td>"
                    f"<td>{e(row['metric'])}</td>{cells}</tr>")
     out.append("</table>")
-    for section, heading in [("confusion", "Confusion matrices"), ("fewshot", "Few-shot curves"),
-                             ("retrieval", "Retrieval")]:
+    for section, heading, explain in _sections(plots):
         sec = [p for p in plots if p[0] == section]
         if sec:
-            out += [f"<h2>{heading}</h2>", f"<p class='note'>{e(_EXPLAIN[section])}</p>"]
+            out += [f"<h2>{e(heading)}</h2>", f"<p class='note'>{e(explain)}</p>"]
             for _, caption, _, png in sec:
                 b64 = base64.b64encode(png).decode("ascii")
                 out.append(f"<figure><img alt='{e(caption)}' src='data:image/png;base64,{b64}'>"

@@ -54,7 +54,8 @@ registry imports the package's modules when it is first read.
 """
 
 
-def register_task(name: str, *, data: str, help: str, run: Callable, options: Mapping[str, str] | None = None):
+def register_task(name: str, *, data: str, help: str, run: Callable, options: Mapping[str, str] | None = None,
+                  report: Mapping[str, Any] | None = None):
     """Decorator: register a task function under ``name`` in :data:`TASKS`.
 
     Parameters
@@ -70,8 +71,14 @@ def register_task(name: str, *, data: str, help: str, run: Callable, options: Ma
         ``request`` (train/val splits, other datasets) and calls the task function.
     options : dict of str -> str, optional
         Extra options of the task and their one-line help.
+    report : dict, optional
+        The task's section of :func:`cliplab.eval.report.build_report`: ``heading``,
+        ``explain`` (one paragraph) and ``plot(record) -> PNG bytes``, one figure per record.
     """
-    return TASKS.register(name, data=data, help=help, run=run, options=dict(options or {}))
+    meta = dict(data=data, help=help, run=run, options=dict(options or {}))
+    if report is not None:
+        meta["report"] = dict(report)
+    return TASKS.register(name, **meta)
 
 
 @dataclass

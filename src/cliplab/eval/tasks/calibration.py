@@ -67,7 +67,39 @@ def _run(request: EvalRequest, data) -> TaskResult:
     return TaskResult("calibration", data.name, metrics, details, timings)
 
 
+def reliability_plot(record: dict) -> bytes:
+    """Reliability diagrams of a ``calibration`` record: before and after temperature scaling."""
+    from ..report import figure_png, new_figure
+
+    fig = new_figure(8, 3.8)
+    d, m = record["cliplab"], record["metrics"]
+    for col, (key, title, ece) in enumerate([("reliability", "zero-shot", m.get("ece")),
+                                             ("reliability_ts", f"temperature {m.get('temperature', 1):.2f}",
+                                              m.get("ece_ts"))]):
+        ax = fig.add_subplot(1, 2, col + 1)
+        b = d[key]
+        edges = np.asarray(b["edges"])
+        centers, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+        acc = np.nan_to_num(np.asarray(b["accuracy"], float))
+        conf = np.nan_to_num(np.asarray(b["confidence"], float))
+        ax.bar(centers, acc, width, color="C0", edgecolor="white", label="accuracy")
+        ax.bar(centers, conf - acc, width, bottom=acc, color="C3", alpha=0.35, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{title}: ECE {100 * ece:.1f}%" if ece is not None else title)
+        ax.legend(fontsize=8, loc="upper left")
+    return figure_png(fig)
+
+
 @register_task("calibration", data="classification", run=_run,
+               report={"heading": "Calibration",
+                       "plot": reliability_plot,
+                       "explain": "Reliability diagrams: test images binned by top-1 confidence (15 bins); "
+                                  "bar = accuracy in the bin, shaded = gap to the mean confidence, dashed = "
+                                  "perfect calibration. Right: after temperature scaling fitted on validation."},
                help="ECE, adaptive ECE, Brier, NLL of zero-shot probabilities, before/after temperature scaling")
 def calibration(request: EvalRequest, data) -> TaskResult:
     """Calibration of zero-shot CLIP on a classification dataset (see the module docstring).

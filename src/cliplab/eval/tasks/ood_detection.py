@@ -98,7 +98,32 @@ def _run(request: EvalRequest, data) -> TaskResult:
     return TaskResult("ood_detection", data.name, metrics, details, timings)
 
 
+def histogram_plot(record: dict) -> bytes:
+    """Score histograms of an ``ood_detection`` record: ID vs OOD, one panel per score."""
+    from ..report import figure_png, new_figure
+
+    hists = record["cliplab"]["histograms"]
+    names = [n for n in ("mcm", "energy", "msp", "msp_probe") if n in hists]
+    fig = new_figure(3.2 * len(names), 3.2)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), i + 1)
+        h = hists[name]
+        edges = np.asarray(h["edges"])
+        centers, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+        for key, color in (("id", "C0"), ("ood", "C3")):
+            counts = np.asarray(h[key], float)
+            ax.bar(centers, counts / max(counts.sum(), 1), width, color=color, alpha=0.55, label=key.upper())
+        auroc = record["metrics"].get(f"auroc_{name}")
+        ax.set_title(f"{name}: AUROC {auroc:.3f}" if auroc is not None else name, fontsize=10)
+        ax.set_xlabel("score (higher = more in-distribution)", fontsize=8)
+        ax.legend(fontsize=8)
+    return figure_png(fig)
+
+
 @register_task("ood_detection", data="classification", run=_run,
+               report={"heading": "Out-of-distribution detection", "plot": histogram_plot,
+                       "explain": "Share of in-distribution (ID) and out-of-distribution (OOD) test images "
+                                  "per score value; the less the two overlap, the higher the AUROC."},
                options={"ood_dataset": "dataset of out-of-distribution images (e.g. shapes:ood)"},
                help="OOD detection AUROC and FPR@95 of MCM, energy, max-logit, MSP and a linear probe's MSP")
 def ood_detection(request: EvalRequest, data) -> TaskResult:
