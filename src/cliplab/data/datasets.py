@@ -100,6 +100,10 @@ class ClassificationData:
         Rows left out while reading.
     meta : dict
         Extra facts (split, seed, ShapesWorld attributes...).
+    attributes : dict of str -> ndarray (N,)
+        Per-example attributes besides the label (a CSV's other columns, such as ``sex``,
+        ``site`` or ``age``, as strings; a ShapesWorld task's subgroup attributes): the
+        sensitive features and subgroups of fairness evaluation.
     """
 
     items: list
@@ -108,11 +112,17 @@ class ClassificationData:
     name: str
     skipped: list = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    attributes: dict = field(default_factory=dict)
     kind: ClassVar[str] = "classification"
 
     def __post_init__(self):
         self.labels = check_labels(np.asarray(self.labels).reshape(-1), len(self.classnames),
                                    n_samples=len(self.items), name=f"{self.name} labels")
+        self.attributes = {str(k): np.asarray(v).reshape(-1) for k, v in (self.attributes or {}).items()}
+        bad = [k for k, v in self.attributes.items() if len(v) != len(self.items)]
+        if bad:
+            raise DataError(f"{self.name}: attribute {bad[0]!r} has {len(self.attributes[bad[0]])} values "
+                            f"for {len(self.items)} images")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -122,7 +132,8 @@ class ClassificationData:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         return replace(self, items=[self.items[i] for i in idx], labels=self.labels[idx],
                        classnames=list(self.classnames), name=name or self.name,
-                       skipped=list(self.skipped), meta=dict(self.meta))
+                       skipped=list(self.skipped), meta=dict(self.meta),
+                       attributes={k: v[idx] for k, v in self.attributes.items()})
 
 
 @dataclass
@@ -307,11 +318,14 @@ def classification_from_csv(path, *, image_key: str = "filepath", label_key: str
                                       what="classification table")
     ii, li = index["image_key"], index["label_key"]
     rows: list[tuple[int, str, str]] = []
+    extra_columns = [j for j in range(len(header)) if j not in (ii, li) and header[j].strip()]
+    extras: list[list[str]] = []
     with open_text(path, what="classification table") as f:
         reader = csv.reader(f, delimiter=delimiter)
         next(reader)
         for line, row in valid_csv_rows(reader, path, len(header), {"image path": ii, "label": li}, skip_log):
             rows.append((line, row[ii].strip(), row[li].strip()))
+            extras.append([row[j].strip() for j in extra_columns])
 
     names = _read_names(classnames_json)
     integer = bool(rows) and all(_is_int(lab) for _, _, lab in rows)
@@ -344,10 +358,10 @@ def classification_from_csv(path, *, image_key: str = "filepath", label_key: str
         lookup = {k: i for i, k in enumerate(keys)}
         to_index = lookup.get
 
-    items, labels = [], []
+    items, labels, kept_extras = [], [], []
     first: dict[tuple, tuple[int, str]] = {}      # image identity -> (line, label)
     identities = ImageIdentities(base)
-    for line, image, label in rows:
+    for (line, image, label), extra in zip(rows, extras):
         idx = to_index(label)
         if idx is None:
             skip_log.add(f"{path}:{line}", f"unknown label {label!r}: not in the class names", index=line)
@@ -362,6 +376,7 @@ def classification_from_csv(path, *, image_key: str = "filepath", label_key: str
         first[ident] = (line, label)
         items.append(resolved)
         labels.append(idx)
+        kept_extras.append(extra)
     skipped = skip_log.to_list()[before:]
     if skipped:
         logger.warning("%s: skipped %d row(s); %s", path, len(skipped), skip_log.summary())
@@ -369,8 +384,10 @@ def classification_from_csv(path, *, image_key: str = "filepath", label_key: str
         raise DataError(f"{path}: no usable row ({len(skipped)} skipped); "
                         f"each row needs an image path and a label")
     logger.info("%s: %d images, %d classes", path, len(items), len(classnames))
+    columns = np.asarray(kept_extras, dtype=object).reshape(len(items), len(extra_columns))
+    attributes = {header[j].strip(): columns[:, k].astype(str) for k, j in enumerate(extra_columns)}
     return ClassificationData(items, np.asarray(labels), list(classnames), path.stem, skipped,
-                              meta={"source": str(path)})
+                              meta={"source": str(path)}, attributes=attributes)
 
 
 def _is_int(s: str) -> bool:
