@@ -74,3 +74,31 @@ def test_shapes_ood_task_has_only_ood_shapes():
     data = load_dataset("shapes:ood", "test", n=10)
     assert data.classnames == ["heart", "crescent"] and len(data.items) == 10
     assert np.asarray(data.items[0]).shape == (64, 64, 3)
+
+
+def test_fairness_task_on_a_csv_with_group_columns(tiny_dir, tmp_path, capsys):
+    from PIL import Image
+
+    data = load_dataset("shapes:shape", "test", n=40)
+    rows = ["filepath,label,sex,site"]
+    for i, (img, y) in enumerate(zip(data.items, data.labels)):
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+        label = "circle" if data.classnames[y] == "circle" else "other"
+        rows.append(f"{i}.png,{label},{'FM'[i % 2]},{'AB'[(i // 2) % 2]}")
+    (tmp_path / "meta.csv").write_text("\n".join(rows) + "\n")
+    out, report = tmp_path / "f.json", tmp_path / "f.html"
+    rc, _, err = _run(capsys, "--model", str(tiny_dir), "--task", "fairness", "--dataset", str(tmp_path / "meta.csv"),
+                      "--positive", "circle", "--shortcut", "site", "--out", str(out), "--report", str(report))
+    assert rc == 0, err
+    rec = json.loads(out.read_text())
+    m = rec["metrics"]
+    for a in ("sex", "site"):
+        assert 0 <= m[f"{a}:worst_accuracy"] <= m["acc1"] + 1e-9 <= 1
+        assert f"{a}:equalized_odds_difference" in m and f"{a}:fnr_gap" in m
+    groups = rec["cliplab"]["groups"]["sex"]["groups"]
+    assert groups["F"]["n"] == 20 and groups["M"]["n"] == 20
+    assert rec["cliplab"]["shortcut"]["aligned_from"] == "evaluated images"
+    assert "<h2>Subgroups</h2>" in report.read_text()
+    rc, _, err = _run(capsys, "--model", str(tiny_dir), "--task", "fairness", "--dataset", str(tmp_path / "meta.csv"),
+                      "--attributes", "age")
+    assert rc == 2 and "no attribute 'age'" in err
