@@ -102,3 +102,35 @@ def test_fairness_task_on_a_csv_with_group_columns(tiny_dir, tmp_path, capsys):
     rc, _, err = _run(capsys, "--model", str(tiny_dir), "--task", "fairness", "--dataset", str(tmp_path / "meta.csv"),
                       "--attributes", "age")
     assert rc == 2 and "no attribute 'age'" in err
+
+
+def test_robustness_task_on_user_folders_and_a_baseline(tiny_dir, tmp_path, capsys):
+    from PIL import Image, ImageFilter
+
+    data = load_dataset("shapes:shape", "test", n=16)
+    for folder, blur in (("clean", 0), ("blur-1", 1), ("blur-2", 3), ("grey", None)):
+        for i, (img, y) in enumerate(zip(data.items, data.labels)):
+            d = tmp_path / folder / data.classnames[y]
+            d.mkdir(parents=True, exist_ok=True)
+            im = Image.fromarray(img)
+            im = im.convert("L").convert("RGB") if blur is None else im.filter(ImageFilter.GaussianBlur(blur))
+            im.save(d / f"{i}.png")
+    # every class folder exists in each set, so the class lists agree
+    for folder in ("clean", "blur-1", "blur-2", "grey"):
+        for c in data.classnames:
+            (tmp_path / folder / c).mkdir(exist_ok=True)
+    shifted = ",".join(str(tmp_path / f) for f in ("blur-1", "blur-2", "grey"))
+    out = tmp_path / "rob.json"
+    rc, _, err = _run(capsys, "--model", str(tiny_dir), "--task", "robustness", "--dataset", str(tmp_path / "clean"),
+                      "--shifted", shifted, "--out", str(out))
+    assert rc == 0, err
+    m = json.loads(out.read_text())["metrics"]
+    assert m["mean_shift_acc1"] == pytest.approx(np.mean([m[f"acc1@{tmp_path / f}"] for f in ("blur-1", "blur-2",
+                                                                                              "grey")]))
+    out2 = tmp_path / "rob2.json"
+    rc, _, err = _run(capsys, "--model", str(tiny_dir), "--task", "robustness", "--dataset", str(tmp_path / "clean"),
+                      "--shifted", shifted, "--baseline", str(out), "--out", str(out2),
+                      "--report", str(tmp_path / "r.html"))
+    assert rc == 0, err
+    assert "<h2>Robustness</h2>" in (tmp_path / "r.html").read_text()
+    assert json.loads(out2.read_text())["metrics"]["mce"] == pytest.approx(1.0)     # against itself: CE = 1
