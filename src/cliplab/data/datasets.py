@@ -1,6 +1,6 @@
-"""Datasets: image classification and image-text retrieval, their readers, splits and few-shot subsets.
+"""Datasets: image classification, image-text retrieval and dense ground truth; readers, splits, few-shot subsets.
 
-Two kinds of data, each a small dataclass whose ``kind`` says which tasks take it:
+Each kind of data is a small dataclass whose ``kind`` says which tasks take it:
 
 :class:`ClassificationData` (``kind == "classification"``)
     Images with integer labels that index ``classnames``.  Read from an image folder
@@ -8,6 +8,14 @@ Two kinds of data, each a small dataclass whose ``kind`` says which tasks take i
 :class:`RetrievalData` (``kind == "retrieval"``)
     Images with one or more captions each.  Read from a CSV/TSV/JSONL caption table,
     WebDataset ``.tar`` shards, or ShapesWorld multi-object scenes.
+:class:`SegmentationData` (``kind == "segmentation"``)
+    Images with a semantic class map each (``ignore_index`` for unscored pixels), e.g.
+    ``shapes:seg``.
+:class:`DetectionData` (``kind == "detection"``)
+    Images with labelled ``[x0, y0, x1, y1]`` boxes, e.g. ``shapes:det``.
+:class:`AnomalyData` (``kind == "anomaly"``)
+    Normal and defective images with defect masks, categories and defect names, e.g.
+    ``shapes:inspection``.
 
 Evaluation, few-shot adaptation and the CLI all read data through this module.
 
@@ -57,8 +65,11 @@ __all__ = [
     "LABEL_COLUMNS",
     "MAX_CLASSES",
     "SPLIT_NAMES",
+    "AnomalyData",
     "ClassificationData",
+    "DetectionData",
     "RetrievalData",
+    "SegmentationData",
     "classification_from_csv",
     "classification_from_folder",
     "fewshot_subset",
@@ -158,6 +169,152 @@ class RetrievalData:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         return replace(self, items=[self.items[i] for i in idx],
                        captions=[list(self.captions[i]) for i in idx], name=name or self.name,
+                       skipped=list(self.skipped), meta=dict(self.meta))
+
+
+def _check_len(name: str, what: str, values, n: int) -> None:
+    if len(values) != n:
+        raise UsageError(f"{name}: {n} items but {len(values)} {what}")
+
+
+@dataclass
+class SegmentationData:
+    """Images with a semantic class map each (dense ground truth).
+
+    Attributes
+    ----------
+    items : list
+        N images: paths, encoded bytes or uint8 arrays (H, W, 3).
+    masks : list of ndarray of uint8, shape (H, W)
+        Class map of each image, same size as the image: a pixel's value indexes
+        ``classnames``, or is ``ignore_index`` (not scored: ambiguous boundary pixels).
+    classnames : list of str
+        C class names; ``classnames[0]`` is ``"background"`` where the data has one.
+    name : str
+    ignore_index : int, default 255
+        The label of unscored pixels (mmseg's convention).
+    skipped : list of Skipped
+    meta : dict
+        Extra facts (split, seed, the ShapesWorld world, ``classes``: the names that
+        can occur in this split...).
+    """
+
+    items: list
+    masks: list
+    classnames: list
+    name: str
+    ignore_index: int = 255
+    skipped: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    kind: ClassVar[str] = "segmentation"
+
+    def __post_init__(self):
+        _check_len(self.name, "class maps", self.masks, len(self.items))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, indices, name: str | None = None) -> "SegmentationData":
+        """The examples at ``indices`` (in that order), same classes."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return replace(self, items=[self.items[i] for i in idx], masks=[self.masks[i] for i in idx],
+                       classnames=list(self.classnames), name=name or self.name,
+                       skipped=list(self.skipped), meta=dict(self.meta))
+
+
+@dataclass
+class DetectionData:
+    """Images with labelled boxes (open-vocabulary detection ground truth).
+
+    Attributes
+    ----------
+    items : list
+        N images: paths, encoded bytes or uint8 arrays (H, W, 3).
+    boxes : list of ndarray of float32, shape (K_i, 4)
+        Boxes of image ``i`` as ``[x0, y0, x1, y1]`` in pixels, ``x1``/``y1`` exclusive
+        (COCO's ``[x, y, w, h]`` is ``[x0, y0, x1 - x0, y1 - y0]``).
+    labels : list of ndarray of int64, shape (K_i,)
+        Index into ``classnames`` of each box.
+    classnames : list of str
+        C class names (the text queries of an open-vocabulary detector).
+    name : str
+    skipped : list of Skipped
+    meta : dict
+    """
+
+    items: list
+    boxes: list
+    labels: list
+    classnames: list
+    name: str
+    skipped: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    kind: ClassVar[str] = "detection"
+
+    def __post_init__(self):
+        _check_len(self.name, "box lists", self.boxes, len(self.items))
+        _check_len(self.name, "label lists", self.labels, len(self.items))
+        self.boxes = [np.asarray(b, dtype=np.float32).reshape(-1, 4) for b in self.boxes]
+        self.labels = [check_labels(np.asarray(y).reshape(-1), len(self.classnames), n_samples=len(b),
+                                    name=f"{self.name} labels") for b, y in zip(self.boxes, self.labels)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, indices, name: str | None = None) -> "DetectionData":
+        """The examples at ``indices`` (in that order), same classes."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return replace(self, items=[self.items[i] for i in idx], boxes=[self.boxes[i] for i in idx],
+                       labels=[self.labels[i] for i in idx], classnames=list(self.classnames),
+                       name=name or self.name, skipped=list(self.skipped), meta=dict(self.meta))
+
+
+@dataclass
+class AnomalyData:
+    """Images of normal and defective objects with pixel masks of the defects (MVTec AD style).
+
+    Attributes
+    ----------
+    items : list
+        N images: paths, encoded bytes or uint8 arrays (H, W, 3).
+    labels : ndarray of int64, shape (N,)
+        ``0`` normal (``good``), ``1`` anomalous.
+    masks : list of ndarray of bool, shape (H, W)
+        Defect pixels of each image (all ``False`` for a normal one).
+    categories : list of str
+        Object category of each image (MVTec's ``bottle``, ``screw``...).
+    defects : list of str
+        Defect type of each image, ``"good"`` for a normal one.
+    name : str
+    skipped : list of Skipped
+    meta : dict
+    """
+
+    items: list
+    labels: np.ndarray
+    masks: list
+    categories: list
+    defects: list
+    name: str
+    skipped: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    kind: ClassVar[str] = "anomaly"
+
+    def __post_init__(self):
+        n = len(self.items)
+        for what, values in (("masks", self.masks), ("categories", self.categories), ("defect names", self.defects)):
+            _check_len(self.name, what, values, n)
+        self.labels = check_labels(np.asarray(self.labels).reshape(-1), 2, n_samples=n, name=f"{self.name} labels")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, indices, name: str | None = None) -> "AnomalyData":
+        """The examples at ``indices`` (in that order)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return replace(self, items=[self.items[i] for i in idx], labels=self.labels[idx],
+                       masks=[self.masks[i] for i in idx], categories=[self.categories[i] for i in idx],
+                       defects=[self.defects[i] for i in idx], name=name or self.name,
                        skipped=list(self.skipped), meta=dict(self.meta))
 
 
@@ -460,7 +617,13 @@ def load_dataset(spec, split: str = "test", *, n: int | None = None, seed: int =
             - ``shape``, ``color``: 8-way;
             - ``color-shape-heldout``: test scenes whose (colour, shape) is held out
               of train/val, classified among all 64 colour-shape classes;
-            - ``retrieval``: scenes of 1-3 objects with all their captions.
+            - ``retrieval``: scenes of 1-3 objects with all their captions;
+            - ``seg``: 256 px scenes of 3-12 overlapping shapes with class maps
+              (:class:`SegmentationData`);
+            - ``det``: the same scenes with a labelled box per object
+              (:class:`DetectionData`);
+            - ``inspection``: shapes on textured surfaces, normal or defective, with
+              defect masks (:class:`AnomalyData`).
         a folder
             One sub-folder per class (classification); if its sub-folders are split
             names (``train``/``val``/``test``), the one named ``split``.  A folder of
@@ -482,8 +645,8 @@ def load_dataset(spec, split: str = "test", *, n: int | None = None, seed: int =
 
     Returns
     -------
-    ClassificationData or RetrievalData
-        Tell them apart by ``data.kind``.
+    ClassificationData, RetrievalData, SegmentationData, DetectionData or AnomalyData
+        Tell them apart by ``data.kind``; files give the first two.
     """
     n = check_positive_int("n", n, allow_none=True)
     if isinstance(spec, str) and spec.startswith("shapes:"):
