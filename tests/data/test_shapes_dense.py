@@ -202,6 +202,15 @@ def test_mask_png_export(tmp_path):
         export(WORLD, tmp_path / "x", n=1, task="det", fmt="masks")
 
 
+@pytest.mark.parametrize("task, fmt", [("seg", "masks"), ("det", "coco")])
+def test_exports_are_byte_identical(tmp_path, task, fmt):
+    for d in ("a", "b"):
+        export(dense_world(image_size=64), tmp_path / d, n=3, task=task, fmt=fmt, progress=False)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) >= 4
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+
+
 def test_cli_export_dense(tmp_path, capsys):
     rc = main(["shapes", "export", str(tmp_path), "--task", "seg", "--format", "coco", "--n", "2",
                "--image-size", "96", "--no-progress"])

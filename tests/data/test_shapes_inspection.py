@@ -21,7 +21,7 @@ from cliplab.data.shapes.inspection import (
     surface,
 )
 from cliplab.data.shapes.render import PALETTE
-from cliplab.errors import UsageError
+from cliplab.errors import DataError, UsageError
 
 S = 96
 WORLD = InspectionWorld(seed=0, image_size=S)
@@ -137,6 +137,31 @@ def test_mvtec_export_layout_and_masks(tmp_path):
             assert np.array_equal(np.asarray(Image.open(path)), world.scene(cat, "train", int(path.stem)).image)
     with pytest.raises(UsageError, match="mvtec"):
         export(world, tmp_path / "x", n=1, task="inspection", fmt="coco")
+
+    # read back by cliplab's MVTec reader: one category, then the whole export
+    star = load_dataset(tmp_path / "star", "test")
+    assert isinstance(star, AnomalyData) and len(star) == 14 and set(star.categories) == {"star"}
+    for i in range(len(star)):
+        s = world.scene("star", "test", int(star.items[i].stem), star.defects[i])
+        assert star.labels[i] == int(s.is_anomalous)
+        assert np.array_equal(star.mask(i), s.mask)
+    both = load_dataset(tmp_path, "train")
+    assert both.categories == ["ring"] * 3 + ["star"] * 3 and not both.labels.any()
+    assert not both.mask(0).any() and both.mask(0).shape == (64, 64)
+    (tmp_path / "ring" / "ground_truth" / "hole" / "000_mask.png").unlink()
+    ring = load_dataset(tmp_path / "ring", "test")
+    assert len(ring) == 13 and len(ring.skipped) == 1 and "no ground-truth mask" in ring.skipped[0].reason
+    with pytest.raises(DataError, match="train and a test split"):
+        load_dataset(tmp_path, "val")
+
+
+def test_mvtec_export_is_byte_identical(tmp_path):
+    for d in ("a", "b"):
+        export(InspectionWorld(seed=2, image_size=48, categories=["heart"]), tmp_path / d, n=1,
+               task="inspection", fmt="mvtec", n_test=1, progress=False)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert len(files) == 1 + 7 + 6
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
 
 
 def test_cli_export_mvtec(tmp_path, capsys):

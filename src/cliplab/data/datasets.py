@@ -14,8 +14,8 @@ Each kind of data is a small dataclass whose ``kind`` says which tasks take it:
 :class:`DetectionData` (``kind == "detection"``)
     Images with labelled ``[x0, y0, x1, y1]`` boxes, e.g. ``shapes:det``.
 :class:`AnomalyData` (``kind == "anomaly"``)
-    Normal and defective images with defect masks, categories and defect names, e.g.
-    ``shapes:inspection``.
+    Normal and defective images with defect masks, categories and defect names: MVTec
+    AD-style folders (:func:`anomaly_from_mvtec`) or ``shapes:inspection``.
 
 Evaluation, few-shot adaptation and the CLI all read data through this module.
 
@@ -72,7 +72,9 @@ __all__ = [
     "SegmentationData",
     "classification_from_csv",
     "classification_from_folder",
+    "anomaly_from_mvtec",
     "fewshot_subset",
+    "is_mvtec_folder",
     "load_dataset",
     "retrieval_from_file",
     "split_train_val",
@@ -279,8 +281,10 @@ class AnomalyData:
         N images: paths, encoded bytes or uint8 arrays (H, W, 3).
     labels : ndarray of int64, shape (N,)
         ``0`` normal (``good``), ``1`` anomalous.
-    masks : list of ndarray of bool, shape (H, W)
-        Defect pixels of each image (all ``False`` for a normal one).
+    masks : list
+        Defect pixels of each image: a bool array (H, W) (ShapesWorld), the path of a
+        mask image whose non-zero pixels are the defect (MVTec folders), or ``None``
+        for no defect pixel.  :meth:`mask` gives any of them as a bool array.
     categories : list of str
         Object category of each image (MVTec's ``bottle``, ``screw``...).
     defects : list of str
@@ -308,6 +312,23 @@ class AnomalyData:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def mask(self, i: int) -> np.ndarray:
+        """Defect mask of image ``i``: (H, W) bool, the size of the image.
+
+        Decodes a mask file (non-zero = defect); for ``None`` the image is decoded to
+        learn its size (an array item just gives its shape).
+        """
+        m = self.masks[i]
+        if isinstance(m, np.ndarray):
+            return m.astype(bool, copy=False)
+        from .images import load_image
+
+        if m is not None:
+            return np.asarray(load_image(m)).max(axis=2) > 0  # (H, W)
+        item = self.items[i]
+        h, w = item.shape[:2] if isinstance(item, np.ndarray) else load_image(item).size[::-1]
+        return np.zeros((h, w), dtype=bool)
 
     def subset(self, indices, name: str | None = None) -> "AnomalyData":
         """The examples at ``indices`` (in that order)."""
@@ -588,6 +609,90 @@ def retrieval_from_file(path) -> RetrievalData:
     return RetrievalData(items, captions, name, skip_log.to_list(), meta={"source": str(path)})
 
 
+# --------------------------------------------------------------------- anomaly (MVTec AD folders)
+
+
+def is_mvtec_folder(path) -> bool:
+    """Whether ``path`` is an MVTec AD-style category folder (``train/`` or ``test/``, and
+    ``ground_truth/``) or a folder of them."""
+    path = Path(path)
+
+    def category(p: Path) -> bool:
+        return (p / "ground_truth").is_dir() and ((p / "test").is_dir() or (p / "train").is_dir())
+
+    if not path.is_dir():
+        return False
+    if category(path):
+        return True
+    subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return bool(subdirs) and all(category(p) for p in subdirs)
+
+
+def anomaly_from_mvtec(root, split: str = "test") -> AnomalyData:
+    """Read MVTec AD-style folders (MVTec AD itself, VisA in its MVTec layout, ShapesWorld's export).
+
+    Parameters
+    ----------
+    root : str or Path
+        A category folder (``<category>/train/good``, ``<category>/test/<defect>``,
+        ``<category>/ground_truth/<defect>/<stem>_mask.png``) or a folder of them (all
+        categories, in sorted order).
+    split : {"train", "test"}, default "test"
+        ``train`` reads ``train/good``; ``test`` reads every ``test/<kind>`` folder
+        (``good`` is normal, any other name is a defect type).
+
+    Returns
+    -------
+    AnomalyData
+        ``items`` are image paths; ``masks`` are mask paths (``<stem>_mask.png``, or
+        ``<stem>.png``) for defective images and ``None`` for normal ones.  A defective
+        image without a mask file is left out and listed in ``skipped``.
+
+    Raises
+    ------
+    DataError
+        Not an MVTec-style folder, no ``split`` folder, or no image.
+    """
+    root = Path(root)
+    if split not in ("train", "test"):
+        raise DataError(f"{root}: MVTec-style folders have a train and a test split, not {split!r}")
+    if not is_mvtec_folder(root):
+        raise DataError(f"{root}: not an MVTec-style folder (<category>/train/good, <category>/test/<defect>, "
+                        f"<category>/ground_truth/<defect>)")
+    cats = [root] if (root / "ground_truth").is_dir() else sorted(
+        p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    skip_log = SkipLog()
+    items, labels, masks, categories, defects = [], [], [], [], []
+    for cat in cats:
+        base = cat / split
+        if not base.is_dir():
+            raise DataError(f"{cat}: no {split!r} folder")
+        kinds = ["good"] if split == "train" else sorted(
+            p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for kind in kinds:
+            for image in find_images(base / kind) if (base / kind).is_dir() else []:
+                mask = None
+                if kind != "good":
+                    found = [m for m in (cat / "ground_truth" / kind / f"{image.stem}_mask.png",
+                                         cat / "ground_truth" / kind / f"{image.stem}.png") if m.is_file()]
+                    if not found:
+                        skip_log.add(image, f"no ground-truth mask in {cat / 'ground_truth' / kind}")
+                        continue
+                    mask = found[0]
+                items.append(image)
+                labels.append(int(kind != "good"))
+                masks.append(mask)
+                categories.append(cat.name)
+                defects.append(kind)
+    if skip_log.count:
+        logger.warning("%s: %s", root, skip_log.summary())
+    if not items:
+        raise DataError(f"{root}: no image in {split}/ ({skip_log.summary()})")
+    logger.info("%s: %d %s images, %d anomalous, %d categories", root, len(items), split, sum(labels), len(cats))
+    return AnomalyData(items, np.asarray(labels, np.int64), masks, categories, defects, root.name,
+                       skip_log.to_list(), meta={"source": str(root)})
+
+
 # --------------------------------------------------------------------- load_dataset
 
 
@@ -624,6 +729,9 @@ def load_dataset(spec, split: str = "test", *, n: int | None = None, seed: int =
               (:class:`DetectionData`);
             - ``inspection``: shapes on textured surfaces, normal or defective, with
               defect masks (:class:`AnomalyData`).
+        an MVTec AD-style folder
+            ``<category>/{train,test,ground_truth}`` or a folder of categories
+            (anomaly, :func:`anomaly_from_mvtec`).
         a folder
             One sub-folder per class (classification); if its sub-folders are split
             names (``train``/``val``/``test``), the one named ``split``.  A folder of
@@ -646,7 +754,7 @@ def load_dataset(spec, split: str = "test", *, n: int | None = None, seed: int =
     Returns
     -------
     ClassificationData, RetrievalData, SegmentationData, DetectionData or AnomalyData
-        Tell them apart by ``data.kind``; files give the first two.
+        Tell them apart by ``data.kind``; files give the first two and AnomalyData.
     """
     n = check_positive_int("n", n, allow_none=True)
     if isinstance(spec, str) and spec.startswith("shapes:"):
@@ -654,7 +762,9 @@ def load_dataset(spec, split: str = "test", *, n: int | None = None, seed: int =
 
         return shapes_task(spec.split(":", 1)[1], split, n, seed)
     path = Path(spec)
-    if path.is_dir():
+    if is_mvtec_folder(path):
+        data = anomaly_from_mvtec(path, split)
+    elif path.is_dir():
         subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
         if subdirs and all(p.name in SPLIT_NAMES for p in subdirs):
             if not (path / split).is_dir():

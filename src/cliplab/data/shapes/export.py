@@ -99,7 +99,9 @@ class ExportResult:
         Shards (``wds``) or the index file.
     classes : list of str
         The label set of a classification task (sorted, the order a class-folder
-        reader gives), else empty.
+        reader gives); of ``seg``/``det`` the class names in class-id order
+        (``seg`` with ``"background"`` first); of ``inspection`` the categories; else
+        empty.
     """
 
     out_dir: Path
