@@ -48,7 +48,17 @@ from ...errors import UsageError
 from ..datasets import DetectionData, SegmentationData
 from . import render
 from .tasks import TaskRequest, register_task
-from .world import BACKGROUNDS, SHAPES, SIZES, SPLIT_IDS, SPURIOUS_BACKGROUND, ObjectSpec, Scene, ShapesWorld, jitter_color
+from .world import (
+    BACKGROUNDS,
+    SHAPES,
+    SIZES,
+    SPLIT_IDS,
+    SPURIOUS_BACKGROUND,
+    ObjectSpec,
+    Scene,
+    ShapesWorld,
+    jitter_color,
+)
 from .worlds import shapes_tiny_world
 
 logger = logging.getLogger("cliplab.data.shapes")

@@ -27,7 +27,7 @@ normal and the shifted placement for ``misplaced``.
 
 >>> from cliplab.data.shapes.inspection import inspection_scene
 >>> s = inspection_scene("star", "test", 0, defect="hole")
->>> s.image.shape, s.mask.dtype.name, s.mask.any(), s.is_anomalous
+>>> s.image.shape, s.mask.dtype.name, bool(s.mask.any()), s.is_anomalous
 ((256, 256, 3), 'bool', True, True)
 
 Splits: ``train`` and ``val`` hold normal images only; ``test`` holds normal and
@@ -154,7 +154,8 @@ def surface(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     x, y = c[None, :], c[:, None]
     if kind == "wood":
         base = np.array([150.0, 104.0, 62.0], np.float32) + rng.uniform(-8, 8)
-        warp = 0.04 * np.sin(2 * np.pi * (1.5 * x + rng.uniform())) + 0.02 * np.sin(2 * np.pi * (4.0 * x + rng.uniform()))
+        warp = (0.04 * np.sin(2 * np.pi * (1.5 * x + rng.uniform()))
+                + 0.02 * np.sin(2 * np.pi * (4.0 * x + rng.uniform())))
         grain = np.sin(2 * np.pi * (y + warp) * rng.uniform(9.0, 12.0) + rng.uniform(0, 2 * np.pi))  # (S, S)
         fine = _smooth_noise(size, rng, 1.0)[:, None] * 0.5
         lum = 1.0 + 0.10 * grain + 0.03 * fine  # (S, S)
