@@ -12,14 +12,19 @@ def add_parser(sub) -> None:
                        description="ShapesWorld: procedural coloured-shape scenes with captions, masks and boxes.")
     p.set_defaults(run=run)  # without a sub-command, run() names the choices
     commands = p.add_subparsers(dest="shapes_command", metavar="SUBCOMMAND")
-    e = commands.add_parser("export", help="write scenes as class folders, CSV, JSONL, WebDataset or COCO",
+    e = commands.add_parser("export", help="write scenes as class folders, CSV, JSONL, WebDataset, COCO, "
+                                           "class-map PNGs or MVTec AD folders",
                             description="Render N scenes of a split and write them in a standard format. "
                                         "The default world is shapes-tiny, the world of the bundled model: "
                                         "the same scenes, splits and classes as the shapes:<task> datasets "
                                         "of cliplab eval. Classification tasks (color-shape, shape, color) "
-                                        "use one object per image, captions and detection 1-3.")
+                                        "use one object per image, captions and detection 1-3; seg and det "
+                                        "render dense 256 px scenes of 3-12 overlapping objects; inspection "
+                                        "writes MVTec AD folders (--format mvtec) of every category.")
     e.add_argument("out_dir", metavar="DIR", help="output folder (created if missing)")
-    e.add_argument("--n", type=int, required=True, help="number of scenes (indices 0..N-1 of the split)")
+    e.add_argument("--n", type=int, required=True,
+                   help="number of scenes (indices 0..N-1 of the split); inspection: normal training images "
+                        "per category")
     e.add_argument("--world", choices=list_worlds(), default=DEFAULT_WORLD,
                    help=f"named world (default: {DEFAULT_WORLD}, the world of the bundled model, with "
                         "heart and crescent kept for the ood split; plain: ShapesWorld's own defaults, "
@@ -36,6 +41,10 @@ def add_parser(sub) -> None:
                         "'' for none)")
     e.add_argument("--spurious", type=float, default=None, help="probability the background follows the shape")
     e.add_argument("--defect-rate", type=float, default=None, help="probability a scene gets a defect")
+    e.add_argument("--n-test", type=int, default=None,
+                   help="inspection: test images per category of each kind (good and each defect; default N/4)")
+    e.add_argument("--categories", default=None,
+                   help="inspection: comma-separated categories (default: all, one per shape)")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e.set_defaults(run=run)
 
@@ -52,11 +61,24 @@ def _n_objects(text):
 
 def run(args) -> int:
     from ..data.shapes import export, get_world, task_world
+    from ..data.shapes.dense import dense_world
+    from ..data.shapes.export import DENSE_TASKS
+    from ..data.shapes.inspection import InspectionWorld
+    from ..errors import UsageError
 
     if getattr(args, "shapes_command", None) != "export":
-        from ..errors import UsageError
-
         raise UsageError("choose a sub-command: cliplab shapes export DIR --n N")
+    if args.task != "inspection" and (args.n_test is not None or args.categories is not None):
+        raise UsageError("--n-test and --categories are options of --task inspection")
+    progress = False if args.no_progress else None
+    if args.task == "inspection":
+        categories = None if args.categories is None else [c.strip() for c in args.categories.split(",") if c.strip()]
+        world = InspectionWorld(0 if args.seed is None else args.seed,
+                                256 if args.image_size is None else args.image_size, categories)
+        result = export(world, args.out_dir, n=args.n, task="inspection", fmt=args.fmt, n_test=args.n_test,
+                        progress=progress)
+        print(result.summary())
+        return 0
     options = {"split_sizes": {args.split: max(args.n, 1)}}  # scenes depend on the index only, not on the split size
     if args.image_size is not None:
         options["image_size"] = args.image_size
@@ -70,9 +92,11 @@ def run(args) -> int:
         options["n_objects"] = _n_objects(args.n_objects)
     seed = 0 if args.seed is None else args.seed
     world = get_world(args.world, seed, **options)
-    if args.n_objects is None:
+    if args.task in DENSE_TASKS:
+        world = dense_world(world, image_size=args.image_size, n_objects=options.get("n_objects"))
+    elif args.n_objects is None:
         world = task_world(world, args.task)
     result = export(world, args.out_dir, n=args.n, split=args.split, task=args.task, fmt=args.fmt,
-                    progress=False if args.no_progress else None)
+                    progress=progress)
     print(result.summary())
     return 0

@@ -1,6 +1,6 @@
-"""Datasets: image classification and image-text retrieval, their readers, splits and few-shot subsets.
+"""Datasets: image classification, image-text retrieval and dense ground truth; readers, splits, few-shot subsets.
 
-Two kinds of data, each a small dataclass whose ``kind`` says which tasks take it:
+Each kind of data is a small dataclass whose ``kind`` says which tasks take it:
 
 :class:`ClassificationData` (``kind == "classification"``)
     Images with integer labels that index ``classnames``.  Read from an image folder
@@ -8,6 +8,14 @@ Two kinds of data, each a small dataclass whose ``kind`` says which tasks take i
 :class:`RetrievalData` (``kind == "retrieval"``)
     Images with one or more captions each.  Read from a CSV/TSV/JSONL caption table,
     WebDataset ``.tar`` shards, or ShapesWorld multi-object scenes.
+:class:`SegmentationData` (``kind == "segmentation"``)
+    Images with a semantic class map each (``ignore_index`` for unscored pixels), e.g.
+    ``shapes:seg``.
+:class:`DetectionData` (``kind == "detection"``)
+    Images with labelled ``[x0, y0, x1, y1]`` boxes, e.g. ``shapes:det``.
+:class:`AnomalyData` (``kind == "anomaly"``)
+    Normal and defective images with defect masks, categories and defect names: MVTec
+    AD-style folders (:func:`anomaly_from_mvtec`) or ``shapes:inspection``.
 
 Evaluation, few-shot adaptation and the CLI all read data through this module.
 
@@ -57,11 +65,16 @@ __all__ = [
     "LABEL_COLUMNS",
     "MAX_CLASSES",
     "SPLIT_NAMES",
+    "AnomalyData",
     "ClassificationData",
+    "DetectionData",
     "RetrievalData",
+    "SegmentationData",
     "classification_from_csv",
     "classification_from_folder",
+    "anomaly_from_mvtec",
     "fewshot_subset",
+    "is_mvtec_folder",
     "load_dataset",
     "retrieval_from_file",
     "split_train_val",
@@ -169,6 +182,171 @@ class RetrievalData:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         return replace(self, items=[self.items[i] for i in idx],
                        captions=[list(self.captions[i]) for i in idx], name=name or self.name,
+                       skipped=list(self.skipped), meta=dict(self.meta))
+
+
+def _check_len(name: str, what: str, values, n: int) -> None:
+    if len(values) != n:
+        raise UsageError(f"{name}: {n} items but {len(values)} {what}")
+
+
+@dataclass
+class SegmentationData:
+    """Images with a semantic class map each (dense ground truth).
+
+    Attributes
+    ----------
+    items : list
+        N images: paths, encoded bytes or uint8 arrays (H, W, 3).
+    masks : list of ndarray of uint8, shape (H, W)
+        Class map of each image, same size as the image: a pixel's value indexes
+        ``classnames``, or is ``ignore_index`` (not scored: ambiguous boundary pixels).
+    classnames : list of str
+        C class names; ``classnames[0]`` is ``"background"`` where the data has one.
+    name : str
+    ignore_index : int, default 255
+        The label of unscored pixels (mmseg's convention).
+    skipped : list of Skipped
+    meta : dict
+        Extra facts (split, seed, the ShapesWorld world, ``classes``: the names that
+        can occur in this split...).
+    """
+
+    items: list
+    masks: list
+    classnames: list
+    name: str
+    ignore_index: int = 255
+    skipped: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    kind: ClassVar[str] = "segmentation"
+
+    def __post_init__(self):
+        _check_len(self.name, "class maps", self.masks, len(self.items))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, indices, name: str | None = None) -> "SegmentationData":
+        """The examples at ``indices`` (in that order), same classes."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return replace(self, items=[self.items[i] for i in idx], masks=[self.masks[i] for i in idx],
+                       classnames=list(self.classnames), name=name or self.name,
+                       skipped=list(self.skipped), meta=dict(self.meta))
+
+
+@dataclass
+class DetectionData:
+    """Images with labelled boxes (open-vocabulary detection ground truth).
+
+    Attributes
+    ----------
+    items : list
+        N images: paths, encoded bytes or uint8 arrays (H, W, 3).
+    boxes : list of ndarray of float32, shape (K_i, 4)
+        Boxes of image ``i`` as ``[x0, y0, x1, y1]`` in pixels, ``x1``/``y1`` exclusive
+        (COCO's ``[x, y, w, h]`` is ``[x0, y0, x1 - x0, y1 - y0]``).
+    labels : list of ndarray of int64, shape (K_i,)
+        Index into ``classnames`` of each box.
+    classnames : list of str
+        C class names (the text queries of an open-vocabulary detector).
+    name : str
+    skipped : list of Skipped
+    meta : dict
+    """
+
+    items: list
+    boxes: list
+    labels: list
+    classnames: list
+    name: str
+    skipped: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    kind: ClassVar[str] = "detection"
+
+    def __post_init__(self):
+        _check_len(self.name, "box lists", self.boxes, len(self.items))
+        _check_len(self.name, "label lists", self.labels, len(self.items))
+        self.boxes = [np.asarray(b, dtype=np.float32).reshape(-1, 4) for b in self.boxes]
+        self.labels = [check_labels(np.asarray(y).reshape(-1), len(self.classnames), n_samples=len(b),
+                                    name=f"{self.name} labels") for b, y in zip(self.boxes, self.labels)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, indices, name: str | None = None) -> "DetectionData":
+        """The examples at ``indices`` (in that order), same classes."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return replace(self, items=[self.items[i] for i in idx], boxes=[self.boxes[i] for i in idx],
+                       labels=[self.labels[i] for i in idx], classnames=list(self.classnames),
+                       name=name or self.name, skipped=list(self.skipped), meta=dict(self.meta))
+
+
+@dataclass
+class AnomalyData:
+    """Images of normal and defective objects with pixel masks of the defects (MVTec AD style).
+
+    Attributes
+    ----------
+    items : list
+        N images: paths, encoded bytes or uint8 arrays (H, W, 3).
+    labels : ndarray of int64, shape (N,)
+        ``0`` normal (``good``), ``1`` anomalous.
+    masks : list
+        Defect pixels of each image: a bool array (H, W) (ShapesWorld), the path of a
+        mask image whose non-zero pixels are the defect (MVTec folders), or ``None``
+        for no defect pixel.  :meth:`mask` gives any of them as a bool array.
+    categories : list of str
+        Object category of each image (MVTec's ``bottle``, ``screw``...).
+    defects : list of str
+        Defect type of each image, ``"good"`` for a normal one.
+    name : str
+    skipped : list of Skipped
+    meta : dict
+    """
+
+    items: list
+    labels: np.ndarray
+    masks: list
+    categories: list
+    defects: list
+    name: str
+    skipped: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    kind: ClassVar[str] = "anomaly"
+
+    def __post_init__(self):
+        n = len(self.items)
+        for what, values in (("masks", self.masks), ("categories", self.categories), ("defect names", self.defects)):
+            _check_len(self.name, what, values, n)
+        self.labels = check_labels(np.asarray(self.labels).reshape(-1), 2, n_samples=n, name=f"{self.name} labels")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def mask(self, i: int) -> np.ndarray:
+        """Defect mask of image ``i``: (H, W) bool, the size of the image.
+
+        Decodes a mask file (non-zero = defect); for ``None`` the image is decoded to
+        learn its size (an array item just gives its shape).
+        """
+        m = self.masks[i]
+        if isinstance(m, np.ndarray):
+            return m.astype(bool, copy=False)
+        from .images import load_image
+
+        if m is not None:
+            return np.asarray(load_image(m)).max(axis=2) > 0  # (H, W)
+        item = self.items[i]
+        h, w = item.shape[:2] if isinstance(item, np.ndarray) else load_image(item).size[::-1]
+        return np.zeros((h, w), dtype=bool)
+
+    def subset(self, indices, name: str | None = None) -> "AnomalyData":
+        """The examples at ``indices`` (in that order)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return replace(self, items=[self.items[i] for i in idx], labels=self.labels[idx],
+                       masks=[self.masks[i] for i in idx], categories=[self.categories[i] for i in idx],
+                       defects=[self.defects[i] for i in idx], name=name or self.name,
                        skipped=list(self.skipped), meta=dict(self.meta))
 
 
@@ -448,6 +626,90 @@ def retrieval_from_file(path) -> RetrievalData:
     return RetrievalData(items, captions, name, skip_log.to_list(), meta={"source": str(path)})
 
 
+# --------------------------------------------------------------------- anomaly (MVTec AD folders)
+
+
+def is_mvtec_folder(path) -> bool:
+    """Whether ``path`` is an MVTec AD-style category folder (``train/`` or ``test/``, and
+    ``ground_truth/``) or a folder of them."""
+    path = Path(path)
+
+    def category(p: Path) -> bool:
+        return (p / "ground_truth").is_dir() and ((p / "test").is_dir() or (p / "train").is_dir())
+
+    if not path.is_dir():
+        return False
+    if category(path):
+        return True
+    subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return bool(subdirs) and all(category(p) for p in subdirs)
+
+
+def anomaly_from_mvtec(root, split: str = "test") -> AnomalyData:
+    """Read MVTec AD-style folders (MVTec AD itself, VisA in its MVTec layout, ShapesWorld's export).
+
+    Parameters
+    ----------
+    root : str or Path
+        A category folder (``<category>/train/good``, ``<category>/test/<defect>``,
+        ``<category>/ground_truth/<defect>/<stem>_mask.png``) or a folder of them (all
+        categories, in sorted order).
+    split : {"train", "test"}, default "test"
+        ``train`` reads ``train/good``; ``test`` reads every ``test/<kind>`` folder
+        (``good`` is normal, any other name is a defect type).
+
+    Returns
+    -------
+    AnomalyData
+        ``items`` are image paths; ``masks`` are mask paths (``<stem>_mask.png``, or
+        ``<stem>.png``) for defective images and ``None`` for normal ones.  A defective
+        image without a mask file is left out and listed in ``skipped``.
+
+    Raises
+    ------
+    DataError
+        Not an MVTec-style folder, no ``split`` folder, or no image.
+    """
+    root = Path(root)
+    if split not in ("train", "test"):
+        raise DataError(f"{root}: MVTec-style folders have a train and a test split, not {split!r}")
+    if not is_mvtec_folder(root):
+        raise DataError(f"{root}: not an MVTec-style folder (<category>/train/good, <category>/test/<defect>, "
+                        f"<category>/ground_truth/<defect>)")
+    cats = [root] if (root / "ground_truth").is_dir() else sorted(
+        p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    skip_log = SkipLog()
+    items, labels, masks, categories, defects = [], [], [], [], []
+    for cat in cats:
+        base = cat / split
+        if not base.is_dir():
+            raise DataError(f"{cat}: no {split!r} folder")
+        kinds = ["good"] if split == "train" else sorted(
+            p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for kind in kinds:
+            for image in find_images(base / kind) if (base / kind).is_dir() else []:
+                mask = None
+                if kind != "good":
+                    found = [m for m in (cat / "ground_truth" / kind / f"{image.stem}_mask.png",
+                                         cat / "ground_truth" / kind / f"{image.stem}.png") if m.is_file()]
+                    if not found:
+                        skip_log.add(image, f"no ground-truth mask in {cat / 'ground_truth' / kind}")
+                        continue
+                    mask = found[0]
+                items.append(image)
+                labels.append(int(kind != "good"))
+                masks.append(mask)
+                categories.append(cat.name)
+                defects.append(kind)
+    if skip_log.count:
+        logger.warning("%s: %s", root, skip_log.summary())
+    if not items:
+        raise DataError(f"{root}: no image in {split}/ ({skip_log.summary()})")
+    logger.info("%s: %d %s images, %d anomalous, %d categories", root, len(items), split, sum(labels), len(cats))
+    return AnomalyData(items, np.asarray(labels, np.int64), masks, categories, defects, root.name,
+                       skip_log.to_list(), meta={"source": str(root)})
+
+
 # --------------------------------------------------------------------- load_dataset
 
 
@@ -477,7 +739,16 @@ def load_dataset(spec, split: str = "test", *, n: int | None = None, seed: int =
             - ``shape``, ``color``: 8-way;
             - ``color-shape-heldout``: test scenes whose (colour, shape) is held out
               of train/val, classified among all 64 colour-shape classes;
-            - ``retrieval``: scenes of 1-3 objects with all their captions.
+            - ``retrieval``: scenes of 1-3 objects with all their captions;
+            - ``seg``: 256 px scenes of 3-12 overlapping shapes with class maps
+              (:class:`SegmentationData`);
+            - ``det``: the same scenes with a labelled box per object
+              (:class:`DetectionData`);
+            - ``inspection``: shapes on textured surfaces, normal or defective, with
+              defect masks (:class:`AnomalyData`).
+        an MVTec AD-style folder
+            ``<category>/{train,test,ground_truth}`` or a folder of categories
+            (anomaly, :func:`anomaly_from_mvtec`).
         a folder
             One sub-folder per class (classification); if its sub-folders are split
             names (``train``/``val``/``test``), the one named ``split``.  A folder of
@@ -499,8 +770,8 @@ def load_dataset(spec, split: str = "test", *, n: int | None = None, seed: int =
 
     Returns
     -------
-    ClassificationData or RetrievalData
-        Tell them apart by ``data.kind``.
+    ClassificationData, RetrievalData, SegmentationData, DetectionData or AnomalyData
+        Tell them apart by ``data.kind``; files give the first two and AnomalyData.
     """
     n = check_positive_int("n", n, allow_none=True)
     if isinstance(spec, str) and spec.startswith("shapes:"):
@@ -508,7 +779,9 @@ def load_dataset(spec, split: str = "test", *, n: int | None = None, seed: int =
 
         return shapes_task(spec.split(":", 1)[1], split, n, seed)
     path = Path(spec)
-    if path.is_dir():
+    if is_mvtec_folder(path):
+        data = anomaly_from_mvtec(path, split)
+    elif path.is_dir():
         subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
         if subdirs and all(p.name in SPLIT_NAMES for p in subdirs):
             if not (path / split).is_dir():

@@ -51,15 +51,31 @@ SUITES = {
 }
 
 
-def _require_kind(data, task):
-    """Raise unless ``data`` is the kind of dataset that ``task`` evaluates (``TASKS.meta``)."""
-    if data.kind == TASKS.meta(task)["data"]:
+_KIND_WORDS = {"classification": "a classification dataset (images with class labels)",
+               "retrieval": "an image-caption dataset (try shapes:retrieval or a CSV/JSONL of image,caption)"}
+
+
+def _require_kind(data, task, name=None):
+    """Raise unless ``data`` (a dataset, or its ``kind``) is the kind that ``task`` evaluates (``TASKS.meta``)."""
+    kind = data if isinstance(data, str) else data.kind
+    need = TASKS.meta(task)["data"]
+    if kind == need:
         return
-    if data.kind == "retrieval":
-        raise UsageError(f"task {task} needs a classification dataset (images with class labels); "
-                         f"{data.name} is a retrieval dataset")
-    raise UsageError(f"task {task} needs an image-caption dataset; {data.name} has "
-                     "class labels (try shapes:retrieval or a CSV/JSONL of image,caption)")
+    name = name or data.name
+    article = "an" if kind[:1] in "aeiou" else "a"
+    raise UsageError(f"task {task} needs {_KIND_WORDS.get(need, f'a {need} dataset')}; "
+                     f"{name} is {article} {kind} dataset")
+
+
+def _require_shapes_kind(task, dataset):
+    """:func:`_require_kind` for a ``shapes:<task>`` spec whose registration declares its ``data`` kind."""
+    if not (task in TASKS and isinstance(dataset, str) and dataset.startswith("shapes:")):
+        return
+    from ..data.shapes import SHAPES_TASKS
+
+    name = dataset.split(":", 1)[1]
+    if name in SHAPES_TASKS and "data" in SHAPES_TASKS.meta(name):
+        _require_kind(SHAPES_TASKS.meta(name)["data"], task, dataset)
 
 
 def evaluate(backbone, *, model_spec: str, task: str, dataset: str, split: str = "test",
@@ -76,6 +92,7 @@ def evaluate(backbone, *, model_spec: str, task: str, dataset: str, split: str =
     """
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}: use one of {', '.join(TASKS.names())}")
+    _require_shapes_kind(task, dataset)  # before the scenes are rendered
     meta = TASKS.meta(task)
     options = dict(options or {})
     unknown = sorted(set(options) - set(meta.get("options", {})))
@@ -131,6 +148,7 @@ def check_request(*, task: str | None = None, suite: str | None = None, dataset:
     check_positive_int("--n-train", n_train, allow_none=True)
     if task and not dataset:
         raise UsageError("--task needs --dataset (a folder, CSV/JSONL, shards or shapes:NAME)")
+    _require_shapes_kind(task, dataset)
     if suite and out:
         results_folder(out)                              # before the suite runs
     if report and not str(report).lower().endswith((".html", ".htm")) and Path(report).suffix:

@@ -7,7 +7,10 @@
 See :class:`ShapesWorld` for the options, :mod:`.worlds` for the named worlds
 (``shapes-tiny``, the default, and ``plain``) and :func:`export` for writing the standard
 formats (class folders, CSV, JSONL, WebDataset shards, COCO); :mod:`.tasks` builds the
-in-memory ``shapes:<task>`` datasets (:func:`shapes_task`).
+in-memory ``shapes:<task>`` datasets (:func:`shapes_task`); :mod:`.dense` makes dense
+scenes of 3-12 overlapping objects with class maps (``shapes:seg``, ``shapes:det``) and
+:mod:`.inspection` industrial-inspection scenes with defect masks (``shapes:inspection``,
+MVTec AD folders).
 """
 
 from .world import (
@@ -41,6 +44,8 @@ from .worlds import (
 )
 from .export import EXPORT_FORMATS, EXPORT_TASKS, ExportResult, export, scene_label
 from .tasks import SHAPES_DEFAULT_N, SHAPES_TASKS, TaskRequest, register_task, shapes_task
+from .dense import CLASS_IDS, CLASSNAMES, IGNORE_INDEX, DenseScene, dense_scene, dense_world
+from .inspection import CATEGORIES, INSPECTION_DEFECTS, InspectionScene, InspectionWorld, inspection_scene
 
 __all__ = [
     "BACKGROUNDS",
@@ -78,4 +83,15 @@ __all__ = [
     "TaskRequest",
     "register_task",
     "shapes_task",
+    "CLASS_IDS",
+    "CLASSNAMES",
+    "IGNORE_INDEX",
+    "DenseScene",
+    "dense_scene",
+    "dense_world",
+    "CATEGORIES",
+    "INSPECTION_DEFECTS",
+    "InspectionScene",
+    "InspectionWorld",
+    "inspection_scene",
 ]

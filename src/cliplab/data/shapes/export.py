@@ -27,12 +27,27 @@ Formats
     ``out_dir/images/*.png`` and ``out_dir/annotations.json``: COCO instances with one
     category per shape, ``bbox`` as ``[x, y, w, h]``, ``segmentation`` as uncompressed
     RLE (column-major counts starting with background), plus ``color``/``size``/
-    ``position`` attributes on each annotation.
+    ``position`` attributes on each annotation.  Category ids are
+    :data:`~cliplab.data.shapes.dense.CLASS_IDS` (``SHAPES.index(shape) + 1``), the class
+    ids of the ``seg`` class maps.  ``pycocotools`` reads it as it is.
+``masks``
+    Semantic segmentation (task ``seg``): ``out_dir/images/<name>.png`` and
+    ``out_dir/masks/<name>.png``, the class map as a single-channel PNG of class ids
+    (:data:`~cliplab.data.shapes.dense.CLASSNAMES`, ``0`` background, ``255`` ignore),
+    the layout mmseg-style readers take (``img_suffix=".png"``, ``seg_map_suffix=".png"``,
+    ``reduce_zero_label=False``).
+``mvtec``
+    Task ``inspection``: MVTec AD folders ``<category>/train/good``, ``test/good``,
+    ``test/<defect>``, ``ground_truth/<defect>/<name>_mask.png``
+    (:func:`~cliplab.data.shapes.inspection.export_mvtec`).
 
 Tasks: ``color-shape``, ``shape``, ``color`` (classification, label = class name),
 ``captions`` (retrieval, no label) and ``detection`` (boxes; label = the ``;``-joined
-object names).  Scenes are indices ``0 .. n-1`` of the split.  Boxes are
-``(x0, y0, x1, y1)`` with exclusive ``x1``/``y1``.
+object names) render :meth:`ShapesWorld.scene`; ``seg`` and ``det`` render dense scenes
+(:func:`~cliplab.data.shapes.dense.dense_scene`, 3-12 overlapping objects; every format
+but ``folder``, ``masks`` for ``seg`` only); ``inspection`` writes ``mvtec`` only.
+Scenes are indices ``0 .. n-1`` of the split.  Boxes are ``(x0, y0, x1, y1)`` with
+exclusive ``x1``/``y1``.
 
 Every format also writes ``out_dir/shapesworld.json``: the world's options, the split,
 task, format, ``n`` and the class list.
@@ -59,8 +74,10 @@ from .worlds import CLASSIFICATION_TASKS, get_world, task_classes, task_world
 
 logger = logging.getLogger("cliplab.data.shapes")
 
-EXPORT_FORMATS: tuple[str, ...] = ("folder", "csv", "jsonl", "wds", "coco")
-EXPORT_TASKS: tuple[str, ...] = ("color-shape", "shape", "color", "captions", "detection")
+EXPORT_FORMATS: tuple[str, ...] = ("folder", "csv", "jsonl", "wds", "coco", "masks", "mvtec")
+EXPORT_TASKS: tuple[str, ...] = ("color-shape", "shape", "color", "captions", "detection", "seg", "det", "inspection")
+DENSE_TASKS: tuple[str, ...] = ("seg", "det")
+"""Export tasks that render dense scenes (:mod:`.dense`)."""
 CSV_COLUMNS: tuple[str, ...] = (
     "filepath", "caption", "label", "split", "index", "background", "n_objects", "colors", "shapes", "defect",
 )
@@ -82,7 +99,9 @@ class ExportResult:
         Shards (``wds``) or the index file.
     classes : list of str
         The label set of a classification task (sorted, the order a class-folder
-        reader gives), else empty.
+        reader gives); of ``seg``/``det`` the class names in class-id order
+        (``seg`` with ``"background"`` first); of ``inspection`` the categories; else
+        empty.
     """
 
     out_dir: Path
@@ -105,7 +124,7 @@ def scene_label(scene: Scene, task: str) -> str | None:
     object, the ``;``-joined object names for ``detection``, ``None`` for ``captions``."""
     if task == "captions":
         return None
-    if task == "detection":
+    if task in ("detection", *DENSE_TASKS):
         return ";".join(o.name for o in scene.objects)
     obj = scene.objects[0]
     return {"color-shape": obj.name, "shape": obj.shape, "color": obj.color}[task]
@@ -162,24 +181,35 @@ def export(
     task: str = "color-shape",
     fmt: str = "folder",
     progress: bool | None = None,
+    n_test: int | None = None,
 ) -> ExportResult:
     """Render ``n`` scenes of ``split`` and write them as ``fmt`` for ``task``.
 
     Parameters
     ----------
-    world : ShapesWorld or str
+    world : ShapesWorld, InspectionWorld or str
         A world, or the name of a registered one (:func:`~cliplab.data.shapes.get_world`,
-        e.g. ``"shapes-tiny"``, the world of the bundled model) with its defaults.
+        e.g. ``"shapes-tiny"``, the world of the bundled model) with its defaults.  The
+        dense tasks render the world as given (pass
+        :func:`~cliplab.data.shapes.dense.dense_world` for 256 px, 3-12 objects; a name is
+        turned into that).  ``inspection`` takes an
+        :class:`~cliplab.data.shapes.inspection.InspectionWorld` (else one of the world's
+        seed at 256 px).
     out_dir : str or Path
         Created if missing; existing files of the same names are overwritten.
     n : int
-        Number of scenes (indices ``0 .. n-1``).
+        Number of scenes (indices ``0 .. n-1``); for ``inspection`` the normal training
+        images per category.
     split : str, default="test"
-    task : {"color-shape", "shape", "color", "captions", "detection"}
+        Ignored by ``inspection``, which writes its train and test splits.
+    task : {"color-shape", "shape", "color", "captions", "detection", "seg", "det", "inspection"}
         Classification tasks render single-object scenes (``n_objects=1``).
-    fmt : {"folder", "csv", "jsonl", "wds", "coco"}
+    fmt : {"folder", "csv", "jsonl", "wds", "coco", "masks", "mvtec"}
     progress : bool, optional
         Progress bar; ``None`` follows ``CLIPLAB_PROGRESS``.
+    n_test : int, optional
+        ``inspection``: test images per kind (``good`` and each defect) and category;
+        default ``max(1, n // 4)``.
 
     Returns
     -------
@@ -190,12 +220,22 @@ def export(
     UsageError
         Unknown world, format, task or split, or ``n`` out of range.
     """
-    if isinstance(world, str):
-        world = get_world(world)
     check_choice("format", fmt, EXPORT_FORMATS)
     check_choice("task", task, EXPORT_TASKS)
     if fmt == "folder" and task not in CLASSIFICATION_TASKS:
         raise UsageError(f"format 'folder' needs a classification task ({', '.join(CLASSIFICATION_TASKS)}), got {task!r}")
+    if (fmt == "mvtec") != (task == "inspection"):
+        raise UsageError("task 'inspection' is written as --format mvtec, and only it")
+    if fmt == "masks" and task != "seg":
+        raise UsageError(f"format 'masks' (class-index PNGs) needs task 'seg', got {task!r}")
+    if task == "inspection":
+        return _export_inspection(world, out_dir, n=n, n_test=n_test, progress=progress)
+    if isinstance(world, str):
+        world = get_world(world)
+        if task in DENSE_TASKS:
+            from .dense import dense_world
+
+            world = dense_world(world)
     world.split(split)  # validates the split name
     n = check_positive_int("n", n)
     if n > world.split_sizes[split]:
@@ -204,19 +244,50 @@ def export(
         world = task_world(world, task)  # one object, one label
 
     classes = task_classes(world, task, split) if task in CLASSIFICATION_TASKS else []
+    if task in DENSE_TASKS:
+        from .dense import CLASSNAMES, dense_scenes
+
+        classes = list(CLASSNAMES) if task == "seg" else list(CLASSNAMES[1:])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "folder":
         for c in classes:  # the whole label set, also the classes no exported scene has
             (out / c).mkdir(exist_ok=True)
-    scenes = progress_bar(
-        (world.scene(split, i) for i in range(n)), progress=progress, total=n, desc=f"export {fmt}", unit="img"
-    )
-    writer = {"folder": _write_folder, "csv": _write_csv, "jsonl": _write_jsonl, "wds": _write_wds, "coco": _write_coco}[fmt]
+    if task in DENSE_TASKS:
+        scenes = dense_scenes(world, split, n, progress=progress, desc=f"export {fmt}")
+    else:
+        scenes = progress_bar(
+            (world.scene(split, i) for i in range(n)), progress=progress, total=n, desc=f"export {fmt}", unit="img"
+        )
+    writer = {"folder": _write_folder, "csv": _write_csv, "jsonl": _write_jsonl, "wds": _write_wds, "coco": _write_coco,
+              "masks": _write_masks}[fmt]
     result = ExportResult(out, fmt, task, split, n)
     writer(scenes, out, task, result)
-    result.classes = sorted(classes)
+    result.classes = list(classes) if task in DENSE_TASKS else sorted(classes)  # dense: in class-id order
     manifest = {"world": world.config(), "split": split, "task": task, "format": fmt, "n": n,
+                "classes": result.classes}
+    if task == "seg":
+        from .dense import IGNORE_INDEX
+
+        manifest["ignore_index"] = IGNORE_INDEX
+    (out / "shapesworld.json").write_text(json.dumps(manifest, indent=1))
+    logger.info(result.summary())
+    return result
+
+
+def _export_inspection(world, out_dir, *, n: int, n_test: int | None, progress) -> ExportResult:
+    from .inspection import InspectionWorld, export_mvtec
+
+    if not isinstance(world, InspectionWorld):
+        seed = get_world(world).seed if isinstance(world, str) else world.seed
+        world = InspectionWorld(seed)
+    n = check_positive_int("n", n)
+    n_test = max(1, n // 4) if n_test is None else check_positive_int("n_test", n_test)
+    out = Path(out_dir)
+    export_mvtec(world, out, n_train=n, n_test=n_test, progress=progress)
+    total = len(world.categories) * (n + 7 * n_test)  # train/good + test/good + six defects
+    result = ExportResult(out, "mvtec", "inspection", "train+test", total, classes=list(world.categories))
+    manifest = {"world": world.config(), "task": "inspection", "format": "mvtec", "n_train": n, "n_test": n_test,
                 "classes": result.classes}
     (out / "shapesworld.json").write_text(json.dumps(manifest, indent=1))
     logger.info(result.summary())
@@ -293,6 +364,15 @@ def _write_wds(scenes, out: Path, task: str, result: ExportResult) -> None:
         if tar is not None:
             tar.close()
     result.index_file = result.files[0] if result.files else None
+
+
+def _write_masks(scenes, out: Path, task: str, result: ExportResult) -> None:
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    for scene in scenes:
+        _save_png(scene, out / "images" / f"{_name(scene)}.png")
+        Image.fromarray(scene.class_map, mode="L").save(out / "masks" / f"{_name(scene)}.png", format="PNG")
+    result.index_file = out / "masks"
+    result.files = [out / "images", out / "masks"]
 
 
 def _write_coco(scenes, out: Path, task: str, result: ExportResult) -> None:

@@ -49,6 +49,8 @@ DEFAULT_HELDOUT: tuple[tuple[str, str], ...] = tuple(
 SPURIOUS_BACKGROUND: dict[str, str] = {s: BACKGROUNDS[i % len(BACKGROUNDS)] for i, s in enumerate(SHAPES)}
 
 SPLIT_IDS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "ood": 3}
+MAX_OBJECTS = 12
+"""Most objects per scene (dense scenes, :mod:`.dense`, draw up to this many)."""
 _RADIUS = {"small": (0.10, 0.14), "large": (0.18, 0.24)}  # half-extent / image side
 _PLACE_TRIES = 20
 _COLOR_JITTER = 12.0
@@ -198,7 +200,8 @@ class ShapesWorld:
     image_size : int, default=64
         Side of the square images in pixels (>= 16).
     n_objects : int or (int, int), default=(1, 3)
-        Objects per scene, or an inclusive range drawn uniformly.  Objects are placed by
+        Objects per scene, or an inclusive range drawn uniformly, at most
+        :data:`MAX_OBJECTS` (12).  Objects are placed by
         rejection sampling (centres at least 0.75 of the summed radii apart, 20 tries, a
         large object falls back to small after 10); an object that still finds no room is
         left out, which is rare below 4 objects at 64 px.
@@ -247,8 +250,8 @@ class ShapesWorld:
         if int(image_size) != image_size or image_size < 16:
             raise UsageError(f"image_size must be an integer >= 16, got {image_size!r}")
         lo, hi = (n_objects, n_objects) if np.isscalar(n_objects) else tuple(n_objects)
-        if not 1 <= lo <= hi <= 6:
-            raise UsageError(f"n_objects must be an int or (lo, hi) range within 1..6, got {n_objects!r}")
+        if not 1 <= lo <= hi <= MAX_OBJECTS:
+            raise UsageError(f"n_objects must be an int or (lo, hi) range within 1..{MAX_OBJECTS}, got {n_objects!r}")
         for name, value in (("spurious", spurious), ("defect_rate", defect_rate)):
             check_number(name, value, minimum=0, maximum=1)
         heldout = tuple((str(c), str(s)) for c, s in heldout)
