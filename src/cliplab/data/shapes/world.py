@@ -377,7 +377,6 @@ class ShapesWorld:
         return None
 
     def _make(self, split: str, index: int) -> Scene:
-        S = self.image_size
         rng = np.random.default_rng([self.seed, SPLIT_IDS[split], index])
         lo, hi = self.n_objects
         n = int(rng.integers(lo, hi + 1))
