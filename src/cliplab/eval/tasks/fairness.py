@@ -3,7 +3,9 @@
 The dataset is a classification dataset with per-example attributes
 (:attr:`cliplab.data.datasets.ClassificationData.attributes`): a CSV's other columns
 (``filepath,label,sex,site`` — a CheXpert/MIMIC-style metadata table works as it is) or a
-ShapesWorld subgroup task.  Predictions are zero-shot CLIP's.  For each attribute
+ShapesWorld subgroup task.  Predictions are zero-shot CLIP's, or with ``--predictor
+linear-probe`` a linear probe's trained on the dataset's train split (C on validation):
+the model that learns a shortcut the train split holds.  For each attribute
 (option ``--attributes sex,site``, default all):
 
 - per-group accuracy, and with a positive class (``--positive NAME``; default the second
@@ -36,6 +38,27 @@ from .calibration import _same_items
 logger = logging.getLogger(__name__)
 
 
+PREDICTORS = ("zero-shot", "linear-probe")
+"""Whose predictions are measured: zero-shot CLIP, or a linear probe trained on the dataset's
+train split (C chosen on validation), which learns whatever shortcut the train split holds."""
+
+
+def _probe_probs(request: EvalRequest, data, x) -> np.ndarray:
+    from ...adapt.linear import LinearProbe
+
+    train, val = request.train_val()
+    if _same_items(train, data):
+        raise UsageError(f"--predictor linear-probe needs a train split of {data.name} other than the "
+                         "evaluated images")
+    xt, yt, _ = request.labelled_features(train, "train")
+    xv, yv, _ = request.labelled_features(val, "val")
+    probe = LinearProbe(refit=True, random_state=request.seeds[0] if request.seeds else 0)
+    probe.fit(xt, yt, X_val=xv, y_val=yv)
+    probs = np.zeros((len(x), len(data.classnames)))
+    probs[:, probe.classes_] = probe.predict_proba(x)
+    return probs
+
+
 def _majority(labels, attribute) -> dict:
     """``{label: the attribute value most frequent with it}``."""
     out = {}
@@ -62,6 +85,9 @@ def _run(request: EvalRequest, data) -> TaskResult:
     shortcut = request.options.get("shortcut")
     if shortcut is not None and shortcut not in data.attributes:
         raise UsageError(f"--shortcut {shortcut!r} is not an attribute of {data.name}")
+    predictor = request.options.get("predictor") or "zero-shot"
+    if predictor not in PREDICTORS:
+        raise UsageError(f"--predictor must be one of {', '.join(PREDICTORS)}, got {predictor!r}")
 
     timings: dict = {}
     templates = get_templates(request.templates or getattr(data, "templates", None) or "default")
@@ -75,7 +101,11 @@ def _run(request: EvalRequest, data) -> TaskResult:
                                           progress=request.progress)
     kept = np.asarray(kept, dtype=np.int64)
     y = np.asarray(data.labels)[kept]
-    probs = softmax(request.backbone.logit_scale * (x @ w.T))
+    if predictor == "linear-probe":
+        with _timed(timings, "fit"):
+            probs = _probe_probs(request, data, x)
+    else:
+        probs = softmax(request.backbone.logit_scale * (x @ w.T))
     pred = probs.argmax(axis=1)
     pos = data.classnames.index(positive) if positive is not None else None
     metrics, groups, probes = {"acc1": float(np.mean(pred == y))}, {}, {}
@@ -99,7 +129,7 @@ def _run(request: EvalRequest, data) -> TaskResult:
                 logger.warning("%s: no probe for attribute %r: %s", data.name, a, e)
                 continue
             metrics[f"{a}:probe_auroc"] = probes[a]["auroc"]
-    details = {"groups": groups, "probes": probes, "positive": positive, "attributes": names,
+    details = {"groups": groups, "probes": probes, "positive": positive, "attributes": names, "predictor": predictor,
                "classnames": list(data.classnames), "templates": templates, "n_test": int(len(y))}
     if shortcut is not None:
         train = request.load(split="train", n=request.n_train or request.n)
@@ -145,7 +175,8 @@ def subgroup_plot(record: dict) -> bytes:
 @register_task("fairness", data="classification", run=_run,
                options={"attributes": "comma-separated attributes (CSV columns) to group by (default: all)",
                         "positive": "the positive class for TPR/FPR/FNR/AUROC (default: the 2nd of two classes)",
-                        "shortcut": "an attribute to run the shortcut test on (aligned vs conflicting accuracy)"},
+                        "shortcut": "an attribute to run the shortcut test on (aligned vs conflicting accuracy)",
+                        "predictor": "whose predictions: zero-shot (default) or linear-probe (trained on the train split)"},
                report={"heading": "Subgroups", "plot": subgroup_plot,
                        "explain": "Per-subgroup accuracy (and true-positive / false-negative rates of the "
                                   "positive class) of each attribute; the title gives how well a linear probe "
