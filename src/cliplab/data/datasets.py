@@ -99,7 +99,9 @@ class ClassificationData:
     skipped : list of Skipped
         Rows left out while reading.
     meta : dict
-        Extra facts (split, seed, ShapesWorld attributes...).
+        Extra facts (split, seed, ShapesWorld attributes...).  ``meta["per_item"]``, when
+        present, maps names to per-example lists of length N (ground truth such as counts,
+        areas, subgroup ids); :meth:`subset` keeps them in step with ``items``.
     """
 
     items: list
@@ -122,7 +124,7 @@ class ClassificationData:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         return replace(self, items=[self.items[i] for i in idx], labels=self.labels[idx],
                        classnames=list(self.classnames), name=name or self.name,
-                       skipped=list(self.skipped), meta=dict(self.meta))
+                       skipped=list(self.skipped), meta=_subset_meta(self.meta, idx))
 
 
 @dataclass
@@ -158,7 +160,15 @@ class RetrievalData:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         return replace(self, items=[self.items[i] for i in idx],
                        captions=[list(self.captions[i]) for i in idx], name=name or self.name,
-                       skipped=list(self.skipped), meta=dict(self.meta))
+                       skipped=list(self.skipped), meta=_subset_meta(self.meta, idx))
+
+
+def _subset_meta(meta: dict, idx: np.ndarray) -> dict:
+    """A copy of ``meta`` whose per-example lists (``meta["per_item"]``) keep only ``idx``."""
+    out = dict(meta)
+    if isinstance(meta.get("per_item"), dict):
+        out["per_item"] = {k: [v[i] for i in idx] for k, v in meta["per_item"].items()}
+    return out
 
 
 # --------------------------------------------------------------------- class names
