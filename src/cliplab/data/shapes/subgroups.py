@@ -46,7 +46,7 @@ from ...validation import check_number
 from ..datasets import ClassificationData
 from .finegrained import allowed_kinds, place, scene_rng
 from .tasks import TaskRequest, register_task
-from .world import SIZES, ObjectSpec, Scene, ShapesWorld, jitter_color
+from .world import _RADIUS, SIZES, ObjectSpec, ShapesWorld, jitter_color  # _RADIUS: the world's own sizes
 
 __all__ = ["DEFAULT_CLASSES", "PROTECTED", "SITES", "apply_site", "apply_texture", "spurious_data",
            "spurious_scene"]
@@ -62,8 +62,6 @@ PROTECTED: tuple[str, ...] = ("solid", "striped")
 
 DEFAULT_CLASSES: tuple[str, str] = ("circle", "hexagon")
 """The labels of ``shapes:spurious``: shapes of the object."""
-
-_RADIUS = {"small": (0.10, 0.14), "large": (0.18, 0.24)}
 
 
 def apply_texture(image: np.ndarray, mask: np.ndarray, period: int = 6, strength: float = 0.45) -> np.ndarray:
