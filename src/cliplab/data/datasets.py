@@ -112,11 +112,12 @@ class ClassificationData:
     skipped : list of Skipped
         Rows left out while reading.
     meta : dict
-        Extra facts (split, seed, ShapesWorld attributes...).
+        Extra facts (split, seed, ShapesWorld world...).
     attributes : dict of str -> ndarray (N,)
-        Per-example attributes besides the label (a CSV's other columns, such as ``sex``,
-        ``site`` or ``age``, as strings; a ShapesWorld task's subgroup attributes): the
-        sensitive features and subgroups of fairness evaluation.
+        Per-example values besides the label: a CSV's other columns (``sex``, ``site``,
+        ``age``... as strings), a ShapesWorld task's ground truth (counts, areas, subgroup
+        attributes and ids).  The sensitive features and subgroups of fairness evaluation,
+        the targets of ordinal ranking; :meth:`subset` keeps them in step with ``items``.
     """
 
     items: list
@@ -131,11 +132,7 @@ class ClassificationData:
     def __post_init__(self):
         self.labels = check_labels(np.asarray(self.labels).reshape(-1), len(self.classnames),
                                    n_samples=len(self.items), name=f"{self.name} labels")
-        self.attributes = {str(k): np.asarray(v).reshape(-1) for k, v in (self.attributes or {}).items()}
-        bad = [k for k, v in self.attributes.items() if len(v) != len(self.items)]
-        if bad:
-            raise DataError(f"{self.name}: attribute {bad[0]!r} has {len(self.attributes[bad[0]])} values "
-                            f"for {len(self.items)} images")
+        self.attributes = check_attributes(self.attributes, len(self.items), self.name)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -162,6 +159,8 @@ class RetrievalData:
     name : str
     skipped : list of Skipped
     meta : dict
+    attributes : dict of str -> ndarray (N,)
+        Per-example values (as :attr:`ClassificationData.attributes`).
     """
 
     items: list
@@ -169,11 +168,13 @@ class RetrievalData:
     name: str
     skipped: list = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    attributes: dict = field(default_factory=dict)
     kind: ClassVar[str] = "retrieval"
 
     def __post_init__(self):
         if len(self.items) != len(self.captions):
             raise UsageError(f"{self.name}: {len(self.items)} items but {len(self.captions)} caption lists")
+        self.attributes = check_attributes(self.attributes, len(self.items), self.name)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -182,7 +183,28 @@ class RetrievalData:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         return replace(self, items=[self.items[i] for i in idx],
                        captions=[list(self.captions[i]) for i in idx], name=name or self.name,
-                       skipped=list(self.skipped), meta=dict(self.meta))
+                       skipped=list(self.skipped), meta=dict(self.meta),
+                       attributes={k: v[idx] for k, v in self.attributes.items()})
+
+
+def check_attributes(attributes, n: int, name: str) -> dict:
+    """Per-example attributes as ``{str: ndarray (n,)}``; a value that is itself a list (a pair's
+    captions) makes an object array.  Raises DataError when a column's length is not ``n``."""
+    out = {}
+    for key, values in (attributes or {}).items():
+        values = list(values) if not isinstance(values, np.ndarray) else values
+        if len(values) != n:
+            raise DataError(f"{name}: attribute {key!r} has {len(values)} values for {n} images")
+        if isinstance(values, np.ndarray):
+            column = values.reshape(n)
+        elif any(isinstance(v, (list, tuple, np.ndarray)) for v in values):
+            column = np.empty(n, dtype=object)
+            for i, v in enumerate(values):
+                column[i] = v
+        else:
+            column = np.asarray(values)
+        out[str(key)] = column
+    return out
 
 
 def _check_len(name: str, what: str, values, n: int) -> None:

@@ -24,7 +24,7 @@ from ..errors import UsageError
 from ..validation import check_positive_int
 
 __all__ = ["topk_accuracy", "mean_per_class_recall", "confusion_matrix", "retrieval_recall", "rank_correlation",
-           "accuracy", "group_accuracies", "worst_group_accuracy"]
+           "accuracy", "group_accuracies", "worst_group_accuracy", "pair_accuracy"]
 
 
 def _labels(labels, n: int | None = None, name: str = "labels") -> np.ndarray:
@@ -206,3 +206,38 @@ def rank_correlation(x: Iterable[float], y: Iterable[float]) -> float:
     from scipy.stats import kendalltau
 
     return float(kendalltau(x, y).statistic)
+
+
+def pair_accuracy(image_feats, text_feats, pair) -> float:
+    """MMVP pair accuracy: a pair counts only when both of its images pick their own caption.
+
+    Tong et al., "Eyes Wide Shut? Exploring the Visual Shortcomings of Multimodal LLMs",
+    CVPR 2024, arXiv:2401.06209.  Image ``i`` has caption ``i`` (``text_feats[i]``); the two
+    members of each pair (the entries sharing a ``pair`` id) choose between their two
+    captions only:
+
+    acc = 1/P sum_p [ s(a, t_a) > s(a, t_b)  and  s(b, t_b) > s(b, t_a) ],  s = cosine
+
+    Parameters
+    ----------
+    image_feats, text_feats : array (N, D)
+        L2-normalised features; row ``i`` of each belongs to example ``i``.
+    pair : int array (N,)
+        Pair id of each example; every id occurs exactly twice.
+
+    Returns
+    -------
+    float
+        Fraction of pairs solved (chance 0.25); NaN with no pairs.
+    """
+    x, t = np.asarray(image_feats, np.float64), np.asarray(text_feats, np.float64)
+    ids = _labels(pair, len(x), name="pair")
+    if x.shape != t.shape or x.ndim != 2:
+        raise UsageError(f"image_feats {x.shape} and text_feats {t.shape} must both be (N, D)")
+    if np.any(np.unique(ids, return_counts=True)[1] != 2):
+        raise UsageError("pair ids must each occur exactly twice")
+    order = np.argsort(ids, kind="stable")
+    a, b = order[0::2], order[1::2]                      # the two members of each pair, (P,) each
+    s_aa, s_ab = (x[a] * t[a]).sum(1), (x[a] * t[b]).sum(1)
+    s_bb, s_ba = (x[b] * t[b]).sum(1), (x[b] * t[a]).sum(1)
+    return float(((s_aa > s_ab) & (s_bb > s_ba)).mean()) if len(a) else float("nan")

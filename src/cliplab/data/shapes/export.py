@@ -13,13 +13,16 @@ Formats
     ``out_dir/images/*.png`` and ``out_dir/captions.csv`` with **one row per caption**
     (rows of the same image are consecutive and share ``filepath``; the canonical caption
     comes first).  Columns: ``filepath,caption,label,split,index,background,n_objects,
-    colors,shapes,defect`` (``colors``/``shapes`` are ``;``-joined, in drawing order).
+    colors,shapes,defect,long_caption,short_caption`` (``colors``/``shapes`` are
+    ``;``-joined, in drawing order; the long and short captions,
+    :attr:`Scene.long_caption <cliplab.data.shapes.Scene.long_caption>`, repeat on every
+    row of the image).
     :func:`cliplab.data.sources.read_caption_table` merges the rows back into one record
     per image.
 ``jsonl``
     ``out_dir/captions.jsonl``, one object per image: ``{"image", "captions", "label",
     "split", "index", "background", "objects": [{shape, color, size, position, box}],
-    "defects": [{kind, box}]}``.
+    "defects": [{kind, box}], "long_caption", "short_caption"}``.
 ``wds``
     WebDataset shards ``out_dir/shard-000000.tar``... of ``{key}.png``, ``{key}.txt``
     (captions, one per line) and ``{key}.json`` (the JSONL record without ``image``).
@@ -80,6 +83,7 @@ DENSE_TASKS: tuple[str, ...] = ("seg", "det")
 """Export tasks that render dense scenes (:mod:`.dense`)."""
 CSV_COLUMNS: tuple[str, ...] = (
     "filepath", "caption", "label", "split", "index", "background", "n_objects", "colors", "shapes", "defect",
+    "long_caption", "short_caption",
 )
 SHARD_SIZE = 1000
 
@@ -142,6 +146,8 @@ def _record(scene: Scene, task: str) -> dict:
             for o in scene.objects
         ],
         "defects": [{"kind": d["kind"], "box": list(d["box"])} for d in scene.defects],
+        "long_caption": scene.long_caption,
+        "short_caption": scene.short_caption,
     }
 
 
@@ -320,9 +326,10 @@ def _write_csv(scenes, out: Path, task: str, result: ExportResult) -> None:
             colors = ";".join(o.color for o in scene.objects)
             shapes = ";".join(o.shape for o in scene.objects)
             defect = scene.defects[0]["kind"] if scene.defects else ""
+            long, short = scene.long_caption, scene.short_caption
             for caption in scene.captions:
                 w.writerow([rel, caption, label, scene.split, scene.index, scene.background,
-                            len(scene.objects), colors, shapes, defect])
+                            len(scene.objects), colors, shapes, defect, long, short])
     result.index_file = path
     result.files = [path]
 

@@ -30,6 +30,7 @@ from ...errors import UsageError
 from ...validation import check_number, check_positive_int
 from . import render
 from .captions import make_captions
+from .long_captions import long_caption, short_caption
 
 logger = logging.getLogger("cliplab.data.shapes")
 
@@ -132,6 +133,10 @@ class Scene:
         One of :data:`BACKGROUNDS`.
     captions : list of str
         Canonical caption first, then rewrites.
+    long_caption, short_caption : str
+        Properties: a detailed caption of several sentences (counts, colours, positions,
+        relations, background, defects) and its one-sentence summary, read off the
+        ground truth (:mod:`.long_captions`; no random numbers).
     defects : list of dict
         ``{"kind": str, "mask": (H, W) bool, "box": (x0, y0, x1, y1)}``.
     split : str
@@ -145,6 +150,16 @@ class Scene:
     defects: list[dict] = field(default_factory=list)
     split: str = "train"
     index: int = 0
+
+    @property
+    def long_caption(self) -> str:
+        """Detailed multi-sentence caption from the ground truth (:func:`.long_captions.long_caption`)."""
+        return long_caption(self)
+
+    @property
+    def short_caption(self) -> str:
+        """One-sentence summary beside :attr:`long_caption` (:func:`.long_captions.short_caption`)."""
+        return short_caption(self)
 
 
 def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
