@@ -39,7 +39,7 @@ def test_same_seed_same_bytes(task):
 @pytest.mark.parametrize("task", ["count", "size", "size-order", "relation"])
 def test_attributes_have_one_entry_per_example(task):
     data = load_dataset(f"shapes:{task}", split="val", n=20)
-    assert len(data) == 20 and data.templates == ["a photo of {c}."]
+    assert len(data) == 20 and data.meta["templates"] == ["a photo of {c}."]
     assert all(len(v) == 20 for v in data.attributes.values())
     sub = data.subset([3, 1])
     assert sub.attributes["area"].tolist() == [data.attributes["area"][i] for i in (3, 1)]

@@ -147,7 +147,6 @@ def _classification(request, scenes, labels, classnames, per_item, template) -> 
     attributes = {"count": [len(s.objects) for s in scenes], "area": [_area(s) for s in scenes], **per_item}
     data = ClassificationData([s.image for s in scenes], np.asarray(labels, np.int64), classnames, request.name,
                               meta=meta, attributes=attributes)
-    data.templates = [template]  # read by zero-shot evaluation (cliplab.eval.tasks.zeroshot_classification)
     return data
 
 

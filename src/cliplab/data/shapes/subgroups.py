@@ -190,7 +190,6 @@ def spurious_data(world: ShapesWorld, split: str, n: int, *, classes=DEFAULT_CLA
                   "protected_aligned": p == y % len(PROTECTED)}
     data = ClassificationData([sc_.image for sc_ in scenes], y.astype(np.int64), list(classes), name,
                               meta={**(meta or {}), **info}, attributes=attributes)
-    data.templates = list(info["templates"])  # read by zero-shot evaluation
     return data
 
 

@@ -130,6 +130,11 @@ class EvalRequest:
                             for s in getattr(data, "skipped", None) or [])
         return data
 
+    def templates_for(self, data) -> list[str]:
+        """The zero-shot templates: ``--templates`` when given, else the dataset's own
+        (``data.meta["templates"]``, e.g. a ShapesWorld task's), else ``"default"``."""
+        return get_templates(self.templates or data.meta.get("templates") or "default")
+
     def train_val(self):
         """The train split (``n_train`` images) cut into (train, val) with ``val_fraction``, seed 0."""
         n_train = self.n_train if self.n_train is not None else (2 * self.n if self.n else None)
@@ -212,7 +217,7 @@ def zeroshot_classification(backbone, data, *, templates=None, store=None,
     """Zero-shot classification of a ClassificationData with prompt-ensemble class weights.
 
     ``templates`` is a template spec (:func:`cliplab.zeroshot.get_templates`); ``None`` uses
-    the dataset's own templates when it has them (``data.templates``), else ``"default"``.
+    the dataset's own templates when it has them (``data.meta["templates"]``), else ``"default"``.
 
     Metrics (CLIP_benchmark's names): ``acc1``, ``acc5`` (NaN with fewer than 5 classes),
     ``mean_per_class_recall``; details: ``confusion_matrix`` (C, C) as nested lists (rows
@@ -220,7 +225,7 @@ def zeroshot_classification(backbone, data, *, templates=None, store=None,
     """
     timings: dict = {}
     if templates is None:
-        templates = getattr(data, "templates", None) or "default"
+        templates = data.meta.get("templates") or "default"
     templates = get_templates(templates)
     classnames = list(data.classnames)
     with _timed(timings, "text_features"):

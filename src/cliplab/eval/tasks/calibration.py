@@ -15,7 +15,7 @@ import numpy as np
 
 from ...errors import DataError
 from ...features import item_key
-from ...zeroshot import class_weights, get_templates
+from ...zeroshot import class_weights
 from ..calibration import TemperatureScaling, calibration_metrics, reliability_bins, softmax
 from . import EvalRequest, TaskResult, _timed, register_task
 
@@ -36,7 +36,7 @@ def _same_items(a, b) -> bool:
 
 def _run(request: EvalRequest, data) -> TaskResult:
     timings: dict = {}
-    templates = get_templates(request.templates or getattr(data, "templates", None) or "default")
+    templates = request.templates_for(data)
     with _timed(timings, "text_features"):
         w = class_weights(request.backbone, list(data.classnames), templates, store=request.store,
                           progress=request.progress)                                   # (C, D)

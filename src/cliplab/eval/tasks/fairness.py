@@ -29,7 +29,7 @@ import logging
 import numpy as np
 
 from ...errors import UsageError
-from ...zeroshot import class_weights, get_templates
+from ...zeroshot import class_weights
 from ..calibration import softmax
 from ..fairness import attribute_probe, shortcut_test, subgroup_metrics
 from . import EvalRequest, TaskResult, _timed, register_task
@@ -90,7 +90,7 @@ def _run(request: EvalRequest, data) -> TaskResult:
         raise UsageError(f"--predictor must be one of {', '.join(PREDICTORS)}, got {predictor!r}")
 
     timings: dict = {}
-    templates = get_templates(request.templates or getattr(data, "templates", None) or "default")
+    templates = request.templates_for(data)
     with _timed(timings, "text_features"):
         w = class_weights(request.backbone, list(data.classnames), templates, store=request.store,
                           progress=request.progress)

@@ -19,7 +19,7 @@ import logging
 import numpy as np
 
 from ...errors import DataError, UsageError
-from ...zeroshot import class_weights, get_templates
+from ...zeroshot import class_weights
 from ..calibration import softmax
 from ..ood import energy_score, max_logit_score, mcm_score, msp_score, ood_metrics
 from . import EvalRequest, TaskResult, _timed, register_task
@@ -69,7 +69,7 @@ def _run(request: EvalRequest, data) -> TaskResult:
         raise UsageError("task ood_detection needs --ood-dataset (the out-of-distribution images, e.g. shapes:ood)")
     timings: dict = {}
     ood = request.load(spec=spec, split=request.split, n=request.n)
-    templates = get_templates(request.templates or getattr(data, "templates", None) or "default")
+    templates = request.templates_for(data)
     with _timed(timings, "text_features"):
         w = class_weights(request.backbone, list(data.classnames), templates, store=request.store,
                           progress=request.progress)                                   # (C, D)

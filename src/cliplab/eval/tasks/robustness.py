@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import DataError, UsageError
-from ...zeroshot import class_weights, get_templates
+from ...zeroshot import class_weights
 from ..robustness import corruption_errors, split_severity
 from . import EvalRequest, TaskResult, _timed, register_task
 
@@ -62,7 +62,7 @@ def _run(request: EvalRequest, data) -> TaskResult:
         raise UsageError("task robustness needs --shifted (dataset specs of the shifted sets, separated by commas)")
     shifted = expand_shifted(spec)
     timings: dict = {}
-    templates = get_templates(request.templates or getattr(data, "templates", None) or "default")
+    templates = request.templates_for(data)
     with _timed(timings, "text_features"):
         w = class_weights(request.backbone, list(data.classnames), templates, store=request.store,
                           progress=request.progress)
