@@ -25,13 +25,15 @@ def add_parser(sub) -> None:
                     "(--suite shapes). Writes results JSON that CLIP_benchmark's `clip_benchmark "
                     "build` reads as its own (one file per evaluation) and an optional HTML report. "
                     "Datasets: an image folder (one sub-folder per class), "
-                    "a CSV/JSONL, WebDataset shards, or shapes:color-shape, shapes:shape, "
-                    "shapes:color, shapes:color-shape-heldout, shapes:retrieval.")
+                    "a CSV/JSONL, WebDataset shards, or a ShapesWorld task shapes:TASK[@DOMAIN] "
+                    "(`cliplab shapes list` shows them).")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--task", choices=TASKS.names())
     what.add_argument("--suite", help="a named suite of evaluations: 'shapes' = zero-shot colour-shape, "
                                       "shape, colour and held-out compositions, retrieval, linear probe "
-                                      "and few-shot on ShapesWorld (under a minute with shapes-tiny on 2 CPU cores)")
+                                      "and few-shot on ShapesWorld (under a minute with shapes-tiny on 2 CPU cores); "
+                                      "'robustness' = accuracy on every ShapesWorld domain; 'risk' = robustness, "
+                                      "calibration, OOD detection and subgroups (the model-risk report with --report)")
     p.add_argument("--dataset", help="dataset spec (required with --task)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--templates", default=None,

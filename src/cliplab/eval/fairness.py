@@ -219,7 +219,7 @@ def attribute_probe(features, attribute, *, seed: int = 0, n_boot: int = 1000, s
                          "a probe needs at least two")
     counts = np.bincount(a)
     if counts.min() < 5:
-        raise UsageError(f"attribute value {values[counts.argmin()]!r} has {counts.min()} examples; "
+        raise UsageError(f"attribute value {str(values[counts.argmin()])!r} has {counts.min()} examples; "
                          "a probe needs at least 5 of each")
 
     def run(labels, rs):

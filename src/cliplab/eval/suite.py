@@ -48,6 +48,18 @@ SUITES = {
         dict(task="linear_probe", dataset="shapes:shape", n=800, n_train=2560),
         dict(task="fewshot", dataset="shapes:shape", n=800, n_train=2560),
     ],
+    # zero-shot accuracy on every ShapesWorld domain and corruption severity
+    "robustness": [
+        dict(task="robustness", dataset="shapes:color-shape", n=500, options={"shifted": "shapes:color-shape@*"}),
+    ],
+    # the model-risk report: robustness, calibration, OOD detection, subgroups and shortcuts
+    "risk": [
+        dict(task="robustness", dataset="shapes:color-shape", n=500, options={"shifted": "shapes:color-shape@*"}),
+        dict(task="calibration", dataset="shapes:shape", n=800),
+        dict(task="ood_detection", dataset="shapes:shape", n=800, n_train=1600, options={"ood_dataset": "shapes:ood"}),
+        dict(task="fairness", dataset="shapes:spurious", n=800, n_train=1600,
+             options={"attributes": "site,protected", "shortcut": "site", "predictor": "linear-probe"}),
+    ],
 }
 
 
