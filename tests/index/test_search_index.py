@@ -148,7 +148,8 @@ def test_metadata_round_trips_through_sqlite(tmp_path):
     assert [h[0].metadata for h in hits] == [meta[4], meta[31]]
     with sqlite3.connect(tmp_path / "idx" / "items.sqlite") as db:
         rows = db.execute("SELECT id, path, metadata FROM items ORDER BY id").fetchall()
-    assert [(i, p, json.loads(m)) for i, p, m in rows] == [(i, f"img/{i:05d}.png", meta[i]) for i in range(50)]
+    assert [(i, p, json.loads(m)) for i, p, m in rows] == [(i, f"img/{i:05d}.png", meta[i])
+                                                           for i in range(50)]
     manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
     assert manifest["model"] == "tiny" and manifest["fingerprint"] == FP and manifest["dim"] == 8
     assert manifest["index_type"] == "flat" and manifest["count"] == 50

@@ -25,15 +25,19 @@ def add_parser(sub) -> None:
                             description="Build an index from an image folder (embedded with --model, "
                                         "through the feature cache), or from cliplab embed's output "
                                         "(F.npy with F.npy.json, F.parquet, or a folder of parquet shards).")
-    b.add_argument("src", nargs="+", metavar="SRC", help="image files/folders, or one .npy/.parquet/parquet folder")
+    b.add_argument("src", nargs="+", metavar="SRC",
+                   help="image files/folders, or one .npy, .parquet or folder of parquet shards")
     b.add_argument("--out", required=True, help="index folder to write (an index there is replaced)")
     b.add_argument("--budget-mb", type=float, default=None,
-                   help=f"memory the index may take, in MiB; chooses the index type (default: {DEFAULT_BUDGET_MB})")
+                   help=f"memory the index may take, in MiB; chooses the index type "
+                        f"(default: {DEFAULT_BUDGET_MB})")
     b.add_argument("--index-type", default="auto", choices=["auto", *INDEX_TYPES.names()],
                    help=f"auto (the rule of docs/search.md) or one of: {entries_help(INDEX_TYPES)}")
     b.add_argument("--target-recall", type=float, default=0.95,
-                   help="recall@10 against exact search that approximate indexes are tuned to (default: 0.95)")
-    b.add_argument("--cache", help="feature cache folder (default: $CLIPLAB_CACHE or ~/.cache/cliplab/features)")
+                   help="recall@10 against exact search that approximate indexes are tuned to "
+                        "(default: 0.95)")
+    b.add_argument("--cache",
+                   help="feature cache folder (default: $CLIPLAB_CACHE or ~/.cache/cliplab/features)")
     b.add_argument("--no-cache", action="store_true", help="embed in memory, without the cache")
     add_model_args(b)
     add_image_args(b)
@@ -79,7 +83,8 @@ def _build(args) -> int:
                             metadata=col.metadata, budget_mb=args.budget_mb, index_type=args.index_type,
                             target_recall=args.target_recall)
     m = idx.manifest
-    recall = "exact" if m["search_value"] is None else f"recall@10 {m['recall_at_10']:.3f} at setting {m['search_value']}"
+    recall = ("exact" if m["search_value"] is None
+              else f"recall@10 {m['recall_at_10']:.3f} at setting {m['search_value']}")
     print(f"wrote {args.out}: {len(idx)} x {idx.dim} {idx.index_type} index ({recall}; "
           f"about {m['memory_bytes'] / 2 ** 20:.1f} MB), model {idx.model}", file=sys.stderr)
     return 0

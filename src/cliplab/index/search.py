@@ -407,7 +407,8 @@ class SearchIndex:
                 os.fsync(f.fileno())
             self._index.add_with_ids(x, ids)
             self._items.insert(ids, paths, metadata)
-            self.manifest.update(next_id=start + len(x), count=len(self) + len(x), ntotal=int(self._index.ntotal))
+            self.manifest.update(next_id=start + len(x), count=len(self) + len(x),
+                                 ntotal=int(self._index.ntotal))
             self._save()
             self._vectors = self._map_vectors()
         return ids

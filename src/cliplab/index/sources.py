@@ -128,7 +128,8 @@ def _read_parquet(files: list[Path]) -> Collection:
             arr = np.asarray(emb.flatten().to_numpy(zero_copy_only=False), np.float32)
             feats.append(arr.reshape(len(table), -1))
         except (ValueError, AttributeError) as e:
-            raise DataError(f"{file}: 'embedding' is not a column of equal-length float lists ({e})") from None
+            raise DataError(f"{file}: 'embedding' is not a column of equal-length float lists "
+                            f"({e})") from None
         paths.extend(str(p) for p in table.column(key).to_pylist())
         rest = [c for c in table.column_names if c not in (key, "embedding")]
         cols = {c: table.column(c).to_pylist() for c in rest}

@@ -5,8 +5,8 @@ Three FAISS index types are registered in :data:`INDEX_TYPES` (``cliplab index b
 a memory budget of B bytes (``budget_mb``, default :data:`DEFAULT_BUDGET_MB`):
 
 1. ``flat``, exact search (``IndexFlatIP``), when an exact query is cheap,
-   N·D ≤ :data:`EXACT_MAX_MACS` = 2^24 multiply-adds (32,768 vectors of 512 dims, about
-   2 ms on one core), and the vectors fit: N·(4D + 8) ≤ B.
+   N·D ≤ :data:`EXACT_MAX_MACS` = 2^24 multiply-adds per query (32,768 vectors of 512
+   dims), and the vectors fit: N·(4D + 8) ≤ B.
 2. ``hnsw``, a graph of M = 32 links per vector over the float vectors
    (``IndexHNSWFlat``), when N·(4D + 8M + 16) ≤ B.
 3. ``ivfpq`` otherwise: 2^round(log2 √N) inverted lists, product-quantised codes of m
@@ -183,7 +183,8 @@ class IVFPQType:
     @staticmethod
     def cost(setting, n: int, dim: int, params: dict) -> float:
         nprobe, refine = setting                     # code bytes scanned + floats re-scored
-        return (int(params["nlist"]) + nprobe * n / int(params["nlist"])) * int(params["m"]) + refine * 10 * dim
+        nlist, m = int(params["nlist"]), int(params["m"])
+        return (nlist + nprobe * n / nlist) * m + refine * 10 * dim
 
     @staticmethod
     def search_params(value, selector=None):
