@@ -29,13 +29,26 @@ def images(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def built(images, tiny_dir, tmp_path_factory) -> Path:
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def built(images, tiny_dir, cache, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("built") / "idx"
-    cache = tmp_path_factory.mktemp("cache")
     assert main(["index", "build", str(images), "--out", str(out), "--model", str(tiny_dir),
                  "--cache", str(cache), "--workers", "0"]) == 0
-    assert len(list(cache.rglob("chunk_*.npz"))) >= 1          # embedded through the feature cache
     return out
+
+
+def test_a_second_build_reads_the_embeddings_from_the_cache(built, images, tiny_dir, cache, tmp_path):
+    chunks = sorted(cache.rglob("chunk_*.npz"))
+    assert chunks                                              # the first build embedded through the cache
+    assert main(["index", "build", str(images), "--out", str(tmp_path / "again"), "--model", str(tiny_dir),
+                 "--cache", str(cache), "--workers", "0"]) == 0
+    assert sorted(cache.rglob("chunk_*.npz")) == chunks        # nothing embedded twice
+    assert np.array_equal(np.fromfile(built / "vectors.f32", np.float32),
+                          np.fromfile(tmp_path / "again" / "vectors.f32", np.float32))
 
 
 def _json(capsys, argv) -> list:
