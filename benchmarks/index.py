@@ -34,27 +34,28 @@ import numpy as np
 
 
 def clustered(n: int, dim: int, *, clusters: int = 2000, sub_dim: int = 16, spread: float = 1.0,
-              noise: float = 0.05, seed: int = 0, chunk: int = 10_000) -> tuple[np.ndarray, callable]:
+              noise: float = 0.05, seed: int = 0) -> tuple[np.ndarray, callable]:
     """``n`` unit vectors (float32) and a function drawing fresh ones from the same clusters.
 
     Centres have norm about 1; a point's displacement in its cluster's subspace has norm
     about ``spread``, its isotropic noise about ``noise``.
     """
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, dim)).astype(np.float32) / np.sqrt(dim)     # (C, D), norm ~1
-    bases = rng.standard_normal((clusters, sub_dim, dim)).astype(np.float32) / np.sqrt(dim)  # (C, S, D)
+    centres = rng.standard_normal((clusters, dim), dtype=np.float32) / np.sqrt(dim)       # (C, D), norm ~1
+    bases = rng.standard_normal((clusters, sub_dim, dim), dtype=np.float32) / np.sqrt(dim)  # (C, S, D)
 
     def draw(m: int, gen: np.random.Generator) -> np.ndarray:
         lab = gen.integers(0, clusters, m)
-        z = gen.standard_normal((m, sub_dim)).astype(np.float32) * (spread / np.sqrt(sub_dim))  # (m, S)
-        x = centres[lab] + np.einsum("ms,msd->md", z, bases[lab])
-        x += gen.standard_normal((m, dim)).astype(np.float32) * (noise / np.sqrt(dim))
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
+        x = np.empty((m, dim), np.float32)
+        for c in np.unique(lab):                                   # one matrix product per cluster
+            rows = np.flatnonzero(lab == c)
+            z = gen.standard_normal((len(rows), sub_dim), dtype=np.float32) * (spread / np.sqrt(sub_dim))
+            eps = gen.standard_normal((len(rows), dim), dtype=np.float32) * (noise / np.sqrt(dim))
+            x[rows] = centres[c] + z @ bases[c] + eps
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x
 
-    out = np.empty((n, dim), np.float32)
-    for s in range(0, n, chunk):
-        out[s:s + chunk] = draw(min(chunk, n - s), rng)
-    return out, draw
+    return draw(n, rng), draw
 
 
 def main() -> None:

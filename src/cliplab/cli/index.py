@@ -67,6 +67,11 @@ def _build(args) -> int:
     from ._common import image_kwargs, load_backbone, report_skipped
     from .embed import _store
 
+    from ..validation import check_number
+
+    if args.budget_mb is not None:
+        check_number("--budget-mb", args.budget_mb, minimum=0.0, strict_minimum=True)
+    check_number("--target-recall", args.target_recall, minimum=0.0, maximum=1.0, strict_minimum=True)
     first = Path(args.src[0])
     embedded = len(args.src) == 1 and (first.suffix in (".npy", ".parquet") or (
         first.is_dir() and any(first.rglob("*.parquet"))))

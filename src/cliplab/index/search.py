@@ -281,9 +281,10 @@ class SearchIndex:
             manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
             if not isinstance(manifest, dict):
                 raise ValueError("not a JSON object")
-            for key in ("format", "model", "fingerprint", "dim", "index_type", "count", "ntotal", "next_id"):
-                if key not in manifest:
-                    raise ValueError(f"no {key!r}")
+            for key, kind in (("format", int), ("model", str), ("fingerprint", str), ("dim", int),
+                              ("index_type", str), ("count", int), ("ntotal", int), ("next_id", int)):
+                if not isinstance(manifest.get(key), kind) or isinstance(manifest[key], bool):
+                    raise ValueError(f"{key!r} missing or not {'an integer' if kind is int else 'a string'}")
         except (OSError, ValueError) as e:
             raise DataError(f"{folder / MANIFEST}: corrupt manifest ({e})") from None
         if manifest["format"] != FORMAT:

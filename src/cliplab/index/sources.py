@@ -85,7 +85,9 @@ def _read_npy(path: Path) -> Collection:
     try:
         meta = json.loads(side.read_text(encoding="utf-8"))
         items, model, fp = meta["items"], meta["model"], meta["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except KeyError as e:
+        raise DataError(f"{side}: not a cliplab embed sidecar (no {e} field)") from None
+    except (OSError, ValueError, TypeError) as e:
         raise DataError(f"{side}: not a cliplab embed sidecar ({e.__class__.__name__}: {e})") from None
     try:
         feats = np.load(path, mmap_mode="r", allow_pickle=False)
