@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import mmap
 import os
 import shutil
 import threading
@@ -315,7 +316,11 @@ class SearchIndex:
                             f"{rows * self.dim * 4}")
         if rows == 0:
             return np.zeros((0, self.dim), np.float32)
-        return np.memmap(file, dtype=np.float32, mode="r", shape=(rows, self.dim))
+        vectors = np.memmap(file, dtype=np.float32, mode="r", shape=(rows, self.dim))
+        advise = getattr(getattr(vectors, "_mmap", None), "madvise", None)
+        if advise is not None and hasattr(mmap, "MADV_RANDOM"):
+            advise(mmap.MADV_RANDOM)      # re-scoring reads scattered rows: no read-ahead around each
+        return vectors
 
     # ----------------------------------------------------------------------- search
     def check_model(self, backbone) -> None:
@@ -467,7 +472,8 @@ class SearchIndex:
             if not rows:
                 raise DataError(f"{self.path}: the index is empty; nothing to rebuild")
             ids = np.array([r[0] for r in rows], np.int64)
-            x = np.asarray(self._vectors[ids])
+            x = np.memmap(self.path / VECTORS, dtype=np.float32, mode="r",       # read in order
+                          shape=(int(self.manifest["next_id"]), self.dim))[ids]
             budget = self.manifest.get("budget_mb") if budget_mb is None else budget_mb
             tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
