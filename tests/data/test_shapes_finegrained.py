@@ -165,3 +165,26 @@ def test_pair_accuracy_needs_both_images_right():
 def test_pair_detail_must_be_known():
     with pytest.raises(UsageError, match="pair detail"):
         pair_scenes(shapes_tiny_world(0), "test", 0, "colour")
+
+
+def test_every_registered_task_exports_from_the_cli(tmp_path, capsys):
+    from cliplab.cli.main import main
+    from cliplab.data.datasets import load_dataset
+
+    assert main(["shapes", "export", str(tmp_path / "c"), "--task", "count", "--n", "6", "--format", "csv",
+                 "--no-progress"]) == 0
+    back = load_dataset(str(tmp_path / "c" / "labels.csv"))
+    ours = shapes_task("count", "test", 6)
+    assert [back.classnames[y] for y in back.labels] == [ours.classnames[y] for y in ours.labels]
+    assert back.attributes["count"].astype(int).tolist() == ours.attributes["count"].tolist()
+    assert main(["shapes", "export", str(tmp_path / "f"), "--task", "spurious", "--n", "4", "--format", "folder",
+                 "--no-progress"]) == 0
+    assert sum(1 for _ in (tmp_path / "f").rglob("*.png")) == 4
+    assert main(["shapes", "export", str(tmp_path / "p"), "--task", "pairs", "--n", "2", "--format", "jsonl",
+                 "--no-progress"]) == 0
+    assert len((tmp_path / "p" / "records.jsonl").read_text().splitlines()) == 4
+    capsys.readouterr()
+    assert main(["shapes", "export", str(tmp_path / "x"), "--task", "pairs", "--n", "2", "--format", "folder"]) == 2
+    assert main(["shapes", "export", str(tmp_path / "x"), "--task", "nope", "--n", "2"]) == 2
+    assert main(["shapes", "list"]) == 0
+    assert "spurious" in capsys.readouterr().out

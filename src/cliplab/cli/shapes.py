@@ -5,8 +5,11 @@ from __future__ import annotations
 HELP = "ShapesWorld synthetic data"
 
 
+from ..data.shapes.worlds import DEFAULT_WORLD
+
+
 def add_parser(sub) -> None:
-    from ..data.shapes import DEFAULT_WORLD, EXPORT_FORMATS, EXPORT_TASKS, list_worlds
+    from ..data.shapes import EXPORT_FORMATS, EXPORT_TASKS, list_worlds
 
     p = sub.add_parser("shapes", help=HELP,
                        description="ShapesWorld: procedural coloured-shape scenes with captions, masks and boxes.")
@@ -29,7 +32,10 @@ def add_parser(sub) -> None:
                    help=f"named world (default: {DEFAULT_WORLD}, the world of the bundled model, with "
                         "heart and crescent kept for the ood split; plain: ShapesWorld's own defaults, "
                         "all 10 shapes in every split); the options below override it")
-    e.add_argument("--task", choices=EXPORT_TASKS, default="color-shape")
+    e.add_argument("--task", default="color-shape", metavar="TASK",
+                   help=f"{', '.join(EXPORT_TASKS)} (rendered with the options below), or any other "
+                        "ShapesWorld task of `cliplab shapes list` (count, size, relation, pairs, spurious...: "
+                        "written from its dataset as folder, csv or jsonl, with its per-image attributes)")
     e.add_argument("--format", dest="fmt", choices=EXPORT_FORMATS, default="folder")
     e.add_argument("--split", choices=["train", "val", "test", "ood"], default="test")
     e.add_argument("--seed", type=int, default=None, help="world seed (default: the world's, 0)")
@@ -47,6 +53,31 @@ def add_parser(sub) -> None:
                    help="inspection: comma-separated categories (default: all, one per shape)")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e.set_defaults(run=run)
+    ls = commands.add_parser("list", help="the named worlds, the shapes:TASK datasets and the domains",
+                             description="List what ShapesWorld offers: worlds (--world), tasks (shapes:TASK "
+                                         "datasets of cliplab eval, and --task of export) and domains.")
+    ls.set_defaults(run=run)
+
+
+def _list() -> int:
+    from ..data.shapes import SHAPES_TASKS, WORLDS
+
+    sections = [("worlds", WORLDS), ("tasks (shapes:TASK)", SHAPES_TASKS)]
+    try:
+        from ..data.shapes import DOMAINS
+
+        sections.append(("domains (shapes:TASK@DOMAIN)", DOMAINS))
+    except ImportError:
+        pass
+    for title, registry in sections:
+        print(f"{title}:")
+        names = registry.names()
+        width = max(len(n) for n in names)
+        for name in names:
+            meta = registry.meta(name)
+            kind = f" [{meta['data']}]" if "data" in meta else ""
+            print(f"  {name:<{width}}  {meta.get('help', '')}{kind}")
+    return 0
 
 
 def _n_objects(text):
@@ -59,15 +90,40 @@ def _n_objects(text):
         raise UsageError(f"--n-objects must be N or LO-HI, got {text!r}") from None
 
 
+def _export_task(args) -> int:
+    """Export a registered ``shapes:<task>`` that :func:`export` does not render itself."""
+    from ..data.shapes import EXPORT_TASKS, SHAPES_TASKS, shapes_task
+    from ..data.shapes.export import export_dataset
+    from ..errors import UsageError
+
+    name = args.task.partition("@")[0]
+    if name not in SHAPES_TASKS:
+        raise UsageError(f"unknown task {args.task!r}; `cliplab shapes list` shows the ShapesWorld tasks")
+    given = [o for o in ("image_size", "n_objects", "ood_shapes", "spurious", "defect_rate", "n_test", "categories")
+             if getattr(args, o) is not None]
+    if given or args.world != DEFAULT_WORLD:
+        opt = "--world" if not given else "--" + given[0].replace("_", "-")
+        raise UsageError(f"{opt} applies to {', '.join(EXPORT_TASKS)}; task {args.task} renders its own scenes")
+    data = shapes_task(args.task, args.split, args.n, 0 if args.seed is None else args.seed)
+    result = export_dataset(data, args.out_dir, fmt=args.fmt, progress=False if args.no_progress else None)
+    print(result.summary())
+    return 0
+
+
 def run(args) -> int:
     from ..data.shapes import export, get_world, task_world
     from ..data.shapes.dense import dense_world
-    from ..data.shapes.export import DENSE_TASKS
+    from ..data.shapes.export import DENSE_TASKS, EXPORT_TASKS
     from ..data.shapes.inspection import InspectionWorld
     from ..errors import UsageError
 
-    if getattr(args, "shapes_command", None) != "export":
-        raise UsageError("choose a sub-command: cliplab shapes export DIR --n N")
+    command = getattr(args, "shapes_command", None)
+    if command == "list":
+        return _list()
+    if command != "export":
+        raise UsageError("choose a sub-command: cliplab shapes export DIR --n N, or cliplab shapes list")
+    if args.task not in EXPORT_TASKS:
+        return _export_task(args)
     if args.task != "inspection" and (args.n_test is not None or args.categories is not None):
         raise UsageError("--n-test and --categories are options of --task inspection")
     progress = False if args.no_progress else None

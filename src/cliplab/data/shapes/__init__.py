@@ -42,7 +42,7 @@ from .worlds import (
     task_classes,
     task_world,
 )
-from .export import EXPORT_FORMATS, EXPORT_TASKS, ExportResult, export, scene_label
+from .export import EXPORT_FORMATS, EXPORT_TASKS, ExportResult, export, export_dataset, scene_label
 from .tasks import SHAPES_DEFAULT_N, SHAPES_TASKS, TaskRequest, register_task, shapes_task
 from .dense import CLASS_IDS, CLASSNAMES, IGNORE_INDEX, DenseScene, dense_scene, dense_world
 from .inspection import CATEGORIES, INSPECTION_DEFECTS, InspectionScene, InspectionWorld, inspection_scene
@@ -77,6 +77,7 @@ __all__ = [
     "EXPORT_TASKS",
     "ExportResult",
     "export",
+    "export_dataset",
     "scene_label",
     "SHAPES_DEFAULT_N",
     "SHAPES_TASKS",

@@ -418,3 +418,103 @@ def _write_coco(scenes, out: Path, task: str, result: ExportResult) -> None:
     path.write_text(json.dumps(coco))
     result.index_file = path
     result.files = [path]
+
+
+def _plain(value):
+    """An attribute value as JSON-ready Python (numpy scalars and arrays unwrapped)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def export_dataset(data, out_dir, *, fmt: str = "csv", progress: bool | None = None) -> ExportResult:
+    """Write a rendered ``shapes:<task>`` dataset (any registered task) in a standard format.
+
+    The tasks that :func:`export` renders itself keep their own layouts; every other
+    registered task (counting, size, relations, pairs, subgroups...) is written from its
+    dataset (:func:`~.tasks.shapes_task`) by this function.
+
+    Parameters
+    ----------
+    data : ClassificationData or RetrievalData
+        Images as uint8 arrays.
+    out_dir : path
+        Created if missing.
+    fmt : {"folder", "csv", "jsonl"}
+        ``folder``: ``<class>/<index>.png`` (classification only); ``csv``:
+        ``images/*.png`` and ``labels.csv`` (``filepath,label`` + one column per attribute,
+        lists JSON-encoded) for classification, ``captions.csv`` (``filepath,caption`` +
+        attributes, one row per caption) for retrieval; ``jsonl``: ``records.jsonl``, one
+        object per image with its label or captions and attributes.  Every format also
+        writes ``shapesworld.json`` (the dataset's meta and class names).
+
+    Returns
+    -------
+    ExportResult
+
+    Raises
+    ------
+    UsageError
+        A format this dataset kind cannot be written as.
+    """
+    classification = data.kind == "classification"
+    allowed = ("folder", "csv", "jsonl") if classification else ("csv", "jsonl")
+    if fmt not in allowed:
+        raise UsageError(f"{data.name} ({data.kind}) is written as {' or '.join(allowed)}, not {fmt!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = list(data.attributes)
+    rows = []
+    width = max(5, len(str(len(data.items))))
+    for i, image in progress_bar(enumerate(data.items), progress=progress, total=len(data.items),
+                                 desc=f"export {fmt}", unit="img"):
+        if fmt == "folder":
+            rel = Path(data.classnames[data.labels[i]]) / f"{i:0{width}d}.png"
+        else:
+            rel = Path("images") / f"{i:0{width}d}.png"
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(_png_bytes(np.asarray(image)))
+        attrs = {k: _plain(data.attributes[k][i]) for k in keys}
+        target = {"label": data.classnames[data.labels[i]]} if classification else {"captions": list(data.captions[i])}
+        rows.append((rel.as_posix(), target, attrs))
+    if fmt == "folder":
+        for c in data.classnames:
+            (out / c).mkdir(exist_ok=True)
+        index_file = None
+    elif fmt == "csv":
+        index_file = out / ("labels.csv" if classification else "captions.csv")
+        cell = lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v  # noqa: E731
+        with open(index_file, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["filepath", "label" if classification else "caption", *keys])
+            for rel, target, attrs in rows:
+                texts = [target["label"]] if classification else target["captions"]
+                for text in texts:
+                    w.writerow([rel, text, *(cell(attrs[k]) for k in keys)])
+    else:
+        index_file = out / "records.jsonl"
+        with open(index_file, "w", encoding="utf-8") as f:
+            for rel, target, attrs in rows:
+                f.write(json.dumps({"image": rel, **target, **attrs}) + "\n")
+    result = ExportResult(out, fmt, data.name, str(data.meta.get("split", "")), len(rows), index_file,
+                          classes=list(getattr(data, "classnames", [])))
+    manifest = {"dataset": data.name, "format": fmt, "n": len(rows), "classes": result.classes,
+                "attributes": keys, "meta": _plain_meta(data.meta)}
+    (out / "shapesworld.json").write_text(json.dumps(manifest, indent=1))
+    logger.info(result.summary())
+    return result
+
+
+def _plain_meta(meta: dict) -> dict:
+    out = {}
+    for k, v in meta.items():
+        try:
+            json.dumps(_plain(v))
+            out[k] = _plain(v)
+        except TypeError:
+            out[k] = repr(v)
+    return out

@@ -171,7 +171,8 @@ def count_data(request: TaskRequest) -> ClassificationData:
     return _classification(request, scenes, [k - 1 for k in ks], classnames, {}, "a photo of {c}.")
 
 
-register_task("count", help="counting: 1-6 objects of one kind, classes 'one shape' ... 'six shapes'")(count_data)
+register_task("count", data="classification",
+              help="counting: 1-6 objects of one kind, classes 'one shape' ... 'six shapes'")(count_data)
 
 
 # ----------------------------------------------------------------------------- size
@@ -197,7 +198,8 @@ def size_data(request: TaskRequest) -> ClassificationData:
                            {"radius": [r for _, r in info]}, "a photo of {c}.")
 
 
-register_task("size", help="size bins of one object: tiny, small, large, huge (area in meta)")(size_data)
+register_task("size", data="classification",
+              help="size bins of one object: tiny, small, large, huge (area in attributes)")(size_data)
 
 
 # ----------------------------------------------------------------------------- size order
@@ -231,7 +233,8 @@ def size_order_data(request: TaskRequest) -> ClassificationData:
     return _classification(request, scenes, labels, list(SIZE_ORDER_CLASSES), per_item, "a photo of {c}.")
 
 
-register_task("size-order", help="which of two objects side by side is larger (left or right)")(size_order_data)
+register_task("size-order", data="classification",
+              help="which of two objects side by side is larger (left or right)")(size_order_data)
 
 
 # ----------------------------------------------------------------------------- relation
@@ -272,7 +275,8 @@ def relation_data(request: TaskRequest) -> ClassificationData:
                            {"captions": [caps for _, caps in info]}, "a photo of {c}.")
 
 
-register_task("relation", help="spatial relation of a red to a blue object: left of, right of, above, below")(
+register_task("relation", data="classification",
+              help="spatial relation of a red to a blue object: left of, right of, above, below")(
     relation_data)
 
 
@@ -348,6 +352,7 @@ def pair_data(request: TaskRequest) -> RetrievalData:
     return RetrievalData(items, captions, request.name, meta=dict(request.meta), attributes=attributes)
 
 
-register_task("pairs", help="MMVP-style image pairs that differ only in size, position or count of one object")(
+register_task("pairs", data="retrieval",
+              help="MMVP-style image pairs that differ only in size, position or count of one object")(
     pair_data)
 

@@ -193,8 +193,9 @@ def spurious_data(world: ShapesWorld, split: str, n: int, *, classes=DEFAULT_CLA
     return data
 
 
-@register_task("spurious", help="circle vs hexagon; site (scanner-like style) 90 % aligned with the label "
-                                "in train, 10 % in test; protected fill 70 % / 30 %")
+@register_task("spurious", data="classification",
+               help="circle vs hexagon; site (scanner-like style) 90 % aligned with the label "
+                    "in train, 10 % in test; protected fill 70 % / 30 %")
 def spurious(request: TaskRequest) -> ClassificationData:
     return spurious_data(request.world, request.split, request.n, name=request.name, meta=request.meta)
 

@@ -131,17 +131,20 @@ def _classification(request: TaskRequest, label_task: str) -> ClassificationData
                               meta=request.meta)
 
 
-@register_task("color-shape", data="classification", help="64-way colour x shape classification of single-object scenes")
+@register_task("color-shape", data="classification",
+               help="64-way colour x shape classification of single-object scenes")
 def color_shape(request: TaskRequest) -> ClassificationData:
     return _classification(request, "color-shape")
 
 
-@register_task("shape", data="classification", help="8-way shape classification of single-object scenes")
+@register_task("shape", data="classification",
+               help="8-way shape classification of single-object scenes")
 def shape(request: TaskRequest) -> ClassificationData:
     return _classification(request, "shape")
 
 
-@register_task("color", data="classification", help="8-way colour classification of single-object scenes")
+@register_task("color", data="classification",
+               help="8-way colour classification of single-object scenes")
 def color(request: TaskRequest) -> ClassificationData:
     return _classification(request, "color")
 
@@ -176,14 +179,16 @@ def color_shape_heldout(request: TaskRequest) -> ClassificationData:
     return ClassificationData(images, np.asarray(labels, dtype=np.int64), classnames, request.name, meta=meta)
 
 
-@register_task("retrieval", data="retrieval", help="image-text retrieval over scenes of 1-3 objects and all their captions")
+@register_task("retrieval", data="retrieval",
+               help="image-text retrieval over scenes of 1-3 objects and all their captions")
 def retrieval(request: TaskRequest) -> RetrievalData:
     world = request.sized(task_world(request.world, "retrieval"))
     images, scenes = world.render_batch(request.split, range(request.n))
     return RetrievalData(list(images), [list(s.captions) for s in scenes], request.name, meta=request.meta)
 
 
-@register_task("ood", data="classification", help="the shapes-tiny world's out-of-distribution shapes (heart, crescent), test only")
+@register_task("ood", data="classification",
+               help="the shapes-tiny world's out-of-distribution shapes (heart, crescent), test only")
 def ood(request: TaskRequest) -> ClassificationData:
     if request.split != "test":
         raise UsageError("shapes:ood exists only for split 'test' (its shapes never occur in train or val)")

@@ -38,7 +38,8 @@ from ..metrics import accuracy, confusion_matrix, mean_per_class_recall, retriev
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TASKS", "EvalRequest", "register_task", "TaskResult", "zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot",
+__all__ = ["TASKS", "EvalRequest", "register_task", "TaskResult", "zeroshot_classification", "zeroshot_retrieval",
+           "linear_probe", "fewshot",
            "select_on_validation"]
 
 TASKS: Registry = Registry("eval task", package=__name__)

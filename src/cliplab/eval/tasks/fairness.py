@@ -176,7 +176,8 @@ def subgroup_plot(record: dict) -> bytes:
                options={"attributes": "comma-separated attributes (CSV columns) to group by (default: all)",
                         "positive": "the positive class for TPR/FPR/FNR/AUROC (default: the 2nd of two classes)",
                         "shortcut": "an attribute to run the shortcut test on (aligned vs conflicting accuracy)",
-                        "predictor": "whose predictions: zero-shot (default) or linear-probe (trained on the train split)"},
+                        "predictor": "whose predictions: zero-shot (default) or linear-probe "
+                                     "(trained on the train split)"},
                report={"heading": "Subgroups", "plot": subgroup_plot,
                        "explain": "Per-subgroup accuracy (and true-positive / false-negative rates of the "
                                   "positive class) of each attribute; the title gives how well a linear probe "
