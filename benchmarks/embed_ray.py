@@ -7,7 +7,8 @@ random-init ViT with a 224 px input, 12 layers of width 384: the model dominates
 1. ``t_decode``: seconds per image of what a decoding task does (safe decode, then the PIL
    steps of the eval transform to uint8 pixels), one thread, in this process;
 2. ``t_model``: seconds per image of what a model actor does (``encode_images`` on those
-   pixels, batches of ``--batch-size``), one torch thread;
+   pixels, batches of ``--batch-size``), one torch thread; both measured just before and
+   just after the Ray run and averaged (the load of a shared machine drifts);
 3. the prediction for a local Ray instance of ``C = --num-cpus`` CPUs with ``A`` CPU model
    actors (one CPU each): decoding tasks get the other ``C - A`` CPUs, so
    ``throughput = min((C - A) / t_decode, A / t_model)`` images per second;
@@ -100,6 +101,7 @@ def main() -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("CLIPLAB_PROGRESS", "0")
     actors = 1
+    load_start = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = make_jpegs(tmp / "jpegs", args.n)
@@ -107,12 +109,17 @@ def main() -> None:
         rows = {}
         for name, spec in (("shapes-tiny (64 px)", "shapes-tiny"), ("ViT 224 px, 12x384", str(tmp / "vit224"))):
             bb = cliplab.load(spec)
-            t_dec = time_decode(paths[:100], bb.preprocess_cfg)
-            t_mod = time_model(bb, paths[:64], args.batch_size)
+            # stage costs just before and just after the Ray run, averaged: on a shared machine
+            # the load drifts, and the prediction should see the load the run saw
+            before = time_decode(paths[:100], bb.preprocess_cfg), time_model(bb, paths[:64], args.batch_size)
+            measured = measure_ray(tmp / "jpegs", tmp / "out", spec, args.batch_size, args.num_cpus)
+            after = time_decode(paths[:100], bb.preprocess_cfg), time_model(bb, paths[:64], args.batch_size)
+            t_dec, t_mod = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
             decode_rate, model_rate = (args.num_cpus - actors) / t_dec, actors / t_mod
             predicted = min(decode_rate, model_rate)
-            measured = measure_ray(tmp / "jpegs", tmp / "out", spec, args.batch_size, args.num_cpus)
             rows[name] = {"t_decode_ms": round(1000 * t_dec, 3), "t_model_ms": round(1000 * t_mod, 3),
+                          "t_decode_ms_before_after": [round(1000 * before[0], 3), round(1000 * after[0], 3)],
+                          "t_model_ms_before_after": [round(1000 * before[1], 3), round(1000 * after[1], 3)],
                           "decode_img_per_s": round(decode_rate, 2), "model_img_per_s": round(model_rate, 2),
                           "bound": "decode" if decode_rate < model_rate else "model",
                           "predicted_img_per_s": round(predicted, 2), **measured,
@@ -123,7 +130,8 @@ def main() -> None:
                   f"wall {measured['wall_s']:.0f} s")
     result = {"benchmark": "embed_ray", "n_images": args.n, "image": "640x480 JPEG q90",
               "batch_size": args.batch_size, "num_cpus": args.num_cpus, "actors": actors,
-              "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+              "cpu_count": os.cpu_count(), "load_avg_1m_at_start": load_start,
+              "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
               "platform": platform.platform(), "torch": torch.__version__,
               "ray": __import__("ray").__version__, "models": rows}
     RESULTS.mkdir(exist_ok=True)

@@ -1,10 +1,11 @@
 """``cliplab embed --engine ray``: the features of the single-process path, and a run killed
 with SIGKILL then started again ends with exactly the features of an uninterrupted run.
 
-One local Ray instance (2 CPUs) serves the module; the killed run is a subprocess with its
-own instance.  The kill comes at a known point: in the killed run the last image of the
-folder is a named pipe, so the run writes the other shards and then waits on it.  Ray runs
-are few (each starts model actors, seconds): the uninterrupted run is shared by the tests.
+One local Ray instance (2 CPUs) serves the module; the killed run is a subprocess that joins
+it by address (``--address``, as on a cluster).  The kill comes at a known point: in the
+killed run the last image of the folder is a named pipe, so the run writes the other shards
+and then waits on it.  Ray runs are few (each starts model actors, seconds): the
+uninterrupted run is shared by the tests.
 """
 
 from __future__ import annotations
@@ -107,8 +108,10 @@ def test_a_killed_run_resumes_to_the_uninterrupted_features(run, tiny_dir, tmp_p
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
            "CLIPLAB_PROGRESS": "0"}
+    address = ray.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "cliplab.cli.main", "embed", *map(str, args), "--out", str(out),
-           "--engine", "ray", "--batch-size", "2", "--shard-size", "4", "--num-cpus", "2", "--model", str(tiny_dir)]
+           "--engine", "ray", "--address", address, "--batch-size", "2", "--shard-size", "4",
+           "--model", str(tiny_dir)]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
@@ -118,12 +121,15 @@ def test_a_killed_run_resumes_to_the_uninterrupted_features(run, tiny_dir, tmp_p
             assert time.monotonic() < deadline, "no shard finished in time"
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the run and the local Ray processes it started
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         proc.stderr.close()
     done_at_kill = sorted(p.name for p in out.glob("part-*.done"))
     assert 1 <= len(done_at_kill) < 4 and "part-00002.done" not in done_at_kill  # the pipe's shard
-
+    try:  # a decoding task of the dead run may still wait on the pipe: end it (EOF)
+        os.close(os.open(last, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass                            # nobody reading
     last.unlink()
     shutil.copy(inputs[0] / "zz_last.png", last)
     again = embed_ray(args, out, model=str(tiny_dir), **OPTS)

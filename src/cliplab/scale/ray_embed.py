@@ -76,9 +76,9 @@ DEFAULT_SHARD_SIZE = 8192
 DEFAULT_OBJECT_STORE_MB = 256
 """Object store of a local Ray instance, MB (pixels in flight: ~9.6 MB per batch of 64 at 224 px)."""
 
-_DECODE_MEMORY = 640 * 2**20
+_DECODE_MEMORY = 768 * 2**20
 """Memory reserved by a decoding task beyond its batch of pixels: a worker process with torch
-imported (~500 MB measured) and a large image being decoded."""
+imported (500-660 MB measured) and a large image being decoded."""
 
 _PART_RE = re.compile(r"^part-(\d+)\.done$")
 # Options recorded in the manifest: a rerun must agree on all of them.
@@ -522,7 +522,7 @@ def embed_ray(inputs, out, *, model: str = "shapes-tiny", load_kwargs: dict | No
     ----------
     inputs : sequence of str or Path
         Image files and folders, WebDataset shards, parquet tables of paths
-        (:func:`list_sources`; paths in tables are canonical paths).  A rerun reads the list frozen by the first run.
+        (:func:`list_sources`).  A rerun reads the list frozen by the first run.
     out : str or Path
         Output folder: ``manifest.json``, ``sources.parquet``, ``part-<n>.parquet`` and
         ``part-<n>.done``.
