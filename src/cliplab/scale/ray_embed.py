@@ -610,9 +610,11 @@ def embed_ray(inputs, out, *, model: str = "shapes-tiny", load_kwargs: dict | No
         del backbone
         n_written, skipped = 0, []
         if todo:
-            n_written, skipped = _run(todo, sources, out, shard_size, batch_size, dim, meta, preprocess_cfg,
-                                      hw, model, load_kwargs, draft, max_pixels, address, num_cpus,
-                                      object_store_mb, actors, gpus_per_actor, progress)
+            job = _Job(out, sources, shard_size, batch_size, dim, meta, preprocess_cfg, hw, model, load_kwargs,
+                       draft, max_pixels)
+            n_written, skipped = _run(job, todo, address=address, num_cpus=num_cpus,
+                                      object_store_mb=object_store_mb, actors=actors,
+                                      gpus_per_actor=gpus_per_actor, progress=progress)
         for marker in done.values():
             n_written += int(marker["rows"])
             skipped += [Skipped(**s) for s in marker["skipped"]]
@@ -626,9 +628,28 @@ def embed_ray(inputs, out, *, model: str = "shapes-tiny", load_kwargs: dict | No
         lock.close()
 
 
-def _run(todo, sources, out, shard_size, batch_size, dim, meta, preprocess_cfg, hw, model, load_kwargs,
-         draft, max_pixels, address, num_cpus, object_store_mb, actors, gpus_per_actor, progress):
+@dataclass(frozen=True)
+class _Job:
+    """What the pipeline computes: the frozen inputs, the shard layout, the model and its options."""
+
+    out: Path
+    sources: list
+    shard_size: int
+    batch_size: int
+    dim: int
+    meta: dict            # schema metadata of the shards
+    preprocess_cfg: dict
+    hw: tuple             # model input (H, W)
+    model: str
+    load_kwargs: dict
+    draft: bool
+    max_pixels: int | None
+
+
+def _run(job: _Job, todo: list[int], *, address, num_cpus, object_store_mb, actors, gpus_per_actor,
+         progress) -> tuple[int, list[Skipped]]:
     """Run the Ray Data pipeline over the unfinished shards ``todo``; write each as it completes."""
+    sources, shard_size, batch_size, hw = job.sources, job.shard_size, job.batch_size, job.hw
     ray, started = _start_ray(address, num_cpus, object_store_mb)
     try:
         import ray.data
@@ -654,13 +675,13 @@ def _run(todo, sources, out, shard_size, batch_size, dim, meta, preprocess_cfg, 
         # images); this also keeps Ray Data from fusing them into the model actors (operators
         # with different resource needs are not fused): CPU tasks decode while the actors encode.
         ds = ds.map(_decode_batch, num_cpus=1, memory=_DECODE_MEMORY + batch_size * hw[0] * hw[1] * 3,
-                    fn_kwargs={"preprocess_cfg": preprocess_cfg, "max_pixels": max_pixels,
-                               "draft_size": int(hw[0]) if draft else None})
-        kwargs = {**load_kwargs, "device": "cuda" if gpus_per_actor else "cpu"}
+                    fn_kwargs={"preprocess_cfg": job.preprocess_cfg, "max_pixels": job.max_pixels,
+                               "draft_size": int(hw[0]) if job.draft else None})
+        kwargs = {**job.load_kwargs, "device": "cuda" if gpus_per_actor else "cpu"}
         ds = ds.map(_Encoder, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
                     num_gpus=gpus_per_actor,
-                    fn_constructor_kwargs={"model": model, "load_kwargs": kwargs,
-                                           "fingerprint": meta["fingerprint"], "hw": hw})
+                    fn_constructor_kwargs={"model": job.model, "load_kwargs": kwargs,
+                                           "fingerprint": job.meta["fingerprint"], "hw": hw})
         logger.info("%d shards (%d batches) to embed with %d actor(s), %g GPU each",
                     len(todo), len(rows), actors, gpus_per_actor)
         pending: dict[int, list] = {}
@@ -673,7 +694,7 @@ def _run(todo, sources, out, shard_size, batch_size, dim, meta, preprocess_cfg, 
                     pending.setdefault(s, []).append(row)
                     bar.update(len(json.loads(row["sources"])))
                     if len(pending[s]) == need[s]:
-                        n, skip = _write_shard(out, s, pending.pop(s), dim, meta)
+                        n, skip = _write_shard(job.out, s, pending.pop(s), job.dim, job.meta)
                         n_written += n
                         skipped += skip
             except Exception as e:
