@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "adapt": 5,
     "eval": 6,
     "index": 7, "demo": 7,
+    "scale": 7,                                    # Ray Data jobs (optional dependency)
     "serve": 8,
     "cli": 9, "cliplab": 9,
 }

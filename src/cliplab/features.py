@@ -58,7 +58,7 @@ from .validation import check_choice, check_positive_int
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FeatureResult", "FeatureStore", "image_features", "embed"]
+__all__ = ["FeatureResult", "FeatureStore", "image_features", "embed", "features_table"]
 
 _CHUNK_RE = re.compile(r"^chunk_(\d+)\.npz$")
 _TMP_PREFIX = ".tmp-"
@@ -500,3 +500,39 @@ def embed(backbone, items, *, kind: str = "image", store: FeatureStore | None = 
         raise DataError(f"none of the {len(res.skipped)} image(s) could be read; nothing was written "
                         f"(first: {first.source}: {first.reason})")
     return res
+
+
+def features_table(items, feats: np.ndarray, kind: str, meta: dict, *, index=None):
+    """Features as the pyarrow table that ``cliplab embed --out F.parquet`` writes.
+
+    Parameters
+    ----------
+    items : sequence of str
+        Image sources (column ``path``) or texts (column ``text``), one per row.
+    feats : ndarray of float32, shape (M, D)
+        Column ``embedding``, a fixed-size list of D float32.
+    kind : {"image", "text"}
+    meta : dict
+        JSON-able; stored as the schema metadata ``cliplab``.
+    index : ndarray of int64, shape (M,), optional
+        Input index of each row, as a first column ``index`` (parquet shards of
+        ``cliplab embed --engine ray``).
+
+    Returns
+    -------
+    pyarrow.Table
+
+    Raises
+    ------
+    UsageError
+        pyarrow is not installed.
+    """
+    try:
+        import pyarrow as pa
+    except ImportError as e:
+        raise UsageError("writing .parquet needs pyarrow: pip install 'cliplab[parquet]' (or use .npy)") from e
+    feats = np.ascontiguousarray(feats, np.float32)                       # (M, D)
+    col = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), feats.shape[1])
+    cols = {} if index is None else {"index": pa.array(np.asarray(index, np.int64))}
+    table = pa.table({**cols, "path" if kind == "image" else "text": list(items), "embedding": col})
+    return table.replace_schema_metadata({"cliplab": json.dumps(meta)})

@@ -11,7 +11,7 @@ import pytest
 import cliplab
 from cliplab.cli.main import build_parser, commands, main
 
-HEAVY = ("torch", "sklearn", "scipy", "open_clip", "matplotlib", "transformers")
+HEAVY = ("torch", "sklearn", "scipy", "open_clip", "matplotlib", "transformers", "ray")
 
 
 def _imported_after(code: str) -> list[str]:

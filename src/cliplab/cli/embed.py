@@ -4,6 +4,10 @@ Features go through a :class:`~cliplab.features.FeatureStore` (``--cache``, defa
 ``cliplab eval``), saved chunk by chunk as they are computed: an interrupted run, even a
 killed one, started again computes only what the first run had not saved and writes
 exactly the features an uninterrupted run writes.  ``--no-cache`` computes in memory.
+
+``--engine ray`` spreads the work over a Ray cluster (a local one by default, an existing
+one with ``--address``): ``--out`` is then a folder of parquet shards with completion
+markers, resumable shard by shard (:mod:`cliplab.scale.ray_embed`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,22 @@ def add_parser(sub) -> None:
                                    "computes only what is missing (default: $CLIPLAB_CACHE or "
                                    "~/.cache/cliplab/features)")
     p.add_argument("--no-cache", action="store_true", help="compute features in memory, without the cache")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (default); ray: Ray Data, decoding on CPU workers and encoding "
+                        "in model actors; --out is then a folder of parquet shards, and a rerun of the same "
+                        "command finishes an interrupted run (pip install 'cliplab[scale]')")
+    g = p.add_argument_group("ray engine")
+    g.add_argument("--address", help="existing Ray cluster ('auto', 'ray://head:10001'); default: a local instance")
+    g.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    g.add_argument("--object-store-mb", type=int, default=256, help="object store of the local Ray instance "
+                                                                     "(default: 256)")
+    g.add_argument("--actors", type=int, help="model actors (default: one per GPU, else 1)")
+    g.add_argument("--gpus-per-actor", type=float, help="default: 1 when the cluster has GPUs, else 0; "
+                                                        "actors pick their device, --device is not used")
+    g.add_argument("--shard-size", type=int, default=8192,
+                   help="images per output shard, rounded up to whole batches (default: 8192)")
+    g.add_argument("--image-key", default="filepath", help="path column of parquet tables given as PATH "
+                                                           "(default: filepath, or an alias such as path)")
     add_model_args(p)
     add_image_args(p)
     p.set_defaults(run=run)
@@ -44,6 +64,10 @@ def run(args) -> int:
     from ..data.images import find_images
     from ..features import embed
 
+    if args.engine == "ray":
+        return _run_ray(args)
+    if args.address:
+        raise UsageError("--address needs --engine ray")
     out = Path(args.out)
     if out.suffix not in (".npy", ".parquet"):
         raise UsageError(f"--out must end in .npy or .parquet, got {out.name}")
@@ -80,6 +104,38 @@ def run(args) -> int:
     return 0
 
 
+def _run_ray(args) -> int:
+    from ..scale.ray_embed import embed_ray
+
+    if args.texts:
+        raise UsageError("--engine ray embeds images; embed --texts with the local engine")
+    if not args.paths:
+        raise UsageError("give image PATHs (folders, files, WebDataset .tar shards or a .parquet of paths)")
+    if args.cache or args.no_cache:
+        raise UsageError("--cache/--no-cache are for the local engine; the ray engine resumes from the "
+                         "shard markers in --out")
+    if Path(args.out).suffix in (".npy", ".parquet"):
+        raise UsageError(f"with --engine ray, --out is a folder of parquet shards, not {Path(args.out).name}")
+    kw = image_kwargs(args)
+    res = embed_ray(args.paths, args.out, model=args.model, batch_size=kw["batch_size"], draft=kw["draft"],
+                    max_pixels=kw["max_pixels"], image_key=args.image_key, shard_size=args.shard_size,
+                    load_kwargs=dict(precision=args.precision, arch=args.arch, config=args.config,
+                                     quick_gelu=args.quick_gelu, heads=args.heads,
+                                     trust_pickle=args.trust_pickle),
+                    address=args.address, num_cpus=args.num_cpus, object_store_mb=args.object_store_mb,
+                    actors=args.actors, gpus_per_actor=args.gpus_per_actor)
+    if args.strict and res.skipped:
+        s = res.skipped[0]
+        raise DataError(f"{s.source}: {s.reason} ({len(res.skipped)} unreadable image(s); the shards "
+                        f"in {res.out} hold the others)")
+    if res.n_resumed:
+        print(f"{res.n_resumed} of {res.n_shards} shards were finished by an earlier run", file=sys.stderr)
+    print(f"wrote {res.n_features} image embeddings in {res.n_shards} parquet shards to {res.out}",
+          file=sys.stderr)
+    report_skipped(res.listing_skipped + res.skipped)
+    return 0
+
+
 def _store(args, backbone):
     """The FeatureStore of ``--cache`` (``None`` with ``--no-cache``)."""
     if args.no_cache:
@@ -105,12 +161,9 @@ def _atomic(path: Path, write) -> None:
 
 
 def _write_parquet(out, items, feats: np.ndarray, kind: str, meta: dict) -> None:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise UsageError("writing .parquet needs pyarrow: pip install 'cliplab[parquet]' (or use .npy)") from e
-    col = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), feats.shape[1])
-    table = pa.table({"path" if kind == "image" else "text": items, "embedding": col})
-    table = table.replace_schema_metadata({"cliplab": json.dumps(meta)})
+    from ..features import features_table
+
+    table = features_table(items, feats, kind, meta)  # raises the install hint without pyarrow
+    import pyarrow.parquet as pq
+
     pq.write_table(table, out)
