@@ -1,4 +1,4 @@
-"""Embedding on Ray Data: the throughput model of docs/search-scale.md against a measurement.
+"""Embedding on Ray Data: the throughput model of docs/search.md (section "Scale: embedding on Ray Data") against a measurement.
 
 For two models, one cheap (shapes-tiny, 64 px: decoding dominates) and one costlier (a
 random-init ViT with a 224 px input, 12 layers of width 384: the model dominates), on

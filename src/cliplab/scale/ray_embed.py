@@ -38,7 +38,7 @@ On a local Ray instance started here (``num_cpus`` CPUs, a small object store, n
 dashboard) or on an existing cluster (``address="auto"`` or ``"ray://host:10001"``). On a
 cluster every node needs cliplab installed and the inputs and the model at the same paths
 (a shared file system); ``OUT`` need only be on the driver.  The throughput model and its
-measurement are in docs/search-scale.md.
+measurement are in docs/search.md (section "Scale: embedding on Ray Data").
 """
 
 from __future__ import annotations
