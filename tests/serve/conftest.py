@@ -22,14 +22,13 @@ def image_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def index_dir(tiny, image_folder, tmp_path_factory):
-    """A SearchIndex of the folder, built with the tiny model, with a colour in each item's metadata."""
+    """A SearchIndex of the folder, built with the tiny model."""
     from cliplab.index import SearchIndex
 
     paths = sorted(str(p) for p in image_folder.glob("*.png"))
     feats = tiny.encode_images(paths).features                                    # (8, D)
     out = tmp_path_factory.mktemp("serve-index") / "idx"
-    SearchIndex.build(feats, paths, out, model=tiny.name, fingerprint=tiny.fingerprint,
-                      metadata=[{"colour": p.rsplit("/", 1)[-1][:-4]} for p in paths])
+    SearchIndex.build(feats, paths, out, model=tiny.name, fingerprint=tiny.fingerprint)
     return out
 
 

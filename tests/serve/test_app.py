@@ -104,7 +104,7 @@ def test_search_text_equals_brute_force(client, tiny, image_folder):
     assert [h["path"] for h in hits] == [paths[i] for i in brute_force(feats, q, 3)]
     assert [h["score"] for h in hits] == pytest.approx((feats @ q)[brute_force(feats, q, 3)].tolist(), abs=1e-4)
     assert all(h["url"] == f"/v1/files/{h['id']}" for h in hits)
-    assert all(h["metadata"]["colour"] in COLOURS for h in hits)
+    assert all(isinstance(h["metadata"], dict) for h in hits)
 
 
 def test_search_image_finds_itself(client, image_folder):

@@ -19,6 +19,16 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on 
                                                          "(apt-get install chromium; .ci/run does) to test the page")
 
 
+def wait_until(page, expression: str, timeout_s: float = 60) -> None:
+    """Poll a JavaScript expression until it is true (``page.wait_for_function`` would evaluate
+    it with ``eval``, which the page's Content-Security-Policy forbids)."""
+    for _ in range(int(timeout_s * 10)):
+        if page.evaluate(expression):
+            return
+        page.wait_for_timeout(100)
+    raise AssertionError(f"still false after {timeout_s} s: {expression}")
+
+
 @pytest.fixture(scope="module")
 def browser():
     with playwright.sync_playwright() as p:
@@ -62,7 +72,7 @@ def test_search_by_text_shows_results_with_images(page):
     assert all(p.endswith(".png") and p.rsplit("/", 1)[-1][:-4] in COLOURS for p in paths)
     assert page.inner_text("#status") == "5 results"
     # every result's image was fetched with the key and decoded
-    page.wait_for_function("[...document.querySelectorAll('.hit img')].every(i => i.complete && i.naturalWidth > 0)")
+    wait_until(page, "[...document.querySelectorAll('.hit img')].every(i => i.complete && i.naturalWidth > 0)")
 
 
 def test_wrong_key_shows_the_error(page):

@@ -1,9 +1,9 @@
 """Dynamic micro-batching: concurrent requests share one model call.
 
 A :class:`MicroBatcher` holds a queue of pending requests.  Its collector task takes the
-first one, then keeps collecting until it has ``max_batch`` requests or ``max_wait_ms``
-have passed since the first, and hands the whole batch to ``fn`` in the model's worker
-thread.  While the model runs, new requests wait in the queue, so under load the next
+oldest one, then keeps collecting until it has ``max_batch`` requests or ``max_wait_ms``
+have passed since the oldest arrived, and hands the whole batch to ``fn`` in the model's
+worker thread.  While the model runs, new requests wait in the queue, so under load the next
 batch fills up at once: the batch size follows the load, and a lone request waits at
 most ``max_wait_ms``.  All batchers of a service share one single-thread executor, so
 the model is called from one thread only.
@@ -45,7 +45,8 @@ class MicroBatcher:
     max_batch : int, default 32
         Most requests per call; 1 turns batching off.
     max_wait_ms : float, default 5.0
-        Longest time the first request of a batch waits for others.
+        Longest time the oldest request of a batch waits for others (counted from its
+        arrival: a request that queued while the model was busy does not wait again).
     max_queue : int, default 1024
         Most requests waiting; one more raises :class:`Overloaded`.
     name : str
@@ -92,7 +93,7 @@ class MicroBatcher:
             except asyncio.CancelledError:
                 pass
         while self._pending:
-            _, fut = self._pending.popleft()
+            _, fut, _ = self._pending.popleft()
             if not fut.done():
                 fut.set_exception(Overloaded("the service is shutting down"))
 
@@ -113,10 +114,14 @@ class MicroBatcher:
             self._pending = collections.deque(p for p in self._pending if not p[1].done())
         if len(self._pending) >= self.max_queue:
             raise Overloaded(f"{len(self._pending)} {self.name} requests are waiting; retry later")
-        fut = asyncio.get_running_loop().create_future()
-        self._pending.append((item, fut))
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._pending.append((item, fut, loop.time()))
         self._wake.set()
-        return await asyncio.wait_for(fut, timeout)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:  # not yet the built-in TimeoutError on Python 3.10
+            raise TimeoutError(f"no result within {timeout} s") from None
 
     def stats(self) -> dict:
         """Calls, requests and the number of calls per batch size."""
@@ -133,7 +138,7 @@ class MicroBatcher:
             while not self._pending:
                 self._wake.clear()
                 await self._wake.wait()
-            deadline = loop.time() + self.max_wait
+            deadline = self._pending[0][2] + self.max_wait
             while len(self._pending) < self.max_batch:
                 left = deadline - loop.time()
                 if left <= 0:
@@ -145,7 +150,7 @@ class MicroBatcher:
                     break
             batch = []
             while self._pending and len(batch) < self.max_batch:
-                item, fut = self._pending.popleft()
+                item, fut, _ = self._pending.popleft()
                 if not fut.done():  # a request that timed out or whose client left is dropped
                     batch.append((item, fut))
             if batch:
