@@ -55,7 +55,7 @@ _SERVED_IDS = 100_000  # hits remembered for /v1/files
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Limits and batching of a service (every value has a ``cliplab serve`` option).
+    """Limits, batching and the key of a service (most have a ``cliplab serve`` option).
 
     Attributes
     ----------
