@@ -29,6 +29,7 @@ CLI = {
     "model source": "classify img.png --labels a,b --model {example}",   # a spec this source loads
     "loss": "train --loss {name}",
     "recipe": "train --recipe {name}",
+    "anomaly method": "anomaly folder --method {name}",
 }
 
 
