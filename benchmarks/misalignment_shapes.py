@@ -17,7 +17,8 @@ Measured with the bundled ``shapes-tiny`` model:
 - caption-level: AUROC of telling the perturbed caption from the true one, by CLIPScore and
   by F-CLIPScore (most-negative mode).
 
-Writes ``benchmarks/results/misalignment_shapes.json`` and prints one line per kind.
+Writes ``benchmarks/results/misalignment_shapes.json`` and ``docs/anomaly_detection/words.png``
+(word scores of one caption per kind) and prints one line per kind.
 
     python benchmarks/misalignment_shapes.py [--n 200] [--model shapes-tiny]
 """
@@ -74,6 +75,30 @@ def perturb(scene, kind: str, rng, colors, shapes):
     return true, " and ".join(parts), word
 
 
+def picture(examples: dict, out: Path) -> None:
+    """Bar charts of the word scores of one perturbed caption per kind, the wrong word in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(examples), 1, figsize=(9, 1.9 * len(examples)))
+    for ax, (kind, (image, a, j)) in zip(axes, examples.items()):
+        s = np.nan_to_num(a.scores)
+        ax.bar(range(len(s)), s, color=["tab:red" if k == j else "tab:gray" for k in range(len(s))])
+        ax.set_xticks(range(len(s)))
+        ax.set_xticklabels(a.words, fontsize=7, rotation=30, ha="right")
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_ylabel(kind, fontsize=8)
+        ax.tick_params(axis="y", labelsize=6)
+        inset = ax.inset_axes([1.01, 0.0, 0.12, 1.0])
+        inset.imshow(image)
+        inset.axis("off")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200, help="scenes per kind")
@@ -93,7 +118,7 @@ def main() -> None:
     bb = cliplab.load(args.model)
     world = ShapesWorld(seed=args.seed, n_objects=2)
     rng = np.random.default_rng(args.seed)
-    results = {}
+    results, examples = {}, {}
     for kind in KINDS:
         scenes, trues, wrongs, idx = [], [], [], []
         index = 0
@@ -134,10 +159,12 @@ def main() -> None:
             "example": {"true": trues[0], "wrong": wrongs[0],
                         "word_scores": {w: round(float(s), 6) for w, s in zip(attr_wrong[0].words, attr_wrong[0].scores)}},
         }
+        examples[kind] = (scenes[0].image, attr_wrong[0], idx[0])
         r = results[kind]
         print(f"{kind:8s} word AUROC {r['word_auroc']:.3f}  top-1 {r['localisation_accuracy']:.3f} "
               f"(chance {r['chance']:.3f})  caption AUROC: CLIPScore {r['caption_auroc_clipscore']:.3f}, "
               f"F-CLIPScore {r['caption_auroc_f_clipscore']:.3f}")
+    picture(examples, Path(__file__).parents[1] / "docs" / "anomaly_detection" / "words.png")
     out = {"benchmark": "misalignment_shapes", "model": args.model, "world": world.config(), "split": "test",
            "prefix": PREFIX, "attribution": "CLIP4DM, last 3 text layers, most_negative", "kinds": results}
     path = Path(__file__).parent / "results" / "misalignment_shapes.json"
