@@ -103,7 +103,7 @@ def test_anomaly_cli_on_an_mvtec_style_folder(folder, tiny_dir, tmp_path, capsys
 
 
 @pytest.mark.parametrize("argv, code, msg", [
-    (["anomaly", "{tmp}/nowhere"], 4, "no such folder"),
+    (["anomaly", "{tmp}/nowhere"], 2, "no such folder"),
     (["anomaly", "{tmp}"], 4, "no category folder"),
     (["anomaly", "{folder}", "--category", "green_ring"], 4, "no category 'green_ring'"),
     (["anomaly", "{folder}", "--method", "winclip+"], 2, "--shots"),

@@ -149,8 +149,12 @@ def test_score_cli_json(caption_folder, capsys):
     (["--captions", "{d}/empty.csv"], 4, "empty file"),
     (["--captions", "{d}/missing.csv"], 4, "no such file"),
     (["--captions", "{d}/caps.csv", "--references", "{d}/refs.csv"], 4, "no reference captions"),
+    (["--captions", "{d}/caps.csv", "--images", "{d}/nowhere"], 2, "no such folder"),
 ])
-def test_score_cli_bad_tables_are_one_line(caption_folder, capsys, argv, code, msg):
-    rc = main(["score", str(caption_folder), *[a.format(d=caption_folder) for a in argv]])
+def test_score_cli_bad_input_is_one_line(caption_folder, capsys, argv, code, msg):
+    argv = [a.format(d=caption_folder) for a in argv]
+    images = argv.pop(argv.index("--images") + 1) if "--images" in argv else str(caption_folder)
+    argv = [a for a in argv if a != "--images"]
+    rc = main(["score", images, *argv])
     err = capsys.readouterr().err
     assert rc == code and msg in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -53,6 +53,10 @@ def run(args) -> int:
 
     check_positive_int("--batch-size", args.batch_size)
     check_positive_int("--shots", args.shots, minimum=0)
+    if not Path(args.root).is_dir():
+        from ..errors import UsageError
+
+        raise UsageError(f"{args.root}: no such folder; FOLDER is an MVTec-style dataset folder")
     backbone = load_backbone(args)
     results = evaluate_anomaly(backbone, args.root, method=args.method, shots=args.shots, categories=args.category,
                                seed=args.seed, batch_size=args.batch_size,

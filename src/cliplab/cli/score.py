@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import DataError
+from ..errors import DataError, UsageError
 from ._common import add_model_args, load_backbone, report_skipped, write_rows
 
 HELP = "score captions against their images (CLIPScore, RefCLIPScore, misaligned words)"
@@ -49,7 +49,7 @@ def run(args) -> int:
     check_positive_int("--batch-size", args.batch_size)
     root = Path(args.images)
     if not root.is_dir():
-        raise DataError(f"{root}: not a folder; IMAGES is the folder the tables' image paths are relative to")
+        raise UsageError(f"{root}: no such folder; IMAGES is the folder the tables' image paths are relative to")
     records = _table(args.captions, root, args, "captions")
     refs = None
     if args.references:

@@ -184,7 +184,7 @@ def aupro(masks, maps, *, fpr_limit: float = 0.3, protocol: str = "mvtec", n_thr
     limit = check_number("fpr_limit", fpr_limit, minimum=0, maximum=1, strict_minimum=True)
     if protocol == "mvtec":
         fpr, pro = pro_curve(masks, maps)
-        return _area_to(fpr, pro, limit) / limit
+        return float(_area_to(fpr, pro, limit) / limit)
     steps = check_positive_int("n_thresholds", n_thresholds)
     m, a = _maps(masks, maps)
     raw = np.asarray(maps)

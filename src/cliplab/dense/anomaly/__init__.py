@@ -49,14 +49,19 @@ class AnomalyMethod:
     backbone : Backbone
     category : str, default="object"
         The object name that fills the prompts ("bottle", "metal nut").
+    batch_size : int, default=32
+        Images per forward pass.
     """
 
     #: Whether :meth:`fit` needs normal reference images.
     needs_references = False
 
-    def __init__(self, backbone, *, category: str = "object"):
+    def __init__(self, backbone, *, category: str = "object", batch_size: int = 32):
+        from ...validation import check_positive_int
+
         self.backbone = backbone
         self.category = category
+        self.batch_size = check_positive_int("batch_size", batch_size)
 
     def fit(self, normal_images) -> "AnomalyMethod":
         """Remember normal reference images (few-shot methods); returns ``self``."""

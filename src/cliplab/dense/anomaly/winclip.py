@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...validation import check_number
 from . import ANOMALY_METHODS, AnomalyMethod, AnomalyResult
 
 __all__ = ["WinCLIP", "WinCLIPPlus", "TEMPLATES", "NORMAL_STATES", "ANOMALOUS_STATES", "window_indices"]
@@ -86,8 +85,7 @@ class WinCLIP(AnomalyMethod):
     """
 
     def __init__(self, backbone, *, category: str = "object", batch_size: int = 32):
-        super().__init__(backbone, category=category)
-        self.batch_size = batch_size
+        super().__init__(backbone, category=category, batch_size=batch_size)
         self._text = None
 
     # -- text side
@@ -223,8 +221,8 @@ class WinCLIPPlus(WinCLIP):
         few = np.zeros_like(zero_shot)
         for k in (1, *SCALES):
             dist = 0.5 * (1 - (windows[k] @ self.memory_[k].T).max(axis=-1))      # (N, W_k)
-            check_number("distance", float(dist.min()), minimum=-1e-6)
-            few += dist if k == 1 else harmonic_patch_map(np.maximum(dist, 1e-12), window_indices(grid, k), grid * grid)
+            dist = np.maximum(dist, 1e-12)                                         # cos <= 1 up to rounding
+            few += dist if k == 1 else harmonic_patch_map(dist, window_indices(grid, k), grid * grid)
         few /= 1 + len(SCALES)
         patch = 0.5 * (zero_shot + few)
         score = 0.5 * (z + few.max(axis=1))
