@@ -29,7 +29,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "cliplab"
 #: below.  ``cliplab`` is the root ``__init__`` (the public API).
 LAYERS: dict[str, int] = {
     "errors": 0, "registry": 0, "_progress": 0, "validation": 0, "lazy": 0,  # core: no cliplab imports but each other
-    "ops": 1,                                      # numeric kernels (to come)
+    "ops": 1,                                      # numeric kernels and box ops
     "data": 2,
     "models": 3, "features": 3,
     "zeroshot": 4, "surgery": 4, "train": 4, "dense": 4,

@@ -30,6 +30,7 @@ CLI = {
     "loss": "train --loss {name}",
     "recipe": "train --recipe {name}",
     "index type": "index build src --out o --index-type {name}",
+    "anomaly method": "anomaly folder --method {name}",
 }
 
 

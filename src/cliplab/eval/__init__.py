@@ -1,4 +1,5 @@
-"""Evaluation: tasks (the ``eval task`` registry :data:`TASKS`), metrics, results and reports;
+"""Evaluation: tasks (the ``eval task`` registry :data:`TASKS`), metrics (anomaly detection metrics in
+:mod:`.anomaly_metrics`), results and reports;
 sharpness and layer-wise connectivity in :mod:`.sharpness` (imported on its own: it needs torch).
 
 The datasets live in :mod:`cliplab.data.datasets`; their public names are re-exported here.
@@ -13,6 +14,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "..data.datasets": ["ClassificationData", "RetrievalData", "classification_from_csv",
                         "classification_from_folder", "fewshot_subset", "load_dataset",
                         "retrieval_from_file", "split_train_val"],
+    ".anomaly_metrics": ["anomaly_metrics", "aupro", "image_ap", "image_auroc", "pixel_auroc", "pro_curve"],
     ".metrics": ["accuracy", "confusion_matrix", "mean_per_class_recall", "rank_correlation",
                  "retrieval_recall", "topk_accuracy"],
     ".report": ["build_report"],
