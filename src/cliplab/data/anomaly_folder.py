@@ -8,7 +8,8 @@ Layout, per category::
     <root>/<category>/ground_truth/<defect>/<name>_mask.png their masks (non-zero = defect)
 
 ``root`` may also be a single category folder (it has ``train`` and ``test``).  A defective
-test image without a mask gets none (image-level metrics only); its count is logged.
+test image without a mask is left out; its count is logged.  The files are read by
+:func:`cliplab.data.datasets.anomaly_from_mvtec`; this module groups them by category.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .images import find_images
 
 logger = logging.getLogger(__name__)
 
@@ -54,22 +54,16 @@ class AnomalyCategory:
 
 
 def _category(folder: Path) -> AnomalyCategory:
-    train = find_images(folder / "train" / "good") if (folder / "train" / "good").is_dir() else []
-    test, labels, defects, masks = [], [], [], []
-    n_missing = 0
-    for defect_dir in sorted(p for p in (folder / "test").iterdir() if p.is_dir()):
-        for image in find_images(defect_dir, recursive=False):
-            test.append(image)
-            defects.append(defect_dir.name)
-            good = defect_dir.name == "good"
-            labels.append(0 if good else 1)
-            mask = folder / "ground_truth" / defect_dir.name / f"{image.stem}_mask.png"
-            if not good and not mask.is_file():
-                n_missing += 1
-            masks.append(mask if not good and mask.is_file() else None)
-    if n_missing:
-        logger.warning("%s: %d defective test image(s) without a mask file", folder, n_missing)
-    return AnomalyCategory(folder.name, train, test, np.asarray(labels, dtype=np.int64), defects, masks)
+    """One category, read by :func:`~cliplab.data.datasets.anomaly_from_mvtec` (the one MVTec reader)."""
+    from .datasets import anomaly_from_mvtec
+
+    train = list(anomaly_from_mvtec(folder, "train").items) if (folder / "train" / "good").is_dir() else []
+    test = anomaly_from_mvtec(folder, "test")
+    if test.skipped:
+        logger.warning("%s: %d defective test image(s) without a mask file left out", folder, len(test.skipped))
+    return AnomalyCategory(folder.name, [Path(p) for p in train], [Path(p) for p in test.items],
+                           np.asarray(test.labels, dtype=np.int64), list(test.defects),
+                           [Path(m) if m is not None else None for m in test.masks])
 
 
 def read_anomaly_folder(root, categories=None) -> list[AnomalyCategory]:
