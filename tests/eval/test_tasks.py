@@ -226,10 +226,11 @@ def test_task_registry_is_what_the_cli_and_the_suite_offer():
     from cliplab.eval.suite import SUITES
 
     names = tasks.TASKS.names()
-    assert names == ["zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot"]
+    assert names == ["zeroshot_classification", "zeroshot_retrieval", "zeroshot_segmentation", "linear_probe",
+                     "fewshot"]
     for name in names:
         meta = tasks.TASKS.meta(name)
-        assert meta["help"] and meta["data"] in (ClassificationData.kind, RetrievalData.kind)
+        assert meta["help"] and meta["data"] in (ClassificationData.kind, RetrievalData.kind, "segmentation")
     assert tasks.TASKS.get("fewshot") is fewshot
     assert list(_choices(build_parser("eval"), "eval", "--task")) == names
     assert list(_choices(build_parser("interpolate"), "interpolate", "--task")) == names

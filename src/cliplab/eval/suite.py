@@ -37,7 +37,8 @@ from ..errors import UsageError
 from ..features import image_features
 from ..validation import check_positive_int
 from .results import make_result
-from .tasks import TASKS, fewshot, linear_probe, zeroshot_classification, zeroshot_retrieval
+from .tasks import (TASKS, fewshot, linear_probe, zeroshot_classification, zeroshot_retrieval,
+                    zeroshot_segmentation)
 
 __all__ = ["TASKS", "SUITES", "evaluate", "run_suite", "check_request", "evaluate_interpolation",
            "FEWSHOT_C_GRID"]
@@ -72,8 +73,13 @@ def _labelled_features(backbone, data, store, progress, split_name):
 
 def _require_kind(data, task):
     """Raise unless ``data`` is the kind of dataset that ``task`` evaluates (``TASKS.meta``)."""
-    if data.kind == TASKS.meta(task)["data"]:
+    wanted = TASKS.meta(task)["data"]
+    if data.kind == wanted:
         return
+    if wanted == "segmentation" or data.kind == "segmentation":
+        raise UsageError(f"task {task} needs a {wanted} dataset; {data.name} is a {data.kind} dataset"
+                         + (" (segmentation datasets hold images with class maps)" if wanted == "segmentation"
+                            else ""))
     if data.kind == "retrieval":
         raise UsageError(f"task {task} needs a classification dataset (images with class labels); "
                          f"{data.name} is a retrieval dataset")
@@ -102,6 +108,8 @@ def evaluate(backbone, *, model_spec: str, task: str, dataset: str, split: str =
         res = zeroshot_classification(backbone, data, templates=templates, store=store, progress=progress)
     elif task == "zeroshot_retrieval":
         res = zeroshot_retrieval(backbone, data, store=store, progress=progress)
+    elif task == "zeroshot_segmentation":
+        res = zeroshot_segmentation(backbone, data, templates=templates, progress=progress)
     else:
         t0 = time.perf_counter()
         train_all = _load(dataset, "train", n_train if n_train is not None else (2 * n if n else None))

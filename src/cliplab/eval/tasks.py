@@ -1,4 +1,4 @@
-"""Evaluation tasks: zero-shot classification and retrieval, linear probe, few-shot.
+"""Evaluation tasks: zero-shot classification, retrieval and segmentation, linear probe, few-shot.
 
 Every task returns a :class:`TaskResult`: CLIP_benchmark-style ``metrics`` plus the
 extras cliplab records (confusion matrix, chosen hyper-parameters, few-shot curves,
@@ -6,8 +6,8 @@ skipped images, seconds per stage).  :func:`cliplab.eval.results.make_result` tu
 one into a results-file record.
 
 Each task is registered in :data:`TASKS` (the ``eval task`` registry) with a one-line
-``help`` and the kind of dataset it evaluates (``data``: ``"classification"`` or
-``"retrieval"``); ``cliplab eval --task``, ``cliplab interpolate --task`` and
+``help`` and the kind of dataset it evaluates (``data``: ``"classification"``,
+``"retrieval"`` or ``"segmentation"``); ``cliplab eval --task``, ``cliplab interpolate --task`` and
 :func:`cliplab.eval.suite.evaluate` read their choices from it.
 
 Protocol rules, enforced by the signatures: hyper-parameters are chosen on a
@@ -34,11 +34,13 @@ from ..features import image_features
 from ..registry import Registry
 from ..validation import check_labels
 from ..zeroshot import class_weights, get_templates
-from .metrics import accuracy, confusion_matrix, mean_per_class_recall, retrieval_recall, topk_accuracy
+from .metrics import (accuracy, confusion_matrix, mean_iou, mean_per_class_recall, retrieval_recall,
+                      topk_accuracy)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TASKS", "TaskResult", "zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot",
+__all__ = ["TASKS", "TaskResult", "zeroshot_classification", "zeroshot_retrieval", "zeroshot_segmentation",
+           "linear_probe", "fewshot",
            "select_on_validation"]
 
 TASKS: Registry = Registry("eval task")
@@ -172,6 +174,62 @@ def zeroshot_retrieval(backbone, data, *, store=None, ks: Sequence[int] = (1, 5,
         metrics = retrieval_recall(x, t, np.asarray(t2i), ks)
     details = {"n_images": int(len(kept)), "n_texts": len(texts), "ks": list(ks)}
     return TaskResult("zeroshot_retrieval", data.name, metrics, details, timings, skipped)
+
+
+def _segmentation_fields(data) -> tuple[list, list, list[str], int]:
+    """(images, class maps, class names, ignore index) of a segmentation dataset."""
+    images = getattr(data, "images", None)
+    if images is None:
+        images = getattr(data, "items", None)
+    maps = getattr(data, "masks", None)
+    if maps is None:
+        maps = getattr(data, "targets", None)
+    if images is None or maps is None or getattr(data, "classnames", None) is None:
+        raise UsageError(f"{getattr(data, 'name', 'the dataset')} is not a segmentation dataset: it needs "
+                         "images (or items), class maps (masks or targets) and classnames")
+    if len(images) != len(maps):
+        raise DataError(f"{len(images)} images but {len(maps)} class maps")
+    return list(images), list(maps), list(data.classnames), int(getattr(data, "ignore_index", 255))
+
+
+@TASKS.register("zeroshot_segmentation", data="segmentation",
+                help="training-free open-vocabulary segmentation (mIoU as mmsegmentation computes it)")
+def zeroshot_segmentation(backbone, data, *, method: str = "sclip", templates=None, window: int | None = None,
+                          stride: int | None = None, prob_thd: float = 0.0, batch_size: int = 32,
+                          progress=None, **method_options) -> TaskResult:
+    """Segment every image of a segmentation dataset with a dense method and score the class maps.
+
+    ``data`` needs ``images`` (or ``items``: paths, PIL images or uint8 arrays), class maps
+    ``masks`` (or ``targets``; int arrays (H, W) at each image's size), ``classnames`` (class
+    i of the maps is ``classnames[i]``; with ``prob_thd`` class 0 is the background) and
+    optionally ``ignore_index`` (default 255) and ``name``.  The method runs through
+    :func:`cliplab.dense.segment` with the other arguments.
+
+    Metrics: ``mIoU``, ``aAcc``, ``mAcc`` (:func:`~cliplab.eval.metrics.mean_iou`); details:
+    per-class ``IoU`` and ``Acc`` (None where undefined), ``classnames``, ``method``,
+    ``window``, ``stride``, ``n``, ``windows``.
+    """
+    from ..dense import segment
+
+    timings: dict = {}
+    images, maps, classnames, ignore = _segmentation_fields(data)
+    if templates is None:
+        templates = getattr(data, "templates", None) or "openai-80"
+    res = segment(backbone, images, classnames, method=method, window=window, stride=stride,
+                  prob_thd=prob_thd, templates=templates, batch_size=batch_size, progress=progress,
+                  **method_options)
+    timings.update({k: round(v, 4) for k, v in res.timings.items()})
+    with _timed(timings, "metrics"):
+        m = mean_iou(res.masks, maps, len(classnames), ignore_index=ignore)
+    metrics = {"mIoU": m["mIoU"], "aAcc": m["aAcc"], "mAcc": m["mAcc"]}
+
+    def listed(a):
+        return [None if not np.isfinite(v) else float(v) for v in a]
+
+    details = {"IoU": listed(m["IoU"]), "Acc": listed(m["Acc"]), "classnames": classnames, "method": res.method,
+               "window": window, "stride": stride, "prob_thd": prob_thd, "n": len(images),
+               "windows": res.n_windows}
+    return TaskResult("zeroshot_segmentation", getattr(data, "name", "segmentation"), metrics, details, timings)
 
 
 # --------------------------------------------------------------- hyper-parameter choice
