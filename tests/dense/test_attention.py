@@ -98,3 +98,14 @@ def test_positions_interpolate_only_where_the_grid_differs(tiny):
         assert grid == (6, 8) and project_tokens(visual, x).shape == (1, 49, 32)
     with pytest.raises(UsageError, match="multiple of the patch size"):
         prelast_tokens(visual, torch.zeros(1, 3, 30, 32))
+
+
+def test_scale_mode_interpolates_positions_as_dino_does(tiny):
+    """SCLIP/ClearCLIP's interpolate_pos_encoding: scale_factor (h + 0.1) / g0, bicubic."""
+    visual = tiny.model.visual
+    g0, g1 = visual.grid_size
+    patch = visual.positional_embedding[1:].reshape(1, g0, g1, -1).permute(0, 3, 1, 2)
+    ref = F.interpolate(patch, scale_factor=((6 + 0.1) / g0, (8 + 0.1) / g1), mode="bicubic")
+    ours = interpolate_positions(visual, (6, 8), mode="scale")[1:]
+    torch.testing.assert_close(ours, ref.permute(0, 2, 3, 1).reshape(48, -1))
+    assert not torch.allclose(ours, interpolate_positions(visual, (6, 8))[1:])

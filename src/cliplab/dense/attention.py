@@ -90,12 +90,17 @@ def check_tower(visual) -> None:
                          "after pooling")
 
 
-def interpolate_positions(visual, grid: tuple[int, int]) -> torch.Tensor:
+def interpolate_positions(visual, grid: tuple[int, int], *, mode: str = "size") -> torch.Tensor:
     """The positional embedding (1 + h*w, W) for a patch grid ``(h, w)``.
 
     The patch part is resized bicubically (``align_corners=False``) from the tower's own grid
     when the grids differ; the class-token position is kept.  At the tower's grid the
     embedding is returned as it is.
+
+    ``mode="size"`` resizes to ``size=(h, w)`` (open_clip's ``resize_pos_embed``, MaskCLIP,
+    CLIP-DINOiser); ``mode="scale"`` passes ``scale_factor=((h + 0.1) / g0, (w + 0.1) / g1)``
+    instead, DINO's ``interpolate_pos_encoding`` as SCLIP and ClearCLIP copy it (the sampling
+    positions differ slightly: features differ by about 1e-2 on a random ViT-B/16).
     """
     pos = visual.positional_embedding                                   # (1 + g0*g1, W)
     g0, g1 = visual.grid_size
@@ -103,7 +108,11 @@ def interpolate_positions(visual, grid: tuple[int, int]) -> torch.Tensor:
         return pos
     cls, patch = pos[:1], pos[1:]
     patch = patch.reshape(1, g0, g1, -1).permute(0, 3, 1, 2)            # (1, W, g0, g1)
-    patch = F.interpolate(patch.float(), size=tuple(grid), mode="bicubic", align_corners=False)
+    if mode == "scale":
+        patch = F.interpolate(patch.float(), scale_factor=((grid[0] + 0.1) / g0, (grid[1] + 0.1) / g1),
+                              mode="bicubic", align_corners=False)
+    else:
+        patch = F.interpolate(patch.float(), size=tuple(grid), mode="bicubic", align_corners=False)
     patch = patch.to(pos.dtype).permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)  # (h*w, W)
     return torch.cat([cls, patch])
 
@@ -117,11 +126,13 @@ def _run_blocks(visual, x: torch.Tensor, blocks) -> torch.Tensor:
     return x if batch_first else x.transpose(0, 1)
 
 
-def prelast_tokens(visual, images: torch.Tensor, *, upto: int = -1) -> tuple[torch.Tensor, tuple[int, int]]:
+def prelast_tokens(visual, images: torch.Tensor, *, upto: int = -1,
+                   positions: str = "size") -> tuple[torch.Tensor, tuple[int, int]]:
     """Tokens entering block ``upto`` (default: the last one): (B, 1 + h*w, W) and the grid ``(h, w)``.
 
     As open_clip's ``VisionTransformer`` computes them (patch embedding, class token,
-    positions interpolated by :func:`interpolate_positions`, ``ln_pre``, blocks), for any
+    positions interpolated by :func:`interpolate_positions` with ``mode=positions``, ``ln_pre``,
+    blocks), for any
     input whose sides are multiples of the patch size.
     """
     B, _, H, W = images.shape
@@ -132,7 +143,7 @@ def prelast_tokens(visual, images: torch.Tensor, *, upto: int = -1) -> tuple[tor
     x = visual.conv1(images.to(visual.conv1.weight.dtype))              # (B, W, h, w)
     x = x.reshape(B, x.shape[1], -1).permute(0, 2, 1)                   # (B, h*w, W)
     cls = visual.class_embedding.to(x.dtype).expand(B, 1, -1)
-    x = torch.cat([cls, x], dim=1) + interpolate_positions(visual, grid).to(x.dtype)  # (B, T, W)
+    x = torch.cat([cls, x], dim=1) + interpolate_positions(visual, grid, mode=positions).to(x.dtype)  # (B, T, W)
     x = visual.patch_dropout(x)
     x = visual.ln_pre(x)
     blocks = visual.transformer.resblocks

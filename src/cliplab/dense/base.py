@@ -82,17 +82,19 @@ class LastBlockMethod(DenseMethod):
     """Blocks 1..L-1 unchanged; block L with another attention, optionally without residual / FFN.
 
     Class attributes ``attention`` (a function of ``(q, k, v, scale)`` from
-    :mod:`cliplab.dense.attention`), ``residual`` and ``ffn`` define the method.
+    :mod:`cliplab.dense.attention`), ``residual`` and ``ffn`` define the method;
+    ``positions`` is the ``mode`` of :func:`~cliplab.dense.attention.interpolate_positions`.
     """
 
     attention: Callable = staticmethod(lambda q, k, v, scale: v)
     residual: bool = True
     ffn: bool = True
+    positions: str = "size"   # positional-embedding resizing, see attention.interpolate_positions
 
     def last_tokens(self, backbone, images: torch.Tensor):
         """(tokens out of the modified last block (B, 1 + h*w, W), tokens into it, grid)."""
         visual = backbone.model.visual
-        x, grid = prelast_tokens(visual, images)
+        x, grid = prelast_tokens(visual, images, positions=self.positions)
         z = last_block(visual.transformer.resblocks[-1], x, self.attention, residual=self.residual, ffn=self.ffn)
         return z, x, grid
 
