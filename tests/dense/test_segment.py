@@ -129,3 +129,30 @@ def test_errors(tiny):
         segment(tiny, [img], ["a", "a"])
     with pytest.raises(UsageError, match="sclip"):
         segment(tiny, [img], ["a"], method="sclip", ks_thresh=1.0)
+
+
+def test_trident_guided_affinity_and_a_pluggable_guide(tiny):
+    from cliplab.dense.attention import last_block, prelast_tokens, value_attention
+    from cliplab.dense.trident import Trident, guided_affinity
+
+    a = guided_affinity(torch.randn(2, 10, 6))
+    torch.testing.assert_close(a.sum(-1), torch.ones(2, 10))
+    assert (a >= 0).all()
+    calls = []
+
+    def orthogonal_guide(images):                        # every token its own direction: A = identity
+        calls.append(tuple(images.shape))
+        h, w = images.shape[2] // 8, images.shape[3] // 8
+        return torch.eye(h * w).expand(len(images), -1, -1).reshape(len(images), h, w, h * w)
+
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = Trident(guide=orthogonal_guide).features(tiny, x).tokens
+        pre, _ = prelast_tokens(tiny.model.visual, x)
+        value_only = last_block(tiny.model.visual.transformer.resblocks[-1], pre, value_attention,
+                                residual=False, ffn=False)[:, 1:]
+    assert calls == [(2, 3, 32, 32)]
+    torch.testing.assert_close(ours.reshape(2, 16, -1), value_only, atol=1e-5, rtol=0)
+    img = np.random.default_rng(4).integers(0, 256, (40, 52, 3), dtype=np.uint8)   # padded to the patch grid
+    res = segment(tiny, [img], ["a", "b"], method="trident", window=32, stride=16, templates="default")
+    assert res.masks[0].shape == (40, 52)

@@ -169,12 +169,13 @@ def _to_pil(item) -> Image.Image:
     return load_image(item)
 
 
-def prepare_images(backbone, images, *, window: int | None, size: int | None = None):
+def prepare_images(backbone, images, *, window: int | None, size: int | None = None, multiple: int = 1):
     """Decode, resize and normalise images for :func:`segment`.
 
     Returns a list of ``(tensor (3, H', W'), (H, W) original size, (h, w) size before padding)``:
     with ``window=None`` each image is resized to the model input; otherwise to a short
-    side of ``size`` (when given) and padded to at least ``window`` per side.
+    side of ``size`` (when given) and padded to at least ``window`` per side and to a
+    multiple of ``multiple`` (splicing methods: the patch size).
     """
     mean, std = _mean_std(backbone)
     items = [images] if isinstance(images, (str, Image.Image)) or (
@@ -192,8 +193,11 @@ def prepare_images(backbone, images, *, window: int | None, size: int | None = N
         t = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
         t = (t - mean) / std                                                    # (3, h, w)
         h, w = t.shape[1:]
-        if window is not None and (h < window or w < window):
-            t = F.pad(t, (0, max(0, window - w), 0, max(0, window - h)))        # zeros = the mean colour
+        if window is not None:
+            ph, pw = max(h, window), max(w, window)
+            ph, pw = -(-ph // multiple) * multiple, -(-pw // multiple) * multiple
+            if (ph, pw) != (h, w):
+                t = F.pad(t, (0, pw - w, 0, ph - h))                             # zeros = the mean colour
         out.append((t, (H0, W0), (h, w)))
     return out
 
@@ -312,7 +316,9 @@ def segment(backbone, images, classes: Sequence, *, method="sclip", window: int 
     timings["text"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    prepared = prepare_images(backbone, images, window=window, size=size)
+    patch = backbone.model.visual.patch_size
+    patch = patch[0] if isinstance(patch, tuple) else int(patch)
+    prepared = prepare_images(backbone, images, window=window, size=size, multiple=patch if meth.splice else 1)
     timings["images"] = time.perf_counter() - t0
 
     jobs = []                                                                    # (image, box)
