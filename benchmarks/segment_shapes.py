@@ -139,7 +139,8 @@ def main() -> None:
             m = mean_iou(res.masks, data.masks, n_cls, ignore_index=data.ignore_index)
             results[f"{method} | {setting}"] = {
                 "method": method, "setting": setting, "prob_thd": thd, "mIoU": m["mIoU"], "aAcc": m["aAcc"],
-                "IoU": [None if np.isnan(v) else float(v) for v in m["IoU"]], "scenes_per_s": len(data.images) / seconds,
+                "IoU": [None if np.isnan(v) else float(v) for v in m["IoU"]],
+                "scenes_per_s": len(data.images) / seconds,
                 "windows": res.n_windows, "seconds": seconds}
             rows.append((method, setting, m["mIoU"], m["aAcc"], len(data.images) / seconds))
             print(f"{method:10s} {setting:14s} prob_thd {thd:.1f}  mIoU {100 * m['mIoU']:5.1f}  "

@@ -48,8 +48,9 @@ def test_two_object_scene_argmax_follows_the_objects(tiny, method):
     scene, truth = _canvas(64, 96, [(RED, (8, 8, 56, 40)), (BLUE, (8, 56, 56, 88))])
     meth = DENSE_METHODS.get(method)()
     plain = np.stack([np.broadcast_to(np.array(c, np.uint8), (32, 32, 3)) for c in (GREY, RED, BLUE)])
-    x = (torch.from_numpy(plain).permute(0, 3, 1, 2).float() / 255 - torch.tensor(
-        [0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)) / torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    x = (torch.from_numpy(plain).permute(0, 3, 1, 2).float() / 255 - mean) / std
     with torch.no_grad():
         tok = torch.nn.functional.normalize(meth.features(tiny, x).tokens, dim=-1).mean(dim=(1, 2))  # (3, D)
     res = segment(tiny, [scene], tok.numpy(), method=method, window=32, stride=16)
@@ -129,6 +130,8 @@ def test_errors(tiny):
         segment(tiny, [img], ["a", "a"])
     with pytest.raises(UsageError, match="sclip"):
         segment(tiny, [img], ["a"], method="sclip", ks_thresh=1.0)
+    with pytest.raises(UsageError, match="class embeddings"):
+        segment(tiny, [img], np.ones((2, 32), np.float32), background="background")
 
 
 def test_trident_guided_affinity_and_a_pluggable_guide(tiny):

@@ -69,6 +69,8 @@ def test_zeroshot_segmentation_task_scores_the_class_maps(tiny):
     expected = mean_iou(direct.masks, maps, 3)
     assert res.metrics["mIoU"] == pytest.approx(expected["mIoU"])
     assert res.details["IoU"] == pytest.approx(list(expected["IoU"]))
+    assert {k: v for k, v in res.metrics.items() if k.startswith("IoU/")} == pytest.approx(
+        {f"IoU/{c}": v for c, v in zip(["background", "cat", "dog"], expected["IoU"]) if np.isfinite(v)})
     assert res.task == "zeroshot_segmentation" and res.dataset == "toy" and res.details["n"] == 2
     with pytest.raises(UsageError, match="not a segmentation dataset"):
         TASKS.get("zeroshot_segmentation")(tiny, types.SimpleNamespace(items=images, classnames=["a"]))

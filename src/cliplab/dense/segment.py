@@ -296,16 +296,17 @@ def segment(backbone, images, classes: Sequence, *, method="sclip", window: int 
     batch_size = check_positive_int("batch_size", batch_size)
     scale = meth.logit_scale if logit_scale is None else check_number("logit_scale", logit_scale, minimum=0,
                                                                       strict_minimum=True)
-    if not isinstance(classes, (str, np.ndarray)):
+    if isinstance(classes, np.ndarray):
+        if classes.ndim != 2 or classes.shape[1] != backbone.embed_dim or background is not None:
+            raise UsageError(f"class embeddings must be (C, {backbone.embed_dim}) and come without background=; "
+                             f"got {classes.shape}")
+    elif not isinstance(classes, str):
         classes = list(classes)
     if background is not None:
         classes = [[background] if isinstance(background, str) else list(background), *classes]
 
     t0 = time.perf_counter()
     if isinstance(classes, np.ndarray):
-        if classes.ndim != 2 or classes.shape[1] != backbone.embed_dim or background is not None:
-            raise UsageError(f"class embeddings must be (C, {backbone.embed_dim}) and come without background=; "
-                             f"got {classes.shape}")
         queries = classes / np.linalg.norm(classes, axis=1, keepdims=True)
         names, owner = [str(i) for i in range(len(classes))], np.arange(len(classes))
     else:

@@ -33,7 +33,8 @@ import numpy as np
 from ..errors import UsageError
 from ..validation import check_positive_int
 
-__all__ = ["segmentation_areas", "mean_iou", "topk_accuracy", "mean_per_class_recall", "confusion_matrix", "retrieval_recall", "rank_correlation",
+__all__ = ["segmentation_areas", "mean_iou", "topk_accuracy", "mean_per_class_recall", "confusion_matrix",
+           "retrieval_recall", "rank_correlation",
            "accuracy", "group_accuracies", "worst_group_accuracy"]
 
 

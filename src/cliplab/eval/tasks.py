@@ -205,7 +205,8 @@ def zeroshot_segmentation(backbone, data, *, method: str = "sclip", templates=No
     optionally ``ignore_index`` (default 255) and ``name``.  The method runs through
     :func:`cliplab.dense.segment` with the other arguments.
 
-    Metrics: ``mIoU``, ``aAcc``, ``mAcc`` (:func:`~cliplab.eval.metrics.mean_iou`); details:
+    Metrics: ``mIoU``, ``aAcc``, ``mAcc`` (:func:`~cliplab.eval.metrics.mean_iou`) and
+    ``IoU/<class>`` for each class with a non-zero union (the report's per-class table); details:
     per-class ``IoU`` and ``Acc`` (None where undefined), ``classnames``, ``method``,
     ``window``, ``stride``, ``n``, ``windows``.
     """
@@ -221,7 +222,8 @@ def zeroshot_segmentation(backbone, data, *, method: str = "sclip", templates=No
     timings.update({k: round(v, 4) for k, v in res.timings.items()})
     with _timed(timings, "metrics"):
         m = mean_iou(res.masks, maps, len(classnames), ignore_index=ignore)
-    metrics = {"mIoU": m["mIoU"], "aAcc": m["aAcc"], "mAcc": m["mAcc"]}
+    metrics = {"mIoU": m["mIoU"], "aAcc": m["aAcc"], "mAcc": m["mAcc"],
+               **{f"IoU/{c}": float(v) for c, v in zip(classnames, m["IoU"]) if np.isfinite(v)}}
 
     def listed(a):
         return [None if not np.isfinite(v) else float(v) for v in a]
