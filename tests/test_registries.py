@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the command is the first word.  Only options are given, nothing is loaded or run.
 CLI = {
     "eval task": "eval --task {name}",
+    "dense method": "segment img.png --labels a,b --method {name} --out o",
     "ShapesWorld": "shapes export out --n 1 --world {name}",
     "ShapesWorld task": "eval --task zeroshot_classification --dataset {example}",  # shapes:<task>
     "few-shot method": "adapt --method {name} --shots 1 --dataset d --out o",

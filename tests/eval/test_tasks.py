@@ -227,10 +227,10 @@ def test_task_registry_is_what_the_cli_and_the_suite_offer():
 
     names = tasks.TASKS.names()
     assert names[:4] == ["zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot"]
-    assert {"calibration", "ood_detection"} <= set(names)           # task modules found by the registry
+    assert {"calibration", "ood_detection", "zeroshot_segmentation"} <= set(names)           # task modules found by the registry
     for name in names:
         meta = tasks.TASKS.meta(name)
-        assert meta["help"] and meta["data"] in (ClassificationData.kind, RetrievalData.kind)
+        assert meta["help"] and meta["data"] in (ClassificationData.kind, RetrievalData.kind, "segmentation")
     assert tasks.TASKS.get("fewshot") is fewshot
     assert list(_choices(build_parser("eval"), "eval", "--task")) == names
     assert list(_choices(build_parser("interpolate"), "interpolate", "--task")) == names

@@ -12,6 +12,16 @@ so numbers computed here can be compared with its results files:
   captions is among the k captions most similar to it (the CLIP paper convention).
 
 Ties are broken by index (a stable sort), so results are deterministic.
+
+Segmentation (:func:`segmentation_areas`, :func:`mean_iou`) follows mmsegmentation's
+``IoUMetric`` (``mmseg/evaluation/metrics/iou_metric.py``, ``intersect_and_union`` and
+``total_area_to_metrics``), which every training-free CLIP segmentation repository uses:
+
+- pixels labelled ``ignore_index`` (255) are left out;
+- per class, intersection and union are summed over the whole set, not averaged per image;
+- ``IoU_c = sum I_c / sum U_c``; ``mIoU`` is the mean over classes with a non-zero union
+  (a class absent from both predictions and labels is NaN and excluded);
+- ``aAcc`` = correctly labelled pixels / labelled pixels; ``mAcc`` = mean per-class recall.
 """
 
 from __future__ import annotations
@@ -23,7 +33,8 @@ import numpy as np
 from ..errors import UsageError
 from ..validation import check_positive_int
 
-__all__ = ["topk_accuracy", "mean_per_class_recall", "confusion_matrix", "retrieval_recall", "rank_correlation",
+__all__ = ["segmentation_areas", "mean_iou", "topk_accuracy", "mean_per_class_recall", "confusion_matrix",
+           "retrieval_recall", "rank_correlation",
            "accuracy", "group_accuracies", "worst_group_accuracy", "pair_accuracy"]
 
 
@@ -241,3 +252,71 @@ def pair_accuracy(image_feats, text_feats, pair) -> float:
     s_aa, s_ab = (x[a] * t[a]).sum(1), (x[a] * t[b]).sum(1)
     s_bb, s_ba = (x[b] * t[b]).sum(1), (x[b] * t[a]).sum(1)
     return float(((s_aa > s_ab) & (s_bb > s_ba)).mean()) if len(a) else float("nan")
+
+
+def segmentation_areas(preds, labels, n_classes: int, *, ignore_index: int = 255) -> dict:
+    """Per-class pixel areas summed over a set of class maps (mmseg's ``intersect_and_union``).
+
+    Parameters
+    ----------
+    preds, labels : sequence of int arrays (H_i, W_i)
+        Predicted and true class maps, pairwise of equal shape.
+    n_classes : int
+        C; predicted or true values outside [0, C) count for no class (as mmseg's histogram).
+    ignore_index : int, default=255
+        Label value whose pixels are left out.
+
+    Returns
+    -------
+    dict of str -> ndarray (C,) int64
+        ``intersect``, ``union``, ``pred`` and ``label`` areas.
+    """
+    n_classes = check_positive_int("n_classes", n_classes)
+    if len(preds) != len(labels):
+        raise UsageError(f"{len(preds)} predictions but {len(labels)} label maps")
+    inter, area_p, area_l = (np.zeros(n_classes, np.int64) for _ in range(3))
+    for i, (p, y) in enumerate(zip(preds, labels)):
+        p, y = np.asarray(p), np.asarray(y)
+        if p.shape != y.shape:
+            raise UsageError(f"map {i}: prediction {p.shape} and labels {y.shape} differ in shape")
+        keep = y != ignore_index
+        p, y = p[keep].astype(np.int64), y[keep].astype(np.int64)
+        hit = p[p == y]
+
+        def count(v):
+            v = v[(v >= 0) & (v < n_classes)]
+            return np.bincount(v, minlength=n_classes)
+
+        inter += count(hit)
+        area_p += count(p)
+        area_l += count(y)
+    return {"intersect": inter, "union": area_p + area_l - inter, "pred": area_p, "label": area_l}
+
+
+def mean_iou(preds, labels, n_classes: int, *, ignore_index: int = 255) -> dict:
+    """mIoU, aAcc and mAcc of a set of class maps, as mmsegmentation's ``IoUMetric`` computes them.
+
+    IoU_c = sum_i I_ic / sum_i U_ic (areas summed over the set);  mIoU = nanmean_c IoU_c
+
+    Parameters
+    ----------
+    preds, labels, n_classes, ignore_index
+        As :func:`segmentation_areas`.
+
+    Returns
+    -------
+    dict
+        ``mIoU``, ``aAcc``, ``mAcc`` (floats, NaN when undefined) and ``IoU``, ``Acc``
+        (ndarrays (C,), NaN for classes with zero union / no labelled pixel).
+    """
+    a = segmentation_areas(preds, labels, n_classes, ignore_index=ignore_index)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(a["union"] > 0, a["intersect"] / np.maximum(a["union"], 1), np.nan)
+        acc = np.where(a["label"] > 0, a["intersect"] / np.maximum(a["label"], 1), np.nan)
+    total = a["label"].sum()
+
+    def nanmean(x):
+        return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+
+    return {"mIoU": nanmean(iou), "aAcc": float(a["intersect"].sum() / total) if total else float("nan"),
+            "mAcc": nanmean(acc), "IoU": iou, "Acc": acc}

@@ -38,7 +38,8 @@ _EXPLAIN = {
              "mean_per_class_recall: accuracy averaged over classes; lp_: the same for the linear probe; "
              "image_retrieval_recall@k: text-to-image, a caption's image is in the top k; "
              "text_retrieval_recall@k: image-to-text, one of an image's captions is in the top k; "
-             "acc1@Nshot: few-shot accuracy with N labelled images per class (mean over seeds).",
+             "acc1@Nshot: few-shot accuracy with N labelled images per class (mean over seeds); "
+             "mIoU/aAcc/mAcc: segmentation as mmsegmentation computes them, IoU/<class>: per-class IoU.",
     "confusion": "Zero-shot confusion matrices, rows = true class, columns = predicted class, "
                  "each row normalised to 1 (the diagonal is per-class recall).",
     "fewshot": "Few-shot accuracy on the test split against the number of labelled images per class; "

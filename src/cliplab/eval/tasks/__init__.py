@@ -1,4 +1,4 @@
-"""Evaluation tasks: zero-shot classification and retrieval, linear probe, few-shot.
+"""Evaluation tasks: zero-shot classification, retrieval and segmentation, linear probe, few-shot.
 
 Every task returns a :class:`TaskResult`: CLIP_benchmark-style ``metrics`` plus the
 extras cliplab records (confusion matrix, chosen hyper-parameters, few-shot curves,
@@ -6,8 +6,8 @@ skipped images, seconds per stage).  :func:`cliplab.eval.results.make_result` tu
 one into a results-file record.
 
 Each task is registered in :data:`TASKS` (the ``eval task`` registry) with a one-line
-``help`` and the kind of dataset it evaluates (``data``: ``"classification"`` or
-``"retrieval"``); ``cliplab eval --task``, ``cliplab interpolate --task`` and
+``help`` and the kind of dataset it evaluates (``data``: ``"classification"``,
+``"retrieval"`` or ``"segmentation"``); ``cliplab eval --task``, ``cliplab interpolate --task`` and
 :func:`cliplab.eval.suite.evaluate` read their choices from it.
 
 Protocol rules, enforced by the signatures: hyper-parameters are chosen on a

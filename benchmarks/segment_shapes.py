@@ -1,0 +1,177 @@
+"""Training-free open-vocabulary segmentation on ShapesWorld dense scenes.
+
+Every registered dense method (vanilla, MaskCLIP, SCLIP, ClearCLIP, ...) with shapes-tiny, on
+256 px scenes of 3-6 objects, in three settings: one resize of the whole scene to the model
+input (64 px), 64 px windows at stride 64 (4 x 4 windows) and at stride 32 (7 x 7, overlap
+averaged).  Classes: background (index 0; queries "background" and the four background
+kinds of ShapesWorld) and the shapes of the shapes-tiny world; templates "a photo of a
+{c}." (the model's training captions are not CLIP's ImageNet prompts).  ``prob_thd`` (pixels
+below it go to background) is chosen per method and setting on validation scenes (the
+world's train split), never on test; mIoU as mmsegmentation computes it
+(``cliplab.eval.metrics.mean_iou``) and scenes per second (with the chosen ``prob_thd``
+applied to the returned probabilities, which is what ``segment(prob_thd=...)`` does).
+
+Also the sliding-window throughput check: model-only forward (``model.visual``) on the same
+number of windows, batched the same way, against ``segment`` with vanilla at stride 32.
+
+Dataset: ``--dataset scenes`` (default) builds the scenes here from ShapesWorld's
+object masks (:func:`shapes_scenes`); any other value is a dataset spec given to
+``cliplab.data.datasets.load_dataset`` (for example ``shapes:seg``), which must return images,
+class maps (``masks``) and ``classnames`` -- the only place to change is :func:`load_data`.
+
+Usage: python benchmarks/segment_shapes.py [--n 40] [--model shapes-tiny] [--dataset scenes]
+Writes benchmarks/results/segment_shapes.json and overlay pictures in docs/segmentation/;
+prints a one-line summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+os.environ.setdefault("CLIPLAB_PROGRESS", "0")
+
+import torch  # noqa: E402
+
+import cliplab  # noqa: E402
+from cliplab.data.shapes import shapes_tiny_world  # noqa: E402
+from cliplab.dense import DENSE_METHODS, segment  # noqa: E402
+from cliplab.dense.visualize import legend, overlay, palette  # noqa: E402
+from cliplab.eval.metrics import mean_iou  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "segment_shapes.json"
+PICTURES = ROOT / "docs" / "segmentation"
+TEMPLATE = "a photo of a {c}."
+BACKGROUND = ["background", "plain background", "gradient background", "striped background", "noisy background"]
+SETTINGS = {"single resize": {}, "windows 64/64": {"window": 64, "stride": 64},
+            "windows 64/32": {"window": 64, "stride": 32}}
+
+
+def shapes_scenes(n: int, seed: int = 0, split: str = "test"):
+    """ShapesWorld scenes (256 px, 3-6 objects) with class maps: 0 background, i + 1 = shape i."""
+    world = shapes_tiny_world(seed=seed, image_size=256, n_objects=(3, 6))
+    shapes = list(world.in_shapes)
+    images, maps = [], []
+    for i in range(n):
+        scene = world.scene(split, i)
+        target = np.zeros(scene.image.shape[:2], np.int64)
+        for obj in scene.objects:
+            target[obj.mask] = shapes.index(obj.shape) + 1
+        images.append(scene.image)
+        maps.append(target)
+    return SimpleNamespace(images=images, masks=maps, classnames=["background", *shapes], ignore_index=255,
+                           name=f"shapes-scenes-256 seed {seed} {split}")
+
+
+def load_data(spec: str, n: int, split: str = "test"):
+    """The dataset: local scenes, or a segmentation dataset spec (``shapes:seg``) after it exists."""
+    if spec == "scenes":
+        return shapes_scenes(n, split=split)
+    from cliplab.data.datasets import load_dataset
+
+    return load_dataset(spec, split, n=n)
+
+
+THRESHOLDS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9)
+
+
+def threshold(probs, thd: float) -> list:
+    """Class maps from probabilities (C, H, W): argmax, pixels below ``thd`` -> 0 (as ``segment(prob_thd=)``)."""
+    out = []
+    for p in probs:
+        pred = p.argmax(0).astype(np.int32)
+        pred[p.max(0) < thd] = 0
+        out.append(pred)
+    return out
+
+
+def model_only_rate(bb, n_windows: int, batch_size: int) -> float:
+    """Windows per second of ``model.visual`` alone on random 64 px windows, batched as ``segment`` does."""
+    x = torch.randn(n_windows, 3, bb.image_size, bb.image_size)
+    with torch.inference_mode():
+        bb.model.visual(x[:batch_size])                                           # warm-up
+        t0 = time.perf_counter()
+        for s in range(0, n_windows, batch_size):
+            bb.model.visual(x[s:s + batch_size])
+    return n_windows / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=40, help="test scenes")
+    ap.add_argument("--n-val", type=int, default=16, help="validation scenes (prob_thd choice)")
+    ap.add_argument("--model", default="shapes-tiny")
+    ap.add_argument("--dataset", default="scenes", help="'scenes' (built here) or a dataset spec such as shapes:seg")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--methods", default=",".join(DENSE_METHODS.names()))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    bb = cliplab.load(args.model)
+    data = load_data(args.dataset, args.n)
+    val = load_data(args.dataset, args.n_val, split="train")
+    classes = [BACKGROUND, *data.classnames[1:]]
+    rows, results = [], {}
+    everything_background = mean_iou([np.zeros_like(m) for m in data.masks], data.masks, len(data.classnames),
+                                     ignore_index=data.ignore_index)
+    results["baseline | all background"] = {"method": "all background", "mIoU": everything_background["mIoU"],
+                                            "aAcc": everything_background["aAcc"]}
+    print(f"{'baseline':10s} {'all background':14s} mIoU {100 * everything_background['mIoU']:5.1f}  "
+          f"aAcc {100 * everything_background['aAcc']:5.1f}", flush=True)
+    for method in args.methods.split(","):
+        for setting, kw in SETTINGS.items():
+            run = dict(method=method, templates=TEMPLATE, batch_size=args.batch_size, return_probs=True, **kw)
+            val_probs = segment(bb, val.images, classes, **run).probs
+            n_cls = len(data.classnames)
+            thd = max(THRESHOLDS, key=lambda t: (mean_iou(threshold(val_probs, t), val.masks, n_cls,
+                                                           ignore_index=val.ignore_index)["mIoU"], -t))
+            t0 = time.perf_counter()
+            res = segment(bb, data.images, classes, **run)
+            seconds = time.perf_counter() - t0
+            res.masks = threshold(res.probs, thd)
+            m = mean_iou(res.masks, data.masks, n_cls, ignore_index=data.ignore_index)
+            results[f"{method} | {setting}"] = {
+                "method": method, "setting": setting, "prob_thd": thd, "mIoU": m["mIoU"], "aAcc": m["aAcc"],
+                "IoU": [None if np.isnan(v) else float(v) for v in m["IoU"]],
+                "scenes_per_s": len(data.images) / seconds,
+                "windows": res.n_windows, "seconds": seconds}
+            rows.append((method, setting, m["mIoU"], m["aAcc"], len(data.images) / seconds))
+            print(f"{method:10s} {setting:14s} prob_thd {thd:.1f}  mIoU {100 * m['mIoU']:5.1f}  "
+                  f"aAcc {100 * m['aAcc']:5.1f}  {len(data.images) / seconds:6.1f} scenes/s", flush=True)
+            if setting == "windows 64/32":
+                PICTURES.mkdir(parents=True, exist_ok=True)
+                colors = palette(len(data.classnames))
+                for i in range(2):
+                    overlay(data.images[i], res.masks[i], colors).save(PICTURES / f"scene{i}_{method}.png")
+    colors = palette(len(data.classnames))
+    for i in range(2):
+        overlay(data.images[i], data.masks[i], colors).save(PICTURES / f"scene{i}_truth.png")
+    legend(data.classnames, colors).save(PICTURES / "legend.png")
+
+    # throughput: segment (vanilla, stride 32) vs model-only forward on as many windows
+    t0 = time.perf_counter()
+    res = segment(bb, data.images, classes, method="vanilla", templates=TEMPLATE, window=64, stride=32,
+                  batch_size=args.batch_size)
+    seg_rate = res.n_windows / (time.perf_counter() - t0)
+    model_rate = model_only_rate(bb, res.n_windows, args.batch_size)
+    out = {"benchmark": "segment_shapes", "model": args.model, "dataset": data.name, "n": len(data.images),
+           "templates": TEMPLATE, "background": BACKGROUND, "classnames": data.classnames,
+           "torch_threads": torch.get_num_threads(), "results": results,
+           "throughput": {"segment_windows_per_s": seg_rate, "model_only_windows_per_s": model_rate,
+                          "ratio": seg_rate / model_rate, "windows": res.n_windows}}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    best = max(rows, key=lambda r: r[2])
+    print(f"segment_shapes: best {best[0]} ({best[1]}) mIoU {100 * best[2]:.1f}; windows/s segment "
+          f"{seg_rate:.0f} vs model-only {model_rate:.0f} ({100 * seg_rate / model_rate:.0f} %) -> {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
