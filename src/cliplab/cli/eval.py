@@ -26,7 +26,9 @@ def add_parser(sub) -> None:
                     "build` reads as its own (one file per evaluation) and an optional HTML report. "
                     "Datasets: an image folder (one sub-folder per class), "
                     "a CSV/JSONL, WebDataset shards, or shapes:color-shape, shapes:shape, "
-                    "shapes:color, shapes:color-shape-heldout, shapes:retrieval.")
+                    "shapes:color, shapes:color-shape-heldout, shapes:retrieval; "
+                    "shapes:TASK@DOMAIN renders the same scenes in a domain (a controlled "
+                    "shift such as shapes:color-shape@blur-3; see cliplab shapes export --help).")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--task", choices=TASKS.names())
     what.add_argument("--suite", help="a named suite of evaluations: 'shapes' = zero-shot colour-shape, "

@@ -7,6 +7,7 @@ HELP = "ShapesWorld synthetic data"
 
 def add_parser(sub) -> None:
     from ..data.shapes import DEFAULT_WORLD, EXPORT_FORMATS, EXPORT_TASKS, list_worlds
+    from ..data.shapes.domains import CORRUPTIONS, DOMAINS
 
     p = sub.add_parser("shapes", help=HELP,
                        description="ShapesWorld: procedural coloured-shape scenes with captions, masks and boxes.")
@@ -36,6 +37,11 @@ def add_parser(sub) -> None:
                         "'' for none)")
     e.add_argument("--spurious", type=float, default=None, help="probability the background follows the shape")
     e.add_argument("--defect-rate", type=float, default=None, help="probability a scene gets a defect")
+    plain = [d for d in DOMAINS.names() if DOMAINS.meta(d)["family"] != "corruption"]
+    e.add_argument("--domain", default=None, metavar="DOMAIN",
+                   help="draw the same scenes with a controlled shift: " + ", ".join(plain)
+                        + ", or a corruption KIND-SEVERITY (KIND one of " + ", ".join(CORRUPTIONS)
+                        + "; SEVERITY 1-5, e.g. blur-3); default: original")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e.set_defaults(run=run)
 
@@ -68,6 +74,8 @@ def run(args) -> int:
         options["defect_rate"] = args.defect_rate
     if args.n_objects is not None:
         options["n_objects"] = _n_objects(args.n_objects)
+    if args.domain is not None:
+        options["domain"] = args.domain
     seed = 0 if args.seed is None else args.seed
     world = get_world(args.world, seed, **options)
     if args.n_objects is None:

@@ -461,6 +461,10 @@ def load_dataset(spec, split: str = "test", *, n: int | None = None, seed: int =
             - ``color-shape-heldout``: test scenes whose (colour, shape) is held out
               of train/val, classified among all 64 colour-shape classes;
             - ``retrieval``: scenes of 1-3 objects with all their captions.
+
+            ``"shapes:<task>@<domain>"`` renders the same scenes in a domain of
+            :data:`cliplab.data.shapes.DOMAINS` (a controlled shift such as
+            ``shapes:color-shape@blur-3``).
         a folder
             One sub-folder per class (classification); if its sub-folders are split
             names (``train``/``val``/``test``), the one named ``split``.  A folder of

@@ -7,9 +7,11 @@
 See :class:`ShapesWorld` for the options, :mod:`.worlds` for the named worlds
 (``shapes-tiny``, the default, and ``plain``) and :func:`export` for writing the standard
 formats (class folders, CSV, JSONL, WebDataset shards, COCO); :mod:`.tasks` builds the
-in-memory ``shapes:<task>`` datasets (:func:`shapes_task`).
+in-memory ``shapes:<task>`` datasets (:func:`shapes_task`); :mod:`.domains` the controlled
+shifts (``ShapesWorld(domain="blur-3")``, ``shapes:<task>@<domain>``).
 """
 
+from .domains import DOMAINS, NEW_BACKGROUNDS, list_domains
 from .world import (
     BACKGROUNDS,
     COLORS,
@@ -40,9 +42,12 @@ from .worlds import (
     task_world,
 )
 from .export import EXPORT_FORMATS, EXPORT_TASKS, ExportResult, export, scene_label
-from .tasks import SHAPES_DEFAULT_N, SHAPES_TASKS, TaskRequest, register_task, shapes_task
+from .tasks import SHAPES_DEFAULT_N, SHAPES_TASKS, TaskRequest, parse_task, register_task, shapes_task
 
 __all__ = [
+    "DOMAINS",
+    "NEW_BACKGROUNDS",
+    "list_domains",
     "BACKGROUNDS",
     "COLORS",
     "DEFAULT_HELDOUT",
@@ -76,6 +81,7 @@ __all__ = [
     "SHAPES_DEFAULT_N",
     "SHAPES_TASKS",
     "TaskRequest",
+    "parse_task",
     "register_task",
     "shapes_task",
 ]

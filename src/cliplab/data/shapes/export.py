@@ -161,6 +161,7 @@ def export(
     split: str = "test",
     task: str = "color-shape",
     fmt: str = "folder",
+    domain: str | None = None,
     progress: bool | None = None,
 ) -> ExportResult:
     """Render ``n`` scenes of ``split`` and write them as ``fmt`` for ``task``.
@@ -178,6 +179,9 @@ def export(
     task : {"color-shape", "shape", "color", "captions", "detection"}
         Classification tasks render single-object scenes (``n_objects=1``).
     fmt : {"folder", "csv", "jsonl", "wds", "coco"}
+    domain : str, optional
+        Render in this domain of :data:`~.domains.DOMAINS` (``"blur-3"``) instead of
+        the world's own; masks and boxes follow it (occluded pixels leave the masks).
     progress : bool, optional
         Progress bar; ``None`` follows ``CLIPLAB_PROGRESS``.
 
@@ -188,10 +192,12 @@ def export(
     Raises
     ------
     UsageError
-        Unknown world, format, task or split, or ``n`` out of range.
+        Unknown world, format, task, split or domain, or ``n`` out of range.
     """
     if isinstance(world, str):
         world = get_world(world)
+    if domain is not None:
+        world = world.replace(domain=domain)
     check_choice("format", fmt, EXPORT_FORMATS)
     check_choice("task", task, EXPORT_TASKS)
     if fmt == "folder" and task not in CLASSIFICATION_TASKS:
