@@ -130,7 +130,8 @@ class Scene:
     objects : list of ObjectGT
         In drawing order (later ones on top).
     background : str
-        One of :data:`BACKGROUNDS`.
+        One of :data:`BACKGROUNDS` (of :data:`~.domains.NEW_BACKGROUNDS` in the
+        ``new-backgrounds`` domain).
     captions : list of str
         Canonical caption first, then rewrites.
     defects : list of dict
