@@ -133,6 +133,7 @@ def test_occluders_leave_the_masks():
 
 
 def test_config_replace_and_errors():
+    assert "domain" not in ShapesWorld().config()  # the original domain's manifests are unchanged
     w = ShapesWorld(seed=1, domain="blur-2")
     assert w.config()["domain"] == "blur-2" and ShapesWorld(**w.config()).domain == "blur-2"
     assert w.replace(seed=2).domain == "blur-2" and w.replace(domain=None).domain is None

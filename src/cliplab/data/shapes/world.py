@@ -306,8 +306,9 @@ class ShapesWorld:
     # ------------------------------------------------------------------ public
 
     def config(self) -> dict:
-        """The constructor arguments as plain data (for manifests and :meth:`replace`)."""
-        return {
+        """The constructor arguments as plain data (for manifests and :meth:`replace`);
+        ``domain`` only when one is set, so the original domain's manifests are unchanged."""
+        cfg = {
             "seed": self.seed,
             "image_size": self.image_size,
             "n_objects": list(self.n_objects),
@@ -318,8 +319,10 @@ class ShapesWorld:
             "split_sizes": dict(self.split_sizes),
             "antialias": self.antialias,
             "n_captions": self.n_captions,
-            "domain": self.domain,
         }
+        if self.domain is not None:
+            cfg["domain"] = self.domain
+        return cfg
 
     def replace(self, **changes) -> "ShapesWorld":
         """A copy of this world with some constructor arguments changed."""
