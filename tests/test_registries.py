@@ -26,6 +26,7 @@ CLI = {
     "dense method": "segment img.png --labels a,b --method {name} --out o",
     "ShapesWorld": "shapes export out --n 1 --world {name}",
     "ShapesWorld task": "eval --task zeroshot_classification --dataset {example}",  # shapes:<task>
+    "ShapesWorld domain": "shapes export out --n 1 --domain {name}",
     "few-shot method": "adapt --method {name} --shots 1 --dataset d --out o",
     "model source": "classify img.png --labels a,b --model {example}",   # a spec this source loads
     "loss": "train --loss {name}",

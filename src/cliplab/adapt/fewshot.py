@@ -34,9 +34,9 @@ def _load_splits(spec: str, n_train, n_val, random_state: int):
     """(train, val) ClassificationData of ``spec``: its own val split, else 20 % of train."""
     from ..data.datasets import load_dataset, split_train_val
 
-    if spec.startswith("shapes:") and spec.split(":", 1)[1] not in ("color-shape", "shape", "color"):
+    if spec.startswith("shapes:") and spec.split(":", 1)[1].partition("@")[0] not in ("color-shape", "shape", "color"):
         raise UsageError(f"{spec}: adapt needs a ShapesWorld task with train and val splits: "
-                         "shapes:color-shape, shapes:shape or shapes:color")
+                         "shapes:color-shape, shapes:shape or shapes:color (each also @DOMAIN)")
     train = load_dataset(spec, "train", n=n_train, seed=0)
     if not hasattr(train, "labels"):
         raise UsageError(f"{spec} is an image-caption dataset; adapt needs images with class labels")

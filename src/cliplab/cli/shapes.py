@@ -10,6 +10,7 @@ from ..data.shapes.worlds import DEFAULT_WORLD
 
 def add_parser(sub) -> None:
     from ..data.shapes import EXPORT_FORMATS, EXPORT_TASKS, list_worlds
+    from ..data.shapes.domains import CORRUPTIONS, DOMAINS
 
     p = sub.add_parser("shapes", help=HELP,
                        description="ShapesWorld: procedural coloured-shape scenes with captions, masks and boxes.")
@@ -51,6 +52,11 @@ def add_parser(sub) -> None:
                    help="inspection: test images per category of each kind (good and each defect; default N/4)")
     e.add_argument("--categories", default=None,
                    help="inspection: comma-separated categories (default: all, one per shape)")
+    plain = [d for d in DOMAINS.names() if DOMAINS.meta(d)["family"] != "corruption"]
+    e.add_argument("--domain", default=None, metavar="DOMAIN",
+                   help="draw the same scenes with a controlled shift: " + ", ".join(plain)
+                        + ", or a corruption KIND-SEVERITY (KIND one of " + ", ".join(CORRUPTIONS)
+                        + "; SEVERITY 1-5, e.g. blur-3); default: original")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e.set_defaults(run=run)
     ls = commands.add_parser("list", help="the named worlds, the shapes:TASK datasets and the domains",
@@ -104,7 +110,8 @@ def _export_task(args) -> int:
     if given or args.world != DEFAULT_WORLD:
         opt = "--world" if not given else "--" + given[0].replace("_", "-")
         raise UsageError(f"{opt} applies to {', '.join(EXPORT_TASKS)}; task {args.task} renders its own scenes")
-    data = shapes_task(args.task, args.split, args.n, 0 if args.seed is None else args.seed)
+    spec = args.task if args.domain is None else f"{name}@{args.domain}"
+    data = shapes_task(spec, args.split, args.n, 0 if args.seed is None else args.seed)
     result = export_dataset(data, args.out_dir, fmt=args.fmt, progress=False if args.no_progress else None)
     print(result.summary())
     return 0
@@ -146,6 +153,8 @@ def run(args) -> int:
         options["defect_rate"] = args.defect_rate
     if args.n_objects is not None:
         options["n_objects"] = _n_objects(args.n_objects)
+    if args.domain is not None:
+        options["domain"] = args.domain
     seed = 0 if args.seed is None else args.seed
     world = get_world(args.world, seed, **options)
     if args.task in DENSE_TASKS:

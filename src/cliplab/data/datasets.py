@@ -771,6 +771,10 @@ def load_dataset(spec, split: str = "test", *, n: int | None = None, seed: int =
         an MVTec AD-style folder
             ``<category>/{train,test,ground_truth}`` or a folder of categories
             (anomaly, :func:`anomaly_from_mvtec`).
+
+            ``"shapes:<task>@<domain>"`` renders the same scenes in a domain of
+            :data:`cliplab.data.shapes.DOMAINS` (a controlled shift such as
+            ``shapes:color-shape@blur-3``).
         a folder
             One sub-folder per class (classification); if its sub-folders are split
             names (``train``/``val``/``test``), the one named ``split``.  A folder of

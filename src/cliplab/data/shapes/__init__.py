@@ -10,9 +10,11 @@ formats (class folders, CSV, JSONL, WebDataset shards, COCO); :mod:`.tasks` buil
 in-memory ``shapes:<task>`` datasets (:func:`shapes_task`); :mod:`.dense` makes dense
 scenes of 3-12 overlapping objects with class maps (``shapes:seg``, ``shapes:det``) and
 :mod:`.inspection` industrial-inspection scenes with defect masks (``shapes:inspection``,
-MVTec AD folders).
+MVTec AD folders); :mod:`.domains` holds the controlled
+shifts (``ShapesWorld(domain="blur-3")``, ``shapes:<task>@<domain>``).
 """
 
+from .domains import DOMAINS, NEW_BACKGROUNDS, list_domains
 from .world import (
     BACKGROUNDS,
     COLORS,
@@ -43,11 +45,14 @@ from .worlds import (
     task_world,
 )
 from .export import EXPORT_FORMATS, EXPORT_TASKS, ExportResult, export, export_dataset, scene_label
-from .tasks import SHAPES_DEFAULT_N, SHAPES_TASKS, TaskRequest, register_task, shapes_task
+from .tasks import SHAPES_DEFAULT_N, SHAPES_TASKS, TaskRequest, parse_task, register_task, shapes_task
 from .dense import CLASS_IDS, CLASSNAMES, IGNORE_INDEX, DenseScene, dense_scene, dense_world
 from .inspection import CATEGORIES, INSPECTION_DEFECTS, InspectionScene, InspectionWorld, inspection_scene
 
 __all__ = [
+    "DOMAINS",
+    "NEW_BACKGROUNDS",
+    "list_domains",
     "BACKGROUNDS",
     "COLORS",
     "DEFAULT_HELDOUT",
@@ -82,6 +87,7 @@ __all__ = [
     "SHAPES_DEFAULT_N",
     "SHAPES_TASKS",
     "TaskRequest",
+    "parse_task",
     "register_task",
     "shapes_task",
     "CLASS_IDS",

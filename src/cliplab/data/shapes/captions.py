@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-_BACKGROUND_WORD = {"plain": "plain", "gradient": "gradient", "stripes": "striped", "noise": "noisy"}
+_BACKGROUND_WORD = {"plain": "plain", "gradient": "gradient", "stripes": "striped", "noise": "noisy",
+                    # the unseen backgrounds of the ``new-backgrounds`` domain
+                    "checker": "checkered", "dots": "dotted", "waves": "wavy", "clouds": "cloudy"}
 _COUNT_WORD = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 
 

@@ -186,6 +186,7 @@ def export(
     split: str = "test",
     task: str = "color-shape",
     fmt: str = "folder",
+    domain: str | None = None,
     progress: bool | None = None,
     n_test: int | None = None,
 ) -> ExportResult:
@@ -211,6 +212,10 @@ def export(
     task : {"color-shape", "shape", "color", "captions", "detection", "seg", "det", "inspection"}
         Classification tasks render single-object scenes (``n_objects=1``).
     fmt : {"folder", "csv", "jsonl", "wds", "coco", "masks", "mvtec"}
+    domain : str, optional
+        Render in this domain of :data:`~.domains.DOMAINS` (``"blur-3"``) instead of
+        the world's own; masks and boxes follow it (occluded pixels leave the masks).
+        Not for ``inspection``, which paints its own surfaces.
     progress : bool, optional
         Progress bar; ``None`` follows ``CLIPLAB_PROGRESS``.
     n_test : int, optional
@@ -224,7 +229,7 @@ def export(
     Raises
     ------
     UsageError
-        Unknown world, format, task or split, or ``n`` out of range.
+        Unknown world, format, task, split or domain, or ``n`` out of range.
     """
     check_choice("format", fmt, EXPORT_FORMATS)
     check_choice("task", task, EXPORT_TASKS)
@@ -235,6 +240,8 @@ def export(
     if fmt == "masks" and task != "seg":
         raise UsageError(f"format 'masks' (class-index PNGs) needs task 'seg', got {task!r}")
     if task == "inspection":
+        if domain is not None:
+            raise UsageError("task 'inspection' paints its own surfaces; it takes no domain")
         return _export_inspection(world, out_dir, n=n, n_test=n_test, progress=progress)
     if isinstance(world, str):
         world = get_world(world)
@@ -242,6 +249,8 @@ def export(
             from .dense import dense_world
 
             world = dense_world(world)
+    if domain is not None:
+        world = world.replace(domain=domain)
     world.split(split)  # validates the split name
     n = check_positive_int("n", n)
     if n > world.split_sizes[split]:

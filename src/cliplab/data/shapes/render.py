@@ -110,6 +110,25 @@ SDF = {
 }
 
 
+def grid(cx: float, cy: float, r: float, size: int, pad: float = 0.0):
+    """The pixels around a shape: its bounding square plus 2 px (and ``pad`` px more).
+
+    Returns
+    -------
+    window : tuple of slice
+        ``(rows, cols)`` of the image.
+    xs : ndarray of float32, shape (w,)
+        Pixel-centre ``x`` minus ``cx``.
+    ys : ndarray of float32, shape (h, 1)
+        Pixel-centre ``y`` minus ``cy``.
+    """
+    x0, x1 = max(int(cx - r - pad) - 2, 0), min(int(cx + r + pad) + 3, size)
+    y0, y1 = max(int(cy - r - pad) - 2, 0), min(int(cy + r + pad) + 3, size)
+    xs = np.arange(x0, x1, dtype=np.float32) + (0.5 - cx)  # (w,)
+    ys = np.arange(y0, y1, dtype=np.float32)[:, None] + (0.5 - cy)  # (h, 1)
+    return (slice(y0, y1), slice(x0, x1)), xs, ys
+
+
 def coverage(shape: str, cx: float, cy: float, r: float, size: int, antialias: bool = True):
     """Coverage of one shape on its bounding square.
 
@@ -133,16 +152,13 @@ def coverage(shape: str, cx: float, cy: float, r: float, size: int, antialias: b
     alpha : ndarray of float32, shape (h, w)
         Pixel coverage; the object mask is ``alpha >= 0.5``.
     """
-    x0, x1 = max(int(cx - r) - 2, 0), min(int(cx + r) + 3, size)
-    y0, y1 = max(int(cy - r) - 2, 0), min(int(cy + r) + 3, size)
-    xs = np.arange(x0, x1, dtype=np.float32) + (0.5 - cx)  # (w,)
-    ys = np.arange(y0, y1, dtype=np.float32)[:, None] + (0.5 - cy)  # (h, 1)
+    window, xs, ys = grid(cx, cy, r, size)
     sdf = SDF[shape](xs[None, :], ys, np.float32(r))  # (h, w)
     if antialias:
         alpha = np.clip(0.5 - sdf, 0.0, 1.0)
     else:
         alpha = (sdf <= 0).astype(np.float32)
-    return (slice(y0, y1), slice(x0, x1)), alpha
+    return window, alpha
 
 
 def paint(image: np.ndarray, window, alpha: np.ndarray, color) -> None:

@@ -1,4 +1,4 @@
-"""ShapesWorld evaluation tasks as datasets: ``shapes:<task>`` of :func:`cliplab.data.datasets.load_dataset`.
+"""ShapesWorld evaluation tasks as datasets: ``shapes:<task>[@<domain>]`` of :func:`cliplab.data.datasets.load_dataset`.
 
 Each task renders its scenes in memory from the shapes-tiny world
 (:func:`~.worlds.shapes_tiny_world`, the world of the bundled model and of ``cliplab
@@ -11,6 +11,10 @@ shapes export``) or from a world derived from it.  The tasks are the entries of
 - ``color-shape-heldout``: test scenes whose (colour, shape) is held out of train/val,
   classified among all 64 colour-shape classes;
 - ``retrieval``: scenes of 1-3 objects with all their captions.
+
+``shapes:<task>@<domain>`` renders the same scenes in a domain of
+:data:`~.domains.DOMAINS` (``shapes:color-shape@blur-3``): the same objects and labels,
+drawn with a controlled shift.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ from ...registry import Registry
 from ...validation import check_positive_int
 from ..datasets import SPLIT_NAMES, ClassificationData, RetrievalData
 from .export import scene_label
+from .domains import check_domain
 from .world import ShapesWorld
 from .worlds import shapes_tiny_world, task_classes, task_world
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SHAPES_DEFAULT_N", "SHAPES_TASKS", "TaskRequest", "register_task", "shapes_task"]
+__all__ = ["SHAPES_DEFAULT_N", "SHAPES_TASKS", "TaskRequest", "parse_task", "register_task", "shapes_task"]
 
 SHAPES_TASKS: Registry = Registry("ShapesWorld task", package=__package__)
 """The ShapesWorld tasks that :func:`~cliplab.data.datasets.load_dataset` accepts as
@@ -49,23 +54,26 @@ class TaskRequest:
     task : str
         The task name (without ``shapes:``).
     world : ShapesWorld
-        The shapes-tiny world of ``seed``; a task may derive its own from it with
-        :meth:`ShapesWorld.replace`.
+        The shapes-tiny world of ``seed`` in the requested domain; a task may derive its
+        own from it with :meth:`ShapesWorld.replace` (which keeps the domain).
     split : str
     n : int
     seed : int
+    domain : str or None
+        The domain of ``shapes:<task>@<domain>``; ``None`` for the original one.
     meta : dict
         Provenance the task puts into its dataset's ``meta`` (source, split, n, seed, world).
     """
 
     def __init__(self, task: str, world: ShapesWorld, split: str, n: int, seed: int):
         self.task, self.world, self.split, self.n, self.seed = task, world, split, n, seed
-        self.meta = {"source": f"shapes:{task}", "split": split, "n": n, "seed": seed, "world": world.config()}
+        self.domain = world.domain
+        self.meta = {"source": self.name, "split": split, "n": n, "seed": seed, "world": world.config()}
 
     @property
     def name(self) -> str:
-        """The dataset name, ``"shapes:<task>"``."""
-        return f"shapes:{self.task}"
+        """The dataset name, ``"shapes:<task>"`` or ``"shapes:<task>@<domain>"``."""
+        return f"shapes:{self.task}" + (f"@{self.domain}" if self.domain else "")
 
     def sized(self, world: ShapesWorld) -> ShapesWorld:
         """``world`` with room for ``n`` scenes in the split; records it in ``meta``."""
@@ -84,13 +92,32 @@ def register_task(name: str, **meta) -> Callable:
     return SHAPES_TASKS.register(name, **meta)
 
 
+def parse_task(spec: str) -> tuple[str, str | None]:
+    """``"color-shape@blur-3"`` -> ``("color-shape", "blur-3")``; ``"shape"`` -> ``("shape", None)``.
+
+    Raises
+    ------
+    UsageError
+        An unknown task or domain, or an empty domain after ``@``.
+    """
+    task, at, domain = str(spec).partition("@")
+    if task not in SHAPES_TASKS:
+        raise UsageError(f"unknown ShapesWorld task {task!r}; choose one of "
+                         f"{', '.join('shapes:' + t for t in SHAPES_TASKS)}")
+    if at and not domain:
+        raise UsageError(f"shapes:{spec}: name a domain after '@' (shapes:{task}@DOMAIN, e.g. "
+                         f"shapes:{task}@blur-3)")
+    return task, check_domain(domain) if at else None
+
+
 def shapes_task(task: str, split: str = "test", n: int | None = None, seed: int = 0):
     """The first ``n`` scenes of ``split`` of a ShapesWorld task.
 
     Parameters
     ----------
     task : str
-        A name of :data:`SHAPES_TASKS`.
+        A name of :data:`SHAPES_TASKS`, optionally ``@<domain>`` with a name of
+        :data:`~.domains.DOMAINS` (``"color-shape@blur-3"``).
     split : {"train", "val", "test"}, default "test"
     n : int, optional
         Number of scenes; default :data:`SHAPES_DEFAULT_N` of the split.
@@ -106,15 +133,13 @@ def shapes_task(task: str, split: str = "test", n: int | None = None, seed: int 
     Raises
     ------
     UsageError
-        Unknown task or split, ``n < 1``, or a split the task does not have.
+        Unknown task, domain or split, ``n < 1``, or a split the task does not have.
     """
-    if task not in SHAPES_TASKS:
-        raise UsageError(f"unknown ShapesWorld task {task!r}; choose one of "
-                         f"{', '.join('shapes:' + t for t in SHAPES_TASKS)}")
+    task, domain = parse_task(task)
     if split not in SPLIT_NAMES:
         raise UsageError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_NAMES)}")
     n = SHAPES_DEFAULT_N[split] if n is None else check_positive_int("n", n)
-    request = TaskRequest(task, shapes_tiny_world(seed), split, n, seed)
+    request = TaskRequest(task, shapes_tiny_world(seed, domain=domain), split, n, seed)
     return SHAPES_TASKS.get(task)(request)
 
 

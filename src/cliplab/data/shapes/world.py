@@ -1,9 +1,10 @@
 """ShapesWorld: a procedural image-caption world that is a pure function of its seed.
 
 Scene ``i`` of split ``s`` is drawn from ``np.random.default_rng([seed, split_id, i])``
-(defects from a second stream ``[seed, split_id, i, 1]``), so any scene can be made on its
-own, in any order, on any process: DDP ranks and resumed runs see identical data, and
-turning defects on or off leaves everything else in the scene unchanged.
+(defects from a second stream ``[seed, split_id, i, 1]``, a domain's rendering from
+``[seed, split_id, i, 2, stage]``), so any scene can be made on its own, in any order, on
+any process: DDP ranks and resumed runs see identical data, and turning defects or a
+domain (:mod:`.domains`) on or off leaves everything else in the scene unchanged.
 
 Splits
 ------
@@ -20,6 +21,7 @@ Splits
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ import numpy as np
 from ...errors import UsageError
 from ...validation import check_number, check_positive_int
 from . import render
+from .domains import check_domain, domain_rng, get_domain
 from .captions import make_captions
 from .long_captions import long_caption, short_caption
 
@@ -130,7 +133,8 @@ class Scene:
     objects : list of ObjectGT
         In drawing order (later ones on top).
     background : str
-        One of :data:`BACKGROUNDS`.
+        One of :data:`BACKGROUNDS` (of :data:`~.domains.NEW_BACKGROUNDS` in the
+        ``new-backgrounds`` domain).
     captions : list of str
         Canonical caption first, then rewrites.
     long_caption, short_caption : str
@@ -237,6 +241,12 @@ class ShapesWorld:
         Soft edges.  With ``False`` every mask pixel has exactly the object colour.
     n_captions : int, default=5
         Captions per scene (>= 3).
+    domain : str, optional
+        A controlled shift of the rendering (a name of
+        :data:`~cliplab.data.shapes.domains.DOMAINS`: styles, lighting, clutter,
+        occlusion, unseen backgrounds, corruptions such as ``"blur-3"``).  The objects and
+        labels of scene ``i`` are the same in every domain; ``None`` (or ``"original"``)
+        is the original rendering.
 
     Examples
     --------
@@ -259,6 +269,7 @@ class ShapesWorld:
         *,
         antialias: bool = True,
         n_captions: int = 5,
+        domain: str | None = None,
     ):
         if int(seed) != seed or seed < 0:
             raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
@@ -307,12 +318,15 @@ class ShapesWorld:
         self.n_captions = int(n_captions)
         self.in_shapes = in_shapes
         self._heldout_set = frozenset(heldout)
+        self.domain = check_domain(domain)
+        self._domain = get_domain(self.domain)
 
     # ------------------------------------------------------------------ public
 
     def config(self) -> dict:
-        """The constructor arguments as plain data (for manifests and :meth:`replace`)."""
-        return {
+        """The constructor arguments as plain data (for manifests and :meth:`replace`);
+        ``domain`` only when one is set, so the original domain's manifests are unchanged."""
+        cfg = {
             "seed": self.seed,
             "image_size": self.image_size,
             "n_objects": list(self.n_objects),
@@ -324,6 +338,9 @@ class ShapesWorld:
             "antialias": self.antialias,
             "n_captions": self.n_captions,
         }
+        if self.domain is not None:
+            cfg["domain"] = self.domain
+        return cfg
 
     def replace(self, **changes) -> "ShapesWorld":
         """A copy of this world with some constructor arguments changed."""
@@ -362,7 +379,7 @@ class ShapesWorld:
         return (
             f"ShapesWorld(seed={self.seed}, image_size={self.image_size}, n_objects={self.n_objects}, "
             f"heldout={len(self.heldout)} pairs, ood_shapes={self.ood_shapes}, spurious={self.spurious}, "
-            f"defect_rate={self.defect_rate})"
+            f"defect_rate={self.defect_rate}" + (f", domain={self.domain!r})" if self.domain else ")")
         )
 
     # ------------------------------------------------------------------ internals
@@ -433,7 +450,9 @@ class ShapesWorld:
         defect_rng : numpy.random.Generator, optional
             Decides and draws a defect with probability ``defect_rate``; none when omitted.
         split, index : optional
-            Recorded on the scene.
+            Recorded on the scene; with ``index`` they key the random streams of the
+            world's ``domain`` (:func:`~.domains.domain_rng`), which draws nothing from
+            ``rng``, so the objects and captions' choices are those of the original domain.
 
         Returns
         -------
@@ -441,17 +460,39 @@ class ShapesWorld:
         """
         S = self.image_size
         image = render.background(background, S, rng)  # (S, S, 3) float32
+        dom = self._domain  # None: the original domain, bytes as before domains existed
+        if dom is not None:
+            stream = functools.partial(domain_rng, self.seed, SPLIT_IDS.get(split, 0), index)
+            if dom.background is not None:
+                image, background = dom.background(S, stream(0))
+            if dom.behind is not None:
+                dom.behind(image, specs, stream(1))
+            shape_rng, paint_rng = stream(2), stream(3)
+            cover = np.zeros((S, S), np.float32)  # (H, W) object coverage, for lighting
 
         # objects, later ones on top
         masks = []
         for spec in specs:
-            window, alpha = render.coverage(spec.shape, spec.cx, spec.cy, spec.r, S, self.antialias)
-            render.paint(image, window, alpha, spec.rgb)
+            if dom is not None and dom.shape is not None:
+                window, alpha, inside = dom.shape(spec, S, self.antialias, shape_rng)
+            else:
+                window, alpha = render.coverage(spec.shape, spec.cx, spec.cy, spec.r, S, self.antialias)
+                inside = alpha >= 0.5
+            if dom is not None and dom.paint is not None:
+                dom.paint(image, window, alpha, spec, paint_rng)
+            else:
+                render.paint(image, window, alpha, spec.rgb)
             mask = np.zeros((S, S), dtype=bool)  # (H, W)
-            mask[window] = alpha >= 0.5
+            mask[window] = inside
             for m in masks:
                 m[window] &= ~mask[window]
             masks.append(mask)
+            if dom is not None:
+                np.maximum(cover[window], alpha, out=cover[window])
+        if dom is not None and dom.front is not None:
+            hidden = dom.front(image, masks, stream(4))  # occluders: their pixels leave the masks
+            for m in masks:
+                m &= ~hidden
         objects = [
             ObjectGT(spec.shape, spec.color, spec.size, _position_word(spec.cx, spec.cy, S), _box(m), m)
             for spec, m in zip(specs, masks)
@@ -464,6 +505,8 @@ class ShapesWorld:
             window = (slice(0, S), slice(0, S))
             render.paint(image, window, alpha, rgb)
             defects.append({"kind": kind, "mask": dmask, "box": _box(dmask)})
+        if dom is not None and dom.pixels is not None:
+            image = dom.pixels(image, cover, stream(5))  # lighting, corruptions
 
         captions = make_captions(objects, background, rng, self.n_captions)
         out = np.clip(image + 0.5, 0, 255).astype(np.uint8)  # (H, W, 3)
