@@ -3,7 +3,7 @@
 ``--dataset`` is the in-distribution (clean) set; ``--shifted`` lists the shifted sets, as
 dataset specs separated by commas (a user's folders: ``photos/,photos_blurred/,sketches/``;
 ShapesWorld domains: ``shapes:color-shape@outline,shapes:color-shape@noise-3``; ``@*``
-after a ShapesWorld task expands to every registered domain).  Every shifted set must have
+after a ShapesWorld task expands to every registered domain but ``original``).  Every shifted set must have
 the clean set's classes.  Sets named ``<corruption>-<severity>`` (``noise-3``) are grouped
 by corruption for the corruption error; ``--baseline RESULTS.json`` (this task's results for
 a baseline model) adds mCE and relative mCE (:mod:`cliplab.eval.robustness`).
@@ -35,7 +35,7 @@ def expand_shifted(spec: str) -> list[str]:
         if part.startswith("shapes:") and part.endswith("@*"):
             from ...data.shapes import list_domains
 
-            out += [f"{part[:-2]}@{d}" for d in list_domains()]
+            out += [f"{part[:-2]}@{d}" for d in list_domains() if d != "original"]
         else:
             out.append(part)
     if not out:
