@@ -37,6 +37,7 @@ __getattr__, __dir__, _LAZY_NAMES = lazy_exports(__name__, {
     ".coop": ["CoOp", "KgCoOp"],
     ".mocoop": ["MoCoOp"],
     ".finetune": ["FineTuner", "LoRAFineTuner", "SVDFineTuner", "FullFineTuner"],
+    ".ranking": ["RankingAdapter", "save_ranker", "load_ranker"],
     ".io": ["save_adapter", "load_adapter"],
     ".fewshot": ["fit_adapter"],
     "._base": ["FeatureAdapter"],
