@@ -46,6 +46,8 @@ Deviations from the reference
   ``torch.empty`` (its ``init_parameters`` is never called).
 - When the text tower is narrower or wider than the visual tower, a linear map brings the
   text tokens to the visual width (the reference's backbone has one width).
+- ``heads`` sets the heads of the fusion, the post-fusion encoder and the pair attention
+  alike; the reference fixes the fusion and the pair attention at 8 (its default here).
 - No image augmentation (the reference flips horizontally).
 """
 
