@@ -101,3 +101,25 @@ def test_rank_correlation():
     assert rank_correlation(a, b) == pytest.approx(kendalltau(a, b).statistic, abs=1e-12)
     with pytest.raises(UsageError, match="same length"):
         rank_correlation([1, 2, 3], [1, 2])
+
+
+def test_ranking_metrics_on_known_permutations():
+    from cliplab.eval.metrics import kendall_tau, ndcg_at_k, spearman
+
+    truth = [0, 1, 2, 3]
+    swapped = [1, 0, 2, 3]                          # one discordant pair of 6
+    assert kendall_tau(truth, swapped) == pytest.approx((5 - 1) / 6)
+    assert spearman(truth, swapped) == pytest.approx(1 - 6 * 2 / (4 * (16 - 1)))   # Σd² = 2
+    assert kendall_tau(truth, truth[::-1]) == pytest.approx(-1.0)
+    assert spearman(truth, truth[::-1]) == pytest.approx(-1.0)
+    assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    rel, scores = [3, 2, 1, 0], [2, 3, 1, 0]        # the two most relevant items swapped
+    dcg = 2 / np.log2(2) + 3 / np.log2(3) + 1 / np.log2(4)
+    ideal = 3 / np.log2(2) + 2 / np.log2(3) + 1 / np.log2(4)
+    assert ndcg_at_k(rel, scores) == pytest.approx(dcg / ideal)
+    assert ndcg_at_k(rel, scores, k=1) == pytest.approx(2 / 3)
+    assert ndcg_at_k(rel, rel, k=2) == pytest.approx(1.0)
+    with pytest.raises(UsageError, match="non-negative"):
+        ndcg_at_k([-1, 2], [1, 2])
+    with pytest.raises(UsageError, match="same length"):
+        spearman([1, 2, 3], [1, 2])

@@ -126,6 +126,17 @@ def test_image_tokens_shape(tiny):
     assert tiny.image_tokens(img, project=True).shape == (1, 16, 32)
 
 
+def test_text_tokens_pool_to_open_clips_text_features(tiny):
+    texts = ["a red star.", "two blue squares on a striped background"]
+    tok = tiny.text_tokens(texts)
+    assert tok.shape == (2, tiny.context_length, 64)                  # every position, text width
+    ids = tiny.tokenize(texts)
+    pooled = torch.from_numpy(tok)[torch.arange(2), ids.argmax(dim=-1)] @ tiny.model.text_projection
+    with torch.no_grad():
+        want = tiny.model.encode_text(ids)                              # open_clip's own pooled feature
+    assert torch.allclose(pooled, want, atol=1e-5)
+
+
 def test_fingerprint_stable_and_sensitive(tiny_dir):
     import cliplab
 

@@ -17,6 +17,11 @@ Every adapter chooses its hyper-parameters on a validation split (``fit(X, y, X_
 y_val)``, or carved from ``X``), never on test.  ``save_adapter`` / ``load_adapter``
 write and read a fitted adapter (JSON + safetensors).
 
+:class:`RankingAdapter` (:mod:`cliplab.adapt.ranking`, the ranking-aware adapter) is not
+in :data:`METHODS`: it regresses one score per image for an instruction instead of
+predicting classes, so it has neither ``classnames`` nor the per-class shots of ``cliplab
+adapt``; ``cliplab rank --fit`` trains it, and ``save_adapter`` / ``load_adapter`` save it.
+
 The classes are imported on first use, so that ``import cliplab.adapt`` (and building the
 command-line parser from :data:`METHODS`) stays cheap.
 """
@@ -37,6 +42,7 @@ __getattr__, __dir__, _LAZY_NAMES = lazy_exports(__name__, {
     ".coop": ["CoOp", "KgCoOp"],
     ".mocoop": ["MoCoOp"],
     ".finetune": ["FineTuner", "LoRAFineTuner", "SVDFineTuner", "FullFineTuner"],
+    ".ranking": ["RankingAdapter", "save_ranker", "load_ranker"],
     ".io": ["save_adapter", "load_adapter"],
     ".fewshot": ["fit_adapter"],
     "._base": ["FeatureAdapter"],

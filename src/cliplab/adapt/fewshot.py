@@ -214,10 +214,8 @@ def save_fitted(est, meta: dict, out) -> Path:
     return out
 
 
-def load_fitted(path, backbone):
-    """(estimator, class names) of an adapter folder, refusing one fit on another model."""
-    from . import load_adapter
-
+def read_meta(path, backbone) -> dict:
+    """``cliplab_adapter.json`` of an adapter folder, refusing an adapter fit on another model."""
     path = Path(path)
     meta_path = path / META_FILE
     if not meta_path.is_file():
@@ -225,13 +223,28 @@ def load_fitted(path, backbone):
     text = read_text(meta_path, what="adapter metadata file")
     try:
         meta = json.loads(text)
-        names, fp = list(meta["classnames"]), str(meta["fingerprint"])
+        fp = str(meta["fingerprint"])
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{meta_path}: malformed adapter metadata ({e})") from None
     if fp != backbone.fingerprint:
         raise UsageError(f"adapter {path} was fit on the features of model {meta.get('model_spec') or '?'} "
                          f"(fingerprint {fp[:12]}), not of --model {backbone.name} "
                          f"({backbone.fingerprint[:12]}); pass the model it was fit with")
+    return meta
+
+
+def load_fitted(path, backbone):
+    """(estimator, class names) of an adapter folder, refusing one fit on another model."""
+    from . import load_adapter
+
+    path = Path(path)
+    meta = read_meta(path, backbone)
+    if meta.get("method") == "ranking":
+        raise UsageError(f"{path} is a ranking adapter; use it with 'cliplab rank --adapter'")
+    try:
+        names = list(meta["classnames"])
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{path / META_FILE}: malformed adapter metadata ({e})") from None
     est = load_adapter(path)
     if METHODS.meta(est.name).get("kind") == "learner":
         est.backbone = backbone          # learners keep using the towers of the model

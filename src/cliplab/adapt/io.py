@@ -30,10 +30,13 @@ def _jsonable(v):
 
 
 def _classes() -> dict:
-    """Class name -> class of every saveable estimator: the methods of :data:`cliplab.adapt.METHODS`."""
+    """Class name -> class of every saveable estimator: the methods of :data:`cliplab.adapt.METHODS`
+    and :class:`~cliplab.adapt.ranking.RankingAdapter` (a scalar regressor, outside that registry of
+    classifiers)."""
     from . import METHODS
+    from .ranking import RankingAdapter
 
-    return {c.__name__: c for _, c in METHODS.items()}
+    return {**{c.__name__: c for _, c in METHODS.items()}, RankingAdapter.__name__: RankingAdapter}
 
 
 def save_adapter(est, directory) -> Path:

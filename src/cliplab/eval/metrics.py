@@ -34,7 +34,7 @@ from ..errors import UsageError
 from ..validation import check_positive_int
 
 __all__ = ["segmentation_areas", "mean_iou", "topk_accuracy", "mean_per_class_recall", "confusion_matrix",
-           "retrieval_recall", "rank_correlation",
+           "retrieval_recall", "rank_correlation", "kendall_tau", "spearman", "ndcg_at_k",
            "accuracy", "group_accuracies", "worst_group_accuracy", "pair_accuracy"]
 
 
@@ -191,11 +191,22 @@ def retrieval_recall(image_feats, text_feats, text_to_image, ks: Sequence[int] =
     return out
 
 
+def _paired(x, y, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Two finite float sequences of the same length >= 2, or a UsageError naming ``name``."""
+    x = np.asarray(list(x) if not isinstance(x, np.ndarray) else x, dtype=float).reshape(-1)
+    y = np.asarray(list(y) if not isinstance(y, np.ndarray) else y, dtype=float).reshape(-1)
+    if x.shape != y.shape or x.size < 2:
+        raise UsageError(f"{name} needs two sequences of the same length >= 2, got {x.size} and {y.size}")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise UsageError(f"{name} needs finite values (no NaN or inf)")
+    return x, y
+
+
 def rank_correlation(x: Iterable[float], y: Iterable[float]) -> float:
     """Kendall's τ_b between two sequences (e.g. layer sharpness vs OOD accuracy over α).
 
     Computed by :func:`scipy.stats.kendalltau` (SciPy comes with scikit-learn).  NaN
-    when either sequence is constant.
+    when either sequence is constant.  :func:`kendall_tau` is the same function.
 
     Parameters
     ----------
@@ -207,16 +218,64 @@ def rank_correlation(x: Iterable[float], y: Iterable[float]) -> float:
     float
         τ_b in [−1, 1].
     """
-    x = np.asarray(list(x) if not isinstance(x, np.ndarray) else x, dtype=float).reshape(-1)
-    y = np.asarray(list(y) if not isinstance(y, np.ndarray) else y, dtype=float).reshape(-1)
-    if x.shape != y.shape or x.size < 2:
-        raise UsageError(f"rank_correlation needs two sequences of the same length >= 2, got "
-                         f"{x.size} and {y.size}")
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        raise UsageError("rank_correlation needs finite values (no NaN or inf)")
+    x, y = _paired(x, y, "rank_correlation")
     from scipy.stats import kendalltau
 
     return float(kendalltau(x, y).statistic)
+
+
+kendall_tau = rank_correlation
+
+
+def spearman(x: Iterable[float], y: Iterable[float]) -> float:
+    """Spearman's ρ (Pearson correlation of the ranks, ties averaged): :func:`scipy.stats.spearmanr`.
+
+    Parameters
+    ----------
+    x, y : array-like of float, shape (n,)
+        n ≥ 2, finite.  NaN when either is constant.
+
+    Returns
+    -------
+    float
+        ρ in [−1, 1].
+    """
+    x, y = _paired(x, y, "spearman")
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic)
+
+
+def ndcg_at_k(relevance: Iterable[float], scores: Iterable[float], k: int | None = None) -> float:
+    """NDCG@k of one ranking: order items by ``scores``, gain = ``relevance`` (non-negative).
+
+    ``DCG@k = Σ_{r ≤ k} rel_(r) / log2(r + 1)`` over the k best-scored items, divided by the
+    DCG of the ideal order; :func:`sklearn.metrics.ndcg_score` (ties in ``scores``
+    averaged).  E.g. relevance = object counts, scores = a model's "how many objects" scores.
+
+    Parameters
+    ----------
+    relevance : array-like of float, shape (n,)
+        True gains, ≥ 0, n ≥ 2.
+    scores : array-like of float, shape (n,)
+    k : int, optional
+        Cut-off; None for the whole list.
+
+    Returns
+    -------
+    float
+        In [0, 1]; 1 for an order that sorts the relevances.
+    """
+    rel, sc = _paired(relevance, scores, "ndcg_at_k")
+    if (rel < 0).any():
+        raise UsageError("ndcg_at_k needs non-negative relevance values")
+    if k is not None:
+        check_positive_int("k", k)
+    from sklearn.metrics import ndcg_score
+
+    return float(ndcg_score(rel[None], sc[None], k=k))
 
 
 def pair_accuracy(image_feats, text_feats, pair) -> float:

@@ -131,15 +131,31 @@ def encode_token_embeddings(model, x: torch.Tensor, tokens: torch.Tensor) -> tor
     from open_clip.transformer import text_global_pool
 
     m = model
-    L = x.shape[1]
-    cast = m.transformer.get_cast_dtype()
-    x = x.to(cast) + m.positional_embedding[:L].to(cast)           # (B, L, W)
-    x = m.transformer(x, attn_mask=m.attn_mask[:L, :L])
-    x = m.ln_final(x)
+    x = encode_token_states(m, x)                                    # (B, L, W)
     x = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
     if m.text_projection is not None:
         x = m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
     return x                                                          # (B, D)
+
+
+def encode_token_states(model, x: torch.Tensor) -> torch.Tensor:
+    """Per-position text-tower outputs (B, L, W) of an open_clip ``CLIP``, before pooling.
+
+    Positions added, the causal transformer, the final LayerNorm: what
+    :func:`encode_token_embeddings` pools and projects.
+
+    Parameters
+    ----------
+    model : open_clip.CLIP
+    x : Tensor (B, L, W)
+        Token embeddings, ``L`` <= the context length.
+    """
+    m = model
+    L = x.shape[1]
+    cast = m.transformer.get_cast_dtype()
+    x = x.to(cast) + m.positional_embedding[:L].to(cast)           # (B, L, W)
+    x = m.transformer(x, attn_mask=m.attn_mask[:L, :L])
+    return m.ln_final(x)                                              # (B, L, W)
 
 
 class Backbone:
@@ -375,6 +391,26 @@ class Backbone:
                     out[c + idx] = self._encode_tokens(tokens[idx], fast).float().cpu()
                     bar.update(1)
         return F.normalize(out, dim=-1).numpy()
+
+    def text_tokens(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Per-position outputs of the text tower, before pooling: float32 (N, L, W).
+
+        ``L`` is the full context length (padding positions included, as open_clip's
+        ``encode_text(..., output_tokens=True)`` returns them), ``W`` the text-tower width
+        (the final LayerNorm applied, no projection).  Needs the built-in CLIP text tower.
+
+        Raises
+        ------
+        UsageError
+            The model's text tower is not open_clip's built-in causal transformer.
+        """
+        if not self._fast_text_ok():
+            raise UsageError(f"{self.name}: per-token text outputs need open_clip's built-in text tower")
+        tokens = self.tokenize(texts).to(self.device)                  # (N, L)
+        m = self.model
+        with torch.inference_mode():
+            out = encode_token_states(m, m.token_embedding(tokens))    # (N, L, W)
+        return out.float().cpu().numpy()
 
     # -------------------------------------------------------------------- images
     def _prepare_into(self, item, out: torch.Tensor, max_pixels, draft, tail) -> None:
