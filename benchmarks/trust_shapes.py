@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--model", default="shapes-tiny")
     ap.add_argument("--n", type=int, default=800, help="test images per set")
     ap.add_argument("--quick", action="store_true", help="n=120, one shift (a smoke run)")
+    ap.add_argument("--ft-epochs", type=int, default=10, help="full fine-tuning epochs (WiSE-FT endpoint)")
+    ap.add_argument("--ft-lr", type=float, default=1e-4, help="full fine-tuning learning rate")
     args = ap.parse_args()
     n = 120 if args.quick else args.n
     shifts = SHIFTS[:1] if args.quick else SHIFTS
@@ -87,13 +89,14 @@ def main() -> None:
 
     train = load_dataset("shapes:shape", "train", n=2000)
     shots = fewshot_subset(train, 16, 0)
-    est = FullFineTuner(bb, list(train.classnames), epochs=5, random_state=0, progress=False)
+    est = FullFineTuner(bb, list(train.classnames), epochs=args.ft_epochs, lr=args.ft_lr, random_state=0,
+                        progress=False)
     est.fit(np.stack(shots.items), np.asarray(shots.labels))
     ft = est.adapted_backbone()
-    out["wise_ft"] = {}
+    out["wise_ft"] = {"epochs": args.ft_epochs, "lr": args.ft_lr}
     tests = {d: load_dataset("shapes:shape" + ("" if d == "original" else f"@{d}"), "test", n=n)
              for d in ("original", *shifts)}
-    for alpha in (0.0, 0.5, 1.0):
+    for alpha in (0.0, 0.25, 0.5, 0.75, 1.0):
         m = interpolate(bb, ft, alpha)
         out["wise_ft"][str(alpha)] = {d: zero_shot_eval(m, data, "a photo of a {c}.") for d, data in tests.items()}
         row = out["wise_ft"][str(alpha)]

@@ -122,6 +122,7 @@ def robustness_plot(record: dict) -> bytes:
             sev = sorted(pts)
             ax.plot(sev, [100 * pts[s] for s in sev], marker="o", label=name, color=f"C{j % 10}")
         ax.axhline(100 * clean, color="k", linestyle="--", linewidth=1, label="clean")
+        ax.set_xticks(sorted({s for pts in curves.values() for s in pts}))
         ax.set_xlabel("severity")
         ax.set_ylabel("top-1 accuracy (%)")
         ax.set_ylim(0, 100)
