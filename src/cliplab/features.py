@@ -162,6 +162,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entry list to disk (after a rename into it); silently skipped where
+    the platform cannot open a folder."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class FeatureStore:
     """Image and text features of one backbone, cached on disk in atomic chunks.
 
@@ -242,20 +257,7 @@ class FeatureStore:
             os.replace(tmp, meta_path)
         finally:
             tmp.unlink(missing_ok=True)
-        self._fsync_dir(meta_path.parent)
-
-    @staticmethod
-    def _fsync_dir(folder: Path) -> None:
-        try:
-            fd = os.open(folder, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        fsync_dir(meta_path.parent)
 
     def _clean_temp_files(self) -> None:
         """Delete temporary files whose writer (on this host) is no longer running."""
@@ -317,7 +319,7 @@ class FeatureStore:
                 break
         finally:
             tmp.unlink(missing_ok=True)
-        self._fsync_dir(self._chunks)
+        fsync_dir(self._chunks)
         for k, row in zip(keys, feats):
             self._features.setdefault(k, row)
         for k, why in skipped:

@@ -61,6 +61,7 @@ from ..data.records import Skipped
 from ..data.sources import (IMAGE_COLUMNS, SkipLog, canonical_path, expand_shards, index_webdataset,
                             pick_column)
 from ..errors import BadImage, CliplabError, DataError, UsageError
+from ..features import fsync_dir
 from ..validation import check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -314,19 +315,6 @@ class _Encoder:
 
 
 # ---------------------------------------------------------------------- outputs
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, write) -> None:
     """``write(binary file)`` to a temporary file beside ``path``, fsync, rename over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -338,7 +326,7 @@ def _atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _part(out: Path, shard: int, suffix: str) -> Path:
