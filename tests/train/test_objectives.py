@@ -122,7 +122,7 @@ def test_teacher_outputs_and_extra_captions_reach_the_objective(registered, tmp_
 
 
 def test_declared_needs_are_checked_against_the_data(registered, tmp_path):
-    with pytest.raises(DataError, match="'with-teacher' loss needs 'teacher' in every training item"):
+    with pytest.raises(DataError, match="'with-teacher' objective needs 'teacher' in every training item"):
         _fit(tmp_path, "with-teacher", Colours(extras=False), steps=1)
 
 
@@ -134,3 +134,76 @@ def test_every_module_of_the_package_is_imported_and_registers_objectives():
     assert {"infonce", "sigmoid"} <= modules
     assert modules == {cls.__module__.rsplit(".", 1)[1] for cls in registered}
     assert all(issubclass(cls, Objective) for cls in registered)
+
+
+class MeanHead(torch.nn.Module):
+    """A frozen open_clip image tower and a trainable linear head over its features."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.visual = clip.visual.requires_grad_(False)
+        self.head = torch.nn.Linear(CFG["embed_dim"], 1)
+
+    def forward(self, images):
+        return self.head(self.visual(images)).squeeze(1)                                  # (B,)
+
+
+class RegressBrightness(Objective):
+    """No captions: regress a per-image target carried by the items."""
+
+    needs_captions = False
+    needs_targets = True
+    seen: list = []
+
+    def forward_model(self, model, batch):
+        return model(batch.images)
+
+    def forward(self, outputs, batch=None):
+        type(self).seen.append((batch.tokens, tuple(batch.targets["level"].shape)))
+        return {"mse": ((outputs - batch.targets["level"]) ** 2).mean()}
+
+
+class Levels:
+    """Colour patches with no captions and their brightness as the target."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        k = i % len(COLOURS)
+        return np.full((16, 16, 3), 60 * k, np.uint8), None, {"targets": {"level": np.float32(k / 3)}}
+
+
+def test_an_objective_instance_trains_a_head_without_captions(tmp_path):
+    model = init_model(CFG).model
+    head = MeanHead(model)
+    frozen = {k: v.clone() for k, v in head.visual.state_dict().items()}
+    RegressBrightness.seen = []
+    config = TrainConfig(steps=40, batch_size=8, lr=1e-2, warmup_steps=0, weight_decay=0.0,
+                         out_dir=str(tmp_path / "run"), ckpt_every=0, log_every=5)
+    pp = {"size": [16, 16], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    row = Trainer(head, None, None, Levels(), config, objective=RegressBrightness(),
+                  preprocess_cfg=pp).fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss_mse"] < 0.5 * rows[0]["loss_mse"]                 # the head learned
+    assert "logit_scale" not in row                                       # nothing CLIP-only logged
+    assert {s for s in RegressBrightness.seen} == {(None, (8,))}          # no tokens, (B,) targets
+    for k, v in head.visual.state_dict().items():                         # the frozen tower is untouched
+        assert torch.equal(v, frozen[k]), k
+
+
+def test_an_objective_on_captions_needs_a_tokenizer(tmp_path):
+    built = init_model(CFG)
+    model, preprocess = built.model, built.preprocess
+    config = TrainConfig(steps=1, batch_size=4, out_dir=str(tmp_path / "run"))
+    with pytest.raises(Exception, match="pass a tokenizer"):
+        Trainer(model, None, preprocess, Colours(), config, objective=TwoTerms()).fit()
+
+
+def test_missing_targets_are_one_clear_error(tmp_path):
+    model = init_model(CFG).model
+    config = TrainConfig(steps=1, batch_size=4, out_dir=str(tmp_path / "run"))
+    pp = {"size": [16, 16], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    with pytest.raises(DataError, match="needs 'targets' in every training item"):
+        Trainer(MeanHead(model), None, None, Colours(), config, objective=RegressBrightness(),
+                preprocess_cfg=pp).fit()

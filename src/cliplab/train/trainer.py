@@ -1,9 +1,10 @@
-"""The training loop of cliplab: contrastive image-text training of an open_clip model.
+"""The training loop of cliplab: contrastive image-text training of an open_clip model, and more.
 
 One :class:`Trainer` serves every training method (CLIP, SigLIP, and later
-CLOOB, distillation, prompt learning): a method plugs in an objective from
-:mod:`cliplab.train.losses`, a training set from :mod:`cliplab.train.datasets`
-and an ``evaluate(model) -> dict`` callback.  The loop never names a method:
+CLOOB, distillation, prompt learning, dense heads): a method plugs in an objective from
+:mod:`cliplab.train.losses` (or an :class:`~cliplab.train.losses.Objective` instance
+that trains another module: a dense head, learnable prompts, a region prompter),
+a training set from :mod:`cliplab.train.datasets` and an ``evaluate(model) -> dict`` callback.  The loop never names a method:
 the objective runs the forward pass (``forward_model``) and returns named
 loss terms, which the loop sums and logs.
 
@@ -11,11 +12,12 @@ What a step does (``t`` counts optimizer steps from 0):
 
 1. take the global batch ``global_batch_indices(n, B, seed, t)``; rank ``r`` of
    ``W`` keeps the contiguous slice ``[r B/W, (r+1) B/W)``;
-2. pick one caption per image (LaCLIP), ``caption_choice(..., seed, t)``;
+2. pick one caption per image (LaCLIP), ``caption_choice(..., seed, t)``, unless the
+   objective trains without captions;
 3. ``outputs = objective.forward_model(model, batch)``, ``terms = objective(outputs, batch)``,
    backward of their sum, clip the gradient norm, AdamW step, learning rate
    from :func:`~cliplab.train.schedule.warmup_cosine_factor`;
-4. clamp ``logit_scale`` to [0, ln 100] as CLIP does.
+4. clamp ``logit_scale`` (where the model has one) to [0, ln 100] as CLIP does.
 
 With ``num_workers`` > 0, step ``t``'s batch (images rendered or decoded,
 captions tokenised) is made in DataLoader worker processes while the model trains on
@@ -150,9 +152,10 @@ class _StepBatches(torch.utils.data.Dataset):
 
     Items of the training set are ``(image, captions)`` or ``(image, captions, extras)``
     (``get_batch`` likewise returns two or three lists); ``extras`` is a dict with
-    ``"teacher"`` (name -> array, the same shape for every item) and/or
-    ``"extra_captions"`` (K strings, the same K for every item), read only when
-    the objective declares ``needs_teacher`` / ``needs_extra_captions``.
+    ``"teacher"`` and/or ``"targets"`` (name -> array, the same shape for every item)
+    and/or ``"extra_captions"`` (K strings, the same K for every item), read only when
+    the objective declares ``needs_teacher`` / ``needs_targets`` / ``needs_extra_captions``.
+    Captions are read only when it declares ``needs_captions``.
     """
 
     def __init__(self, train_set, tokenizer, preprocess, preprocess_cfg, *, seed, batch_size,
@@ -172,15 +175,16 @@ class _StepBatches(torch.utils.data.Dataset):
         idx = global_batch_indices(len(self.train_set), self.batch_size, self.seed, step)
         idx = idx[self.start:self.start + self.local]
         images, caption_lists, extras, n_bad = self._load(idx)
-        choice = caption_choice([len(c) for c in caption_lists], self.seed, step, self.start)
-        texts = [c[i] for c, i in zip(caption_lists, choice)]
         out = {"images": images_to_tensor(images, self.preprocess, self.preprocess_cfg),  # (B, 3, H, W)
-               "tokens": self.tokenizer(texts),                                           # (B, T)
-               "caption_index": torch.as_tensor(choice, dtype=torch.long), "step": step, "n_bad": n_bad}
-        if self.objective.needs_teacher:
-            teacher = [self._extra(e, "teacher", i) for e, i in zip(extras, idx)]
-            out["teacher"] = {name: torch.as_tensor(np.stack([np.asarray(t[name]) for t in teacher]))
-                              for name in teacher[0]}                                  # name -> (B, ...)
+               "step": step, "n_bad": n_bad}
+        if self.objective.needs_captions:
+            choice = caption_choice([len(c) for c in caption_lists], self.seed, step, self.start)
+            texts = [c[i] for c, i in zip(caption_lists, choice)]
+            out["tokens"] = self.tokenizer(texts)                                         # (B, T)
+            out["caption_index"] = torch.as_tensor(choice, dtype=torch.long)
+        for key, needed in (("teacher", self.objective.needs_teacher), ("targets", self.objective.needs_targets)):
+            if needed:
+                out[key] = self._stack(key, [self._extra(e, key, i) for e, i in zip(extras, idx)], idx)
         if self.objective.needs_extra_captions:
             extra = [list(self._extra(e, "extra_captions", i)) for e, i in zip(extras, idx)]
             if len({len(c) for c in extra}) != 1:
@@ -189,9 +193,25 @@ class _StepBatches(torch.utils.data.Dataset):
             out["extra_tokens"] = tokens.reshape(len(extra), len(extra[0]), -1)         # (B, K, T)
         return out
 
+    def _stack(self, key: str, per_item: list[dict], idx) -> dict[str, torch.Tensor]:
+        """name -> (B, ...) tensor from each item's ``{name: array}`` under ``key``."""
+        names = list(per_item[0])
+        out = {}
+        for name in names:
+            try:
+                arrays = [np.asarray(d[name]) for d in per_item]
+            except KeyError:
+                raise DataError(f"every training item needs {key}[{name!r}] (item {int(idx[0])} has it)") from None
+            if len({a.shape for a in arrays}) != 1:
+                raise DataError(f"{key}[{name!r}] must have the same shape in every training item, got "
+                                f"{sorted({a.shape for a in arrays})}")
+            out[name] = torch.as_tensor(np.stack(arrays))
+        return out
+
     def _extra(self, extras, key: str, i) -> object:
         if not extras or key not in extras:
-            raise DataError(f"the {self.objective.name!r} loss needs {key!r} in every training item; "
+            name = self.objective.name or type(self.objective).__name__
+            raise DataError(f"the {name!r} objective needs {key!r} in every training item; "
                             f"item {int(i)} has none (items are (image, captions, {{{key!r}: ...}}))")
         return extras[key]
 
@@ -225,8 +245,9 @@ class _StepBatches(torch.utils.data.Dataset):
                 logger.warning("skipping unreadable image (%s); using the next item instead", err)
         raise DataError(f"{_MAX_IMAGE_RETRIES} consecutive unreadable images from item {i}")
 
-    @staticmethod
-    def _check_captions(captions, idx):
+    def _check_captions(self, captions, idx):
+        if not self.objective.needs_captions:
+            return
         for c, i in zip(captions, idx):
             if not c:
                 raise DataError(f"training item {int(i)} has no caption")
@@ -300,15 +321,20 @@ class _MetricsLog:
 
 
 class Trainer:
-    """Contrastive training of an open_clip model, resumable and data-parallel.
+    """Training of an open_clip model (or of any module an objective drives), resumable and data-parallel.
 
     Parameters
     ----------
-    model : open_clip.CLIP
-        The model to train (trained in place).  For an objective with an
-        ``init_logit_bias`` (sigmoid) it must have a ``logit_bias``.
-    tokenizer : callable
-        ``list[str] -> LongTensor (B, T)``, e.g. open_clip's tokenizer.
+    model : open_clip.CLIP or torch.nn.Module
+        The model to train (trained in place; parameters with
+        ``requires_grad=False`` stay frozen).  For an objective with an
+        ``init_logit_bias`` (sigmoid) it must have a ``logit_bias``.  Any
+        module works with an objective that overrides ``forward_model``
+        (a dense head over a frozen Backbone, learnable prompts); its
+        ``logit_scale``, if it has one, is clamped to [0, ln 100].
+    tokenizer : callable or None
+        ``list[str] -> LongTensor (B, T)``, e.g. open_clip's tokenizer; None for
+        an objective with ``needs_captions = False``.
     preprocess : callable or None
         ``PIL.Image -> FloatTensor (3, H, W)``; used for PIL images and arrays
         not at the model's size.
@@ -326,6 +352,22 @@ class Trainer:
         loads it.
     progress : bool, optional
         Show a progress bar (default: ``CLIPLAB_PROGRESS``).
+    objective : Objective, optional
+        An objective instance to train with instead of ``config.loss`` (the
+        name is then ignored); how methods whose objective is not a general
+        image-text loss (dense heads, prompters) use this loop.  Its
+        ``rank``/``world_size`` are set by the Trainer.
+    preprocess_cfg : dict, optional
+        The image size, mean and std the images are normalised with (open_clip's
+        ``preprocess_cfg``); default: read from ``model``, which only an
+        open_clip model has.
+
+    Raises
+    ------
+    UsageError
+        Bad config; an objective that needs captions without a tokenizer.
+    DataError
+        An empty training set; items missing what the objective needs.
 
     Examples
     --------
@@ -336,7 +378,8 @@ class Trainer:
 
     def __init__(self, model, tokenizer, preprocess, train_set, config: TrainConfig,
                  evaluate: Callable | None = None, *, model_cfg: dict | None = None,
-                 progress: bool | None = None):
+                 progress: bool | None = None, objective: Objective | None = None,
+                 preprocess_cfg: dict | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.preprocess = preprocess
@@ -345,6 +388,8 @@ class Trainer:
         self.evaluate = evaluate
         self.model_cfg = model_cfg
         self.progress = progress
+        self.objective = objective
+        self.preprocess_cfg = preprocess_cfg
 
     # ----------------------------------------------------------------- loop
     def fit(self, resume: bool = False, *, stop_at: int | None = None) -> dict:
@@ -382,7 +427,7 @@ class Trainer:
             out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed + env.rank)
         model = self.model.to(env.device).train()
-        objective = get_loss(cfg.loss, rank=env.rank, world_size=env.world_size).to(env.device)
+        objective = self._objective(env)
         self._check_bias(model, objective)
         optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
                                       betas=ADAMW_BETAS, eps=ADAMW_EPS)
@@ -396,7 +441,7 @@ class Trainer:
         end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
         step_forward = distributed.wrap(_StepForward(model, objective), env)
         metrics = _MetricsLog(out_dir, enabled=env.is_main, keep_until=start)
-        pp_cfg = _preprocess_cfg(model)
+        pp_cfg = self.preprocess_cfg if self.preprocess_cfg is not None else _preprocess_cfg(model)
         batches = _StepBatches(self.train_set, self.tokenizer, self.preprocess, pp_cfg, seed=cfg.seed,
                                batch_size=cfg.batch_size, first=start, last=end,
                                rank=env.rank, world_size=env.world_size, objective=objective)
@@ -433,8 +478,9 @@ class Trainer:
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                if isinstance(getattr(model, "logit_scale", None), torch.Tensor):
+                    with torch.no_grad():
+                        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
                 done = step + 1
                 bad_images += n_bad
                 window_steps += 1
@@ -464,6 +510,18 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------ helpers
+    def _objective(self, env: distributed.DistEnv) -> Objective:
+        """The run's objective on ``env.device``: the given instance, else ``config.loss`` by name."""
+        if self.objective is None:
+            objective = get_loss(self.config.loss, rank=env.rank, world_size=env.world_size)
+        else:
+            objective = self.objective
+            objective.rank, objective.world_size = env.rank, env.world_size
+        if objective.needs_captions and self.tokenizer is None:
+            raise UsageError(f"the {objective.name or type(objective).__name__!r} objective trains on captions: "
+                             "pass a tokenizer")
+        return objective.to(env.device)
+
     @staticmethod
     def _check_bias(model, objective: Objective) -> None:
         has_bias = getattr(model, "logit_bias", None) is not None
@@ -483,14 +541,15 @@ class Trainer:
         row = {"step": step, "epoch": step * self.config.batch_size / len(self.train_set), "loss": values[0]}
         row.update({f"loss_{name}": v for name, v in zip(terms, values[1:])})
         row["lr"] = lr
-        row["logit_scale"] = float(model.logit_scale.detach().exp())
+        if isinstance(getattr(model, "logit_scale", None), torch.Tensor):
+            row["logit_scale"] = float(model.logit_scale.detach().exp())
         if getattr(model, "logit_bias", None) is not None:
             row["logit_bias"] = float(model.logit_bias.detach())
         row["samples_per_s"] = samples_per_s
         row["bad_images"] = bad_images
         if env.is_main:
-            logger.info("step %d/%d loss %.4f lr %.3g scale %.1f %.0f samples/s", step, self.config.steps,
-                        row["loss"], row["lr"], row["logit_scale"], samples_per_s)
+            logger.info("step %d/%d loss %.4f lr %.3g %.0f samples/s", step, self.config.steps,
+                        row["loss"], row["lr"], samples_per_s)
         return row
 
     def _run_evaluate(self, env, model, step) -> dict:
@@ -508,7 +567,7 @@ class Trainer:
 
 
 def _to_device(item: dict, device: torch.device) -> dict:
-    """Move the tensors of a batch dict (and of its ``teacher`` dict) to ``device``."""
+    """Move the tensors of a batch dict (and of its ``teacher`` and ``targets`` dicts) to ``device``."""
     def move(v):
         if isinstance(v, dict):
             return {k: move(x) for k, x in v.items()}

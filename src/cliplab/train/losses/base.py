@@ -32,10 +32,12 @@ class Batch:
     ----------
     images : torch.Tensor of shape (B, 3, H, W)
         Preprocessed images.
-    tokens : torch.Tensor of shape (B, T)
-        Token ids of the one caption sampled per image.
-    caption_index : torch.Tensor of shape (B,)
-        Which of its captions each image got (indexes per-caption teacher outputs).
+    tokens : torch.Tensor of shape (B, T) or None
+        Token ids of the one caption sampled per image; None when the objective
+        declares ``needs_captions = False``.
+    caption_index : torch.Tensor of shape (B,) or None
+        Which of its captions each image got (indexes per-caption teacher
+        outputs); None without captions.
     step : int
         The optimizer step (from 0) this batch is for.
     extra_tokens : torch.Tensor of shape (B, K, T) or None
@@ -44,14 +46,18 @@ class Batch:
     teacher : dict of str to torch.Tensor of shape (B, ...), or None
         Stored teacher outputs per image; set when the objective declares
         ``needs_teacher``.
+    targets : dict of str to torch.Tensor of shape (B, ...), or None
+        Per-image supervision of a non-caption objective (masks, boxes, labels);
+        set when the objective declares ``needs_targets``.
     """
 
     images: torch.Tensor
-    tokens: torch.Tensor
-    caption_index: torch.Tensor
+    tokens: torch.Tensor | None = None
+    caption_index: torch.Tensor | None = None
     step: int = 0
     extra_tokens: torch.Tensor | None = None
     teacher: dict[str, torch.Tensor] | None = None
+    targets: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -94,6 +100,14 @@ class Objective(torch.nn.Module):
     Subclass it, set the class attributes, implement :meth:`forward`, and
     register the class with :func:`~cliplab.train.losses.register_loss`.
 
+    The same interface trains modules that are not CLIP models: a dense head
+    over a frozen Backbone, learnable prompts, a region prompter.  Such an
+    objective declares ``needs_captions = False`` (and ``needs_targets`` where
+    it is supervised by per-image arrays), overrides :meth:`forward_model` to
+    run its module, and is handed to the Trainer as an instance
+    (``Trainer(head, None, None, train_set, config, objective=obj)``) rather
+    than registered under a name for ``cliplab train --loss``.
+
     Parameters
     ----------
     rank : int, default 0
@@ -116,6 +130,14 @@ class Objective(torch.nn.Module):
         The batch must carry K extra captions per image (``Batch.extra_tokens``
         and ``ModelOutputs.extra_text_features``); training items then are
         ``(image, captions, {"extra_captions": [K strings]})``.
+    needs_captions : bool
+        The batch carries one tokenised caption per image (``Batch.tokens``).
+        With False, items' captions are ignored (they may be empty or None)
+        and the Trainer needs no tokenizer.
+    needs_targets : bool
+        The batch must carry per-image arrays (``Batch.targets``); training
+        items then are ``(image, captions, {"targets": {name: array}})``, every
+        item's array of a name having the same shape.
     """
 
     name: str = ""
@@ -123,13 +145,15 @@ class Objective(torch.nn.Module):
     init_logit_bias: float | None = None
     needs_teacher: bool = False
     needs_extra_captions: bool = False
+    needs_captions: bool = True
+    needs_targets: bool = False
 
     def __init__(self, *, rank: int = 0, world_size: int = 1):
         super().__init__()
         self.rank = rank
         self.world_size = world_size
 
-    def forward_model(self, model: torch.nn.Module, batch: Batch) -> ModelOutputs:
+    def forward_model(self, model: torch.nn.Module, batch: Batch):
         """Run the model on ``batch``; override where a method changes the forward pass.
 
         The Trainer calls this inside the data-parallel wrapper's forward, so
@@ -146,6 +170,8 @@ class Objective(torch.nn.Module):
         Returns
         -------
         ModelOutputs
+            For image-text models; an objective training another module may
+            return whatever its :meth:`forward` reads.
         """
         out = ModelOutputs.from_clip(model(batch.images, batch.tokens))
         if batch.extra_tokens is not None:
