@@ -10,4 +10,6 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     ".svd": ["apply_svd"],
     ".layers": ["trainable_parameters"],
     ".wise_ft": ["interpolate", "interpolate_state_dicts"],
+    ".outlier_free": ["apply_outlier_free", "clipped_softmax", "OutlierFreeAttention"],
+    ".quantize": ["quantize_w8a8", "outlier_stats", "OutlierStats"],
 })
