@@ -33,7 +33,7 @@ LAYERS: dict[str, int] = {
     "data": 2,
     "models": 3, "features": 3,
     "zeroshot": 4, "surgery": 4, "train": 4, "dense": 4,
-    "adapt": 5,
+    "adapt": 5, "resilience": 5,                # resilience trains through the Trainer
     "eval": 6,
     "index": 7, "demo": 7,
     "scale": 7,                                    # Ray Data jobs (optional dependency)

@@ -429,8 +429,8 @@ class Trainer:
         model = self.model.to(env.device).train()
         objective = self._objective(env)
         self._check_bias(model, objective)
-        optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                      betas=ADAMW_BETAS, eps=ADAMW_EPS)
+        groups = objective.parameter_groups(model, cfg.weight_decay) or parameter_groups(model, cfg.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS)
         scheduler = warmup_cosine_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
         amp_dtype = _PRECISIONS[cfg.precision] if env.device.type == "cuda" else None
         if _PRECISIONS[cfg.precision] is not None and amp_dtype is None:

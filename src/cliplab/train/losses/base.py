@@ -180,6 +180,15 @@ class Objective(torch.nn.Module):
             out.extra_text_features = extra.text_features.reshape(b, k, -1)  # (B, K, D)
         return out
 
+    def parameter_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict] | None:
+        """AdamW parameter groups for ``model``; None (the default) uses the Trainer's rule.
+
+        The Trainer's rule (:func:`cliplab.train.trainer.parameter_groups`) decays weight
+        matrices only; an objective whose trainable parameters are scalars or vectors that
+        its method does decay (ProAct's clipping thresholds) returns its own groups here.
+        """
+        return None
+
     def forward(self, outputs: ModelOutputs, batch: Batch | None = None) -> dict[str, torch.Tensor]:
         """Named scalar loss terms; the Trainer minimises their sum.
 
