@@ -84,7 +84,9 @@ def load_data(spec: str, n: int, split: str = "test"):
         return shapes_scenes(n, split=split)
     from cliplab.data.datasets import load_dataset
 
-    return load_dataset(spec, split, n=n)
+    ds = load_dataset(spec, split, n=n)                    # SegmentationData: images are its ``items``
+    return SimpleNamespace(images=list(ds.items), masks=list(ds.masks), classnames=list(ds.classnames),
+                           ignore_index=ds.ignore_index, name=ds.name)
 
 
 THRESHOLDS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9)

@@ -522,7 +522,7 @@ class ClipDinoiserObjective(Objective):
     def __init__(self, backbone, guide: Guide, *, feats_idx=-3, gamma: float = 0.2, saliency=None,
                  precomputed: bool = False, **kw):
         super().__init__(**kw)
-        self.__dict__["_ctx"] = (backbone, guide, saliency)                       # not submodules
+        self._ctx = (backbone, guide, saliency)                                   # not submodules: never trained
         self.feats_idx, self.gamma = feats_idx, gamma
         self.needs_targets = bool(precomputed)
 
