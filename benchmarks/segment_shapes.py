@@ -11,6 +11,13 @@ world's train split), never on test; mIoU as mmsegmentation computes it
 (``cliplab.eval.metrics.mean_iou``) and scenes per second (with the chosen ``prob_thd``
 applied to the returned probabilities, which is what ``segment(prob_thd=...)`` does).
 
+CLIP-DINOiser (``clip-dinoiser``) needs trained heads: when it is among ``--methods`` the
+script first trains them (``cliplab.dense.clip_dinoiser.train_clip_dinoiser``, shapes-tiny as
+both CLIP and guide, ``--dinoiser-steps`` steps on ``--dinoiser-images`` train-split scenes after
+the validation ones, fixed seed), then reports three rows: the trained heads, the heads with the
+background step (``apply_found``), and pooling with the guide's own correlations (no heads, the
+reference's ``DinoCLIP`` teacher).
+
 Also the sliding-window throughput check: model-only forward (``model.visual``) on the same
 number of windows, batched the same way, against ``segment`` with vanilla at stride 32.
 
@@ -20,7 +27,8 @@ object masks (:func:`shapes_scenes`); any other value is a dataset spec given to
 class maps (``masks``) and ``classnames`` -- the only place to change is :func:`load_data`.
 
 Usage: python benchmarks/segment_shapes.py [--n 40] [--model shapes-tiny] [--dataset scenes]
-Writes benchmarks/results/segment_shapes.json and overlay pictures in docs/segmentation/;
+    [--methods maskclip,clip-dinoiser] [--settings "single resize"] [--out PATH] [--no-pictures]
+Writes benchmarks/results/segment_shapes.json (or --out) and overlay pictures in docs/segmentation/;
 prints a one-line summary.
 """
 
@@ -76,7 +84,9 @@ def load_data(spec: str, n: int, split: str = "test"):
         return shapes_scenes(n, split=split)
     from cliplab.data.datasets import load_dataset
 
-    return load_dataset(spec, split, n=n)
+    ds = load_dataset(spec, split, n=n)                    # SegmentationData: images are its ``items``
+    return SimpleNamespace(images=list(ds.items), masks=list(ds.masks), classnames=list(ds.classnames),
+                           ignore_index=ds.ignore_index, name=ds.name)
 
 
 THRESHOLDS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9)
@@ -90,6 +100,32 @@ def threshold(probs, thd: float) -> list:
         pred[p.max(0) < thd] = 0
         out.append(pred)
     return out
+
+
+def method_runs(methods: list, heads) -> list:
+    """(row label, method name, method options) of each row; clip-dinoiser gives three rows."""
+    runs = []
+    for m in methods:
+        if m == "clip-dinoiser":
+            runs += [(m, m, {"head": heads}), (f"{m} +found", m, {"head": heads, "apply_found": True}),
+                     (f"{m} guide only", m, {})]
+        else:
+            runs.append((m, m, {}))
+    return runs
+
+
+def train_dinoiser(bb, args):
+    """CLIP-DINOiser heads trained on train-split scenes after the validation ones (bb guides itself)."""
+    from cliplab.dense.clip_dinoiser import train_clip_dinoiser
+
+    torch.set_num_threads(2)
+    images = load_data(args.dataset, args.n_val + args.dinoiser_images, split="train").images[args.n_val:]
+    t0 = time.perf_counter()
+    heads = train_clip_dinoiser(bb, images=images, steps=args.dinoiser_steps, batch_size=16, lr=1e-3, seed=0)
+    seconds = time.perf_counter() - t0
+    torch.set_num_threads(1)
+    print(f"clip-dinoiser heads: {args.dinoiser_steps} steps on {len(images)} scenes in {seconds:.0f} s", flush=True)
+    return heads, seconds
 
 
 def model_only_rate(bb, n_windows: int, batch_size: int) -> float:
@@ -111,7 +147,13 @@ def main() -> None:
     ap.add_argument("--dataset", default="scenes", help="'scenes' (built here) or a dataset spec such as shapes:seg")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--methods", default=",".join(DENSE_METHODS.names()))
+    ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset of: " + ", ".join(SETTINGS))
+    ap.add_argument("--dinoiser-steps", type=int, default=300, help="CLIP-DINOiser training steps (batch 16)")
+    ap.add_argument("--dinoiser-images", type=int, default=256, help="CLIP-DINOiser training scenes")
+    ap.add_argument("--out", default=str(RESULTS), help="results JSON")
+    ap.add_argument("--no-pictures", action="store_true", help="write no overlay pictures")
     args = ap.parse_args()
+    settings = {k: SETTINGS[k] for k in args.settings.split(",")}
     torch.manual_seed(0)
     torch.set_num_threads(1)
     bb = cliplab.load(args.model)
@@ -125,9 +167,12 @@ def main() -> None:
                                             "aAcc": everything_background["aAcc"]}
     print(f"{'baseline':10s} {'all background':14s} mIoU {100 * everything_background['mIoU']:5.1f}  "
           f"aAcc {100 * everything_background['aAcc']:5.1f}", flush=True)
-    for method in args.methods.split(","):
-        for setting, kw in SETTINGS.items():
-            run = dict(method=method, templates=TEMPLATE, batch_size=args.batch_size, return_probs=True, **kw)
+    methods = args.methods.split(",")
+    heads, dinoiser_seconds = train_dinoiser(bb, args) if "clip-dinoiser" in methods else (None, None)
+    for label, method, options in method_runs(methods, heads):
+        for setting, kw in settings.items():
+            run = dict(method=method, templates=TEMPLATE, batch_size=args.batch_size, return_probs=True, **kw,
+                       **options)
             val_probs = segment(bb, val.images, classes, **run).probs
             n_cls = len(data.classnames)
             thd = max(THRESHOLDS, key=lambda t: (mean_iou(threshold(val_probs, t), val.masks, n_cls,
@@ -137,40 +182,49 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             res.masks = threshold(res.probs, thd)
             m = mean_iou(res.masks, data.masks, n_cls, ignore_index=data.ignore_index)
-            results[f"{method} | {setting}"] = {
-                "method": method, "setting": setting, "prob_thd": thd, "mIoU": m["mIoU"], "aAcc": m["aAcc"],
+            results[f"{label} | {setting}"] = {
+                "method": label, "setting": setting, "prob_thd": thd, "mIoU": m["mIoU"], "aAcc": m["aAcc"],
                 "IoU": [None if np.isnan(v) else float(v) for v in m["IoU"]],
                 "scenes_per_s": len(data.images) / seconds,
                 "windows": res.n_windows, "seconds": seconds}
-            rows.append((method, setting, m["mIoU"], m["aAcc"], len(data.images) / seconds))
-            print(f"{method:10s} {setting:14s} prob_thd {thd:.1f}  mIoU {100 * m['mIoU']:5.1f}  "
+            rows.append((label, setting, m["mIoU"], m["aAcc"], len(data.images) / seconds))
+            print(f"{label:10s} {setting:14s} prob_thd {thd:.1f}  mIoU {100 * m['mIoU']:5.1f}  "
                   f"aAcc {100 * m['aAcc']:5.1f}  {len(data.images) / seconds:6.1f} scenes/s", flush=True)
-            if setting == "windows 64/32":
+            if setting == "windows 64/32" and not args.no_pictures:
                 PICTURES.mkdir(parents=True, exist_ok=True)
                 colors = palette(len(data.classnames))
                 for i in range(2):
-                    overlay(data.images[i], res.masks[i], colors).save(PICTURES / f"scene{i}_{method}.png")
-    colors = palette(len(data.classnames))
-    for i in range(2):
-        overlay(data.images[i], data.masks[i], colors).save(PICTURES / f"scene{i}_truth.png")
-    legend(data.classnames, colors).save(PICTURES / "legend.png")
+                    name = label.replace(" +", "_").replace(" ", "_")
+                    overlay(data.images[i], res.masks[i], colors).save(PICTURES / f"scene{i}_{name}.png")
+    if not args.no_pictures:
+        colors = palette(len(data.classnames))
+        for i in range(2):
+            overlay(data.images[i], data.masks[i], colors).save(PICTURES / f"scene{i}_truth.png")
+        legend(data.classnames, colors).save(PICTURES / "legend.png")
 
     # throughput: segment (vanilla, stride 32) vs model-only forward on as many windows
-    t0 = time.perf_counter()
-    res = segment(bb, data.images, classes, method="vanilla", templates=TEMPLATE, window=64, stride=32,
-                  batch_size=args.batch_size)
-    seg_rate = res.n_windows / (time.perf_counter() - t0)
-    model_rate = model_only_rate(bb, res.n_windows, args.batch_size)
+    throughput, seg_rate, model_rate = None, float("nan"), float("nan")
+    if "windows 64/32" in settings:
+        t0 = time.perf_counter()
+        res = segment(bb, data.images, classes, method="vanilla", templates=TEMPLATE, window=64, stride=32,
+                      batch_size=args.batch_size)
+        seg_rate = res.n_windows / (time.perf_counter() - t0)
+        model_rate = model_only_rate(bb, res.n_windows, args.batch_size)
+        throughput = {"segment_windows_per_s": seg_rate, "model_only_windows_per_s": model_rate,
+                      "ratio": seg_rate / model_rate, "windows": res.n_windows}
     out = {"benchmark": "segment_shapes", "model": args.model, "dataset": data.name, "n": len(data.images),
            "templates": TEMPLATE, "background": BACKGROUND, "classnames": data.classnames,
            "torch_threads": torch.get_num_threads(), "results": results,
-           "throughput": {"segment_windows_per_s": seg_rate, "model_only_windows_per_s": model_rate,
-                          "ratio": seg_rate / model_rate, "windows": res.n_windows}}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+           "clip_dinoiser_training": None if heads is None else {
+               "steps": args.dinoiser_steps, "images": args.dinoiser_images, "batch_size": 16, "lr": 1e-3,
+               "guide": "the model itself", "seconds": dinoiser_seconds},
+           "throughput": throughput}
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(out, indent=2) + "\n")
     best = max(rows, key=lambda r: r[2])
     print(f"segment_shapes: best {best[0]} ({best[1]}) mIoU {100 * best[2]:.1f}; windows/s segment "
-          f"{seg_rate:.0f} vs model-only {model_rate:.0f} ({100 * seg_rate / model_rate:.0f} %) -> {RESULTS}")
+          f"{seg_rate:.0f} vs model-only {model_rate:.0f} ({100 * seg_rate / model_rate:.0f} %) -> {out_path}")
 
 
 if __name__ == "__main__":

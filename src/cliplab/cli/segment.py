@@ -33,6 +33,10 @@ def add_parser(sub) -> None:
                    help="pixels whose top probability is below this get class 0 (background)")
     p.add_argument("--templates", default="openai-80",
                    help="template set (default, openai-7, openai-80), a file, or a string with {c}")
+    p.add_argument("--head", metavar="DIR",
+                   help="--method clip-dinoiser: trained heads (a folder written by "
+                        "cliplab.dense.clip_dinoiser.train_clip_dinoiser); without it the model's own patch "
+                        "correlations pool the features")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
     add_model_args(p)
@@ -66,12 +70,15 @@ def run(args) -> int:
         raise UsageError("--stride needs --window")
     if args.size is not None and args.window is None:
         raise UsageError("--size needs --window (without it each image is resized to the model input)")
+    if args.head is not None and args.method != "clip-dinoiser":
+        raise UsageError("--head is for --method clip-dinoiser")
+    options = {"head": args.head} if args.head is not None else {}
     backbone = load_backbone(args)
     window = True if args.window == 0 else args.window
     background = [b.strip() for b in args.background.split(",") if b.strip()] if args.background else None
     res = segment(backbone, files, classes, method=args.method, window=window, stride=args.stride,
                   size=args.size, background=background, prob_thd=args.prob_thd, templates=args.templates,
-                  batch_size=args.batch_size)
+                  batch_size=args.batch_size, **options)
     rows = save_segmentation(res, files, args.out)
     write_rows([{"path": str(f), "mask": str(r["mask"]), "classes": ", ".join(r["classes"])}
                 for f, r in zip(files, rows)], "table")

@@ -30,7 +30,8 @@ class DenseFeatures:
     tokens : Tensor (B, h, w, D)
         Patch features in the joint space (not normalised).
     extras : dict
-        Method-specific tensors for :meth:`DenseMethod.refine` (e.g. ``keys`` (B, h*w, W)).
+        Method-specific tensors for :meth:`DenseMethod.refine` (e.g. ``keys`` (B, h*w, W));
+        :func:`~cliplab.dense.segment` adds ``query_owner`` (Q,), the class index of each query.
     """
 
     tokens: torch.Tensor

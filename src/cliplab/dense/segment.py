@@ -314,6 +314,7 @@ def segment(backbone, images, classes: Sequence, *, method="sclip", window: int 
     if background is not None:
         names[0] = "background"
     q = torch.from_numpy(np.asarray(queries, np.float32)).to(backbone.device)     # (Q, D)
+    owner_t = torch.from_numpy(np.asarray(owner, np.int64))                      # (Q,) class of each query
     timings["text"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -349,6 +350,7 @@ def segment(backbone, images, classes: Sequence, *, method="sclip", window: int 
                     continue
                 tok = F.normalize(feats.tokens.float(), dim=-1)                  # (B, h', w', D)
                 logits = torch.einsum("bhwd,qd->bqhw", tok, q)                  # (B, Q, h', w')
+                feats.extras.setdefault("query_owner", owner_t)                 # for refinements by class
                 logits = meth.refine(logits, feats)
                 logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).cpu()
                 for (i, (y0, x0, y1, x1)), lg in zip(group, logits):
@@ -359,7 +361,6 @@ def segment(backbone, images, classes: Sequence, *, method="sclip", window: int 
 
     t0 = time.perf_counter()
     masks, probs = [], []
-    owner_t = torch.from_numpy(owner)
     for i, (t, (H0, W0), (h, w)) in enumerate(prepared):
         if meth.splice:
             logits = _spliced_logits(meth, grids[i], t, q, backbone)             # (Q, H', W')
