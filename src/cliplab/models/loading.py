@@ -10,7 +10,9 @@ spec                source
 ``shapes-tiny``     a model bundled inside the package
 ``hf-hub:org/name`` an open_clip repository on the Hugging Face Hub (or its cache)
 ``ARCH:TAG``        an open_clip pretrained tag, e.g. ``ViT-B-32:openai``
-a folder            open_clip folder (``open_clip_config.json`` + weights) or a
+a folder            open_clip folder (``open_clip_config.json`` + weights), an ONNX
+                    export (``cliplab_export.json``, written by ``cliplab export``: an
+                    ``OnnxBackbone`` run by ONNX Runtime), or a
                     Hugging Face ``transformers`` CLIP folder (``config.json``)
 a file              ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin``: open_clip or
                     OpenAI-format weights; architecture from ``arch=``, ``config=``,
@@ -80,8 +82,9 @@ class Resolved:
     model: torch.nn.Module | None = None  # set when open_clip built it already
 
 
-SOURCES: Registry[Callable[[str, LoadOptions], Resolved]] = Registry("model source")
-"""Model sources: ``fn(spec, options) -> Resolved``, registered with the metadata
+SOURCES: Registry[Callable[[str, LoadOptions], Resolved | Backbone]] = Registry("model source")
+"""Model sources: ``fn(spec, options) -> Resolved`` (or a ready Backbone: ``local`` returns
+an ``OnnxBackbone`` for an ONNX export folder), registered with the metadata
 ``match`` (``match(spec) -> bool``: the source accepts this spec), ``example`` (a spec it
 loads) and ``help`` (one line).
 :func:`load` asks them in registration order; the first that matches loads the spec."""
@@ -171,7 +174,8 @@ def load(spec: str | os.PathLike, *, device: str = "cpu", precision: str = "fp32
     ----------
     spec : str or path
         ``"shapes-tiny"``, ``"ARCH:TAG"`` (``"ViT-B-32:openai"``), ``"hf-hub:org/name"``,
-        an open_clip or Hugging Face folder, or a weights file.
+        an open_clip or Hugging Face folder, a weights file, or a folder written by
+        ``cliplab export --format onnx`` (an :class:`~cliplab.models.onnx_backbone.OnnxBackbone`).
     device : str, default="cpu"
     precision : {"fp32", "fp16", "bf16"}, default="fp32"
     arch : str, optional
@@ -209,7 +213,8 @@ def load(spec: str | os.PathLike, *, device: str = "cpu", precision: str = "fp32
     for name, fn in SOURCES.items():
         if SOURCES.meta(name)["match"](spec):
             logger.info("loading %r with the %s source", spec, name)
-            return _finish(fn(spec, opts), opts)
+            res = fn(spec, opts)
+            return res if isinstance(res, Backbone) else _finish(res, opts)
     raise ModelLoadError(
         f"cannot resolve model spec {spec!r}: not a bundled model ({', '.join(bundled_models())}), "
         "not 'ARCH:TAG' (see `cliplab models`), not 'hf-hub:org/name', and no such file or folder")
@@ -283,12 +288,16 @@ def _is_local(spec: str) -> bool:
 
 
 @SOURCES.register("local", match=_is_local, example=".",
-                  help="an open_clip or Hugging Face transformers folder, or a weights file")
-def _load_local(spec: str, opts: LoadOptions) -> Resolved:
+                  help="an open_clip, Hugging Face transformers or ONNX export folder, or a weights file")
+def _load_local(spec: str, opts: LoadOptions) -> Resolved | Backbone:
     from .convert import read_hf_folder, read_hf_preprocess_cfg
+    from .onnx_backbone import is_onnx_export, load_onnx_export
 
     path = _local_path(spec)
     if path.is_dir():
+        if is_onnx_export(path):  # written by `cliplab export --format onnx`: run by ONNX Runtime
+            return load_onnx_export(path, device=opts.device, precision=opts.precision, arch=opts.arch,
+                                    config=opts.config, quick_gelu=opts.quick_gelu, heads=opts.heads)
         if (path / "open_clip_config.json").is_file():
             return _open_clip_folder(path, opts, path.name)
         if (path / "config.json").is_file():  # read_hf_folder says what is wrong with it
