@@ -21,15 +21,24 @@ reference's ``DinoCLIP`` teacher).
 Also the sliding-window throughput check: model-only forward (``model.visual``) on the same
 number of windows, batched the same way, against ``segment`` with vanilla at stride 32.
 
+And the weakly supervised CAM comparison (``--parts cam``): pseudo-masks from image-level
+labels (the classes present in each scene's ground truth) on ``shapes:seg`` test scenes,
+plain patch-text CAMs against ExCEL's training-free CAMs
+(:func:`cliplab.dense.excel.cam_pseudo_masks`), with each ExCEL component added alone;
+model input 128 px (the 64 px model's positional embedding interpolated; 128 was chosen over
+64 on train-split scenes), template "a photo of a {c}.", background prompt "background",
+default generated description bank.
+
 Dataset: ``--dataset scenes`` (default) builds the scenes here from ShapesWorld's
 object masks (:func:`shapes_scenes`); any other value is a dataset spec given to
 ``cliplab.data.datasets.load_dataset`` (for example ``shapes:seg``), which must return images,
 class maps (``masks``) and ``classnames`` -- the only place to change is :func:`load_data`.
 
 Usage: python benchmarks/segment_shapes.py [--n 40] [--model shapes-tiny] [--dataset scenes]
-    [--methods maskclip,clip-dinoiser] [--settings "single resize"] [--out PATH] [--no-pictures]
-Writes benchmarks/results/segment_shapes.json (or --out) and overlay pictures in docs/segmentation/;
-prints a one-line summary.
+    [--methods maskclip,clip-dinoiser] [--settings "single resize"] [--parts methods,throughput,cam]
+    [--out PATH] [--no-pictures]
+Updates benchmarks/results/segment_shapes.json (or --out; rows of the parts run replace theirs)
+and the overlay pictures in docs/segmentation/; prints a one-line summary.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ import torch  # noqa: E402
 import cliplab  # noqa: E402
 from cliplab.data.shapes import shapes_tiny_world  # noqa: E402
 from cliplab.dense import DENSE_METHODS, segment  # noqa: E402
+from cliplab.dense.excel import cam_pseudo_masks  # noqa: E402
 from cliplab.dense.visualize import legend, overlay, palette  # noqa: E402
 from cliplab.eval.metrics import mean_iou  # noqa: E402
 
@@ -90,6 +100,44 @@ def load_data(spec: str, n: int, split: str = "test"):
 
 
 THRESHOLDS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9)
+
+#: CAM pseudo-mask rows: plain patch-text CAMs, each ExCEL component alone, ExCEL without and with refinement.
+_PLAIN = {"tse": False, "layers": 0, "surgery": False, "refine": False}
+CAM_ROWS = {"plain patch-text CAM": _PLAIN, "+ SVC": {**_PLAIN, "layers": 5}, "+ TSE": {**_PLAIN, "tse": True},
+            "+ surgery": {**_PLAIN, "surgery": True}, "+ refinement": {**_PLAIN, "refine": True},
+            "ExCEL without refinement": {"refine": False}, "ExCEL": {}}
+
+
+def cam_comparison(bb, n: int, dataset: str = "shapes:seg", size: int = 128) -> dict:
+    """mIoU of pseudo-masks from image-level labels: plain patch-text CAMs vs ExCEL (and its parts)."""
+    data = load_data(dataset, n)
+    images = data.items if hasattr(data, "items") else data.images
+    fg = list(data.classnames[1:])
+    labels = [sorted({int(c) - 1 for c in np.unique(m)} - {-1, data.ignore_index - 1}) for m in data.masks]
+    bg = mean_iou([np.zeros_like(m) for m in data.masks], data.masks, len(data.classnames),
+                  ignore_index=data.ignore_index)
+    out = {"all background (no CAM)": {"options": None, "mIoU": bg["mIoU"], "aAcc": bg["aAcc"]}}
+    print(f"CAM {'all background (no CAM)':26s} mIoU {100 * bg['mIoU']:5.1f}  aAcc {100 * bg['aAcc']:5.1f}", flush=True)
+    colors = palette(len(data.classnames))
+    for name, kw in CAM_ROWS.items():
+        t0 = time.perf_counter()
+        masks = cam_pseudo_masks(bb, images, labels, fg, templates=TEMPLATE, background=["background"],
+                                 size=size, **kw)
+        seconds = time.perf_counter() - t0
+        m = mean_iou(masks, data.masks, len(data.classnames), ignore_index=data.ignore_index)
+        out[name] = {"options": kw, "mIoU": m["mIoU"], "aAcc": m["aAcc"], "scenes_per_s": len(masks) / seconds,
+                     "IoU": [None if np.isnan(v) else float(v) for v in m["IoU"]]}
+        print(f"CAM {name:26s} mIoU {100 * m['mIoU']:5.1f}  aAcc {100 * m['aAcc']:5.1f}  "
+              f"{len(masks) / seconds:6.2f} scenes/s", flush=True)
+        if name in ("plain patch-text CAM", "ExCEL"):
+            stem = "plain" if name.startswith("plain") else "excel"
+            for i in range(2):
+                overlay(images[i], masks[i], colors).save(PICTURES / f"cam{i}_{stem}.png")
+    for i in range(2):
+        overlay(images[i], data.masks[i], colors).save(PICTURES / f"cam{i}_truth.png")
+    legend(data.classnames, colors).save(PICTURES / "cam_legend.png")
+    return {"dataset": data.name, "n": len(images), "size": size, "template": TEMPLATE,
+            "background": ["background"], "classnames": list(data.classnames), "rows": out}
 
 
 def threshold(probs, thd: float) -> list:
@@ -150,24 +198,38 @@ def main() -> None:
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset of: " + ", ".join(SETTINGS))
     ap.add_argument("--dinoiser-steps", type=int, default=300, help="CLIP-DINOiser training steps (batch 16)")
     ap.add_argument("--dinoiser-images", type=int, default=256, help="CLIP-DINOiser training scenes")
+    ap.add_argument("--parts", default="methods,throughput,cam", help="comma-separated: methods, throughput, cam")
+    ap.add_argument("--cam-dataset", default="shapes:seg", help="dataset of the CAM pseudo-mask comparison")
     ap.add_argument("--out", default=str(RESULTS), help="results JSON")
     ap.add_argument("--no-pictures", action="store_true", help="write no overlay pictures")
     args = ap.parse_args()
     settings = {k: SETTINGS[k] for k in args.settings.split(",")}
+    parts = set(args.parts.split(","))
+    out_path = Path(args.out)
     torch.manual_seed(0)
     torch.set_num_threads(1)
     bb = cliplab.load(args.model)
+    PICTURES.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(out_path.read_text()) if out_path.exists() else {}
+    if "cam" in parts:
+        previous["cam_pseudo_masks"] = cam_comparison(bb, args.n, args.cam_dataset)
+    if not parts & {"methods", "throughput"}:
+        out_path.write_text(json.dumps(previous, indent=2) + "\n")
+        cam = previous["cam_pseudo_masks"]["rows"]
+        print(f"segment_shapes: CAM pseudo-masks mIoU plain {100 * cam['plain patch-text CAM']['mIoU']:.1f} vs "
+              f"ExCEL {100 * cam['ExCEL']['mIoU']:.1f} -> {out_path}")
+        return
     data = load_data(args.dataset, args.n)
     val = load_data(args.dataset, args.n_val, split="train")
     classes = [BACKGROUND, *data.classnames[1:]]
-    rows, results = [], {}
+    rows, results = [], dict(previous.get("results") or {})
     everything_background = mean_iou([np.zeros_like(m) for m in data.masks], data.masks, len(data.classnames),
                                      ignore_index=data.ignore_index)
     results["baseline | all background"] = {"method": "all background", "mIoU": everything_background["mIoU"],
                                             "aAcc": everything_background["aAcc"]}
     print(f"{'baseline':10s} {'all background':14s} mIoU {100 * everything_background['mIoU']:5.1f}  "
           f"aAcc {100 * everything_background['aAcc']:5.1f}", flush=True)
-    methods = args.methods.split(",")
+    methods = args.methods.split(",") if "methods" in parts else []
     heads, dinoiser_seconds = train_dinoiser(bb, args) if "clip-dinoiser" in methods else (None, None)
     for label, method, options in method_runs(methods, heads):
         for setting, kw in settings.items():
@@ -202,9 +264,8 @@ def main() -> None:
             overlay(data.images[i], data.masks[i], colors).save(PICTURES / f"scene{i}_truth.png")
         legend(data.classnames, colors).save(PICTURES / "legend.png")
 
-    # throughput: segment (vanilla, stride 32) vs model-only forward on as many windows
-    throughput, seg_rate, model_rate = None, float("nan"), float("nan")
-    if "windows 64/32" in settings:
+    throughput = previous.get("throughput")
+    if "throughput" in parts:       # segment (vanilla, stride 32) vs model-only forward on as many windows
         t0 = time.perf_counter()
         res = segment(bb, data.images, classes, method="vanilla", templates=TEMPLATE, window=64, stride=32,
                       batch_size=args.batch_size)
@@ -212,19 +273,21 @@ def main() -> None:
         model_rate = model_only_rate(bb, res.n_windows, args.batch_size)
         throughput = {"segment_windows_per_s": seg_rate, "model_only_windows_per_s": model_rate,
                       "ratio": seg_rate / model_rate, "windows": res.n_windows}
-    out = {"benchmark": "segment_shapes", "model": args.model, "dataset": data.name, "n": len(data.images),
-           "templates": TEMPLATE, "background": BACKGROUND, "classnames": data.classnames,
-           "torch_threads": torch.get_num_threads(), "results": results,
-           "clip_dinoiser_training": None if heads is None else {
-               "steps": args.dinoiser_steps, "images": args.dinoiser_images, "batch_size": 16, "lr": 1e-3,
-               "guide": "the model itself", "seconds": dinoiser_seconds},
-           "throughput": throughput}
-    out_path = Path(args.out)
+    out = {**previous, "benchmark": "segment_shapes", "model": args.model, "dataset": data.name,
+           "n": len(data.images), "templates": TEMPLATE, "background": BACKGROUND, "classnames": data.classnames,
+           "torch_threads": torch.get_num_threads(), "results": results, "throughput": throughput}
+    if heads is not None:
+        out["clip_dinoiser_training"] = {
+            "steps": args.dinoiser_steps, "images": args.dinoiser_images, "batch_size": 16, "lr": 1e-3,
+            "guide": "the model itself", "seconds": dinoiser_seconds}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out, indent=2) + "\n")
-    best = max(rows, key=lambda r: r[2])
-    print(f"segment_shapes: best {best[0]} ({best[1]}) mIoU {100 * best[2]:.1f}; windows/s segment "
-          f"{seg_rate:.0f} vs model-only {model_rate:.0f} ({100 * seg_rate / model_rate:.0f} %) -> {out_path}")
+    best = max((r for r in results.values() if "setting" in r), key=lambda r: r["mIoU"])
+    line = f"segment_shapes: best {best['method']} ({best['setting']}) mIoU {100 * best['mIoU']:.1f}"
+    if throughput:
+        line += (f"; windows/s segment {throughput['segment_windows_per_s']:.0f} vs model-only "
+                 f"{throughput['model_only_windows_per_s']:.0f} ({100 * throughput['ratio']:.0f} %)")
+    print(line + f" -> {out_path}")
 
 
 if __name__ == "__main__":

@@ -100,7 +100,8 @@ def interpolate_positions(visual, grid: tuple[int, int], *, mode: str = "size") 
     ``mode="size"`` resizes to ``size=(h, w)`` (open_clip's ``resize_pos_embed``, MaskCLIP,
     CLIP-DINOiser); ``mode="scale"`` passes ``scale_factor=((h + 0.1) / g0, (w + 0.1) / g1)``
     instead, DINO's ``interpolate_pos_encoding`` as SCLIP and ClearCLIP copy it (the sampling
-    positions differ slightly: features differ by about 1e-2 on a random ViT-B/16).
+    positions differ slightly: features differ by about 1e-2 on a random ViT-B/16);
+    ``mode="bilinear"`` resizes to ``size=(h, w)`` bilinearly (CLIP Surgery and ExCEL).
     """
     pos = visual.positional_embedding                                   # (1 + g0*g1, W)
     g0, g1 = visual.grid_size
@@ -112,7 +113,8 @@ def interpolate_positions(visual, grid: tuple[int, int], *, mode: str = "size") 
         patch = F.interpolate(patch.float(), scale_factor=((grid[0] + 0.1) / g0, (grid[1] + 0.1) / g1),
                               mode="bicubic", align_corners=False)
     else:
-        patch = F.interpolate(patch.float(), size=tuple(grid), mode="bicubic", align_corners=False)
+        patch = F.interpolate(patch.float(), size=tuple(grid), mode="bilinear" if mode == "bilinear" else "bicubic",
+                              align_corners=False)
     patch = patch.to(pos.dtype).permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)  # (h*w, W)
     return torch.cat([cls, patch])
 

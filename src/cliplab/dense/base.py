@@ -62,6 +62,16 @@ class DenseMethod:
         """Check that the method can run on ``backbone`` (raise :class:`UsageError` if not)."""
         check_tower(backbone.model.visual)
 
+    def text_queries(self, backbone, names, queries, owner, *, background: bool = False):
+        """The class queries (Q, D) the method compares with; unchanged by default.
+
+        Called by :func:`cliplab.dense.segment` once per call, before any window, with the
+        class names (C,), the prompt-ensembled queries (Q, D) float32 and their classes
+        ``owner`` (Q,); ``background`` says class 0 is the added background.  Methods that
+        change the text side (ExCEL's text enrichment) override it.
+        """
+        return queries
+
     def features(self, backbone, images: torch.Tensor) -> DenseFeatures:
         """Patch features of preprocessed windows ``images`` (B, 3, H, W)."""
         raise NotImplementedError
@@ -69,6 +79,19 @@ class DenseMethod:
     def refine(self, logits: torch.Tensor, feats: DenseFeatures) -> torch.Tensor:
         """Refine cosine logits (B, Q, h, w) of one batch of windows; identity by default."""
         return logits
+
+    @property
+    def refines_prediction(self) -> bool:
+        """Whether :func:`~cliplab.dense.segment` calls :meth:`refine_prediction` on each image."""
+        return False
+
+    def refine_prediction(self, probs: torch.Tensor, pred: torch.Tensor, image):
+        """Refine one image's probabilities (C, H, W) and class map (H, W) at its original size.
+
+        ``image`` is the image, uint8 (H, W, 3).  Identity by default; methods that refine
+        with another model (Trident's mask model) override it and :attr:`refines_prediction`.
+        """
+        return probs, pred
 
     def aggregate(self, grid: torch.Tensor, image: torch.Tensor, backbone) -> torch.Tensor:
         """Splicing methods: features (h, w, D) of one image's spliced grid -> (h', w', D)."""

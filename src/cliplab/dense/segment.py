@@ -169,6 +169,12 @@ def _to_pil(item) -> Image.Image:
     return load_image(item)
 
 
+def _image_items(images) -> list:
+    """One image or a sequence of them, as a list."""
+    return [images] if isinstance(images, (str, Image.Image)) or (
+        isinstance(images, np.ndarray) and images.ndim in (2, 3)) else list(images)
+
+
 def prepare_images(backbone, images, *, window: int | None, size: int | None = None, multiple: int = 1):
     """Decode, resize and normalise images for :func:`segment`.
 
@@ -178,10 +184,8 @@ def prepare_images(backbone, images, *, window: int | None, size: int | None = N
     multiple of ``multiple`` (splicing methods: the patch size).
     """
     mean, std = _mean_std(backbone)
-    items = [images] if isinstance(images, (str, Image.Image)) or (
-        isinstance(images, np.ndarray) and images.ndim in (2, 3)) else list(images)
     out = []
-    for item in items:
+    for item in _image_items(images):
         img = _to_pil(item)
         W0, H0 = img.size
         if window is None:
@@ -313,6 +317,7 @@ def segment(backbone, images, classes: Sequence, *, method="sclip", window: int 
         names, queries, owner = class_queries(backbone, classes, templates)
     if background is not None:
         names[0] = "background"
+    queries = meth.text_queries(backbone, names, queries, owner, background=background is not None)
     q = torch.from_numpy(np.asarray(queries, np.float32)).to(backbone.device)     # (Q, D)
     owner_t = torch.from_numpy(np.asarray(owner, np.int64))                      # (Q,) class of each query
     timings["text"] = time.perf_counter() - t0
@@ -320,6 +325,7 @@ def segment(backbone, images, classes: Sequence, *, method="sclip", window: int 
     t0 = time.perf_counter()
     patch = backbone.model.visual.patch_size
     patch = patch[0] if isinstance(patch, tuple) else int(patch)
+    images = _image_items(images)
     prepared = prepare_images(backbone, images, window=window, size=size, multiple=patch if meth.splice else 1)
     timings["images"] = time.perf_counter() - t0
 
@@ -375,6 +381,8 @@ def segment(backbone, images, classes: Sequence, *, method="sclip", window: int 
         top, pred = p.max(dim=0)
         if prob_thd > 0:
             pred[top < prob_thd] = 0
+        if meth.refines_prediction:                                              # e.g. Trident's mask model
+            p, pred = meth.refine_prediction(p, pred, np.asarray(_to_pil(images[i])))
         masks.append(pred.numpy().astype(np.int32))
         if return_probs:
             probs.append(p.numpy().astype(np.float32))
