@@ -68,7 +68,8 @@ def anomaly_plot(record: dict) -> bytes:
 
 
 @register_task("anomaly", data="anomaly", run=_run,
-               options={"method": "anomaly method of task anomaly (default winclip; cliplab anomaly --help)",
+               options={"method": "method of the task (anomaly: default winclip, cliplab anomaly --help lists them; "
+                                  "zeroshot_segmentation: default sclip, cliplab segment --help)",
                         "prompts": "learned AnomalyCLIP prompts (.safetensors) for --method anomalyclip"},
                report={"heading": "Anomaly detection",
                        "plot": anomaly_plot,
