@@ -132,7 +132,7 @@ class AnomalyCLIPPrompts(torch.nn.Module):
         tokens = tokens.to(self.ctx_normal.device)                        # (2, T)
         emb = clip_model.token_embedding(tokens).to(self.ctx_normal.dtype)  # (2, T, W)
         ctx = torch.stack([self.ctx_normal, self.ctx_abnormal])           # (2, E, W)
-        x = torch.cat([emb[:, :1], ctx, emb[:, 1 + n:]], dim=1)            # eq. 2: SOT, [V..], words
+        x = torch.cat([emb[:, :1], ctx, emb[:, 1 + n:]], dim=1)            # SOT, [V1..VE], words
         return F.normalize(encode_deep_prompts(clip_model, x, tokens, self.deep), dim=-1)
 
 

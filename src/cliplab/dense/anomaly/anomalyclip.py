@@ -1,29 +1,31 @@
 """AnomalyCLIP: object-agnostic prompt learning for zero-shot anomaly detection.
 
 Zhou, Pang, Tian, He, Chen, "AnomalyCLIP: Object-agnostic Prompt Learning for Zero-shot
-Anomaly Detection", ICLR 2024, arXiv:2310.18961.  Reference code: zqhang/AnomalyCLIP
+Anomaly Detection", ICLR 2024, arXiv:2310.18961.  Reference code: zqhang/AnomalyCLIP at 45ed4dd
 (``prompt_ensemble.py`` ``AnomalyCLIP_PromptLearner``, ``AnomalyCLIP_lib/AnomalyCLIP.py``
 ``Attention`` / ``ResidualAttentionBlock`` / ``DAPM_replace``, ``loss.py``, ``train.py``,
 ``test.py``).
 
 Prompts are learned once, on auxiliary categories with masks, and then used on every
-other category unchanged: nothing in them names an object.
+other category unchanged: nothing in them names an object.  The steps follow the paper's
+section 3 and the reference code (equation numbers are not cited: the paper PDF was not
+read here, the code was):
 
-1. **Object-agnostic text prompts** (section 3.2, eq. 2): ``g_n = T([V_1..V_E] object.)``
+1. **Object-agnostic text prompts:** ``g_n = T([V_1..V_E] object.)``
    and ``g_a = T([W_1..W_E] damaged object.)``, E = 12 learnable word embeddings each
    (init N(0, 0.02)); the frozen text tower T also gets *deep* prompts: 4 learnable tokens
    that replace positions 1..4 at the input of text layers 1..8 (depth 9 of 12 layers).
-2. **Diagonally prominent attention (DPAM, section 3.3):** from block ``L - dpam_layers + 1``
+2. **Diagonally prominent attention (DPAM):** from block ``L - dpam_layers + 1``
    on, the vision tower gains a parallel path whose attention is ``softmax(s v vᵀ) v`` per
    head (q = k = v): ``x'_l = x'_{l-1} + W_o softmax(s v vᵀ) v`` with ``v`` from
    ``LN1(x_{l-1})`` of the *original* path, no FFN; the original path is unchanged and
    gives the global (class-token) embedding f.  Patch maps come from the parallel path at
    ``feature_layers``, each through ``ln_post`` and ``proj``.
-3. **Scores (eq. 3-4):** per layer l, ``S_l = softmax([cos(f_l, g_n), cos(f_l, g_a)] / 0.07)``
+3. **Scores:** per layer l, ``S_l = softmax([cos(f_l, g_n), cos(f_l, g_a)] / 0.07)``
    per patch, bilinearly upsampled to the input; the map is the mean over layers of
    ``(S_l[a] + 1 - S_l[n]) / 2``, Gaussian-smoothed; the image score is
    ``softmax([cos(f, g_n), cos(f, g_a)] / 0.07)[a]``.
-4. **Glocal loss (eq. 5-6):** ``CE(image logits, label) + λ Σ_l [Focal(S_l, M) +
+4. **Glocal loss:** ``CE(image logits, label) + λ Σ_l [Focal(S_l, M) +
    Dice(S_l[a], M) + Dice(S_l[n], 1 - M)]`` with λ = 4 and γ = 2 (the reference's
    ``FocalLoss`` with ``smooth=1e-5`` and ``BinaryDiceLoss`` with smoothing 1).
 
