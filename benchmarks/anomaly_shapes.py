@@ -9,7 +9,14 @@ shots) on the bundled ``shapes-tiny`` model, and saves a picture of maps.
 
 Writes ``benchmarks/results/anomaly_shapes.json`` and ``docs/anomaly_detection/maps.png``.
 
-    python benchmarks/anomaly_shapes.py [--n-test 20] [--folder DIR]
+AnomalyCLIP part (``--only anomalyclip``): prompts learned by ``train_anomalyclip`` on the
+ShapesWorld inspection categories :data:`AUX_CATEGORIES` (300 steps, batch 8), then
+AnomalyCLIP and WinCLIP zero-shot on an MVTec-style export of the *other* categories
+:data:`HELDOUT_CATEGORIES` (``export_mvtec``: 10 normal and 10 per defect type each).
+Writes ``benchmarks/results/anomalyclip_shapes.json`` and
+``docs/anomaly_detection/anomalyclip_maps.png``.
+
+    python benchmarks/anomaly_shapes.py [--n-test 20] [--folder DIR] [--only winclip|anomalyclip]
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ from pathlib import Path
 import numpy as np
 
 CATEGORIES = (("red", "circle"), ("blue", "star"), ("green", "square"), ("yellow", "heart"))
+#: Inspection categories AnomalyCLIP learns its prompts on, and those it is tested on (never seen).
+AUX_CATEGORIES = ("circle", "square", "triangle", "star", "cross", "diamond")
+HELDOUT_CATEGORIES = ("hexagon", "ring", "heart", "crescent")
 
 
 def write_inspection_folder(root: Path, *, n_train: int = 8, n_good: int = 10, n_bad: int = 10, seed: int = 0,
@@ -90,10 +100,81 @@ def picture(backbone, root: Path, out: Path) -> None:
     fig.savefig(out, dpi=80)
 
 
+def anomalyclip_picture(backbone, root: Path, prompts: Path, out: Path) -> None:
+    """One held-out category: a test image per defect type, masks, WinCLIP and AnomalyCLIP maps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from cliplab.data.anomaly_folder import read_anomaly_folder
+    from cliplab.eval.anomaly import evaluate_category
+
+    cat = read_anomaly_folder(root, ["ring"])[0]
+    keep = [cat.defects.index(d) for d in dict.fromkeys(cat.defects) if d != "good"] + [cat.defects.index("good")]
+    cat.test, cat.masks = [cat.test[i] for i in keep], [cat.masks[i] for i in keep]
+    cat.labels, cat.defects = cat.labels[keep], [cat.defects[i] for i in keep]
+    _, wc, masks = evaluate_category(backbone, cat, method="winclip")
+    _, ac, _ = evaluate_category(backbone, cat, method="anomalyclip", method_options={"prompts": prompts})
+    fig, axes = plt.subplots(4, len(cat.test), figsize=(1.5 * len(cat.test), 6.2))
+    for j, path in enumerate(cat.test):
+        axes[0, j].imshow(Image.open(path).resize((128, 128)))
+        axes[0, j].set_title(cat.defects[j].replace("_", " "), fontsize=8)
+        axes[1, j].imshow(masks[j], cmap="gray")
+        axes[2, j].imshow(wc.maps[j], cmap="jet")
+        axes[3, j].imshow(ac.maps[j], cmap="jet")
+    for i, label in enumerate(["image", "mask", "WinCLIP", "AnomalyCLIP"]):
+        axes[i, 0].set_ylabel(label, fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=72)
+    Image.open(out).convert("RGB").quantize(colors=128, method=Image.MEDIANCUT).save(out, optimize=True)  # small
+
+
+def run_anomalyclip(bb, *, steps: int = 300, n_test: int = 10, seed: int = 0) -> dict:
+    """AnomalyCLIP trained on AUX_CATEGORIES vs WinCLIP, both zero-shot on HELDOUT_CATEGORIES."""
+    import time
+
+    from cliplab.data.shapes.inspection import InspectionWorld, export_mvtec
+    from cliplab.dense.anomaly.anomalyclip import train_anomalyclip
+    from cliplab.eval.anomaly import evaluate_anomaly
+
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tic = time.perf_counter()
+        prompts = train_anomalyclip(bb, AUX_CATEGORIES, steps=steps, out=Path(tmp) / "prompts", seed=seed,
+                                    n_per_category=64, progress=False)
+        train_s = time.perf_counter() - tic
+        log = Path(tmp) / "prompts" / "train" / "metrics.jsonl"
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        root = Path(tmp) / "heldout"
+        export_mvtec(InspectionWorld(seed, categories=HELDOUT_CATEGORIES), root, n_train=4, n_test=n_test,
+                     progress=False)
+        for name, method, options in (("WinCLIP zero-shot", "winclip", None),
+                                      ("AnomalyCLIP (prompts from the other categories)", "anomalyclip",
+                                       {"prompts": prompts})):
+            res = evaluate_anomaly(bb, root, method=method, method_options=options, progress=False)
+            runs[name] = res
+            m = res["mean"]
+            print(f"{name:50s} image AUROC {m['image_auroc']:.3f} AP {m['image_ap']:.3f}  "
+                  f"pixel AUROC {m['pixel_auroc']:.3f} AUPRO {m['pixel_aupro']:.3f}")
+        anomalyclip_picture(bb, root, prompts, Path(__file__).parents[1] / "docs" / "anomaly_detection"
+                            / "anomalyclip_maps.png")
+    return {"benchmark": "anomalyclip_shapes", "model": "shapes-tiny", "train_categories": list(AUX_CATEGORIES),
+            "test_categories": list(HELDOUT_CATEGORIES), "steps": steps, "batch_size": 8, "n_per_category": 64,
+            "n_test_per_kind": n_test, "seed": seed, "train_seconds": round(train_s, 1),
+            "loss_first": rows[0], "loss_last": rows[-1], "aupro_protocol": "mvtec", "runs": runs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-test", type=int, default=20, help="good and defective test images per category")
     parser.add_argument("--folder", help="write the folder here (default: a temporary folder)")
+    parser.add_argument("--only", choices=["winclip", "anomalyclip"], help="run only one part")
     args = parser.parse_args()
 
     import torch
@@ -103,6 +184,11 @@ def main() -> None:
 
     torch.set_num_threads(2)
     bb = cliplab.load("shapes-tiny")
+    if args.only != "winclip":
+        out = run_anomalyclip(bb)
+        (Path(__file__).parent / "results" / "anomalyclip_shapes.json").write_text(json.dumps(out, indent=2) + "\n")
+        if args.only == "anomalyclip":
+            return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.folder or tmp)
         write_inspection_folder(root, n_good=args.n_test, n_bad=args.n_test)

@@ -20,6 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("--method", default="winclip", choices=ANOMALY_METHODS.names(),
                    help=f"anomaly method: {entries_help(ANOMALY_METHODS)} (default: winclip)")
     p.add_argument("--shots", type=int, default=0, help="normal reference images per category (few-shot methods)")
+    p.add_argument("--prompts", metavar="PATH", help="learned prompts of --method anomalyclip (.safetensors; "
+                   "cliplab.dense.anomaly.anomalyclip.train_anomalyclip writes them)")
     p.add_argument("--category", action="append", help="evaluate only this category (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="draws the reference images (default: 0)")
     p.add_argument("--maps", metavar="DIR", help="also write each test image's anomaly map as a PNG here")
@@ -48,22 +50,26 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
+    from ..errors import UsageError
     from ..eval.anomaly import evaluate_anomaly
     from ..validation import check_positive_int
 
     check_positive_int("--batch-size", args.batch_size)
     check_positive_int("--shots", args.shots, minimum=0)
     if not Path(args.root).is_dir():
-        from ..errors import UsageError
-
         raise UsageError(f"{args.root}: no such folder; FOLDER is an MVTec-style dataset folder")
+    if (args.method == "anomalyclip") != bool(args.prompts):
+        raise UsageError("--method anomalyclip needs --prompts PATH" if args.prompts is None
+                         else "--prompts is an option of --method anomalyclip")
     backbone = load_backbone(args)
     results = evaluate_anomaly(backbone, args.root, method=args.method, shots=args.shots, categories=args.category,
                                seed=args.seed, batch_size=args.batch_size,
+                               method_options={"prompts": args.prompts} if args.prompts else None,
                                on_result=(lambda cat, res: _write_maps(args.maps, cat, res)) if args.maps else None)
     keys = list(results["mean"])
     write_rows([{"category": name, **{k: m[k] for k in keys}} for name, m in results.items()], args.format)
     if args.out:
         Path(args.out).write_text(json.dumps({"method": args.method, "shots": args.shots, "model": args.model,
+                                              **({"prompts": args.prompts} if args.prompts else {}),
                                               "seed": args.seed, "results": results}, indent=2) + "\n")
     return 0

@@ -24,7 +24,7 @@ from ..errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AnomalyCategory", "read_anomaly_folder", "load_mask"]
+__all__ = ["AnomalyCategory", "read_anomaly_folder", "load_mask", "resize_mask"]
 
 
 @dataclass
@@ -114,3 +114,13 @@ def load_mask(path, size: int) -> np.ndarray:
     except OSError as e:
         raise DataError(f"{path}: unreadable mask ({e})") from None
     return np.asarray(m) > 0
+
+
+def resize_mask(mask, size: int) -> np.ndarray:
+    """A mask file or a mask array (H, W) as bool (size, size), nearest neighbours (non-zero = defect)."""
+    if not isinstance(mask, np.ndarray):
+        return load_mask(mask, size)
+    from PIL import Image
+
+    m = Image.fromarray(np.asarray(mask).astype(bool).astype(np.uint8) * 255)
+    return np.asarray(m.resize((size, size), Image.NEAREST)) > 0

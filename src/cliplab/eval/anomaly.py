@@ -1,4 +1,5 @@
-"""Anomaly detection evaluation over an MVTec-style folder (MVTec AD, VisA, ShapesWorld inspection sets).
+"""Anomaly detection evaluation over an MVTec-style folder (MVTec AD, VisA, ShapesWorld inspection sets)
+or an :class:`~cliplab.data.datasets.AnomalyData` (``shapes:inspection``; the ``anomaly`` eval task).
 
 For each category: fit the method on ``shots`` normal training images (drawn with ``seed``;
 zero-shot methods take none), score every test image, and compute the table row of
@@ -14,19 +15,23 @@ import logging
 
 import numpy as np
 
-from ..data.anomaly_folder import AnomalyCategory, load_mask, read_anomaly_folder
+from ..data.anomaly_folder import AnomalyCategory, read_anomaly_folder, resize_mask
 from ..errors import UsageError
 from ..validation import check_positive_int
 from .anomaly_metrics import anomaly_metrics
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate_anomaly", "evaluate_category"]
+__all__ = ["evaluate_anomaly", "evaluate_categories", "evaluate_category", "categories_of"]
 
 
 def evaluate_category(backbone, category: AnomalyCategory, *, method: str = "winclip", shots: int = 0,
-                      seed: int = 0, prompt_name: str | None = None, batch_size: int = 32):
+                      seed: int = 0, prompt_name: str | None = None, batch_size: int = 32,
+                      method_options: dict | None = None):
     """Metrics of one category, and the method's result (scores and maps).
+
+    ``method_options`` are further keyword arguments of the method's class (AnomalyCLIP's
+    ``prompts``).  Test images and masks may be files or arrays.
 
     Returns
     -------
@@ -42,7 +47,7 @@ def evaluate_category(backbone, category: AnomalyCategory, *, method: str = "win
     if cls.needs_references and shots == 0:
         raise UsageError(f"anomaly method {method!r} is few-shot: give --shots K (K >= 1)")
     name = prompt_name or category.name.replace("_", " ")
-    model = cls(backbone, category=name, batch_size=batch_size)
+    model = cls(backbone, category=name, batch_size=batch_size, **(method_options or {}))
     if shots:
         if len(category.train) < shots:
             raise UsageError(f"{category.name}: {shots} shots asked but train/good has {len(category.train)} images")
@@ -50,7 +55,7 @@ def evaluate_category(backbone, category: AnomalyCategory, *, method: str = "win
         model.fit([category.train[i] for i in sorted(pick)])
     result = model.predict(category.test)
     size = result.maps.shape[-1]
-    masks = np.stack([load_mask(m, size) if m is not None else np.zeros((size, size), bool)
+    masks = np.stack([resize_mask(m, size) if m is not None else np.zeros((size, size), bool)
                       for m in category.masks])
     has_masks = any(m is not None for m in category.masks)
     metrics = {"n_test": len(category.test), "n_defective": int(category.labels.sum()), "shots": shots}
@@ -59,8 +64,66 @@ def evaluate_category(backbone, category: AnomalyCategory, *, method: str = "win
     return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in metrics.items()}, result, masks
 
 
+def categories_of(test, train=None) -> list[AnomalyCategory]:
+    """Group an :class:`~cliplab.data.datasets.AnomalyData` (and its normal training images) by category.
+
+    Parameters
+    ----------
+    test : AnomalyData
+        The evaluated images, masks and labels.
+    train : AnomalyData, optional
+        Normal images of the same categories (the few-shot references).
+
+    Returns
+    -------
+    list of AnomalyCategory
+        Sorted by name; ``masks`` are the data's masks (arrays or files) for defective
+        images, None for normal ones.
+
+    Raises
+    ------
+    DataError
+        A category without both normal and defective test images.
+    """
+    from ..errors import DataError
+
+    labels = np.asarray(test.labels)
+    out = []
+    for name in sorted(set(test.categories)):
+        idx = [i for i, c in enumerate(test.categories) if c == name]
+        if len(set(labels[idx].tolist())) < 2:
+            raise DataError(f"{test.name}: category {name!r} needs both normal and defective test images")
+        refs = [x for x, c, y in zip(train.items, train.categories, train.labels) if c == name and y == 0] \
+            if train is not None else []
+        out.append(AnomalyCategory(name, refs, [test.items[i] for i in idx], labels[idx].astype(np.int64),
+                                   [test.defects[i] for i in idx],
+                                   [test.masks[i] if labels[i] else None for i in idx]))
+    return out
+
+
+def evaluate_categories(backbone, categories, *, method: str = "winclip", shots: int = 0, seed: int = 0,
+                        batch_size: int = 32, method_options: dict | None = None, progress: bool | None = None,
+                        on_result=None) -> dict:
+    """:func:`evaluate_category` on each of ``categories``, plus their ``"mean"`` (see :func:`evaluate_anomaly`)."""
+    from .._progress import progress_bar
+
+    cats = list(categories)
+    out = {}
+    for cat in progress_bar(cats, progress=progress, desc="anomaly categories"):
+        out[cat.name], result, _ = evaluate_category(backbone, cat, method=method, shots=shots, seed=seed,
+                                                     batch_size=batch_size, method_options=method_options)
+        if on_result is not None:
+            on_result(cat, result)
+        logger.info("%s: %s", cat.name, out[cat.name])
+    keys = [k for k in out[cats[0].name] if k not in ("n_test", "n_defective", "shots")
+            and all(k in v for v in out.values())]
+    out["mean"] = {k: float(np.mean([v[k] for v in out.values()])) for k in keys}
+    return out
+
+
 def evaluate_anomaly(backbone, root, *, method: str = "winclip", shots: int = 0, categories=None, seed: int = 0,
-                     batch_size: int = 32, progress: bool | None = None, on_result=None) -> dict:
+                     batch_size: int = 32, progress: bool | None = None, on_result=None,
+                     method_options: dict | None = None) -> dict:
     """Evaluate an anomaly method on every category of an MVTec-style folder.
 
     Parameters
@@ -80,6 +143,8 @@ def evaluate_anomaly(backbone, root, *, method: str = "winclip", shots: int = 0,
     on_result : callable, optional
         Called as ``on_result(category, result)`` with each category's
         :class:`~cliplab.dense.anomaly.AnomalyResult` (to save maps).
+    method_options : dict, optional
+        Further arguments of the method (``{"prompts": path}`` for AnomalyCLIP).
 
     Returns
     -------
@@ -93,17 +158,6 @@ def evaluate_anomaly(backbone, root, *, method: str = "winclip", shots: int = 0,
     UsageError
         An unknown method, or shots missing / more than the training images.
     """
-    from .._progress import progress_bar
-
-    cats = read_anomaly_folder(root, categories)
-    out = {}
-    for cat in progress_bar(cats, progress=progress, desc="anomaly categories"):
-        out[cat.name], result, _ = evaluate_category(backbone, cat, method=method, shots=shots, seed=seed,
-                                                     batch_size=batch_size)
-        if on_result is not None:
-            on_result(cat, result)
-        logger.info("%s: %s", cat.name, out[cat.name])
-    keys = [k for k in out[cats[0].name] if k not in ("n_test", "n_defective", "shots")
-            and all(k in v for v in out.values())]
-    out["mean"] = {k: float(np.mean([v[k] for v in out.values()])) for k in keys}
-    return out
+    return evaluate_categories(backbone, read_anomaly_folder(root, categories), method=method, shots=shots,
+                               seed=seed, batch_size=batch_size, method_options=method_options, progress=progress,
+                               on_result=on_result)

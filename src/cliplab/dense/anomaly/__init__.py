@@ -69,3 +69,21 @@ class AnomalyMethod:
 
     def predict(self, images) -> AnomalyResult:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _pixels(self, images):
+        """Paths, PIL images or uint8 arrays -> the backbone's preprocessed batch (B, 3, S, S) on its device."""
+        import torch
+
+        from ...data.images import load_image
+
+        pre = self.backbone.preprocess
+        out = []
+        for im in images:
+            if isinstance(im, np.ndarray):
+                from PIL import Image
+
+                im = Image.fromarray(im)
+            elif not hasattr(im, "convert"):
+                im = load_image(im)
+            out.append(pre(im.convert("RGB")))
+        return torch.stack(out).to(self.backbone.device)

@@ -107,23 +107,6 @@ class WinCLIP(AnomalyMethod):
         return p[..., 1] / p.sum(axis=-1)
 
     # -- vision side
-    def _pixels(self, images):
-        import torch
-
-        from ...data.images import load_image
-
-        pre = self.backbone.preprocess
-        out = []
-        for im in images:
-            if isinstance(im, np.ndarray):
-                from PIL import Image
-
-                im = Image.fromarray(im)
-            elif not hasattr(im, "convert"):
-                im = load_image(im)
-            out.append(pre(im.convert("RGB")))
-        return torch.stack(out).to(self.backbone.device)
-
     def embeddings(self, images) -> tuple[np.ndarray, dict[int, np.ndarray], int]:
         """Image embeddings (N, D), window embeddings {k: (N, W_k, D)} and the patch grid side.
 
