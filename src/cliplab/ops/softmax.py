@@ -25,22 +25,23 @@ exponent bits (the reference's AVX2 kernels), with ``2**k`` for ``k <= -127`` ta
 the reference, so outputs below about 2**-126 flush to zero.  (The reference's AVX-512 kernels
 scale with ``vscalefps``; through LLVM's ldexp that instruction also runs on the lanes a select
 discards, where results underflow and each costs a microcode assist: 10x slower on +-1000
-rows here, so the bit construction is used on every CPU.)  The three-pass variants evaluate it at ``x - mx``, the
-two-pass one at ``x``.
+rows here, so the bit construction is used on every CPU.)  The three-pass variants evaluate
+it at ``x - mx``, the two-pass one at ``x``.
 
 Why numba: the kernels must be compiled (a Python loop is 100x slower than memory) and all
 three must share one compiler and one exp.  numba compiles them at first call for the machine
 it runs on (AVX-512 or AVX2 where present), needs no C compiler on the user's or the CI
 machine, and ships as wheels (``pip install cliplab[kernels]``); a C extension built at install
 time would need a compiler everywhere cliplab is installed.  Compiled code is cached on disk
-(numba ``cache=True``) so only the first call of a process tree pays the 1-2 s compile.
+(numba ``cache=True``): the kernels compile once (a few seconds), and the first call of each
+later process loads them (about 2 s, mostly numba's own start-up).
 
 Deviations from the reference, each deliberate:
 
 - Sums are accumulated in float32 lanes (16 lanes, as the reference keeps 8- or 16-wide SIMD
   accumulators) that are flushed into float64 every 256 elements; the reference keeps float32
-  accumulators for the whole row, which loses digits beyond ~1e6 elements (relative error
-  4e-6 at 3e7 elements measured) while this keeps 1e-6 for any length.  The cost is one
+  accumulators for the whole row, which loses digits on long rows (16 float32 lanes: relative
+  error 4e-6 at 3e7 elements, measured) while this keeps 1e-6 for any length.  The cost is one
   vector operation per 256 elements.
 - The three-pass variants compensate the rounding error of ``x - mx`` (TwoSum, four extra
   additions per exp) and fold it into the reduced argument.  Without it their relative error
