@@ -89,6 +89,18 @@ class ShapesTrainSet:
     ----------
     world : cliplab.data.shapes.ShapesWorld
     split : str, default "train"
+    negatives : int, default 0
+        With K > 0, every item carries K hard-negative captions, the canonical
+        caption with one colour or shape swapped
+        (:func:`cliplab.data.shapes.captions.negative_captions`; never a held-out
+        composition in ``train``/``val``), as ``extras["extra_captions"]``.
+    tags : bool, default False
+        Every item carries its colour and shape words as a multi-hot float32
+        vector over :data:`cliplab.data.shapes.TAGS`, as ``extras["targets"]["tags"]``.
+
+    Items are ``(image, captions)``, or ``(image, captions, extras)`` with either
+    option (what objectives such as ``hqclip`` read).  The negatives of scene i
+    are a pure function of ``(world.seed, split, i)``.
 
     Examples
     --------
@@ -97,9 +109,13 @@ class ShapesTrainSet:
     >>> image, captions = ds[0]                              # doctest: +SKIP
     """
 
-    def __init__(self, world, split: str = "train"):
+    def __init__(self, world, split: str = "train", *, negatives: int = 0, tags: bool = False):
+        if negatives < 0:
+            raise ValueError(f"negatives must be >= 0, got {negatives}")
         self.world = world
         self.split = split
+        self.negatives = int(negatives)
+        self.tags = bool(tags)
         self._scenes = world.split(split)
 
     def __len__(self) -> int:
@@ -107,12 +123,33 @@ class ShapesTrainSet:
 
     def __getitem__(self, index: int):
         scene = self._scenes[int(index)]
-        return scene.image, list(scene.captions)
+        if not (self.negatives or self.tags):
+            return scene.image, list(scene.captions)
+        return scene.image, list(scene.captions), self._extras(scene)
 
     def get_batch(self, indices):
-        """``(uint8 array (N, H, W, 3), list of caption lists)`` in one render call."""
+        """``(uint8 array (N, H, W, 3), list of caption lists[, list of extras])`` in one render call."""
         images, scenes = self.world.render_batch(self.split, [int(i) for i in indices])
-        return images, [list(s.captions) for s in scenes]
+        captions = [list(s.captions) for s in scenes]
+        if not (self.negatives or self.tags):
+            return images, captions
+        return images, captions, [self._extras(s) for s in scenes]
+
+    def _extras(self, scene) -> dict:
+        from ..data.shapes import COLORS, TAGS
+        from ..data.shapes.captions import negative_captions
+        from ..data.shapes.world import SPLIT_IDS
+
+        out = {}
+        if self.negatives:
+            rng = np.random.default_rng([self.world.seed, SPLIT_IDS[self.split], scene.index, 2])  # own stream
+            avoid = set(self.world.heldout) if self.split in ("train", "val") else set()
+            out["extra_captions"] = negative_captions(scene.objects, rng, self.negatives, COLORS,
+                                                      self.world.shapes_of(self.split), avoid)
+        if self.tags:
+            words = {o.color for o in scene.objects} | {o.shape for o in scene.objects}
+            out["targets"] = {"tags": np.array([t in words for t in TAGS], dtype=np.float32)}  # (V,)
+        return out
 
 
 class ConcatSet:
@@ -143,18 +180,25 @@ class ConcatSet:
         return self.sets[k][i]
 
     def get_batch(self, indices):
-        """Load per member set (with its own ``get_batch`` when it has one), in the given order."""
+        """Load per member set (with its own ``get_batch`` when it has one), in the given order.
+
+        Returns ``(images, captions)``, or ``(images, captions, extras)`` when the
+        members' items carry extras.
+        """
         located = [self._locate(int(i)) for i in indices]
-        images, captions = [None] * len(located), [None] * len(located)
+        images, captions, extras = [None] * len(located), [None] * len(located), [None] * len(located)
         for k, member in enumerate(self.sets):
             pos = [j for j, (kk, _) in enumerate(located) if kk == k]
             if not pos:
                 continue
             local = [located[j][1] for j in pos]
             if hasattr(member, "get_batch"):
-                imgs, caps = member.get_batch(local)
+                imgs, caps, *more = member.get_batch(local)
             else:
-                imgs, caps = zip(*(member[i] for i in local))
-            for j, im, c in zip(pos, imgs, caps):
+                imgs, caps, *more = zip(*(member[i] for i in local))
+            for n, (j, im, c) in enumerate(zip(pos, imgs, caps)):
                 images[j], captions[j] = im, list(c)
-        return images, captions
+                extras[j] = more[0][n] if more else None
+        if all(e is None for e in extras):
+            return images, captions
+        return images, captions, extras

@@ -18,6 +18,9 @@ A recipe is a function registered with :func:`register_recipe` that returns a
     one object and 20 % with two or three, one of five caption phrasings per
     step (LaCLIP).  Validation: 64-way colour x shape zero-shot accuracy on 512
     single-object ``val`` scenes with the prompt "a photo of a {colour} {shape}.".
+    With an objective that needs extra captions or targets (``--loss hqclip``)
+    the items also carry one hard-negative caption (one attribute swapped) and
+    the multi-hot colour/shape tags (:class:`~cliplab.train.datasets.ShapesTrainSet`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -41,6 +45,9 @@ from .trainer import TrainConfig
 from ..registry import Registry
 
 logger = logging.getLogger(__name__)
+
+CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
+"""open_clip's initial ``logit_scale`` of a CLIP model (log-space)."""
 
 RECIPES: Registry = Registry("recipe")
 """The training recipes, by name: functions ``(**train_config_overrides) -> Recipe``; each
@@ -124,7 +131,8 @@ def init_model(model_cfg: dict, preprocess_cfg: dict | None = None, *, loss: str
     loss : str, default "infonce"
         The loss to train with; a loss with a bias (sigmoid) adds
         ``init_logit_scale``/``init_logit_bias`` to the returned ``model_cfg``
-        unless it sets them.
+        unless it sets them, and a loss without one whose ``init_logit_scale``
+        is not CLIP's log(1/0.07) (cloob, hard-negatives) adds ``init_logit_scale``.
     seed : int, default 0
         Seeds the random initialisation (the global torch RNG is left untouched).
 
@@ -148,6 +156,9 @@ def init_model(model_cfg: dict, preprocess_cfg: dict | None = None, *, loss: str
     if loss_cls.init_logit_bias is not None and "init_logit_bias" not in cfg:
         cfg["init_logit_bias"] = loss_cls.init_logit_bias
         cfg.setdefault("init_logit_scale", loss_cls.init_logit_scale)
+    elif (loss_cls.init_logit_bias is None and loss_cls.init_logit_scale is not None
+          and not math.isclose(loss_cls.init_logit_scale, CLIP_INIT_LOGIT_SCALE)):
+        cfg.setdefault("init_logit_scale", loss_cls.init_logit_scale)  # CLOOB, hard negatives
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(cfg)
@@ -243,7 +254,9 @@ def shapes_tiny(**overrides) -> Recipe:
     config = dataclasses.replace(config, **overrides)
     world = shapes_tiny_world(config.seed)
     multi = world.replace(seed=config.seed + 1, n_objects=(2, 3), split_sizes={"train": 250_000})
-    train_set = ConcatSet(ShapesTrainSet(world, "train"), ShapesTrainSet(multi, "train"))  # 80 % / 20 %
+    loss_cls = get_loss_class(config.loss)
+    extras = {"negatives": int(loss_cls.needs_extra_captions), "tags": loss_cls.needs_targets}  # hqclip
+    train_set = ConcatSet(ShapesTrainSet(world, "train", **extras), ShapesTrainSet(multi, "train", **extras))
     return Recipe("shapes-tiny", copy.deepcopy(SHAPES_TINY_MODEL), {}, config, train_set,
                   ShapesZeroShot(world, "val", n=512))
 

@@ -13,6 +13,8 @@ Captions stay under about 25 words (three objects with size and position), which
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 _BACKGROUND_WORD = {"plain": "plain", "gradient": "gradient", "stripes": "striped", "noise": "noisy",
@@ -98,3 +100,46 @@ def make_captions(objects, background: str, rng: np.random.Generator, n: int = 5
         pool = _multi(objects, bg, rng)
     rest = rng.permutation(len(pool) - 1)[: n - 1] + 1
     return [pool[0]] + [pool[i] for i in rest]
+
+
+def canonical_caption(objects) -> str:
+    """The caption naming every attribute of every object (the first of :func:`make_captions`)."""
+    return _join([f"a {o.size} {o.color} {o.shape} {position_phrase(o.position)}" for o in objects])
+
+
+def negative_captions(objects, rng: np.random.Generator, k: int, colors, shapes, avoid=frozenset()) -> list[str]:
+    """``k`` hard negatives: the canonical caption with one attribute of one object swapped.
+
+    Each negative picks an object and replaces its colour or its shape (one of
+    the two, at random) by another value, so the caption is fluent and wrong in
+    exactly one word, as the negative descriptions of HQ-CLIP or the swaps of
+    SugarCrepe.
+
+    Parameters
+    ----------
+    objects : list of ObjectGT
+        The visible objects.
+    rng : numpy.random.Generator
+    k : int
+        Number of negatives (they may repeat).
+    colors, shapes : sequence of str
+        The values a swap may take (e.g. the split's shapes only).
+    avoid : set of (colour, shape), optional
+        Compositions a swap must not create (held-out pairs stay out of training text).
+
+    Returns
+    -------
+    list of str
+    """
+    out = []
+    for _ in range(k):
+        i = int(rng.integers(len(objects)))
+        o = objects[i]
+        options = {"color": [c for c in colors if c != o.color and (c, o.shape) not in avoid],
+                   "shape": [s for s in shapes if s != o.shape and (o.color, s) not in avoid]}
+        attr = "color" if rng.random() < 0.5 else "shape"
+        if not options[attr]:  # e.g. a world with a single shape
+            attr = "shape" if attr == "color" else "color"
+        swapped = dataclasses.replace(o, **{attr: str(rng.choice(options[attr]))})
+        out.append(canonical_caption([*objects[:i], swapped, *objects[i + 1:]]))
+    return out

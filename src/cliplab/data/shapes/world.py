@@ -42,6 +42,9 @@ SHAPES: tuple[str, ...] = tuple(render.SDF)
 BACKGROUNDS: tuple[str, ...] = ("plain", "gradient", "stripes", "noise")
 DEFECTS: tuple[str, ...] = ("scratch", "hole", "stain")
 SIZES: tuple[str, ...] = ("small", "large")
+#: Short tags of a scene (HQ-CLIP's "short positive tags"): its colour and shape words,
+#: as a multi-hot vector over this vocabulary.
+TAGS: tuple[str, ...] = COLORS + SHAPES
 
 #: One held-out colour per shape (shape i with colour (3 i + 1) mod 8): a Latin-square
 #: diagonal, so every colour and every shape still occurs in training.

@@ -94,6 +94,30 @@ class ModelOutputs:
         return cls(out[0], out[1], out[2], out[3] if len(out) > 3 else None)
 
 
+def gather_with_grad(tensors: list[torch.Tensor], world_size: int) -> list[torch.Tensor]:
+    """Concatenate each (B, ...) tensor over the ranks into (W*B, ...), keeping the gradient.
+
+    With ``world_size == 1`` the tensors come back unchanged.  Under DDP every
+    rank then computes the loss of the global batch, and the averaged gradients
+    equal those of one process on it (open_clip's ``gather_with_grad=True``).
+    """
+    if world_size <= 1:
+        return list(tensors)
+    import torch.distributed.nn
+
+    return [torch.cat(torch.distributed.nn.all_gather(t), dim=0) for t in tensors]
+
+
+def held_fixed(value: torch.Tensor) -> torch.Tensor:
+    """``value`` as a constant whose parameter still gets a (zero) gradient.
+
+    For a temperature a method keeps fixed (CLOOB): the model's ``logit_scale``
+    then never moves under AdamW (zero gradient, no weight decay on it), and it
+    stays a used parameter, which DDP requires of every trainable parameter.
+    """
+    return value.detach() + 0.0 * value
+
+
 class Objective(torch.nn.Module):
     """Base class of the Trainer's objectives (losses).
 
