@@ -45,6 +45,7 @@ Examples
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -182,7 +183,7 @@ def score_regions(backbone, images: Sequence[torch.Tensor], boxes: Sequence[np.n
 
     def flush():
         crops = torch.cat([c for _, c in pending])                              # (B, 3, S, S)
-        feats = torch.from_numpy(backbone.encode_images(crops, batch_size=len(crops), progress=False,
+        feats = torch.from_numpy(backbone.encode_images(crops, batch_size=batch_size, progress=False,
                                                         workers=0).features)   # (B, D)
         p = torch.softmax(scale * feats @ q.T, dim=1)                           # (B, Q)
         per_class = torch.full((len(p), n_classes), -1.0).scatter_reduce(
@@ -280,7 +281,7 @@ def prepare_image(backbone, item) -> tuple[np.ndarray, torch.Tensor]:
 
 
 def _items(images) -> list:
-    if isinstance(images, str) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
+    if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
         return [images]
     if hasattr(images, "size") and hasattr(images, "convert"):                  # one PIL image
         return [images]
