@@ -29,8 +29,8 @@ Defaults: ``iou_thr=0.3`` (N_t) and ``sigma=0.5`` as the Soft-NMS reference; sco
 windows and dense maps, not a trained RPN; no objectness term (``p`` alone ranks boxes);
 crops are blanked outside the box unless ``blank=False`` (in crowded ShapesWorld scenes the
 neighbours inside a context crop halve the accuracy of shapes-tiny on ground-truth boxes:
-33 % with the context kept, 65 % blanked, both at ``context=3``; the benchmark
-``benchmarks/detect_shapes.py``).
+33 % with the context kept, 65 % blanked, both at ``context=3``, in a side check on 20
+``shapes:det`` test scenes; see ``docs/anomaly_detection.md``).
 
 Examples
 --------
