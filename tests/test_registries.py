@@ -33,6 +33,7 @@ CLI = {
     "recipe": "train --recipe {name}",
     "index type": "index build src --out o --index-type {name}",
     "anomaly method": "anomaly folder --method {name}",
+    "proposal method": "detect img.png --labels a,b --proposals {name} --out o",
 }
 
 

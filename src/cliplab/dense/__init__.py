@@ -2,7 +2,10 @@
 
 - segmentation: :func:`segment` and the ``dense method`` registry (below);
 - :mod:`.anomaly`: zero- and few-shot anomaly maps (the ``anomaly method`` registry);
-- :mod:`.misalignment`: CLIPScore, RefCLIPScore, CLIP4DM word attribution and F-CLIPScore.
+- :mod:`.misalignment`: CLIPScore, RefCLIPScore, CLIP4DM word attribution and F-CLIPScore;
+- :mod:`.detect`: open-vocabulary detection, ``cliplab.dense.detect.detect`` (class-agnostic
+  proposals of the ``proposal method`` registry in :mod:`.proposals`, crop-and-encode
+  region scores, Soft-NMS).
 
 :func:`segment` turns images and free-text classes into per-pixel class maps with any
 registered dense method; every method is registered in :data:`DENSE_METHODS` where its

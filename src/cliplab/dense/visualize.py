@@ -3,7 +3,9 @@
 :func:`save_segmentation` writes what ``cliplab segment --out`` writes: per image a
 class-index PNG (pixel value = class index; 8-bit up to 256 classes, 16-bit beyond) and a
 coloured overlay, plus one ``legend.png`` and ``classes.txt`` (one class name per line, in
-index order) for the whole run.
+index order) for the whole run.  :func:`draw_detections` draws labelled boxes (``cliplab
+detect --out``) in the same palette (class ``k`` in colour ``k + 1``: colour 0 is the black
+of the background).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["palette", "colorize", "overlay", "legend", "save_segmentation"]
+__all__ = ["palette", "colorize", "overlay", "legend", "save_segmentation", "draw_detections"]
 
 
 def palette(n: int) -> np.ndarray:
@@ -97,3 +99,39 @@ def save_segmentation(result, images: Sequence, out, *, names: Sequence[str] | N
         present = [result.classes[c] for c in np.unique(mask)]
         rows.append({"mask": out / f"{stem}.png", "overlay": out / f"{stem}_overlay.png", "classes": present})
     return rows
+
+
+def draw_detections(image, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray,
+                    classes: Sequence[str], *, width: int = 2) -> Image.Image:
+    """The image with each box drawn in its class's colour and labelled ``name score``.
+
+    Parameters
+    ----------
+    image : PIL image or uint8 array (H, W, 3)
+    boxes : ndarray (K, 4)
+        ``x0, y0, x1, y1`` in pixels, ``x1``/``y1`` exclusive.
+    labels : ndarray (K,) int
+        Index into ``classes``.
+    scores : ndarray (K,)
+    classes : sequence of str
+    width : int, default=2
+        Line width in pixels.
+
+    Returns
+    -------
+    PIL.Image.Image
+        RGB, the image's size; boxes drawn lowest score first, so the best are on top.
+    """
+    img = (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))).convert("RGB")
+    colors = palette(len(classes) + 1)[1:]
+    draw = ImageDraw.Draw(img)
+    for k in np.argsort(np.asarray(scores), kind="stable"):
+        x0, y0, x1, y1 = (float(v) for v in boxes[k])
+        color = tuple(int(v) for v in colors[int(labels[k])])
+        draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=color, width=width)
+        text = f"{classes[int(labels[k])]} {float(scores[k]):.2f}"
+        tx0, ty0, tx1, ty1 = draw.textbbox((x0, y0), text)
+        ty = y0 - (ty1 - ty0) - 2 if y0 >= ty1 - ty0 + 2 else y0
+        draw.rectangle([x0, ty, x0 + tx1 - tx0 + 2, ty + ty1 - ty0 + 2], fill=color)
+        draw.text((x0 + 1, ty), text, fill="white" if sum(color) < 384 else "black")
+    return img
