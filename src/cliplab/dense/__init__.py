@@ -3,6 +3,8 @@
 - segmentation: :func:`segment` and the ``dense method`` registry (below);
 - :mod:`.anomaly`: zero- and few-shot anomaly maps (the ``anomaly method`` registry);
 - :mod:`.misalignment`: CLIPScore, RefCLIPScore, CLIP4DM word attribution and F-CLIPScore.
+- :mod:`.cloc`: CLOC's promptable region embeddings (a Prompter trained on a frozen Backbone)
+  and the crop-and-encode and RoI-mean baselines.
 
 :func:`segment` turns images and free-text classes into per-pixel class maps with any
 registered dense method; every method is registered in :data:`DENSE_METHODS` where its
