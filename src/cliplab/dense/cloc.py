@@ -468,6 +468,8 @@ class RegionScenes(torch.utils.data.Dataset):
     repeats : int, default 8
         Items per scene.
     seed : int, default 0
+    progress : bool, optional
+        Progress bar while the scenes render.
     """
 
     def __init__(self, world, split: str, n_scenes: int, size: int, *, k: int = 4, repeats: int = 8,
@@ -763,11 +765,12 @@ def train_cloc(backbone, steps: int, out: str | Path, *, train_set=None, n_scene
     model = ClocModel(backbone.model, prompter)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                          weight_decay=weight_decay, seed=seed, out_dir=str(out), ckpt_every=0,
-                         log_every=log_every, device=str(backbone.device) if backbone.device.type != "cpu" else "cpu")
+                         log_every=log_every, device=str(backbone.device))
     pp = dict(backbone.preprocess_cfg, size=[size, size])
     try:
-        Trainer(model, backbone.tokenize, None, train_set, config, objective=ClocObjective(grounding_weight=grounding_weight),
-                preprocess_cfg=pp, progress=progress).fit()
+        objective = ClocObjective(grounding_weight=grounding_weight)
+        Trainer(model, backbone.tokenize, None, train_set, config, objective=objective, preprocess_cfg=pp,
+                progress=progress).fit()
     finally:
         for n, p in backbone.model.named_parameters():
             p.requires_grad_(frozen[n])
