@@ -6,6 +6,8 @@
 - :mod:`.detect`: open-vocabulary detection, ``cliplab.dense.detect.detect`` (class-agnostic
   proposals of the ``proposal method`` registry in :mod:`.proposals`, crop-and-encode
   region scores, Soft-NMS).
+- :mod:`.cloc`: CLOC's promptable region embeddings (a Prompter trained on a frozen Backbone)
+  and the crop-and-encode and RoI-mean baselines.
 
 :func:`segment` turns images and free-text classes into per-pixel class maps with any
 registered dense method; every method is registered in :data:`DENSE_METHODS` where its
