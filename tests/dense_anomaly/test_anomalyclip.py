@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import numpy as np
@@ -148,8 +149,21 @@ def test_anomaly_cli_with_learned_prompts(folder, trained, tiny_dir, tmp_path, c
         assert 0 <= res["results"]["mean"][key] <= 1
 
 
+def test_anomaly_cli_trains_prompts_on_another_folder(folder, tiny_dir, tmp_path, capsys):
+    aux = tmp_path / "aux"
+    export_mvtec(InspectionWorld(1, image_size=32, categories=["star"]), aux, n_train=1, n_test=1, progress=False)
+    rc = main(["anomaly", str(folder), "--method", "anomalyclip", "--train-on", str(aux), "--train-steps", "2",
+               "--prompts", str(tmp_path / "learned"), "--model", str(tiny_dir), "--format", "json",
+               "--out", str(tmp_path / "m.json")])
+    assert rc == 0
+    res = json.loads((tmp_path / "m.json").read_text())
+    assert Path(res["prompts"]).is_file() and Path(res["prompts"]).parent == tmp_path / "learned"
+    assert [r["category"] for r in json.loads(capsys.readouterr().out)] == ["heart", "ring", "mean"]
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["--method", "anomalyclip"], "needs --prompts PATH"),
+    (["--method", "winclip", "--train-on", "{tmp}"], "--train-on needs --method anomalyclip"),
     (["--method", "winclip", "--prompts", "p.safetensors"], "--prompts is an option of --method anomalyclip"),
     (["--method", "anomalyclip", "--prompts", "{tmp}/none.safetensors"], "prompts not found"),
 ])

@@ -22,6 +22,12 @@ def add_parser(sub) -> None:
     p.add_argument("--shots", type=int, default=0, help="normal reference images per category (few-shot methods)")
     p.add_argument("--prompts", metavar="PATH", help="learned prompts of --method anomalyclip (.safetensors; "
                    "cliplab.dense.anomaly.anomalyclip.train_anomalyclip writes them)")
+    p.add_argument("--train-on", metavar="FOLDER",
+                   help="first learn AnomalyCLIP prompts on this other MVTec-style folder's test images and "
+                        "masks (auxiliary categories, as the paper trains on VisA to test on MVTec AD) and "
+                        "write them to --prompts DIR")
+    p.add_argument("--train-steps", type=int, default=300, help="AnomalyCLIP training steps with --train-on "
+                   "(default 300)")
     p.add_argument("--category", action="append", help="evaluate only this category (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="draws the reference images (default: 0)")
     p.add_argument("--maps", metavar="DIR", help="also write each test image's anomaly map as a PNG here")
@@ -58,10 +64,21 @@ def run(args) -> int:
     check_positive_int("--shots", args.shots, minimum=0)
     if not Path(args.root).is_dir():
         raise UsageError(f"{args.root}: no such folder; FOLDER is an MVTec-style dataset folder")
+    if args.train_on and (args.method != "anomalyclip" or not args.prompts):
+        raise UsageError("--train-on needs --method anomalyclip and --prompts DIR (where the prompts are written)")
+    if args.train_on and not Path(args.train_on).is_dir():
+        raise UsageError(f"{args.train_on}: no such folder; --train-on is an MVTec-style dataset folder")
+    check_positive_int("--train-steps", args.train_steps)
     if (args.method == "anomalyclip") != bool(args.prompts):
         raise UsageError("--method anomalyclip needs --prompts PATH" if args.prompts is None
                          else "--prompts is an option of --method anomalyclip")
     backbone = load_backbone(args)
+    if args.train_on:
+        from ..data.datasets import anomaly_from_mvtec
+        from ..dense.anomaly.anomalyclip import train_anomalyclip
+
+        args.prompts = str(train_anomalyclip(backbone, anomaly_from_mvtec(args.train_on, "test"),
+                                             steps=args.train_steps, out=args.prompts, seed=args.seed))
     results = evaluate_anomaly(backbone, args.root, method=args.method, shots=args.shots, categories=args.category,
                                seed=args.seed, batch_size=args.batch_size,
                                method_options={"prompts": args.prompts} if args.prompts else None,
