@@ -222,7 +222,7 @@ def test_task_registry_is_what_the_cli_and_the_suite_offer():
     """Each registered task has a help line and its dataset kind, and is a choice of
     ``cliplab eval --task`` and ``cliplab interpolate --task``; every suite entry names one."""
     from cliplab.cli.main import build_parser
-    from cliplab.data.datasets import AnomalyData, ClassificationData, RetrievalData
+    from cliplab.data.datasets import AnomalyData, ClassificationData, DetectionData, RetrievalData
     from cliplab.eval.suite import SUITES
 
     names = tasks.TASKS.names()
@@ -231,7 +231,7 @@ def test_task_registry_is_what_the_cli_and_the_suite_offer():
     for name in names:
         meta = tasks.TASKS.meta(name)
         assert meta["help"] and meta["data"] in (ClassificationData.kind, RetrievalData.kind, "segmentation",
-                                                 AnomalyData.kind)
+                                                 AnomalyData.kind, DetectionData.kind)
     assert tasks.TASKS.get("fewshot") is fewshot
     assert list(_choices(build_parser("eval"), "eval", "--task")) == names
     assert list(_choices(build_parser("interpolate"), "interpolate", "--task")) == names
