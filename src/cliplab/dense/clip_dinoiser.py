@@ -65,6 +65,7 @@ unmodified outside this repository): see ``docs/segmentation.md``.
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 from dataclasses import dataclass
@@ -241,12 +242,12 @@ def _qkv_signals(q, k, v, scale, prefix: int, src, grid) -> GuideSignals:
     return GuideSignals(values.float(), keys.reshape(B, -1, H, d).float(), cls.transpose(1, 2).float())
 
 
-class Guide:
+class Guide(abc.ABC):
     """A token source for CLIP-DINOiser's targets; subclasses implement :meth:`signals`."""
 
+    @abc.abstractmethod
     def signals(self, images: torch.Tensor, mean, std, grid) -> GuideSignals:
         """Signals of ``images`` (B, 3, H, W), normalised with ``mean``/``std``, on the patch ``grid`` (h, w)."""
-        raise NotImplementedError
 
 
 class BackboneGuide(Guide):
