@@ -41,8 +41,13 @@ step 1 on the whole image); the reference's SAM-specific mask-prompt handling (r
 masks; as in the reference, failed regions change the probabilities but never the class
 map (its test compares against probabilities it has just raised); guide tokens are resized (bilinear) to
 CLIP's patch grid, whereas the reference resizes CLIP's values to the guide's grid; the mean
-in ``S'`` is taken per window (the reference's batch holds one window, so they agree there);
-each token's own similarity is kept so that no row of ``S'`` is all -inf.
+in ``S'`` is taken per window, whereas the reference's ``torch.mean`` runs over its whole
+batch, which holds all windows of one image (the same for a single window; a few 1e-2 on
+the last block's output for 2x2 windows of random weights); each token's own similarity is
+kept so that no row of ``S'`` is all -inf.  Positional embeddings of windows other than the
+model's input size are resized as the reference's ``interpolate_pos_encoding`` does
+(``positions = "scale"``).  Compared with the reference code (random weights): see
+docs/segmentation.md.
 """
 
 from __future__ import annotations
@@ -236,6 +241,7 @@ class Trident(DenseMethod):
 
     logit_scale = 40.0
     splice = True
+    positions = "scale"       # the reference's interpolate_pos_encoding, see attention.interpolate_positions
 
     def __init__(self, *, guide=None, beta: float = 1.2, gamma: float = 3.0, mask_model: Callable | None = None,
                  coarse_thresh: float = 0.10, minimal_area: int = 225, iou_thresh: float = 0.9):
@@ -261,7 +267,7 @@ class Trident(DenseMethod):
         """Guide tokens (B, h*w, C) on CLIP's patch grid ``grid``."""
         if self.guide is None or hasattr(self.guide, "model"):
             source = backbone if self.guide is None else self.guide
-            x, g = prelast_tokens(source.model.visual, images.to(source.device))
+            x, g = prelast_tokens(source.model.visual, images.to(source.device), positions=self.positions)
             tok = x[:, 1:].reshape(len(images), *g, -1)                         # (B, h', w', C)
         else:
             tok = self.guide(images)                                            # (B, h', w', C)
@@ -273,7 +279,7 @@ class Trident(DenseMethod):
     def features(self, backbone, images: torch.Tensor) -> DenseFeatures:
         visual = backbone.model.visual
         block = visual.transformer.resblocks[-1]
-        x, grid = prelast_tokens(visual, images)                                # (B, 1 + N, W)
+        x, grid = prelast_tokens(visual, images, positions=self.positions)      # (B, 1 + N, W)
         _, _, v = qkv(block, x)                                                 # (B, H, T, d)
         v = v[:, :, 1:]                                                         # drop the class token
         a = guided_affinity(self._guide_tokens(backbone, images, grid), beta=self.beta, gamma=self.gamma)
