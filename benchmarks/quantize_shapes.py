@@ -15,9 +15,17 @@ attention), then measured:
 ``--ft-steps 0`` measures the bundled model alone (clipped softmax and gates then start
 from the pretrained weights untrained, so only the vanilla row is meaningful).
 
-    python benchmarks/quantize_shapes.py [--ft-steps 300] [--n 800]
+``--from-scratch STEPS`` trains each variant from random weights instead, with the
+shapes-tiny recipe reduced to ``STEPS`` steps of ``--batch-size`` (``cliplab train --recipe
+shapes-tiny --attention ...``: the attention of the reference's from-scratch settings, the
+same seed, data and schedule for the three), saves the last checkpoint and measures the
+model ``cliplab.load`` reads back from it.
 
-Writes ``benchmarks/results/quantize_shapes.json`` and prints the table.
+    python benchmarks/quantize_shapes.py [--ft-steps 300] [--n 800]
+    python benchmarks/quantize_shapes.py --from-scratch 100 --batch-size 32 --n 400 --threads 1 \
+        --out benchmarks/results/quantize_shapes_scratch.json
+
+Writes ``benchmarks/results/quantize_shapes.json`` (or ``--out``) and prints the table.
 """
 
 from __future__ import annotations
@@ -39,11 +47,13 @@ import cliplab  # noqa: E402
 from cliplab.data.datasets import load_dataset  # noqa: E402
 from cliplab.surgery import apply_outlier_free, outlier_stats, quantize_w8a8  # noqa: E402
 from cliplab.train import Trainer, get_recipe  # noqa: E402
+from cliplab.train.recipes import run_recipe  # noqa: E402
 from cliplab.zeroshot import class_weights  # noqa: E402
 
 VARIANTS = {"vanilla": {"softmax": "vanilla"},
             "clipped softmax": {"softmax": "clipped"},
             "gated attention (linear)": {"softmax": "vanilla", "gate": "linear"}}
+SCRATCH = {"vanilla": "vanilla", "clipped softmax": "clipped", "gated attention (linear)": "gated-linear"}
 
 
 def accuracy(bb, data, prompts) -> float:
@@ -66,10 +76,24 @@ def finetune(bb, kw: dict, steps: int, out: Path):
     return new, time.perf_counter() - tic
 
 
+def from_scratch(attention: str, steps: int, batch_size: int, out: Path):
+    """Train the reduced shapes-tiny recipe with ``attention`` and load its last checkpoint."""
+    recipe = get_recipe("shapes-tiny", attention=attention, steps=steps, batch_size=batch_size,
+                        warmup_steps=max(1, steps // 10), out_dir=str(out), ckpt_every=0, eval_every=0,
+                        log_every=25)
+    tic = time.perf_counter()
+    row = run_recipe(recipe, progress=False)
+    seconds = time.perf_counter() - tic
+    return cliplab.load(row["checkpoint"]), seconds, row["loss"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="shapes-tiny")
     ap.add_argument("--ft-steps", type=int, default=300)
+    ap.add_argument("--from-scratch", type=int, default=0, metavar="STEPS",
+                    help="train each variant from scratch for STEPS steps instead of fine-tuning shapes-tiny")
+    ap.add_argument("--batch-size", type=int, default=64, help="batch size of --from-scratch training")
     ap.add_argument("--n", type=int, default=800, help="test scenes")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/quantize_shapes.json")
@@ -84,21 +108,33 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, kw in VARIANTS.items():
-            model, seconds = finetune(bb, kw, args.ft_steps, Path(tmp) / name.split()[0])
-            stats = outlier_stats(model, test.items[:256], texts).summary()
-            row = {"variant": name, "finetune_s": round(seconds, 1), **stats, "fp_acc": accuracy(model, test, prompts)}
+            out = Path(tmp) / name.split()[0]
+            if args.from_scratch:
+                model, seconds, loss = from_scratch(SCRATCH[name], args.from_scratch, args.batch_size, out)
+                row = {"variant": name, "attention": model.model_cfg.get("cliplab", {}).get("attention"),
+                       "train_s": round(seconds, 1), "final_loss": round(loss, 4)}
+            else:
+                model, seconds = finetune(bb, kw, args.ft_steps, out)
+                row = {"variant": name, "finetune_s": round(seconds, 1)}
+            stats = outlier_stats(model, test.items[:256], texts)
+            row.update(stats.summary(), fp_acc=accuracy(model, test, prompts))
+            row["per_layer"] = {layer: {"inf_norm": round(float(i), 2), "kurtosis": round(float(k), 2)}
+                                for layer, i, k in zip(stats.layers, stats.inf_norm, stats.kurtosis)}
             for act in ("minmax", "percentile"):
                 q = quantize_w8a8(model, calib.items, texts, act_range=act, progress=False)
                 row[f"w8a8_{act}_acc"] = accuracy(q, test, prompts)
             rows.append(row)
             print(json.dumps(row))
-    result = {"model": args.model, "ft_steps": args.ft_steps, "n_test": len(test.items),
+    result = {"model": "from scratch (shapes-tiny recipe)" if args.from_scratch else args.model,
+              "ft_steps": 0 if args.from_scratch else args.ft_steps, "from_scratch_steps": args.from_scratch,
+              "batch_size": args.batch_size if args.from_scratch else 64, "n_test": len(test.items),
               "threads": args.threads, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print("| variant | max inf-norm | avg kurtosis | max kurtosis | FP acc | W8A8 min-max | W8A8 percentile |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
+        r.pop("per_layer")
         print(f"| {r['variant']} | {r['max_inf_norm']:.1f} | {r['avg_kurtosis']:.1f} | {r['max_kurtosis']:.1f} | "
               f"{100 * r['fp_acc']:.1f} | {100 * r['w8a8_minmax_acc']:.1f} | {100 * r['w8a8_percentile_acc']:.1f} |")
 

@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
     src.add_argument("--model-config",
                      help="open_clip architecture: a JSON file (model_cfg or open_clip_config.json) "
                           "or a built-in open_clip name such as ViT-B-32 (with --data)")
+    src.add_argument("--attention", choices=["vanilla", "clipped", "gated-linear", "gated-mlp"],
+                     help="train from scratch with outlier-free attention (Quantizable Transformers): "
+                          "clipped softmax (alpha 3.2) or per-head linear/MLP gates; recorded in the checkpoints")
     src.add_argument("--loss", choices=LOSSES.names(), metavar="NAME",
                      help=f"training objective (default: the recipe's, else infonce): {entries_help(LOSSES)}")
     run_g = p.add_argument_group("run")
@@ -80,7 +83,9 @@ def _read_model_config(spec: str) -> tuple[dict, dict]:
             raise DataError(f"{spec}: the model config must be a JSON object (open_clip model_cfg, "
                             "or open_clip_config.json with a model_cfg object)")
         if "model_cfg" in cfg:
-            return cfg["model_cfg"], cfg.get("preprocess_cfg", {})
+            from ..models.state_dicts import join_cliplab_config
+
+            return join_cliplab_config(cfg, spec), cfg.get("preprocess_cfg", {})
         return cfg, {}
     from open_clip import get_model_config
 
@@ -99,13 +104,13 @@ def run(args) -> int:
     if args.recipe:
         if args.model_config:
             raise UsageError("--model-config goes with --data; a recipe defines its own model")
-        recipe = get_recipe(args.recipe, **overrides)
+        recipe = get_recipe(args.recipe, attention=args.attention, **overrides)
     else:
         if not args.model_config:
             raise UsageError("--data needs --model-config (a JSON file or an open_clip name)")
         overrides.setdefault("out_dir", "runs/train")
         model_cfg, preprocess_cfg = _read_model_config(args.model_config)
-        recipe = recipe_from_table(args.data, model_cfg, preprocess_cfg, **overrides)
+        recipe = recipe_from_table(args.data, model_cfg, preprocess_cfg, attention=args.attention, **overrides)
     result = run_recipe(recipe, resume=args.resume, stop_at=args.stop_at)
     if int(os.environ.get("RANK", "0")) == 0:
         for key, value in result.items():

@@ -221,7 +221,7 @@ class Backbone:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def with_model(self, model, *, name: str) -> "Backbone":
+    def with_model(self, model, *, name: str, model_cfg: dict | None = None) -> "Backbone":
         """This Backbone with another model: same configs, tokenizer, device and precision.
 
         Surgery and fine-tuning build a new model from ``self.model`` (a deep copy with
@@ -233,15 +233,18 @@ class Backbone:
             An open_clip model of the same architecture as ``self.model``.
         name : str
             The new Backbone's name (for example ``"shapes-tiny+lora(r=4)"``).
+        model_cfg : dict, optional
+            The new model's config when surgery changed what building it needs
+            (for example ``model_cfg["cliplab"]["attention"]``); default: this one's.
 
         Returns
         -------
         Backbone
             A new Backbone; ``self`` is unchanged.
         """
-        return Backbone(model, model_cfg=self.model_cfg, preprocess_cfg=self.preprocess_cfg,
-                        tokenizer=self.tokenizer, name=name, device=str(self.device),
-                        precision=self.precision)
+        return Backbone(model, model_cfg=self.model_cfg if model_cfg is None else model_cfg,
+                        preprocess_cfg=self.preprocess_cfg, tokenizer=self.tokenizer, name=name,
+                        device=str(self.device), precision=self.precision)
 
     def __repr__(self) -> str:
         return (f"Backbone(name={self.name!r}, embed_dim={self.embed_dim}, "

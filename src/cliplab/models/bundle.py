@@ -12,7 +12,7 @@ import torch
 
 from ..errors import DataError
 from .convert import save_open_clip_folder
-from .state_dicts import read_state_dict
+from .state_dicts import join_cliplab_config, read_state_dict
 
 
 def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.float16) -> Path:
@@ -39,5 +39,6 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: tor
         raise DataError(f"{config_path}: not an open_clip config (no model_cfg object)")
     sd = read_state_dict(src / "open_clip_model.safetensors")
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    return Path(save_open_clip_folder(out_dir, config["model_cfg"], sd, config.get("preprocess_cfg")))
+    model_cfg = join_cliplab_config(config, config_path)   # keeps the attention type (clipped, gated)
+    return Path(save_open_clip_folder(out_dir, model_cfg, sd, config.get("preprocess_cfg")))
 

@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointMismatch, ModelLoadError
-from .state_dicts import _jsonable, read_state_dict, save_state_dict
+from .state_dicts import CLIPLAB_KEY, _jsonable, read_state_dict, save_state_dict, split_cliplab_config
 
 __all__ = [
     "hf_to_open_clip",
@@ -528,8 +528,15 @@ def open_clip_to_hf(model_cfg: Mapping, state_dict: Mapping[str, torch.Tensor]) 
     ------
     CheckpointMismatch
         The model uses options transformers' CLIP lacks, or the weights do not
-        match the config.
+        match the config (a model with outlier-free attention, ``model_cfg["cliplab"]``,
+        included: transformers' CLIP has no clipped softmax nor attention gates).
     """
+    attention = (model_cfg.get(CLIPLAB_KEY) or {}).get("attention")
+    if attention:
+        raise CheckpointMismatch(
+            f"the model uses outlier-free attention ({attention.get('softmax', 'vanilla')} softmax, "
+            f"gate {attention.get('gate')}), which transformers' CLIP cannot express; keep it as an open_clip "
+            "folder (convert --to open_clip), which records it")
     hf_config = model_cfg_to_hf_config(model_cfg)
     rows = key_map(hf_config["vision_config"]["num_hidden_layers"], hf_config["text_config"]["num_hidden_layers"])
     sd = {k: v for k, v in state_dict.items() if k != "attn_mask"}
@@ -802,7 +809,8 @@ def save_open_clip_folder(out_dir, model_cfg: Mapping, state_dict: Mapping[str, 
     out_dir : str or os.PathLike
         Created if needed.
     model_cfg : mapping
-        open_clip model config.
+        open_clip model config; its ``"cliplab"`` entry (the attention type of a model
+        with outlier-free attention) is written as a top-level key beside ``model_cfg``.
     state_dict : mapping of str to torch.Tensor
         The model's weights.
     preprocess_cfg : mapping, optional
@@ -817,7 +825,10 @@ def save_open_clip_folder(out_dir, model_cfg: Mapping, state_dict: Mapping[str, 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = {"model_cfg": _jsonable(model_cfg), "preprocess_cfg": _jsonable(preprocess_cfg or {})}
+    cfg, extra = split_cliplab_config(model_cfg)
+    config = {"model_cfg": cfg, "preprocess_cfg": _jsonable(preprocess_cfg or {})}
+    if extra is not None:   # open_clip ignores top-level keys other than model_cfg/preprocess_cfg
+        config[CLIPLAB_KEY] = extra
     _write_json(out_dir / "open_clip_config.json", config)
     # the weights carry the config too, so the file alone loads back exactly
     save_state_dict(out_dir / "open_clip_model.safetensors", state_dict, model_cfg=model_cfg,

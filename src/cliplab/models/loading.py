@@ -97,11 +97,28 @@ def list_sources() -> list[str]:
 
 # --------------------------------------------------------------------- building
 def build_model(model_cfg: dict, *, precision: str = "fp32", device: str = "cpu") -> torch.nn.Module:
-    """Instantiate an open_clip ``CLIP``/``CustomTextCLIP`` from a model config dict."""
+    """Instantiate an open_clip ``CLIP``/``CustomTextCLIP`` from a model config dict.
+
+    ``model_cfg["cliplab"]["attention"]``, when present, swaps the attention blocks for
+    :class:`~cliplab.models.attention.OutlierFreeAttention` as recorded (clipped softmax,
+    gates), before any weights are loaded.
+
+    Raises
+    ------
+    ModelLoadError
+        The config cannot build a model, or names an attention this cliplab does not know.
+    """
     from open_clip.factory import _set_model_device_and_precision
     from open_clip.model import CLIP, CustomTextCLIP, get_cast_dtype
 
-    cfg = {k: v for k, v in model_cfg.items() if k not in ("custom_text", "preprocess_cfg")}
+    from .attention import swap_attention
+
+    cfg = {k: v for k, v in model_cfg.items() if k not in ("custom_text", "preprocess_cfg", "cliplab")}
+    extra = model_cfg.get("cliplab") or {}
+    unknown = sorted(set(extra) - {"attention"}) if isinstance(extra, dict) else ["(not an object)"]
+    if unknown:
+        raise ModelLoadError(f"the model config's 'cliplab' entry has unknown key(s) {', '.join(unknown)}; "
+                             "it was written by a newer cliplab, or edited")
     custom = model_cfg.get("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
     cls = CustomTextCLIP if custom else CLIP
     try:
@@ -111,6 +128,11 @@ def build_model(model_cfg: dict, *, precision: str = "fp32", device: str = "cpu"
     except (TypeError, ValueError, KeyError, AssertionError, ZeroDivisionError, RuntimeError) as e:
         # a config whose values cannot build a model (0 heads, a width heads do not divide...)
         raise ModelLoadError(f"invalid open_clip model config: {type(e).__name__}: {e}") from e
+    if extra.get("attention") is not None:
+        try:
+            swap_attention(model, extra["attention"])
+        except UsageError as e:
+            raise ModelLoadError(f"the model's recorded attention (cliplab.attention) cannot be built: {e}") from None
     _set_model_device_and_precision(model, torch.device(device), precision)
     return model.eval()
 
@@ -229,9 +251,10 @@ def bundled_models() -> list[str]:
 
 def _read_open_clip_config(path: Path) -> tuple[dict, dict]:
     from .convert import read_json_object
+    from .state_dicts import join_cliplab_config
 
     data = read_json_object(path)
-    return _checked_config(data.get("model_cfg", data), data.get("preprocess_cfg", {}), path)
+    return _checked_config(join_cliplab_config(data, path), data.get("preprocess_cfg", {}), path)
 
 
 def _checked_config(model_cfg, preprocess_cfg, where) -> tuple[dict, dict]:

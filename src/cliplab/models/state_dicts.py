@@ -301,6 +301,40 @@ def _flatten(raw, path: Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------
 
 
+CLIPLAB_KEY = "cliplab"
+"""Key of what cliplab adds to a model's config (``{"attention": spec}``, see
+:mod:`cliplab.models.attention`): inside ``model_cfg`` in memory, a top-level key beside
+``model_cfg`` in ``open_clip_config.json`` and in the safetensors metadata, where open_clip,
+which builds ``CLIP(**model_cfg)``, does not see it."""
+
+
+def split_cliplab_config(model_cfg: Mapping) -> tuple[dict, dict | None]:
+    """``(open_clip's model_cfg, cliplab's part or None)`` of an in-memory ``model_cfg``."""
+    cfg = _jsonable(model_cfg)
+    return cfg, cfg.pop(CLIPLAB_KEY, None)
+
+
+def join_cliplab_config(data: Mapping, where) -> dict:
+    """The in-memory ``model_cfg`` of a stored config object: its ``model_cfg`` with the
+    top-level ``"cliplab"`` object (if any) put back under ``model_cfg["cliplab"]``.
+
+    Raises
+    ------
+    ModelLoadError
+        ``"cliplab"`` is not a JSON object.
+    """
+    cfg = data.get("model_cfg", data)
+    if not isinstance(cfg, Mapping):
+        return cfg          # the caller says what is wrong with it
+    cfg = dict(cfg)
+    extra = data.get(CLIPLAB_KEY) if "model_cfg" in data else None
+    if extra is not None:
+        if not isinstance(extra, dict):
+            raise ModelLoadError(f"{where}: the {CLIPLAB_KEY!r} entry must be a JSON object")
+        cfg[CLIPLAB_KEY] = extra
+    return cfg
+
+
 def save_state_dict(path, state_dict: Mapping[str, torch.Tensor], *, model_cfg: Mapping | None = None,
                     preprocess_cfg: Mapping | None = None) -> Path:
     """Write weights as safetensors; with ``model_cfg`` the file carries its config.
@@ -314,7 +348,8 @@ def save_state_dict(path, state_dict: Mapping[str, torch.Tensor], *, model_cfg: 
     model_cfg : mapping, optional
         open_clip model config.  Stored, with ``quick_gelu`` made explicit, as JSON
         under the ``__metadata__`` key ``"open_clip_config"`` with ``preprocess_cfg``,
-        so that :func:`cliplab.load` rebuilds the model exactly from the file alone.
+        so that :func:`cliplab.load` rebuilds the model exactly from the file alone
+        (``model_cfg["cliplab"]`` is stored beside it, see :data:`CLIPLAB_KEY`).
     preprocess_cfg : mapping, optional
         open_clip preprocess config stored beside ``model_cfg``.
 
@@ -328,10 +363,12 @@ def save_state_dict(path, state_dict: Mapping[str, torch.Tensor], *, model_cfg: 
     path = Path(path)
     metadata = {"format": "pt"}
     if model_cfg is not None:
-        cfg = _jsonable(model_cfg)
+        cfg, extra = split_cliplab_config(model_cfg)
         cfg["quick_gelu"] = bool(cfg.get("quick_gelu", False))
-        metadata[CONFIG_METADATA_KEY] = json.dumps(
-            {"model_cfg": cfg, "preprocess_cfg": _jsonable(preprocess_cfg or {})}, sort_keys=True)
+        data = {"model_cfg": cfg, "preprocess_cfg": _jsonable(preprocess_cfg or {})}
+        if extra is not None:
+            data[CLIPLAB_KEY] = extra
+        metadata[CONFIG_METADATA_KEY] = json.dumps(data, sort_keys=True)
     save_file(_own_memory(state_dict), str(path), metadata=metadata)
     return path
 
@@ -367,7 +404,7 @@ def read_saved_config(path) -> tuple[dict, dict] | None:
             and isinstance(data.get("preprocess_cfg", {}), dict)):
         raise ModelLoadError(f"{path}: the {CONFIG_METADATA_KEY!r} metadata is not an open_clip config "
                              "(a JSON object with a model_cfg object); pass arch= (--arch) or config= (--config)")
-    return data["model_cfg"], data.get("preprocess_cfg", {})
+    return join_cliplab_config(data, path), data.get("preprocess_cfg", {})
 
 
 def _own_memory(state_dict: Mapping[str, torch.Tensor]) -> dict:

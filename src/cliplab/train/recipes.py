@@ -21,6 +21,16 @@ A recipe is a function registered with :func:`register_recipe` that returns a
     With an objective that needs extra captions or targets (``--loss hqclip``)
     the items also carry one hard-negative caption (one attribute swapped) and
     the multi-hot colour/shape tags (:class:`~cliplab.train.datasets.ShapesTrainSet`).
+
+Outlier-free attention from scratch
+    ``get_recipe(name, attention="clipped" | "gated-linear" | "gated-mlp")`` (``cliplab
+    train --attention``) trains the same recipe with the attention of "Quantizable
+    Transformers" (arXiv 2306.12929) swapped in at initialisation, with the reference's
+    from-scratch hyper-parameters (:data:`cliplab.models.attention.ATTENTION_PRESETS`:
+    clipped softmax ``α = 3.2``, ``ζ = 1``; gates ``π_init`` 0.25 linear / 0.5 MLP).  The
+    choice is recorded in ``model_cfg["cliplab"]["attention"]``, so checkpoints load back
+    with it.  Deviation: the recipe's other hyper-parameters stay shapes-tiny's (the
+    reference trains BERT/OPT for 10^5–10^6 steps).
 """
 
 from __future__ import annotations
@@ -102,20 +112,55 @@ def list_recipes() -> list[str]:
     return sorted(RECIPES.names())
 
 
-def get_recipe(name: str, **overrides) -> Recipe:
+def get_recipe(name: str, *, attention: str | dict | None = None, **overrides) -> Recipe:
     """Build recipe ``name``; keyword arguments override its :class:`TrainConfig` fields.
+
+    Parameters
+    ----------
+    attention : str or dict, optional
+        Train with outlier-free attention: a name of
+        :data:`~cliplab.models.attention.ATTENTION_PRESETS` (``"clipped"``,
+        ``"gated-linear"``, ``"gated-mlp"``) or an attention spec; see :func:`with_attention`.
 
     Raises
     ------
     UsageError
-        For an unknown recipe or an override that is not a TrainConfig field.
+        For an unknown recipe or attention, or an override that is not a TrainConfig field.
     """
     recipe = RECIPES.get(name)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise UsageError(f"not TrainConfig fields: {', '.join(unknown)}")
-    return recipe(**{k: v for k, v in overrides.items() if v is not None})
+    return with_attention(recipe(**{k: v for k, v in overrides.items() if v is not None}), attention)
+
+
+def with_attention(recipe: Recipe, attention: str | dict | None) -> Recipe:
+    """``recipe`` whose model is initialised with outlier-free attention (in place, returned).
+
+    Sets ``recipe.model_cfg["cliplab"]["attention"]``, which :func:`init_model` (through
+    :func:`cliplab.models.loading.build_model`) applies to the freshly built model with the
+    from-scratch gate init, and which every checkpoint records.  ``None`` or
+    ``"vanilla"`` leaves the recipe as it is.
+
+    Raises
+    ------
+    UsageError
+        An unknown preset name.
+    """
+    from ..models.attention import ATTENTION_PRESETS
+
+    if attention is None or attention == "vanilla":
+        return recipe
+    if isinstance(attention, str):
+        if attention not in ATTENTION_PRESETS:
+            raise UsageError(f"unknown attention {attention!r} (known: vanilla, {', '.join(ATTENTION_PRESETS)})")
+        attention = ATTENTION_PRESETS[attention]
+    recipe.model_cfg = {**recipe.model_cfg, "cliplab": {**recipe.model_cfg.get("cliplab", {}),
+                                                        "attention": dict(attention)}}
+    recipe.name = f"{recipe.name}+{attention.get('softmax', 'vanilla')}" + (
+        f"+gated-{attention['gate']}" if attention.get("gate") else "")
+    return recipe
 
 
 def init_model(model_cfg: dict, preprocess_cfg: dict | None = None, *, loss: str = "infonce",
@@ -261,7 +306,8 @@ def shapes_tiny(**overrides) -> Recipe:
                   ShapesZeroShot(world, "val", n=512))
 
 
-def recipe_from_table(path, model_cfg: dict, preprocess_cfg: dict | None = None, **overrides) -> Recipe:
+def recipe_from_table(path, model_cfg: dict, preprocess_cfg: dict | None = None, *,
+                      attention: str | dict | None = None, **overrides) -> Recipe:
     """A recipe that trains ``model_cfg`` on a caption table or WebDataset shards.
 
     Parameters
@@ -274,6 +320,8 @@ def recipe_from_table(path, model_cfg: dict, preprocess_cfg: dict | None = None,
         :func:`cliplab.data.sources.index_webdataset`.
     model_cfg, preprocess_cfg : dict
         open_clip architecture and preprocessing.
+    attention : str or dict, optional
+        Outlier-free attention, as in :func:`get_recipe`.
     **overrides
         :class:`TrainConfig` fields.
     """
@@ -282,8 +330,8 @@ def recipe_from_table(path, model_cfg: dict, preprocess_cfg: dict | None = None,
     if unknown:
         raise UsageError(f"not TrainConfig fields: {', '.join(unknown)}")
     config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
-    return Recipe(f"table:{path}", copy.deepcopy(model_cfg), dict(preprocess_cfg or {}), config,
-                  _data_set(path))
+    return with_attention(Recipe(f"table:{path}", copy.deepcopy(model_cfg), dict(preprocess_cfg or {}), config,
+                                 _data_set(path)), attention)
 
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
