@@ -33,3 +33,17 @@ def tiny(tiny_dir):
     import cliplab
 
     return cliplab.load(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_minilm(tiny):
+    """The tiny CLIP's image tower with an all-MiniLM-L6-v2 text tower (random adapter)."""
+    from cliplab.models.sentence import sentence_backbone
+
+    return sentence_backbone(tiny, blocks=1, expansion=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_minilm_dir(tiny_minilm, tmp_path_factory):
+    """:func:`tiny_minilm` saved as a folder (``cliplab.load`` reads it)."""
+    return tiny_minilm.save(tmp_path_factory.mktemp("tiny-minilm") / "tiny-minilm")

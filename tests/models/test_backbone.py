@@ -27,6 +27,17 @@ def wrap(model, cfg):
                     tokenizer=make_tokenizer(cfg), name="t")
 
 
+@pytest.fixture(params=["clip", "minilm"])
+def any_tiny(request):
+    """The same API tests on a CLIP Backbone and on a sentence-encoder (MiniLM) Backbone."""
+    return request.getfixturevalue({"clip": "tiny", "minilm": "tiny_minilm"}[request.param])
+
+
+@pytest.fixture(params=["clip", "minilm"])
+def any_tiny_dir(request):
+    return request.getfixturevalue({"clip": "tiny_dir", "minilm": "tiny_minilm_dir"}[request.param])
+
+
 def reference_text(model, tokens):
     with torch.no_grad():
         return torch.nn.functional.normalize(model.encode_text(tokens), dim=-1).numpy()
@@ -67,63 +78,63 @@ def test_tokenize_matches_open_clip_and_warns_once(tiny_dir):
         tiny.tokenize(PROMPTS)  # second time: no warning
 
 
-def test_encode_images_inputs_agree(tiny, tmp_path):
+def test_encode_images_inputs_agree(any_tiny, tmp_path):
     rng = np.random.default_rng(0)
     arrs = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     paths = []
     for i, a in enumerate(arrs):
         paths.append(tmp_path / f"{i}.png")
         Image.fromarray(a).save(paths[-1])
-    from_paths = tiny.encode_images(paths, batch_size=2).features
-    from_pil = tiny.encode_images([Image.fromarray(a) for a in arrs]).features
-    from_arrays = tiny.encode_images(arrs).features
-    from_tensor = tiny.encode_images(torch.stack([tiny.preprocess(Image.fromarray(a)) for a in arrs])).features
+    from_paths = any_tiny.encode_images(paths, batch_size=2).features
+    from_pil = any_tiny.encode_images([Image.fromarray(a) for a in arrs]).features
+    from_arrays = any_tiny.encode_images(arrs).features
+    from_tensor = any_tiny.encode_images(torch.stack([any_tiny.preprocess(Image.fromarray(a)) for a in arrs])).features
     assert from_paths.shape == (3, 32) and from_paths.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(from_paths, axis=1), 1, atol=1e-5)
     for other in (from_pil, from_arrays, from_tensor):
         np.testing.assert_allclose(other, from_paths, atol=2e-5)
     # a uint8 array at another size goes through the exact PIL path
     big = np.kron(arrs[0], np.ones((2, 2, 1), dtype=np.uint8))
-    assert tiny.encode_images(big).features.shape == (1, 32)
+    assert any_tiny.encode_images(big).features.shape == (1, 32)
 
 
-def test_encode_images_bad_input(tiny, tmp_path):
+def test_encode_images_bad_input(any_tiny, tmp_path):
     good = tmp_path / "good.png"
     Image.new("RGB", (40, 40), "red").save(good)
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
     with pytest.raises(BadImage, match="empty.jpg"):
-        tiny.encode_images([good, empty])
-    res = tiny.encode_images([empty, good, empty], on_error="skip")
+        any_tiny.encode_images([good, empty])
+    res = any_tiny.encode_images([empty, good, empty], on_error="skip")
     assert res.features.shape == (1, 32) and res.kept.tolist() == [1]
     assert [s.index for s in res.skipped] == [0, 2]
     assert res.skipped[0] == Skipped(0, str(empty), res.skipped[0].reason)
-    np.testing.assert_allclose(res.features[0], tiny.encode_images(good).features[0], atol=1e-6)
-    strict = tiny.encode_images([good, good])
+    np.testing.assert_allclose(res.features[0], any_tiny.encode_images(good).features[0], atol=1e-6)
+    strict = any_tiny.encode_images([good, good])
     assert strict.kept.tolist() == [0, 1] and strict.skipped == []
     with pytest.raises(UsageError):
-        tiny.encode_images([good], on_error="ignore")
+        any_tiny.encode_images([good], on_error="ignore")
 
 
-def test_with_model_keeps_everything_but_the_model(tiny):
+def test_with_model_keeps_everything_but_the_model(any_tiny):
     import copy
 
-    model = copy.deepcopy(tiny.model)
+    model = copy.deepcopy(any_tiny.model)
     with torch.no_grad():
         model.logit_scale.fill_(1.0)                                  # log space: s = e
-    bb = tiny.with_model(model, name="copy")
-    assert bb is not tiny and bb.model is model and tiny.model is not model
+    bb = any_tiny.with_model(model, name="copy")
+    assert bb is not any_tiny and bb.model is model and any_tiny.model is not model
     assert (bb.name, bb.model_cfg, bb.preprocess_cfg, bb.tokenizer, bb.device, bb.precision) == (
-        "copy", tiny.model_cfg, tiny.preprocess_cfg, tiny.tokenizer, tiny.device, tiny.precision)
-    assert bb.logit_scale == pytest.approx(np.e) and tiny.logit_scale != pytest.approx(np.e)
-    np.testing.assert_allclose(bb.encode_texts(["a red star"]), tiny.encode_texts(["a red star"]), atol=1e-6)
+        "copy", any_tiny.model_cfg, any_tiny.preprocess_cfg, any_tiny.tokenizer, any_tiny.device, any_tiny.precision)
+    assert bb.logit_scale == pytest.approx(np.e) and any_tiny.logit_scale != pytest.approx(np.e)
+    np.testing.assert_allclose(bb.encode_texts(["a red star"]), any_tiny.encode_texts(["a red star"]), atol=1e-6)
 
 
-def test_image_tokens_shape(tiny):
+def test_image_tokens_shape(any_tiny):
     img = np.zeros((32, 32, 3), dtype=np.uint8)
-    tokens = tiny.image_tokens([img, img])
+    tokens = any_tiny.image_tokens([img, img])
     assert tokens.shape == (2, 16, 64)  # (32/8)^2 patches, width 64
-    assert tiny.image_tokens(img, project=True).shape == (1, 16, 32)
+    assert any_tiny.image_tokens(img, project=True).shape == (1, 16, 32)
 
 
 def test_text_tokens_pool_to_open_clips_text_features(tiny):
@@ -137,10 +148,10 @@ def test_text_tokens_pool_to_open_clips_text_features(tiny):
     assert torch.allclose(pooled, want, atol=1e-5)
 
 
-def test_fingerprint_stable_and_sensitive(tiny_dir):
+def test_fingerprint_stable_and_sensitive(any_tiny_dir):
     import cliplab
 
-    a, b = cliplab.load(tiny_dir), cliplab.load(tiny_dir)
+    a, b = cliplab.load(any_tiny_dir), cliplab.load(any_tiny_dir)
     assert a.fingerprint == b.fingerprint and len(a.fingerprint) == 64
     with torch.no_grad():
         b.model.logit_scale.add_(1e-3)
@@ -148,10 +159,10 @@ def test_fingerprint_stable_and_sensitive(tiny_dir):
     assert a.fingerprint != b.fingerprint
 
 
-def test_logit_scale_and_repr(tiny):
-    assert tiny.logit_scale == pytest.approx(1 / 0.07, rel=1e-5)
-    assert "embed_dim=32" in repr(tiny)
-    assert tiny.encode_texts([]).shape == (0, 32)
+def test_logit_scale_and_repr(any_tiny):
+    assert any_tiny.logit_scale == pytest.approx(1 / 0.07, rel=1e-5)
+    assert "embed_dim=32" in repr(any_tiny)
+    assert any_tiny.encode_texts([]).shape == (0, 32)
 
 
 # ------------------------------------------------------------- per-image cost bounds
@@ -209,15 +220,15 @@ def test_extreme_aspect_ratios_cost_bounded_memory(tmp_path, mode):
     assert result["n"] == 3 and result["skipped"] == []
 
 
-def test_image_that_cannot_be_preprocessed_is_skipped(tiny, tmp_path):
+def test_image_that_cannot_be_preprocessed_is_skipped(any_tiny, tmp_path):
     """A preprocessing failure of one image (ValueError, MemoryError) is that image's
     BadImage: skipped and reported with on_error="skip", the others kept."""
     good, odd = tmp_path / "good.png", tmp_path / "odd.png"
     Image.new("RGB", (40, 40), "red").save(good)
     Image.new("RGB", (41, 40), "red").save(odd)
-    expected = tiny.encode_images([good]).features
-    bb = Backbone(tiny.model, model_cfg=tiny.model_cfg, preprocess_cfg=tiny.preprocess_cfg,
-                  tokenizer=tiny.tokenizer)
+    expected = any_tiny.encode_images([good]).features
+    bb = Backbone(any_tiny.model, model_cfg=any_tiny.model_cfg, preprocess_cfg=any_tiny.preprocess_cfg,
+                  tokenizer=any_tiny.tokenizer)
     transform = bb.preprocess
 
     def fussy(img):
@@ -264,15 +275,15 @@ def test_crop_before_resize_matches_open_clips_transform(size):
 
 
 @pytest.mark.filterwarnings("ignore:.*longer than the context length")
-def test_encode_texts_in_chunks_equals_one_chunk(tiny, monkeypatch):
+def test_encode_texts_in_chunks_equals_one_chunk(any_tiny, monkeypatch):
     """Token ids (8 bytes x context per text) are made TEXT_CHUNK texts at a time; the
     features do not depend on the chunking, on either text path."""
     from cliplab.models import backbone as backbone_module
 
-    whole = [tiny.encode_texts(PROMPTS, batch_size=2, fast=fast) for fast in (True, False)]
+    whole = [any_tiny.encode_texts(PROMPTS, batch_size=2, fast=fast) for fast in (True, False)]
     monkeypatch.setattr(backbone_module, "TEXT_CHUNK", 4)
     for fast, expected in zip((True, False), whole):
-        np.testing.assert_allclose(tiny.encode_texts(PROMPTS, batch_size=2, fast=fast), expected, atol=1e-6)
+        np.testing.assert_allclose(any_tiny.encode_texts(PROMPTS, batch_size=2, fast=fast), expected, atol=1e-6)
 
 
 def test_longest_mode_keeps_a_one_pixel_side():

@@ -12,7 +12,8 @@ spec                source
 ``ARCH:TAG``        an open_clip pretrained tag, e.g. ``ViT-B-32:openai``
 a folder            open_clip folder (``open_clip_config.json`` + weights), an ONNX
                     export (``cliplab_export.json``, written by ``cliplab export``: an
-                    ``OnnxBackbone`` run by ONNX Runtime), or a
+                    ``OnnxBackbone`` run by ONNX Runtime), a sentence-encoder model
+                    (``cliplab_sentence_clip.json``: a ``SentenceBackbone``), or a
                     Hugging Face ``transformers`` CLIP folder (``config.json``)
 a file              ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin``: open_clip or
                     OpenAI-format weights; architecture from ``arch=``, ``config=``,
@@ -315,12 +316,16 @@ def _is_local(spec: str) -> bool:
 def _load_local(spec: str, opts: LoadOptions) -> Resolved | Backbone:
     from .convert import read_hf_folder, read_hf_preprocess_cfg
     from .onnx_backbone import is_onnx_export, load_onnx_export
+    from .sentence import is_sentence_folder, load_sentence_folder
 
     path = _local_path(spec)
     if path.is_dir():
         if is_onnx_export(path):  # written by `cliplab export --format onnx`: run by ONNX Runtime
             return load_onnx_export(path, device=opts.device, precision=opts.precision, arch=opts.arch,
                                     config=opts.config, quick_gelu=opts.quick_gelu, heads=opts.heads)
+        if is_sentence_folder(path):  # a sentence-encoder text tower (SentenceBackbone.save)
+            return load_sentence_folder(path, device=opts.device, precision=opts.precision, arch=opts.arch,
+                                        config=opts.config, quick_gelu=opts.quick_gelu, heads=opts.heads)
         if (path / "open_clip_config.json").is_file():
             return _open_clip_folder(path, opts, path.name)
         if (path / "config.json").is_file():  # read_hf_folder says what is wrong with it
