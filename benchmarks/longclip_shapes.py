@@ -21,7 +21,7 @@ trained on seeds 0 and 1).  Metrics, on held-out ``test`` scenes:
 - zero-shot colour x shape accuracy (64-way, "a photo of a {colour} {shape}.") on 512
   single-object ``test`` scenes of the shapes-tiny world (the model card's protocol).
 
-Usage: python benchmarks/longclip_shapes.py [--steps 200] [--batch-size 32] [--lr 1e-4]
+Usage: python benchmarks/longclip_shapes.py [--steps 50] [--batch-size 32] [--lr 1e-5]
        [--runs longclip,long-only] [--threads 1]
 Writes benchmarks/results/longclip_shapes.json and prints a one-line summary.
 """
@@ -68,9 +68,9 @@ def scores(backbone, data, zeroshot) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--n-test", type=int, default=500)
     p.add_argument("--runs", default="longclip,long-only", help=f"comma-separated: {', '.join(RUNS)}")
     p.add_argument("--threads", type=int, default=1)

@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--short-weight", type=float, default=1.0,
                    help="weight of the short-caption term (default 1; 0: long captions only)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default 1e-5)")
     p.add_argument("--seed", type=int, default=0)
     add_model_args(p)
     p.set_defaults(run=run)

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cliplab.train.losses import get_loss
 from cliplab.train.losses.base import Batch, ModelOutputs
-from cliplab.train.losses.longclip import LongCLIPLoss, primary_components
+from cliplab.train.longclip import LongCLIPLoss, primary_components
 
 
 def _pca_numpy(x: np.ndarray, k: int) -> np.ndarray:
@@ -55,7 +54,7 @@ def test_loss_terms_equal_their_closed_forms():
     x, long, short = _features()
     t = torch.tensor(20.0)
     out = ModelOutputs(x, long, t, extra_text_features=short.unsqueeze(1))
-    terms = get_loss("longclip", pca_dim=3)(out)
+    terms = LongCLIPLoss(pca_dim=3)(out)
     xn, ln, sn = x.double().numpy(), long.double().numpy(), short.double().numpy()
     assert set(terms) == {"long", "short"}
     assert terms["long"].item() == pytest.approx(_clip(xn, ln, 20.0), abs=1e-5)
