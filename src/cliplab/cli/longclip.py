@@ -11,7 +11,7 @@ HELP = "Long-CLIP: stretch the text context (keep 20 positions, interpolate the 
 def add_parser(sub) -> None:
     p = sub.add_parser("longclip", help=HELP, description=(
         "Long-CLIP (arXiv:2403.15378): keep the first --keep text positions, interpolate the rest to "
-        "--context positions, then fine-tune through the Trainer with the 'longclip' objective: long captions "
+        "--context positions, then fine-tune through the Trainer with the Long-CLIP objective: long captions "
         "against the image features, short captions against the images' top --pca-dim principal components. "
         "Trains on ShapesWorld long captions (scenes of 1-3 objects); writes OUT/model, loadable with "
         "--model OUT/model, and the run's metrics in OUT."))
