@@ -97,15 +97,23 @@ def list_sources() -> list[str]:
 
 # --------------------------------------------------------------------- building
 def build_model(model_cfg: dict, *, precision: str = "fp32", device: str = "cpu") -> torch.nn.Module:
-    """Instantiate an open_clip ``CLIP``/``CustomTextCLIP`` from a model config dict."""
+    """Instantiate an open_clip ``CLIP``/``CustomTextCLIP`` from a model config dict.
+
+    A ``"moe"`` entry (written by :func:`cliplab.surgery.moe.upcycle`) turns the MLPs it
+    names into mixture-of-experts blocks (:mod:`cliplab.models.moe`).
+    """
     from open_clip.factory import _set_model_device_and_precision
     from open_clip.model import CLIP, CustomTextCLIP, get_cast_dtype
 
-    cfg = {k: v for k, v in model_cfg.items() if k not in ("custom_text", "preprocess_cfg")}
+    from .moe import MOE_KEY, install_moe
+
+    cfg = {k: v for k, v in model_cfg.items() if k not in ("custom_text", "preprocess_cfg", MOE_KEY)}
     custom = model_cfg.get("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
     cls = CustomTextCLIP if custom else CLIP
     try:
         model = cls(**cfg, cast_dtype=get_cast_dtype(precision))
+        if model_cfg.get(MOE_KEY):  # an upcycled model (cliplab.surgery.moe): the same MoE blocks
+            install_moe(model, model_cfg[MOE_KEY])
     except CliplabError:
         raise
     except (TypeError, ValueError, KeyError, AssertionError, ZeroDivisionError, RuntimeError) as e:

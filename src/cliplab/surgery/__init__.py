@@ -12,4 +12,6 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     ".wise_ft": ["interpolate", "interpolate_state_dicts"],
     ".outlier_free": ["apply_outlier_free", "clipped_softmax", "OutlierFreeAttention"],
     ".quantize": ["quantize_w8a8", "outlier_stats", "OutlierStats"],
+    ".moe": ["upcycle", "diversified_multiplet", "train_moe", "finetune_mlp", "load_balancing_loss",
+             "MoEObjective"],
 })
