@@ -10,18 +10,18 @@ with InfoNCE through the one Trainer, lr ``--lr``, batch ``--batch-size``, seed 
   the CLIP-MoE arm (multiplet + MoE phase);
 - ``upcycle-top1``: plain sparse upcycling (E copies of the dense MLP), top-1 routing,
   S steps of router + experts with the load-balancing loss;
-- ``clip-moe-top1``: the diversified multiplet (k-means of 4,096 training items into E
+- ``clip-moe-top1``: the diversified multiplet (k-means of ``--n-samples`` (1,024) training items into E
   clusters, S_e steps of MLP fine-tuning per cluster), upcycled with top-1 routing (the
   same active parameters per token as the dense model, plus the router), then S steps;
 - ``clip-moe-top2``: the same multiplet with top-2 routing (the paper's default; twice the
   active MLP parameters), S steps.
 
 Metrics (``benchmarks/shapes_tiny_quality.py``'s protocol): 64-way colour x shape
-zero-shot on ``--n-test`` (1,000) single-object test scenes (seen and held-out compositions), 8-way
+zero-shot on ``--n-test`` (600) single-object test scenes (seen and held-out compositions), 8-way
 shape and colour, and text<->image R@1/R@5 on ``--n-test``/2 test pairs of 1-3 object scenes.
 
-Usage: OMP_NUM_THREADS=1 python benchmarks/moe_shapes.py [--experts 4] [--expert-steps 50]
-           [--steps 100] [--quick]
+Usage: OMP_NUM_THREADS=1 python benchmarks/moe_shapes.py [--experts 4] [--expert-steps 20]
+           [--steps 40] [--quick]
 Writes benchmarks/results/moe_shapes.json and prints one line per arm.
 """
 
@@ -92,12 +92,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="shapes-tiny")
     ap.add_argument("--experts", type=int, default=4)
-    ap.add_argument("--expert-steps", type=int, default=50, help="S_e: steps per multiplet member")
-    ap.add_argument("--steps", type=int, default=100, help="S: steps of the MoE phase")
+    ap.add_argument("--expert-steps", type=int, default=20, help="S_e: steps per multiplet member")
+    ap.add_argument("--steps", type=int, default=40, help="S: steps of the MoE phase")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--n-samples", type=int, default=4096, help="training items clustered for the multiplet")
-    ap.add_argument("--n-test", type=int, default=1000)
+    ap.add_argument("--n-samples", type=int, default=1024, help="training items clustered for the multiplet")
+    ap.add_argument("--n-test", type=int, default=600)
+    ap.add_argument("--arms", default="dense,dense-ft,clip-moe-top1,clip-moe-top2,upcycle-top1",
+                    help="comma-separated arms to run (the JSON is rewritten after each)")
     ap.add_argument("--quick", action="store_true", help="a few steps, for a smoke run")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
@@ -115,7 +117,7 @@ def main() -> None:
                            warmup_steps=min(20, steps // 5), seed=seed, ckpt_every=0, log_every=25,
                            out_dir=f"{work}/{name}")
 
-    arms, timing = {}, {}
+    arms = {}
 
     def record(name, model, seconds, **extra):
         arms[name] = {**summary(evaluate(model, n=args.n_test, n_pairs=args.n_test // 2)), **params(model),
@@ -123,35 +125,43 @@ def main() -> None:
         print(f"{name:>14}: " + " ".join(f"{k} {v:.3f}" for k, v in arms[name].items()
                                           if isinstance(v, float) and k != "train_seconds"), flush=True)
 
-    record("dense", bb, 0.0)
-    tic = time.perf_counter()
-    record("dense-ft", finetune_mlp(bb, train_set, config(E * S_e + S, "dense-ft")),
-           time.perf_counter() - tic, steps=E * S_e + S)
+    def write():
+        out = {"model": args.model, "experts": E, "expert_steps": S_e, "moe_steps": S,
+               "batch_size": args.batch_size, "lr": args.lr, "n_samples": args.n_samples, "n_test": args.n_test,
+               "threads": torch.get_num_threads(),
+               "trainable": "MLPs (dense) / routers + experts (MoE); attention, embeddings, LayerNorms frozen",
+               "arms": arms}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 
-    tic = time.perf_counter()
-    copies = train_moe(upcycle(bb, E, top_k=1), train_set, config(S, "upcycle-top1"))
-    record("upcycle-top1", copies, time.perf_counter() - tic, steps=S)
-
-    tic = time.perf_counter()
-    mp = diversified_multiplet(bb, train_set, config(S_e, "multiplet"), experts=E, n_samples=args.n_samples)
-    t_multiplet = time.perf_counter() - tic
-    sizes = [int((mp.labels == e).sum()) for e in range(E)]
-    for k in (1, 2):
+    wanted = args.arms.split(",")
+    if "dense" in wanted:
+        record("dense", bb, 0.0)
+        write()
+    if "dense-ft" in wanted:
         tic = time.perf_counter()
-        moe = train_moe(upcycle(bb, mp.experts, top_k=k), train_set, config(S, f"clip-moe-top{k}"))
-        record(f"clip-moe-top{k}", moe, t_multiplet + time.perf_counter() - tic, steps=E * S_e + S,
-               cluster_sizes=sizes)
-        if k == 1:
-            arms["clip-moe-top1"]["visual_expert_usage"] = expert_usage(moe, [train_set[i][0] for i in range(256)])
-
-    out = {"model": args.model, "experts": E, "expert_steps": S_e, "moe_steps": S, "batch_size": args.batch_size,
-           "lr": args.lr, "n_samples": args.n_samples, "n_test": args.n_test, "threads": torch.get_num_threads(),
-           "trainable": "MLPs (dense) / routers + experts (MoE); attention, embeddings, LayerNorms frozen",
-           "arms": arms}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+        record("dense-ft", finetune_mlp(bb, train_set, config(E * S_e + S, "dense-ft")),
+               time.perf_counter() - tic, steps=E * S_e + S)
+        write()
+    tops = [k for k in (1, 2) if f"clip-moe-top{k}" in wanted]
+    if tops:
+        tic = time.perf_counter()
+        mp = diversified_multiplet(bb, train_set, config(S_e, "multiplet"), experts=E, n_samples=args.n_samples)
+        t_multiplet = time.perf_counter() - tic
+        sizes = [int((mp.labels == e).sum()) for e in range(E)]
+        for k in tops:
+            tic = time.perf_counter()
+            moe = train_moe(upcycle(bb, mp.experts, top_k=k), train_set, config(S, f"clip-moe-top{k}"))
+            record(f"clip-moe-top{k}", moe, t_multiplet + time.perf_counter() - tic, steps=E * S_e + S,
+                   cluster_sizes=sizes, visual_expert_usage=expert_usage(moe, [train_set[i][0] for i in range(256)]))
+            write()
+    if "upcycle-top1" in wanted:
+        tic = time.perf_counter()
+        copies = train_moe(upcycle(bb, E, top_k=1), train_set, config(S, "upcycle-top1"))
+        record("upcycle-top1", copies, time.perf_counter() - tic, steps=S,
+               visual_expert_usage=expert_usage(copies, [train_set[i][0] for i in range(256)]))
+        write()
     print(f"wrote {args.out}")
-
 
 if __name__ == "__main__":
     main()

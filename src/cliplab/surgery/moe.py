@@ -43,7 +43,7 @@ Deviations
   counted as in the reference.  No division by the world size (the Trainer's DDP averages).
 * The reference's default MoE phase trains routers only (``--lock-except-gate``, lr 1e-6,
   one epoch on 1-10M pairs); ``trainable="router"`` does that, the default trains router
-  and experts, which a small data budget needs.
+  and experts.
 """
 
 from __future__ import annotations
