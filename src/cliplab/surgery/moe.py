@@ -59,7 +59,7 @@ import torch
 
 from ..errors import UsageError
 from ..models.backbone import Backbone
-from ..models.moe import MOE_KEY, MoEMLP, check_layout, install_moe, moe_modules
+from ..models.moe import MOE_KEY, check_layout, install_moe, moe_modules
 from ..train.losses import Batch, ModelOutputs
 from ..train.losses.infonce import InfoNCELoss
 from ..train.trainer import TrainConfig, Trainer
