@@ -83,7 +83,7 @@ def main() -> None:
     import cliplab
     from cliplab.data.shapes import shapes_tiny_world
     from cliplab.surgery import stretch_positions
-    from cliplab.train.longclip import finetune_longclip, longclip_world
+    from cliplab.surgery.longclip import finetune_longclip, longclip_world
     from cliplab.train.recipes import ShapesZeroShot
 
     base = cliplab.load("shapes-tiny")

@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..train.longclip import finetune_longclip
+    from ..surgery.longclip import finetune_longclip
     from ..validation import check_positive_int
 
     check_positive_int("--steps", args.steps)

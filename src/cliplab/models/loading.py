@@ -100,23 +100,31 @@ def list_sources() -> list[str]:
 def build_model(model_cfg: dict, *, precision: str = "fp32", device: str = "cpu") -> torch.nn.Module:
     """Instantiate an open_clip ``CLIP``/``CustomTextCLIP`` from a model config dict.
 
-    ``model_cfg["cliplab"]["attention"]``, when present, swaps the attention blocks for
-    :class:`~cliplab.models.attention.OutlierFreeAttention` as recorded (clipped softmax,
-    gates), before any weights are loaded.
+    cliplab's own part of the config, ``model_cfg["cliplab"]`` (stored as a top-level
+    ``"cliplab"`` object beside open_clip's ``model_cfg``, which open_clip ignores), changes
+    the architecture before any weights are loaded:
+
+    - ``"attention"`` swaps the attention blocks for
+      :class:`~cliplab.models.attention.OutlierFreeAttention` as recorded (clipped softmax,
+      gates);
+    - ``"moe"`` (written by :func:`cliplab.surgery.moe.upcycle`) turns the MLPs it names
+      into mixture-of-experts blocks (:mod:`cliplab.models.moe`).
 
     Raises
     ------
     ModelLoadError
-        The config cannot build a model, or names an attention this cliplab does not know.
+        The config cannot build a model, or its ``cliplab`` part names something this
+        cliplab does not know.
     """
     from open_clip.factory import _set_model_device_and_precision
     from open_clip.model import CLIP, CustomTextCLIP, get_cast_dtype
 
     from .attention import swap_attention
+    from .moe import MOE_KEY, install_moe
 
     cfg = {k: v for k, v in model_cfg.items() if k not in ("custom_text", "preprocess_cfg", "cliplab")}
     extra = model_cfg.get("cliplab") or {}
-    unknown = sorted(set(extra) - {"attention"}) if isinstance(extra, dict) else ["(not an object)"]
+    unknown = sorted(set(extra) - {"attention", MOE_KEY}) if isinstance(extra, dict) else ["(not an object)"]
     if unknown:
         raise ModelLoadError(f"the model config's 'cliplab' entry has unknown key(s) {', '.join(unknown)}; "
                              "it was written by a newer cliplab, or edited")
@@ -124,6 +132,8 @@ def build_model(model_cfg: dict, *, precision: str = "fp32", device: str = "cpu"
     cls = CustomTextCLIP if custom else CLIP
     try:
         model = cls(**cfg, cast_dtype=get_cast_dtype(precision))
+        if extra.get(MOE_KEY):  # an upcycled model (cliplab.surgery.moe): the same MoE blocks
+            install_moe(model, extra[MOE_KEY])
     except CliplabError:
         raise
     except (TypeError, ValueError, KeyError, AssertionError, ZeroDivisionError, RuntimeError) as e:

@@ -13,4 +13,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     ".outlier_free": ["apply_outlier_free", "clipped_softmax", "OutlierFreeAttention"],
     ".quantize": ["quantize_w8a8", "outlier_stats", "OutlierStats"],
     ".long_positions": ["stretch_positions", "stretch_position_table"],
+    ".longclip": ["finetune_longclip", "LongCaptionSet", "LongCLIPLoss"],
+    ".moe": ["upcycle", "diversified_multiplet", "train_moe", "finetune_mlp", "load_balancing_loss",
+             "MoEObjective"],
 })

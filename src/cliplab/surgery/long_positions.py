@@ -21,7 +21,7 @@ with ``w = s - i``.  The reference writes (2) for ratio 4 as ``3 P[i]/4 + P[i+1]
 and so on, and (3) for the last ``ratio`` rows: the same numbers, bit for bit (the
 weights r/4 are exact in binary).  Training then freezes rows < keep (the
 reference's frozen ``positional_embedding`` beside a trainable
-``positional_embedding_res`` for the rest; :class:`cliplab.train.longclip.LongCLIPLoss`).
+``positional_embedding_res`` for the rest; :class:`cliplab.surgery.longclip.LongCLIPLoss`).
 
 Because the text tower is causal and pools the end-of-text token, a caption whose
 end-of-text token sits before position ``keep`` never sees a changed row: its

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cliplab.train.losses.base import Batch, ModelOutputs
-from cliplab.train.longclip import LongCLIPLoss, primary_components
+from cliplab.surgery.longclip import LongCLIPLoss, primary_components
 
 
 def _pca_numpy(x: np.ndarray, k: int) -> np.ndarray:
@@ -95,7 +95,7 @@ def test_forward_model_is_unchanged_in_value_and_the_kept_rows_get_no_gradient(t
 def test_finetune_keeps_the_first_rows_and_saves_a_loadable_long_model(tiny, tmp_path):
     import cliplab
     from cliplab.data.shapes import shapes_tiny_world
-    from cliplab.train.longclip import LongCaptionSet, finetune_longclip
+    from cliplab.surgery.longclip import LongCaptionSet, finetune_longclip
 
     world = shapes_tiny_world(2, n_objects=(1, 3), image_size=32)
     image, captions, extras = LongCaptionSet(world)[0]

@@ -54,8 +54,8 @@ import torch.nn.functional as F
 
 from ..errors import UsageError
 from ..validation import check_backbone, check_positive_int
-from .losses.base import Batch, ModelOutputs, Objective, gather_with_grad
-from .trainer import Trainer, TrainConfig
+from ..train.losses.base import Batch, ModelOutputs, Objective, gather_with_grad
+from ..train.trainer import Trainer, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ def finetune_longclip(backbone, steps: int, out: str | Path, *, new_context: int
     UsageError
         Bad ``steps``/``batch_size``, or a text tower that cannot be stretched.
     """
-    from ..surgery.long_positions import stretch_positions
+    from .long_positions import stretch_positions
 
     check_backbone("backbone", backbone)
     check_positive_int("steps", steps)
