@@ -268,7 +268,9 @@ def recipe_from_table(path, model_cfg: dict, preprocess_cfg: dict | None = None,
     ----------
     path : str or Path
         A ``.csv``/``.tsv``/``.jsonl`` table, read with
-        :func:`cliplab.data.sources.read_caption_table`; otherwise ``.tar``
+        :func:`cliplab.data.sources.read_caption_table`; a folder written by
+        ``cliplab reinforce`` (:class:`~cliplab.train.reinforce.ReinforcedSet`, for
+        ``loss="mobileclip-dr"``); otherwise ``.tar``
         shards (a file, a folder, a glob or a brace pattern such as
         ``shard-{0000..0003}.tar``), indexed with
         :func:`cliplab.data.sources.index_webdataset`.
@@ -282,18 +284,25 @@ def recipe_from_table(path, model_cfg: dict, preprocess_cfg: dict | None = None,
     if unknown:
         raise UsageError(f"not TrainConfig fields: {', '.join(unknown)}")
     config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
-    return Recipe(f"table:{path}", copy.deepcopy(model_cfg), dict(preprocess_cfg or {}), config,
-                  _data_set(path))
+    train_set = _data_set(path, seed=config.seed)
+    size = model_cfg.get("vision_cfg", {}).get("image_size")
+    if getattr(train_set, "size", None) is not None and size is not None and train_set.size != size:
+        logger.warning("%s: the reinforced images are %d px but the model takes %s px; they will be resized",
+                       path, train_set.size, size)
+    return Recipe(f"table:{path}", copy.deepcopy(model_cfg), dict(preprocess_cfg or {}), config, train_set)
 
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
 
 
-def _data_set(path):
-    """The training set of ``path``: a caption table, else WebDataset shards."""
+def _data_set(path, *, seed: int = 0):
+    """The training set of ``path``: a caption table, a reinforced dataset, else WebDataset shards."""
     from ..data.sources import (CaptionTableSet, SkipLog, WebDatasetSet, expand_shards, index_webdataset,
                                 read_caption_table)
+    from .reinforce import ReinforcedSet, is_reinforced
 
+    if is_reinforced(path):
+        return ReinforcedSet(path, seed=seed)
     if Path(path).suffix.lower() in TABLE_SUFFIXES:
         return CaptionTableSet(read_caption_table(path))
     shards = expand_shards(path)
