@@ -95,3 +95,28 @@ def test_errors():
         get_loss("mobileclip-dr", distill_weight=1.5)
     with pytest.raises(ValueError, match="2 teachers"):
         get_loss("mobileclip-dr", teacher_scale=[100.0])(ModelOutputs(img, txt, t), Batch(images=None, teacher=teacher))
+
+
+def test_mix_variant_uses_one_caption_batch_with_the_chosen_captions_teachers():
+    img, txt, syn, teacher, t = _parity_inputs()
+    mask = torch.tensor([True, False, True, True, False, False])
+    out = ModelOutputs(img, txt, t, extra_text_features=syn[:, None], extras={"synthetic": mask})
+    got = get_loss("mobileclip-dr-mix", distill_weight=0.5)(out, Batch(images=None, teacher=teacher))
+    ti = [teacher[f"image_{m}"] for m in (0, 1)]
+    tt = [torch.where(mask[:, None], teacher[f"syn_text_{m}"], teacher[f"text_{m}"]) for m in (0, 1)]
+    c, d = dr_clip_terms(img, txt, t, ti, tt, [100.0] * 2)
+    assert got["contrastive"].item() == pytest.approx(0.5 * c.item(), abs=1e-12)
+    assert got["distill"].item() == pytest.approx(0.5 * d.item(), abs=1e-12)
+
+
+def test_mix_variant_picks_captions_from_the_step():
+    from _tiny import make_model
+
+    model = make_model()
+    tokens = torch.randint(1, 400, (64, 24))
+    extra = torch.randint(1, 400, (64, 1, 24))
+    loss = get_loss("mobileclip-dr-mix", synthetic_ratio=0.5)
+    masks = [loss.forward_model(model, Batch(images=torch.zeros(64, 3, 32, 32), tokens=tokens, extra_tokens=extra,
+                                             step=s)).extras["synthetic"] for s in (0, 0, 1)]
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+    assert 10 < int(masks[0].sum()) < 54

@@ -188,6 +188,10 @@ class ShapesZeroShot:
         Filled with (colour, shape).
     tokenizer : callable, optional
         Default: CLIP's BPE tokenizer with the model's context length.
+    language : {"en", "zh"}, default "en"
+        With "zh" the classes are named in Chinese
+        (:data:`~cliplab.data.shapes.captions_zh.COLOR_ZH`, ``SHAPE_ZH``) and the default
+        template is :data:`~cliplab.data.shapes.captions_zh.ZH_TEMPLATE` ("一张{colour}{shape}的照片。").
 
     Returns (when called on a model)
     --------------------------------
@@ -197,10 +201,15 @@ class ShapesZeroShot:
         read from the 64-way prediction).
     """
 
-    def __init__(self, world, split: str = "val", n: int = 512, template: str = "a photo of a {} {}.",
-                 tokenizer: Callable | None = None):
+    def __init__(self, world, split: str = "val", n: int = 512, template: str | None = None,
+                 tokenizer: Callable | None = None, language: str = "en"):
+        if language not in ("en", "zh"):
+            raise ValueError(f"language must be 'en' or 'zh', got {language!r}")
         self.world = task_world(world, "color-shape")
-        self.split, self.n, self.template, self.tokenizer = split, n, template, tokenizer
+        self.split, self.n, self.tokenizer, self.language = split, n, tokenizer, language
+        if template is None and language == "zh":
+            from ..data.shapes.captions_zh import ZH_TEMPLATE as template
+        self.template = template or "a photo of a {} {}."
         self._data = None
 
     def _load(self):
@@ -223,7 +232,13 @@ class ShapesZeroShot:
         tokenizer = self.tokenizer or SimpleTokenizer(context_length=model.context_length)
         device = next(model.parameters()).device
         x = images_to_tensor(images, None, get_model_preprocess_cfg(model)).to(device)  # (N, 3, H, W)
-        texts = tokenizer([self.template.format(c, s) for c, s in pairs]).to(device)
+        if self.language == "zh":
+            from ..data.shapes.captions_zh import COLOR_ZH, SHAPE_ZH
+
+            names = [(COLOR_ZH[c], SHAPE_ZH[s]) for c, s in pairs]
+        else:
+            names = pairs
+        texts = tokenizer([self.template.format(c, s) for c, s in names]).to(device)
         img_f = torch.cat([model.encode_image(b, normalize=True) for b in x.split(256)])  # (N, D)
         txt_f = model.encode_text(texts, normalize=True)  # (C, D)
         pred = (img_f @ txt_f.T).argmax(1).cpu().numpy()  # (N,)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -174,6 +175,10 @@ class MobileCLIPDRLoss(Objective):
         m = len(t_img)
         img, txt = outputs.image_features, outputs.text_features                             # (B, D)
         syn = outputs.extra_text_features[:, 0] if outputs.extra_text_features is not None else None
+        mixed = outputs.extras.get("synthetic")                                                # (B,) bool
+        if mixed is not None:  # one caption per image, real or synthetic: its teachers' features follow it
+            t_txt = [torch.where(mixed[:, None], s_, t_) for s_, t_ in zip(t_syn, t_txt)]
+            syn, t_syn = None, []
         tensors = [img, txt, *t_img, *t_txt] + ([syn, *t_syn] if syn is not None and t_syn else [])
         gathered = gather_with_grad(tensors, self.world_size)
         img, txt, t_img, t_txt = gathered[0], gathered[1], gathered[2:2 + m], gathered[2 + m:2 + 2 * m]
@@ -183,3 +188,39 @@ class MobileCLIPDRLoss(Objective):
             clip_s, distill_s = dr_clip_terms(img, syn, outputs.logit_scale, t_img, t_syn, scales)
             clip, distill = clip + clip_s, distill + distill_s
         return {"contrastive": (1 - self.distill_weight) * clip, "distill": self.distill_weight * distill}  # eq. (L)
+
+
+@register_loss("mobileclip-dr-mix", help="mobileclip-dr with one caption per image, real or synthetic at random "
+                                         "(the reference's --dataset-reinforcement-mix-synthetic): InfoNCE's cost")
+class MobileCLIPDRMixLoss(MobileCLIPDRLoss):
+    """:class:`MobileCLIPDRLoss` on one batch of pairs whose caption is synthetic with probability ``synthetic_ratio``.
+
+    The reference's ``--dataset-reinforcement-mix-synthetic`` (``preprocess_dr``): each
+    image's caption is its synthetic one with probability r, else its real one, and the
+    loss has one (image, caption) batch instead of two, so a step costs what an InfoNCE
+    step costs.  The choice of sample j at step t on rank k is ``u < r`` for the j-th
+    number of ``default_rng([4, t, k])``.
+
+    Parameters
+    ----------
+    synthetic_ratio : float, default 0.5
+        r (the reference's default is 0.0, all real captions).
+    rank, world_size, distill_weight, teacher_scale
+        As :class:`MobileCLIPDRLoss`.
+    """
+
+    def __init__(self, *, synthetic_ratio: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= float(synthetic_ratio) <= 1.0:
+            raise ValueError(f"synthetic_ratio must be in [0, 1], got {synthetic_ratio}")
+        self.synthetic_ratio = float(synthetic_ratio)
+
+    def forward_model(self, model, batch: Batch) -> ModelOutputs:
+        """One text pass over each image's chosen caption; the choice in ``extras["synthetic"]`` (B,)."""
+        b = batch.tokens.shape[0]
+        u = np.random.default_rng([4, int(batch.step), self.rank]).random(b)
+        mask = torch.as_tensor(u < self.synthetic_ratio, device=batch.tokens.device)            # (B,)
+        tokens = torch.where(mask[:, None], batch.extra_tokens[:, 0], batch.tokens)             # (B, T)
+        out = ModelOutputs.from_clip(model(batch.images, tokens))
+        out.extras["synthetic"] = mask
+        return out
