@@ -277,14 +277,19 @@ def reinforce(data, teachers, out, *, augmentations: int = 5, size: int | None =
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except ValueError:
+            raise DataError(f"{manifest_path}: unreadable manifest; remove {out} and run again") from None
         for key in _JOB_KEYS:
             if old.get(key) != manifest.get(key):
                 raise UsageError(f"{out} holds a reinforced set with another {key} ({old.get(key)!r}, now "
                                  f"{manifest.get(key)!r}); rerun with the same teachers and options, or use "
                                  "another --out")
-    else:
-        manifest_path.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    else:  # written whole (temporary file, then renamed), like the shards
+        tmp = manifest_path.with_name(".manifest.json.tmp")
+        tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        tmp.replace(manifest_path)
     n_shards = manifest["n_shards"]
     done = {int(m.group(1)) for p in out.iterdir() if (m := _SHARD_RE.match(p.name))
             and _shard_path(out, int(m.group(1)), ".tar").is_file()}
@@ -381,6 +386,12 @@ class ReinforcedSet:
     ------
     DataError
         Not a reinforced folder, unfinished shards, damaged samples.
+
+    Notes
+    -----
+    The augmentation parameters, synthetic captions and embeddings (K + 1 + S vectors
+    per image and teacher) are read into memory once; images are read from the shards
+    by byte offset when an item is loaded.
     """
 
     def __init__(self, path, *, seed: int = 0):
