@@ -31,7 +31,8 @@ def add_parser(sub) -> None:
                      help=f"a registered recipe: {entries_help(RECIPES)}")
     src.add_argument("--data", metavar="PATH", help="CSV/JSONL caption table (image path + one or more captions), or "
                                     "WebDataset .tar shards (image + txt/json per key): a .tar file, a folder "
-                                    "of shards, a glob or a brace pattern such as 'shard-{0000..0003}.tar'")
+                                    "of shards, a glob or a brace pattern such as 'shard-{0000..0003}.tar', or a folder "
+                                    "written by cliplab reinforce (with --loss mobileclip-dr)")
     src.add_argument("--model-config",
                      help="open_clip architecture: a JSON file (model_cfg or open_clip_config.json) "
                           "or a built-in open_clip name such as ViT-B-32 (with --data)")

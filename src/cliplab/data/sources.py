@@ -770,6 +770,65 @@ def index_webdataset(paths, *, skip_log: SkipLog | None = None) -> list[ShardSam
     return samples
 
 
+def write_webdataset_shard(path, samples) -> int:
+    """Write one uncompressed WebDataset shard atomically: whole or not at all.
+
+    The members go to a temporary file beside ``path``, which is flushed, fsync'd and
+    renamed over ``path``; a run killed while writing leaves no shard (only a
+    ``.NAME.tmp-PID`` file a rerun may delete), never a truncated one.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.tar`` file to write.
+    samples : iterable of (str, dict of str to bytes)
+        ``(key, {extension: data})``; member ``key.extension`` holds ``data``.  Keys
+        must not contain a dot (a reader splits member names at the first dot).
+
+    Returns
+    -------
+    int
+        The number of samples written.
+
+    Raises
+    ------
+    ValueError
+        A key with a dot or a slash.
+    """
+    import io
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    n = 0
+    try:
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for key, members in samples:
+                    if "." in key or "/" in key:
+                        raise ValueError(f"a WebDataset key may not contain '.' or '/': {key!r}")
+                    for ext, data in members.items():
+                        info = tarfile.TarInfo(f"{key}.{ext}")
+                        info.size, info.mode = len(data), 0o644
+                        tar.addfile(info, io.BytesIO(data))
+                    n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:  # the rename itself survives a power cut once the folder is synced
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return n
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return n
+
+
 # ---------------------------------------------------------------- map-style datasets
 
 

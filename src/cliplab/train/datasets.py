@@ -97,6 +97,13 @@ class ShapesTrainSet:
     tags : bool, default False
         Every item carries its colour and shape words as a multi-hot float32
         vector over :data:`cliplab.data.shapes.TAGS`, as ``extras["targets"]["tags"]``.
+    languages : tuple of {"en", "zh"}, default ("en",)
+        The caption languages of an item: its English captions, its Chinese ones
+        (:attr:`~cliplab.data.shapes.Scene.captions_zh`), or both in one list (a
+        trainer then picks a language and a phrasing per step).
+    parallel : bool, default False
+        Every item carries its canonical English caption as ``extras["extra_captions"]``,
+        the parallel caption of DC-CLIP's stage 1 (:class:`cliplab.train.distill.DCCLIPStage1`).
 
     Items are ``(image, captions)``, or ``(image, captions, extras)`` with either
     option (what objectives such as ``hqclip`` read).  The negatives of scene i
@@ -109,29 +116,43 @@ class ShapesTrainSet:
     >>> image, captions = ds[0]                              # doctest: +SKIP
     """
 
-    def __init__(self, world, split: str = "train", *, negatives: int = 0, tags: bool = False):
+    def __init__(self, world, split: str = "train", *, negatives: int = 0, tags: bool = False,
+                 languages: tuple = ("en",), parallel: bool = False):
         if negatives < 0:
             raise ValueError(f"negatives must be >= 0, got {negatives}")
+        if not languages or set(languages) - {"en", "zh"}:
+            raise ValueError(f"languages must be a non-empty subset of ('en', 'zh'), got {languages!r}")
+        if parallel and negatives:
+            raise ValueError("parallel captions and negatives both use the extra captions; choose one")
         self.world = world
         self.split = split
         self.negatives = int(negatives)
         self.tags = bool(tags)
+        self.languages = tuple(languages)
+        self.parallel = bool(parallel)
         self._scenes = world.split(split)
+
+    def _captions(self, scene) -> list[str]:
+        return [c for lang in self.languages for c in (scene.captions if lang == "en" else scene.captions_zh)]
+
+    @property
+    def _has_extras(self) -> bool:
+        return bool(self.negatives or self.tags or self.parallel)
 
     def __len__(self) -> int:
         return len(self._scenes)
 
     def __getitem__(self, index: int):
         scene = self._scenes[int(index)]
-        if not (self.negatives or self.tags):
-            return scene.image, list(scene.captions)
-        return scene.image, list(scene.captions), self._extras(scene)
+        if not self._has_extras:
+            return scene.image, self._captions(scene)
+        return scene.image, self._captions(scene), self._extras(scene)
 
     def get_batch(self, indices):
         """``(uint8 array (N, H, W, 3), list of caption lists[, list of extras])`` in one render call."""
         images, scenes = self.world.render_batch(self.split, [int(i) for i in indices])
-        captions = [list(s.captions) for s in scenes]
-        if not (self.negatives or self.tags):
+        captions = [self._captions(s) for s in scenes]
+        if not self._has_extras:
             return images, captions
         return images, captions, [self._extras(s) for s in scenes]
 
@@ -141,6 +162,8 @@ class ShapesTrainSet:
         from ..data.shapes.world import SPLIT_IDS
 
         out = {}
+        if self.parallel:
+            out["extra_captions"] = [scene.captions[0]]
         if self.negatives:
             rng = np.random.default_rng([self.world.seed, SPLIT_IDS[self.split], scene.index, 2])  # own stream
             avoid = set(self.world.heldout) if self.split in ("train", "val") else set()

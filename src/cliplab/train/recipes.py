@@ -233,6 +233,10 @@ class ShapesZeroShot:
         Filled with (colour, shape).
     tokenizer : callable, optional
         Default: CLIP's BPE tokenizer with the model's context length.
+    language : {"en", "zh"}, default "en"
+        With "zh" the classes are named in Chinese
+        (:data:`~cliplab.data.shapes.captions_zh.COLOR_ZH`, ``SHAPE_ZH``) and the default
+        template is :data:`~cliplab.data.shapes.captions_zh.ZH_TEMPLATE` ("一张{colour}{shape}的照片。").
 
     Returns (when called on a model)
     --------------------------------
@@ -242,10 +246,15 @@ class ShapesZeroShot:
         read from the 64-way prediction).
     """
 
-    def __init__(self, world, split: str = "val", n: int = 512, template: str = "a photo of a {} {}.",
-                 tokenizer: Callable | None = None):
+    def __init__(self, world, split: str = "val", n: int = 512, template: str | None = None,
+                 tokenizer: Callable | None = None, language: str = "en"):
+        if language not in ("en", "zh"):
+            raise ValueError(f"language must be 'en' or 'zh', got {language!r}")
         self.world = task_world(world, "color-shape")
-        self.split, self.n, self.template, self.tokenizer = split, n, template, tokenizer
+        self.split, self.n, self.tokenizer, self.language = split, n, tokenizer, language
+        if template is None and language == "zh":
+            from ..data.shapes.captions_zh import ZH_TEMPLATE as template
+        self.template = template or "a photo of a {} {}."
         self._data = None
 
     def _load(self):
@@ -268,7 +277,13 @@ class ShapesZeroShot:
         tokenizer = self.tokenizer or SimpleTokenizer(context_length=model.context_length)
         device = next(model.parameters()).device
         x = images_to_tensor(images, None, get_model_preprocess_cfg(model)).to(device)  # (N, 3, H, W)
-        texts = tokenizer([self.template.format(c, s) for c, s in pairs]).to(device)
+        if self.language == "zh":
+            from ..data.shapes.captions_zh import COLOR_ZH, SHAPE_ZH
+
+            names = [(COLOR_ZH[c], SHAPE_ZH[s]) for c, s in pairs]
+        else:
+            names = pairs
+        texts = tokenizer([self.template.format(c, s) for c, s in names]).to(device)
         img_f = torch.cat([model.encode_image(b, normalize=True) for b in x.split(256)])  # (N, D)
         txt_f = model.encode_text(texts, normalize=True)  # (C, D)
         pred = (img_f @ txt_f.T).argmax(1).cpu().numpy()  # (N,)
@@ -314,7 +329,9 @@ def recipe_from_table(path, model_cfg: dict, preprocess_cfg: dict | None = None,
     ----------
     path : str or Path
         A ``.csv``/``.tsv``/``.jsonl`` table, read with
-        :func:`cliplab.data.sources.read_caption_table`; otherwise ``.tar``
+        :func:`cliplab.data.sources.read_caption_table`; a folder written by
+        ``cliplab reinforce`` (:class:`~cliplab.train.reinforce.ReinforcedSet`, for
+        ``loss="mobileclip-dr"``); otherwise ``.tar``
         shards (a file, a folder, a glob or a brace pattern such as
         ``shard-{0000..0003}.tar``), indexed with
         :func:`cliplab.data.sources.index_webdataset`.
@@ -330,18 +347,26 @@ def recipe_from_table(path, model_cfg: dict, preprocess_cfg: dict | None = None,
     if unknown:
         raise UsageError(f"not TrainConfig fields: {', '.join(unknown)}")
     config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    train_set = _data_set(path, seed=config.seed)
+    size = model_cfg.get("vision_cfg", {}).get("image_size")
+    if getattr(train_set, "size", None) is not None and size is not None and train_set.size != size:
+        logger.warning("%s: the reinforced images are %d px but the model takes %s px; they will be resized",
+                       path, train_set.size, size)
     return with_attention(Recipe(f"table:{path}", copy.deepcopy(model_cfg), dict(preprocess_cfg or {}), config,
-                                 _data_set(path)), attention)
+                                 train_set), attention)
 
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
 
 
-def _data_set(path):
-    """The training set of ``path``: a caption table, else WebDataset shards."""
+def _data_set(path, *, seed: int = 0):
+    """The training set of ``path``: a caption table, a reinforced dataset, else WebDataset shards."""
     from ..data.sources import (CaptionTableSet, SkipLog, WebDatasetSet, expand_shards, index_webdataset,
                                 read_caption_table)
+    from .reinforce import ReinforcedSet, is_reinforced
 
+    if is_reinforced(path):
+        return ReinforcedSet(path, seed=seed)
     if Path(path).suffix.lower() in TABLE_SUFFIXES:
         return CaptionTableSet(read_caption_table(path))
     shards = expand_shards(path)

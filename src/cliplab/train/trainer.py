@@ -155,7 +155,10 @@ class _StepBatches(torch.utils.data.Dataset):
     ``"teacher"`` and/or ``"targets"`` (name -> array, the same shape for every item)
     and/or ``"extra_captions"`` (K strings, the same K for every item), read only when
     the objective declares ``needs_teacher`` / ``needs_targets`` / ``needs_extra_captions``.
-    Captions are read only when it declares ``needs_captions``.
+    Captions are read only when it declares ``needs_captions``.  A set with an
+    ``at_step(step)`` method is read through the view it returns, whose items may depend
+    on the step (:class:`~cliplab.train.reinforce.ReinforcedSet` replays that step's
+    stored augmentation); everything else stays a pure function of ``(seed, step)``.
     """
 
     def __init__(self, train_set, tokenizer, preprocess, preprocess_cfg, *, seed, batch_size,
@@ -174,7 +177,7 @@ class _StepBatches(torch.utils.data.Dataset):
         step = self.first + k
         idx = global_batch_indices(len(self.train_set), self.batch_size, self.seed, step)
         idx = idx[self.start:self.start + self.local]
-        images, caption_lists, extras, n_bad = self._load(idx)
+        images, caption_lists, extras, n_bad = self._load(idx, step)
         out = {"images": images_to_tensor(images, self.preprocess, self.preprocess_cfg),  # (B, 3, H, W)
                "step": step, "n_bad": n_bad}
         if self.objective.needs_captions:
@@ -215,8 +218,10 @@ class _StepBatches(torch.utils.data.Dataset):
                             f"item {int(i)} has none (items are (image, captions, {{{key!r}: ...}}))")
         return extras[key]
 
-    def _load(self, idx):
+    def _load(self, idx, step: int):
         ds = self.train_set
+        if hasattr(ds, "at_step"):  # items that depend on the step (reinforced sets replay its augmentation)
+            ds = ds.at_step(step)
         if hasattr(ds, "get_batch"):
             try:
                 images, captions, *extras = ds.get_batch(idx)
@@ -226,7 +231,7 @@ class _StepBatches(torch.utils.data.Dataset):
                 pass  # find the broken ones item by item
         images, captions, extras, n_bad = [], [], [], 0
         for i in idx:
-            image, caps, extra, bad = self._load_one(int(i))
+            image, caps, extra, bad = self._load_one(ds, int(i))
             images.append(image)
             captions.append(caps)
             extras.append(extra)
@@ -234,12 +239,12 @@ class _StepBatches(torch.utils.data.Dataset):
         self._check_captions(captions, idx)
         return images, captions, extras, n_bad
 
-    def _load_one(self, i: int):
-        """Item ``i``, or the next readable one (counted) if its image is broken."""
-        n = len(self.train_set)
+    def _load_one(self, ds, i: int):
+        """Item ``i`` of ``ds``, or the next readable one (counted) if its image is broken."""
+        n = len(ds)
         for attempt in range(_MAX_IMAGE_RETRIES):
             try:
-                image, caps, *extra = self.train_set[(i + attempt) % n]
+                image, caps, *extra = ds[(i + attempt) % n]
                 return image, caps, extra[0] if extra else None, attempt
             except BadImage as err:
                 logger.warning("skipping unreadable image (%s); using the next item instead", err)

@@ -168,6 +168,13 @@ class Scene:
         """One-sentence summary beside :attr:`long_caption` (:func:`.long_captions.short_caption`)."""
         return short_caption(self)
 
+    @property
+    def captions_zh(self) -> list[str]:
+        """Five Chinese captions from the ground truth, canonical first (:func:`.captions_zh.chinese_captions`)."""
+        from .captions_zh import chinese_captions
+
+        return chinese_captions(self.objects, self.background, n=5, offset=self.index)
+
 
 def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
     rows, cols = np.any(mask, axis=1), np.any(mask, axis=0)
