@@ -41,6 +41,21 @@ def add_parser(sub) -> None:
                           "clipped softmax (alpha 3.2) or per-head linear/MLP gates; recorded in the checkpoints")
     src.add_argument("--loss", choices=LOSSES.names(), metavar="NAME",
                      help=f"training objective (default: the recipe's, else infonce): {entries_help(LOSSES)}")
+    cap = p.add_argument_group("captions (data-side methods; docs/objectives.md)")
+    cap.add_argument("--captions", choices=["scene", "noisy", "filtered", "recaptioned"],
+                     help="shapes-tiny recipe: the scenes' phrasings (default), one alt-text-like noisy caption "
+                          "per scene, the noisy pairs kept by a CLIPScore filter, or the canonical caption "
+                          "written from the ground truth")
+    cap.add_argument("--rewrites", type=int, metavar="K",
+                     help="add K LaCLIP rewrites of every caption (recipe or --data); one phrasing is drawn "
+                          "per image per step")
+    cap.add_argument("--pool", type=int, metavar="N", help="shapes-tiny recipe: train on the first N scenes only")
+    cap.add_argument("--keep-fraction", type=float,
+                     help="--captions filtered: keep the best fraction of pairs (default 0.5)")
+    cap.add_argument("--filter-threshold", type=float,
+                     help="--captions filtered: keep the pairs with CLIPScore >= this instead")
+    cap.add_argument("--filter-model", default="shapes-tiny",
+                     help="--captions filtered: the model that scores the pairs (default: shapes-tiny)")
     run_g = p.add_argument_group("run")
     run_g.add_argument("--out", help="output folder (recipe default: runs/<recipe>)")
     run_g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
@@ -96,6 +111,24 @@ def _read_model_config(spec: str) -> tuple[dict, dict]:
     return cfg, {}
 
 
+def _recipe_options(args, name: str) -> dict:
+    """The caption options given, checked against what recipe ``name`` accepts."""
+    from ..train.recipes import recipe_options
+
+    given = {"captions": args.captions, "rewrites": args.rewrites, "pool": args.pool,
+             "keep_fraction": args.keep_fraction, "filter_threshold": args.filter_threshold}
+    given = {k: v for k, v in given.items() if v is not None}
+    unknown = sorted(set(given) - set(recipe_options(name)))
+    if unknown:
+        raise UsageError(f"recipe {name!r} has no option {', '.join('--' + k.replace('_', '-') for k in unknown)}")
+    if given.get("captions") == "filtered":
+        from ..dense.misalignment import ClipScorer
+        from ..models.loading import load
+
+        given["scorer"] = ClipScorer(load(args.filter_model, device=args.device if args.device not in (None, "auto") else "cpu"))
+    return given
+
+
 def run(args) -> int:
     from ..train.recipes import get_recipe, recipe_from_table, run_recipe
 
@@ -105,13 +138,20 @@ def run(args) -> int:
     if args.recipe:
         if args.model_config:
             raise UsageError("--model-config goes with --data; a recipe defines its own model")
-        recipe = get_recipe(args.recipe, attention=args.attention, **overrides)
+        recipe = get_recipe(args.recipe, attention=args.attention, **overrides, **_recipe_options(args, args.recipe))
     else:
         if not args.model_config:
             raise UsageError("--data needs --model-config (a JSON file or an open_clip name)")
         overrides.setdefault("out_dir", "runs/train")
         model_cfg, preprocess_cfg = _read_model_config(args.model_config)
+        if args.captions or args.pool or args.keep_fraction is not None or args.filter_threshold is not None:
+            raise UsageError("--captions, --pool, --keep-fraction and --filter-threshold go with --recipe; "
+                             "--data trains on the table's captions (add rewrites with --rewrites)")
         recipe = recipe_from_table(args.data, model_cfg, preprocess_cfg, attention=args.attention, **overrides)
+        if args.rewrites:
+            from ..train.datasets import RewrittenSet
+
+            recipe.train_set = RewrittenSet(recipe.train_set, args.rewrites, seed=recipe.config.seed)
     result = run_recipe(recipe, resume=args.resume, stop_at=args.stop_at)
     if int(os.environ.get("RANK", "0")) == 0:
         for key, value in result.items():

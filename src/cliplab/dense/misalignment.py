@@ -42,7 +42,7 @@ from ..validation import check_choice, check_number, check_positive_int
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PREFIX", "clip_score", "ref_clip_score", "f_clip_score", "WordScores", "word_attributions",
+__all__ = ["PREFIX", "clip_score", "ClipScorer", "ref_clip_score", "f_clip_score", "WordScores", "word_attributions",
            "flag_words"]
 
 #: The caption prefix of CLIPScore and CLIP4DM.
@@ -79,6 +79,33 @@ def clip_score(image_features, text_features, *, w: float = 2.5) -> np.ndarray:
     if v.shape != c.shape:
         raise UsageError(f"image_features {v.shape} and text_features {c.shape} must be paired")
     return w * np.clip(np.sum(v * c, axis=1), 0, None)                   # eq. (1)
+
+
+class ClipScorer:
+    """CLIPScore of paired images and captions with a Backbone: ``scorer(images, captions) -> (N,)``.
+
+    The scorer that :func:`cliplab.train.caption_quality.filter_by_score` takes: each
+    caption is encoded with :data:`PREFIX` and scored against its own image by
+    :func:`clip_score`.
+
+    Parameters
+    ----------
+    backbone : Backbone
+    w : float, default=2.5
+    batch_size : int, default=256
+    """
+
+    def __init__(self, backbone, *, w: float = 2.5, batch_size: int = 256):
+        self.backbone, self.w, self.batch_size = backbone, w, batch_size
+
+    def __call__(self, images, captions) -> np.ndarray:
+        if len(images) != len(captions):
+            raise UsageError(f"{len(images)} images but {len(captions)} captions; they must be paired")
+        if not len(captions):
+            return np.zeros(0)
+        v = self.backbone.encode_images(list(images), batch_size=self.batch_size, progress=False).features
+        c = self.backbone.encode_texts([PREFIX + t for t in captions], batch_size=self.batch_size, progress=False)
+        return clip_score(v, c, w=self.w)                                    # (N,)
 
 
 def ref_clip_score(image_features, text_features, references, *, w: float = 2.5) -> np.ndarray:

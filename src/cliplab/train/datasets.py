@@ -82,6 +82,10 @@ def caption_choice(n_captions: Sequence[int], seed: int, step: int, start: int =
     return [min(int(x * k), k - 1) for x, k in zip(u, n_captions)]
 
 
+SHAPES_CAPTIONS = ("scene", "noisy", "recaptioned")
+"""The caption kinds of :class:`ShapesTrainSet`."""
+
+
 class ShapesTrainSet:
     """A ShapesWorld split as a training set.
 
@@ -104,6 +108,14 @@ class ShapesTrainSet:
     parallel : bool, default False
         Every item carries its canonical English caption as ``extras["extra_captions"]``,
         the parallel caption of DC-CLIP's stage 1 (:class:`cliplab.train.distill.DCCLIPStage1`).
+    captions : {"scene", "noisy", "recaptioned"}, default "scene"
+        What each item says about its image: the scene's phrasings (its canonical
+        caption and rewrites), one alt-text-like caption
+        (:func:`cliplab.data.shapes.alt_text.corrupt_caption` at ``noise``, never a
+        held-out composition in ``train``/``val``), or only the canonical caption
+        written from the ground truth (re-captioning).
+    noise : NoiseRates, optional
+        The corruption rates of ``captions="noisy"`` (default: ``NoiseRates()``).
 
     Items are ``(image, captions)``, or ``(image, captions, extras)`` with either
     option (what objectives such as ``hqclip`` read).  The negatives of scene i
@@ -117,23 +129,29 @@ class ShapesTrainSet:
     """
 
     def __init__(self, world, split: str = "train", *, negatives: int = 0, tags: bool = False,
-                 languages: tuple = ("en",), parallel: bool = False):
+                 languages: tuple = ("en",), parallel: bool = False, captions: str = "scene", noise=None):
         if negatives < 0:
             raise ValueError(f"negatives must be >= 0, got {negatives}")
         if not languages or set(languages) - {"en", "zh"}:
             raise ValueError(f"languages must be a non-empty subset of ('en', 'zh'), got {languages!r}")
         if parallel and negatives:
             raise ValueError("parallel captions and negatives both use the extra captions; choose one")
+        if captions not in SHAPES_CAPTIONS:
+            raise ValueError(f"captions must be one of {', '.join(SHAPES_CAPTIONS)}, got {captions!r}")
+        if captions != "scene" and "zh" in languages:
+            raise ValueError(f"captions={captions!r} is English only; Chinese captions are the scenes' own")
         self.world = world
         self.split = split
         self.negatives = int(negatives)
         self.tags = bool(tags)
         self.languages = tuple(languages)
         self.parallel = bool(parallel)
+        self.captions = captions
+        self.noise = noise
         self._scenes = world.split(split)
 
     def _captions(self, scene) -> list[str]:
-        return [c for lang in self.languages for c in (scene.captions if lang == "en" else scene.captions_zh)]
+        return [c for lang in self.languages for c in (self._english(scene) if lang == "en" else scene.captions_zh)]
 
     @property
     def _has_extras(self) -> bool:
@@ -155,6 +173,23 @@ class ShapesTrainSet:
         if not self._has_extras:
             return images, captions
         return images, captions, [self._extras(s) for s in scenes]
+
+    def _english(self, scene) -> list[str]:
+        if self.captions == "scene":
+            return list(scene.captions)
+        from ..data.shapes.captions import canonical_caption
+
+        if self.captions == "recaptioned":
+            return [canonical_caption(scene.objects)]
+        from ..data.shapes import COLORS
+        from ..data.shapes.alt_text import NoiseRates, corrupt_caption
+        from ..data.shapes.world import SPLIT_IDS
+
+        rng = np.random.default_rng([self.world.seed, SPLIT_IDS[self.split], scene.index, 3])  # own stream
+        avoid = set(self.world.heldout) if self.split in ("train", "val") else set()
+        noisy = corrupt_caption(scene.objects, rng, colors=COLORS, shapes=self.world.shapes_of(self.split),
+                                rates=self.noise or NoiseRates(), avoid=avoid)
+        return [noisy.text]
 
     def _extras(self, scene) -> dict:
         from ..data.shapes import COLORS, TAGS
@@ -225,3 +260,45 @@ class ConcatSet:
         if all(e is None for e in extras):
             return images, captions
         return images, captions, extras
+
+
+class RewrittenSet:
+    """A training set whose captions are extended with LaCLIP rewrites.
+
+    Item ``i`` is the item of ``base`` with its captions followed by ``n`` rewrites
+    of each (:func:`cliplab.data.rewrites.add_rewrites`, deterministic by ``seed``);
+    the Trainer then draws one phrasing per image per step, uniformly, as LaCLIP does.
+    Extras (negatives, tags) pass through.
+
+    Parameters
+    ----------
+    base : map-style dataset of ``(image, captions[, extras])``
+    n : int, default 4
+        Rewrites per caption (LaCLIP: 4).
+    seed : int, default 0
+    """
+
+    def __init__(self, base, n: int = 4, *, seed: int = 0):
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self.base, self.n, self.seed = base, int(n), int(seed)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def _rewrite(self, captions) -> list[str]:
+        from ..data.rewrites import add_rewrites
+
+        return add_rewrites(list(captions), self.n, seed=self.seed)
+
+    def __getitem__(self, index: int):
+        image, captions, *extras = self.base[index]
+        return (image, self._rewrite(captions), *extras)
+
+    def get_batch(self, indices):
+        """The base set's batch (its own ``get_batch`` when it has one) with rewritten captions."""
+        if hasattr(self.base, "get_batch"):
+            images, captions, *extras = self.base.get_batch(indices)
+        else:
+            images, captions, *extras = zip(*(self.base[int(i)] for i in indices))
+        return (list(images), [self._rewrite(c) for c in captions], *extras)

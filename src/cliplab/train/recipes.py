@@ -31,12 +31,25 @@ Outlier-free attention from scratch
     choice is recorded in ``model_cfg["cliplab"]["attention"]``, so checkpoints load back
     with it.  Deviation: the recipe's other hyper-parameters stay shapes-tiny's (the
     reference trains BERT/OPT for 10^5–10^6 steps).
+
+    Recipe options (keyword arguments besides TrainConfig fields; ``cliplab train
+    --captions/--rewrites/--pool/--keep-fraction/--filter-threshold``) choose the
+    captions, for the data-side methods of :mod:`cliplab.train.caption_quality`:
+    ``captions="scene"`` (default, as above), ``"noisy"`` (one alt-text-like caption per
+    scene, :mod:`cliplab.data.shapes.alt_text`), ``"filtered"`` (the noisy pairs whose
+    score by ``scorer`` -- e.g. :class:`cliplab.dense.misalignment.ClipScorer` of the
+    bundled model -- is in the best ``keep_fraction`` (default 0.5) or at least
+    ``filter_threshold``) or ``"recaptioned"`` (the canonical caption written from the
+    ground truth); ``pool=N`` trains on the first N scenes only (80 % / 20 % as above;
+    ``"filtered"`` scores a pool of :data:`FILTER_POOL` unless given); ``rewrites=K``
+    adds K LaCLIP rewrites of every caption (:class:`~cliplab.train.datasets.RewrittenSet`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -49,7 +62,7 @@ import torch
 from ..data.shapes import shapes_tiny_world, task_world
 from ..errors import UsageError
 from ..models.transforms import images_to_tensor, make_preprocess
-from .datasets import ConcatSet, ShapesTrainSet
+from .datasets import ConcatSet, RewrittenSet, ShapesTrainSet
 from .losses import get_loss_class
 from .trainer import TrainConfig
 from ..registry import Registry
@@ -112,8 +125,14 @@ def list_recipes() -> list[str]:
     return sorted(RECIPES.names())
 
 
+def recipe_options(name: str) -> list[str]:
+    """The options of recipe ``name``: its keyword-only parameters (e.g. ``captions``)."""
+    params = inspect.signature(RECIPES.get(name)).parameters.values()
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
 def get_recipe(name: str, *, attention: str | dict | None = None, **overrides) -> Recipe:
-    """Build recipe ``name``; keyword arguments override its :class:`TrainConfig` fields.
+    """Build recipe ``name``; keyword arguments override its :class:`TrainConfig` fields or set its options.
 
     Parameters
     ----------
@@ -125,13 +144,14 @@ def get_recipe(name: str, *, attention: str | dict | None = None, **overrides) -
     Raises
     ------
     UsageError
-        For an unknown recipe or attention, or an override that is not a TrainConfig field.
+        For an unknown recipe or attention, or a keyword that is neither a TrainConfig
+        field nor an option of the recipe (:func:`recipe_options`).
     """
     recipe = RECIPES.get(name)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in dataclasses.fields(TrainConfig)} | set(recipe_options(name))
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise UsageError(f"not TrainConfig fields: {', '.join(unknown)}")
+        raise UsageError(f"not TrainConfig fields or options of recipe {name!r}: {', '.join(unknown)}")
     return with_attention(recipe(**{k: v for k, v in overrides.items() if v is not None}), attention)
 
 
@@ -305,20 +325,56 @@ SHAPES_TINY_MODEL = {
 }
 
 
+FILTER_POOL = 16_384
+"""Scenes scored by ``captions="filtered"`` when no ``pool`` is given."""
+
+
 @register_recipe("shapes-tiny", help="the bundled model: a 7.6M-parameter CLIP on ShapesWorld, 4,000 steps")
-def shapes_tiny(**overrides) -> Recipe:
+def shapes_tiny(*, captions: str = "scene", rewrites: int = 0, pool: int | None = None,
+                keep_fraction: float | None = None, filter_threshold: float | None = None,
+                scorer: Callable | None = None, **overrides) -> Recipe:
     """The embedded default model trained on ShapesWorld (see the module docstring)."""
+    from .caption_quality import filter_by_score
+    from .datasets import SHAPES_CAPTIONS
+
+    kinds = (*SHAPES_CAPTIONS, "filtered")
+    if captions not in kinds:
+        raise UsageError(f"captions must be one of {', '.join(kinds)}, got {captions!r}")
+    if captions == "filtered" and scorer is None:
+        raise UsageError("captions='filtered' needs a scorer, e.g. "
+                         "cliplab.dense.misalignment.ClipScorer(cliplab.load('shapes-tiny'))")
+    if captions != "filtered" and (keep_fraction is not None or filter_threshold is not None):
+        raise UsageError("keep_fraction and filter_threshold go with captions='filtered'")
+    if pool is not None and pool < 2:
+        raise UsageError(f"pool must be >= 2 scenes, got {pool}")
     config = TrainConfig(steps=4000, batch_size=128, lr=1e-3, weight_decay=0.1, warmup_steps=100,
                          grad_clip=1.0, seed=0, loss="infonce", ckpt_every=500, eval_every=500,
                          log_every=25, out_dir="runs/shapes-tiny")
     config = dataclasses.replace(config, **overrides)
     world = shapes_tiny_world(config.seed)
     multi = world.replace(seed=config.seed + 1, n_objects=(2, 3), split_sizes={"train": 250_000})
+    if captions == "filtered" and pool is None:
+        pool = FILTER_POOL
+    if pool is not None:
+        n_single = int(round(0.8 * pool))
+        world = world.replace(split_sizes={**world.split_sizes, "train": n_single})
+        multi = multi.replace(split_sizes={**multi.split_sizes, "train": pool - n_single})
     loss_cls = get_loss_class(config.loss)
-    extras = {"negatives": int(loss_cls.needs_extra_captions), "tags": loss_cls.needs_targets}  # hqclip
+    extras = {"negatives": int(loss_cls.needs_extra_captions), "tags": loss_cls.needs_targets,  # hqclip
+              "captions": "noisy" if captions == "filtered" else captions}
     train_set = ConcatSet(ShapesTrainSet(world, "train", **extras), ShapesTrainSet(multi, "train", **extras))
+    if captions == "filtered":
+        if keep_fraction is None and filter_threshold is None:
+            keep_fraction = 0.5
+        train_set, report, _ = filter_by_score(train_set, scorer, threshold=filter_threshold,
+                                               keep_fraction=keep_fraction)
+        if not len(train_set):
+            raise UsageError(f"the caption filter kept nothing ({report.summary()}); lower the threshold")
+        logger.info("shapes-tiny filtered captions: %s", report.summary())
+    if rewrites:
+        train_set = RewrittenSet(train_set, rewrites, seed=config.seed)
     return Recipe("shapes-tiny", copy.deepcopy(SHAPES_TINY_MODEL), {}, config, train_set,
-                  ShapesZeroShot(world, "val", n=512))
+                  ShapesZeroShot(shapes_tiny_world(config.seed), "val", n=512))
 
 
 def recipe_from_table(path, model_cfg: dict, preprocess_cfg: dict | None = None, *,
