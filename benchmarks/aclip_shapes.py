@@ -9,6 +9,7 @@ samples/s is the Trainer's mean over the logged windows after the first.
 
 Usage: python benchmarks/aclip_shapes.py [--steps 600] [--batch-size 64] [--lr 1e-3]
            [--warmup 50] [--seed 0] [--losses infonce,aclip] [--runs runs/aclip_shapes]
+       python benchmarks/aclip_shapes.py --cost-steps 10     (CPU s/step only: results/aclip_shapes_cost.json)
 Writes benchmarks/results/aclip_shapes.json and prints one line per objective.
 """
 
@@ -58,6 +59,32 @@ def dense_miou(bb, n: int, n_val: int) -> dict:
     return {"dataset": test.name, "n": n, "prob_thd": thd, "mIoU": float(m["mIoU"]), "aAcc": float(m["aAcc"])}
 
 
+def cpu_cost(losses: list, steps: int, batch_size: int, rounds: int = 2) -> dict:
+    """CPU seconds per training step of each objective (``time.process_time``, one thread), interleaved rounds.
+
+    CPU time rather than wall time: on a shared machine it does not count other processes.
+    """
+    import tempfile
+
+    from cliplab.train import Trainer, init_model
+
+    out = {loss: [] for loss in losses}
+    for _ in range(rounds):
+        for loss in losses:
+            recipe = get_recipe("shapes-tiny", loss=loss, steps=steps + 1, batch_size=batch_size, ckpt_every=0,
+                                log_every=steps + 1)
+            built = init_model(recipe.model_cfg, recipe.preprocess_cfg, loss=loss, seed=0)
+            with tempfile.TemporaryDirectory() as tmp:
+                recipe.config.out_dir = tmp
+                trainer = Trainer(built.model, built.tokenizer, built.preprocess, recipe.train_set, recipe.config,
+                                  progress=False)
+                trainer.fit(stop_at=1)                       # warm-up step (first-call costs)
+                t0 = time.process_time()
+                trainer.fit(resume=True)
+                out[loss].append((time.process_time() - t0) / steps)
+    return {loss: {"cpu_s_per_step": min(v), "samples_per_cpu_s": batch_size / min(v)} for loss, v in out.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=600)
@@ -70,9 +97,18 @@ def main() -> None:
     ap.add_argument("--n-val", type=int, default=16, help="shapes:seg train scenes for the threshold")
     ap.add_argument("--runs", default="runs/aclip_shapes", help="training output folders")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--cost-steps", type=int, default=0, help="only measure CPU s/step over this many steps")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out_path = Path(args.out)
+    if args.cost_steps:
+        out_path = out_path.with_name(out_path.stem + "_cost.json")
+        cost = cpu_cost(args.losses.split(","), args.cost_steps, args.batch_size)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps({"benchmark": "aclip_shapes cpu cost", "steps": args.cost_steps,
+                                        "batch_size": args.batch_size, "torch_threads": 1, **cost}, indent=2) + "\n")
+        print("aclip_shapes: CPU s/step " + ", ".join(f"{k} {v['cpu_s_per_step']:.3f}" for k, v in cost.items()))
+        return
     result = json.loads(out_path.read_text()) if out_path.exists() else {}
     result.update({"benchmark": "aclip_shapes", "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                    "warmup_steps": args.warmup, "seed": args.seed, "torch_threads": 1})

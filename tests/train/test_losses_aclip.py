@@ -172,7 +172,7 @@ def test_losses_equal_their_closed_forms():
 
     g = torch.Generator().manual_seed(0)
     x1, x2, y = (F.normalize(torch.randn(3, 4, generator=g, dtype=torch.float64), dim=1) for _ in range(3))
-    s, on = torch.randn(2, 3, 5, generator=g, dtype=torch.float64), torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    s, on = (torch.randn(2, 3, 5, generator=g, dtype=torch.float64) for _ in range(2))
     target = torch.randn(3, 5, generator=g, dtype=torch.float64)
     t = torch.tensor(7.0, dtype=torch.float64)
     terms = get_loss("aclip", simclr_weight=0.5)(ModelOutputs(x1, y, t, extras={

@@ -476,8 +476,7 @@ class Trainer:
                 scaler.scale(loss).backward()
                 if cfg.grad_clip is not None:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                   cfg.grad_clip)
+                    torch.nn.utils.clip_grad_norm_([*model.parameters(), *objective.parameters()], cfg.grad_clip)
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step used
                 scaler.step(optimizer)
                 scaler.update()
@@ -503,7 +502,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
                 if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or is_last:
                     writer.save(out_dir, done, model, optimizer, scheduler, scaler, env, config=asdict(cfg),
-                                model_cfg=self.model_cfg, preprocess_cfg=pp_cfg, objective=objective)  # written while training goes on
+                                model_cfg=self.model_cfg, preprocess_cfg=pp_cfg,
+                                objective=objective)  # written while training goes on
                 bar.update(1)
                 tic = time.perf_counter()
         except BaseException:

@@ -89,6 +89,8 @@ def check_vit(visual) -> None:
     if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False) \
             or getattr(visual, "pool_type", "tok") != "tok":
         raise UsageError("A-CLIP needs a ViT pooled by its [CLS] token (no attentional pooler, pool_type 'tok')")
+    if any(getattr(getattr(b, "attn", None), "in_proj_weight", None) is None for b in visual.transformer.resblocks):
+        raise UsageError("A-CLIP reads attention maps from standard open_clip blocks (nn.MultiheadAttention)")
 
 
 def _blocks(visual, x: torch.Tensor, attention: list | None = None) -> torch.Tensor:
@@ -96,11 +98,13 @@ def _blocks(visual, x: torch.Tensor, attention: list | None = None) -> torch.Ten
     transformer = visual.transformer
     if attention is None:
         return transformer(x)
-    from ...dense.attention import qkv
-
     batch_first = getattr(transformer, "batch_first", True)
     for block in transformer.resblocks:
-        q, k, _ = qkv(block, x)                                                         # (B, H, T, d)
+        attn = block.attn                                                               # nn.MultiheadAttention
+        n, (bsz, t, w) = attn.num_heads, x.shape
+        bias = attn.in_proj_bias[:2 * w] if attn.in_proj_bias is not None else None
+        q, k = F.linear(block.ln_1(x), attn.in_proj_weight[:2 * w], bias).reshape(
+            bsz, t, 2, n, w // n).permute(2, 0, 3, 1, 4)                                 # 2 x (B, H, T, d)
         weights = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)  # (B, H, T, T)
         attention.append(weights[:, :, 0, 1:].mean(1))                                  # (B, T-1)
         x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
