@@ -1,4 +1,8 @@
-"""cloob, hard-negatives and hqclip under DDP: two ranks train exactly as one process on the global batch."""
+"""cloob, hard-negatives and hqclip under DDP: two ranks train exactly as one process on the global batch.
+
+aclip (its own family: a second, EMA forward and heads of its own) is checked in the same
+2-rank launch: every rank ends with the same model, heads and teacher.
+"""
 
 import json
 import os
@@ -37,6 +41,15 @@ def _ddp_main(out_dir):
         Trainer(built.model, built.tokenizer, built.preprocess, data, config, model_cfg=built.model_cfg,
                 progress=False).fit()
     if dist.is_initialized():
+        from cliplab.train.losses import get_loss
+
+        built, objective = init_model(CFG, loss="aclip"), get_loss("aclip")
+        config = TrainConfig(steps=2, batch_size=8, lr=1e-3, warmup_steps=1, ckpt_every=0, log_every=1,
+                             out_dir=str(Path(out_dir) / "aclip"), device="cpu")
+        Trainer(built.model, built.tokenizer, built.preprocess, ShapesTrainSet(world), config,
+                model_cfg=built.model_cfg, progress=False, objective=objective).fit()
+        torch.save({"model": built.model.state_dict(), "objective": objective.state_dict()},
+                   Path(out_dir) / "aclip" / f"rank{dist.get_rank()}.pt")
         dist.destroy_process_group()
 
 
@@ -71,3 +84,12 @@ def test_two_ranks_match_one_process(tmp_path):
                   for run in ("one", "two"))
         for k in w1:
             torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0, msg=f"{loss}: {k}")
+    # aclip: each rank draws its own crops and its heads' BatchNorm sees half the batch (the
+    # reference's plain BatchNorm does too), so no one-process parity; but the heads' gradients
+    # are averaged like the model's, and every rank holds the same model, heads and teacher.
+    r0, r1 = (torch.load(tmp_path / "two" / "aclip" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert not torch.equal(r0["model"]["visual.proj"], r0["objective"]["teacher.proj"])  # it trained; EMA lags
+    for part in ("model", "objective"):
+        for k, v in r0[part].items():
+            if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):  # per-rank BN statistics
+                torch.testing.assert_close(r1[part][k], v, atol=1e-6, rtol=0, msg=f"aclip {part}: {k}")

@@ -3,7 +3,8 @@
 A checkpoint is a folder ``out_dir/checkpoints/step_NNNNNNN`` holding the
 weights (an open_clip folder when the architecture is known, loadable as
 ``local-dir:<folder>``) and ``trainer_state.pt`` (optimizer, scheduler, grad
-scaler, the RNG states of every rank, the run's config).  The file
+scaler, the RNG states of every rank, the run's config, and the objective's own
+``state_dict`` when it has one: an EMA teacher, heads).  The file
 ``checkpoints/latest`` names the newest one.
 
 Writes are atomic: the folder is written under a hidden temporary name and
@@ -52,7 +53,8 @@ def latest_checkpoint(out_dir) -> Path | None:
 
 
 def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, scaler, env: distributed.DistEnv, *,
-                    config: dict, model_cfg: dict | None = None, preprocess_cfg: dict | None = None) -> None:
+                    config: dict, model_cfg: dict | None = None, preprocess_cfg: dict | None = None,
+                    objective=None) -> None:
     """Write the checkpoint of ``step`` atomically (collective: call on every rank).
 
     Parameters
@@ -71,10 +73,12 @@ def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, scaler, env
         open_clip architecture; when given the weights form an open_clip folder.
     preprocess_cfg : dict, optional
         Saved with ``model_cfg``.
+    objective : torch.nn.Module, optional
+        The run's objective; its ``state_dict``, when not empty, is saved too.
     """
     writer = CheckpointWriter(background=False)
     writer.save(out_dir, step, model, optimizer, scheduler, scaler, env, config=config,
-                model_cfg=model_cfg, preprocess_cfg=preprocess_cfg)
+                model_cfg=model_cfg, preprocess_cfg=preprocess_cfg, objective=objective)
     writer.close(env)
 
 
@@ -101,7 +105,8 @@ class CheckpointWriter:
         self._error: BaseException | None = None
 
     def save(self, out_dir, step: int, model, optimizer, scheduler, scaler, env: distributed.DistEnv, *,
-             config: dict, model_cfg: dict | None = None, preprocess_cfg: dict | None = None) -> None:
+             config: dict, model_cfg: dict | None = None, preprocess_cfg: dict | None = None,
+             objective=None) -> None:
         """Snapshot the state of ``step`` and write it (collective: call on every rank)."""
         rng = rng_state(env)
         if not env.is_main:
@@ -110,6 +115,9 @@ class CheckpointWriter:
         state = {"step": step, "optimizer": _cpu_copy(optimizer.state_dict()),
                  "scheduler": copy.deepcopy(scheduler.state_dict()), "scaler": copy.deepcopy(scaler.state_dict()),
                  "rng": rng, "config": copy.deepcopy(config), "world_size": env.world_size}
+        objective_state = objective.state_dict() if objective is not None else {}
+        if objective_state:
+            state["objective"] = _cpu_copy(dict(objective_state))
         args = (Path(out_dir), step, weights, state, copy.deepcopy(model_cfg), copy.deepcopy(preprocess_cfg))
         self.wait()
         if not self.background:
@@ -181,7 +189,8 @@ def _write(out_dir: Path, step: int, weights: dict, state: dict, model_cfg: dict
     logger.info("saved checkpoint %s", final)
 
 
-def load_checkpoint(out_dir, model, optimizer, scheduler, scaler, env: distributed.DistEnv, *, config) -> int:
+def load_checkpoint(out_dir, model, optimizer, scheduler, scaler, env: distributed.DistEnv, *, config,
+                    objective=None) -> int:
     """Load the latest checkpoint of ``out_dir`` into the run's objects; return its step (0 if none).
 
     Parameters
@@ -195,6 +204,8 @@ def load_checkpoint(out_dir, model, optimizer, scheduler, scaler, env: distribut
     config : dataclass
         The run's config; changed fields outside :data:`RESUME_HARMLESS` are
         logged as warnings.
+    objective : torch.nn.Module, optional
+        Gets the objective state the checkpoint holds.
 
     Returns
     -------
@@ -213,6 +224,10 @@ def load_checkpoint(out_dir, model, optimizer, scheduler, scaler, env: distribut
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
+    if objective is not None and "objective" in state:
+        objective.load_state_dict(state["objective"])
+    elif objective is not None and objective.state_dict():
+        logger.warning("checkpoint %s holds no objective state; the objective's state starts afresh", ckpt)
     if state["world_size"] == env.world_size:
         set_rng_state(state["rng"], env)
     else:

@@ -268,7 +268,8 @@ class _StepForward(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, objective: Objective):
         super().__init__()
         self.model = model
-        self.forward_model = objective.forward_model  # a bound method, not a submodule
+        self.objective = objective  # its own parameters (heads) are averaged across ranks too
+        self.forward_model = objective.forward_model
 
     def forward(self, batch: Batch):
         return self.forward_model(self.model, batch)
@@ -434,6 +435,7 @@ class Trainer:
         model = self.model.to(env.device).train()
         objective = self._objective(env)
         self._check_bias(model, objective)
+        objective.bind(model, cfg)
         groups = objective.parameter_groups(model, cfg.weight_decay) or parameter_groups(model, cfg.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS)
         scheduler = warmup_cosine_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
@@ -442,7 +444,8 @@ class Trainer:
             logger.warning("precision %r needs CUDA; training in fp32 on %s", cfg.precision, env.device)
         scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
-        start = load_checkpoint(out_dir, model, optimizer, scheduler, scaler, env, config=cfg) if resume else 0
+        start = load_checkpoint(out_dir, model, optimizer, scheduler, scaler, env, config=cfg,
+                                objective=objective) if resume else 0
         end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
         step_forward = distributed.wrap(_StepForward(model, objective), env)
         metrics = _MetricsLog(out_dir, enabled=env.is_main, keep_until=start)
@@ -478,7 +481,7 @@ class Trainer:
                 scaler.scale(loss).backward()
                 if cfg.grad_clip is not None:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    torch.nn.utils.clip_grad_norm_([*model.parameters(), *objective.parameters()], cfg.grad_clip)
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step used
                 scaler.step(optimizer)
                 scaler.update()
@@ -504,7 +507,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
                 if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or is_last:
                     writer.save(out_dir, done, model, optimizer, scheduler, scaler, env, config=asdict(cfg),
-                                model_cfg=self.model_cfg, preprocess_cfg=pp_cfg)  # written while training goes on
+                                model_cfg=self.model_cfg, preprocess_cfg=pp_cfg,
+                                objective=objective)  # written while training goes on
                 bar.update(1)
                 tic = time.perf_counter()
         except BaseException:

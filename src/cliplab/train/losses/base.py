@@ -204,6 +204,23 @@ class Objective(torch.nn.Module):
             out.extra_text_features = extra.text_features.reshape(b, k, -1)  # (B, K, D)
         return out
 
+    def bind(self, model: torch.nn.Module, config) -> None:
+        """Build state that depends on the model or the run; the Trainer calls it once per ``fit``.
+
+        Called after the model and the objective are on the run's device and before the
+        optimizer is built (and before a checkpoint is loaded into them): an EMA teacher
+        copied from the model, heads sized to its width, a schedule over ``config.steps``.
+        The objective's ``state_dict`` (its own parameters and buffers) is saved in every
+        checkpoint and restored on resume; its trainable parameters are trained only if
+        :meth:`parameter_groups` returns them.  The default does nothing.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            The plain model.
+        config : TrainConfig
+        """
+
     def parameter_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict] | None:
         """AdamW parameter groups for ``model``; None (the default) uses the Trainer's rule.
 
