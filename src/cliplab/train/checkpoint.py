@@ -52,7 +52,8 @@ def latest_checkpoint(out_dir) -> Path | None:
 
 
 def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, scaler, env: distributed.DistEnv, *,
-                    config: dict, model_cfg: dict | None = None, preprocess_cfg: dict | None = None) -> None:
+                    config: dict, model_cfg: dict | None = None, preprocess_cfg: dict | None = None,
+                    objective=None) -> None:
     """Write the checkpoint of ``step`` atomically (collective: call on every rank).
 
     Parameters
@@ -71,10 +72,12 @@ def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, scaler, env
         open_clip architecture; when given the weights form an open_clip folder.
     preprocess_cfg : dict, optional
         Saved with ``model_cfg``.
+    objective : Objective, optional
+        Its own parameters (if any) go into ``trainer_state.pt``.
     """
     writer = CheckpointWriter(background=False)
     writer.save(out_dir, step, model, optimizer, scheduler, scaler, env, config=config,
-                model_cfg=model_cfg, preprocess_cfg=preprocess_cfg)
+                model_cfg=model_cfg, preprocess_cfg=preprocess_cfg, objective=objective)
     writer.close(env)
 
 
@@ -101,8 +104,13 @@ class CheckpointWriter:
         self._error: BaseException | None = None
 
     def save(self, out_dir, step: int, model, optimizer, scheduler, scaler, env: distributed.DistEnv, *,
-             config: dict, model_cfg: dict | None = None, preprocess_cfg: dict | None = None) -> None:
-        """Snapshot the state of ``step`` and write it (collective: call on every rank)."""
+             config: dict, model_cfg: dict | None = None, preprocess_cfg: dict | None = None,
+             objective=None) -> None:
+        """Snapshot the state of ``step`` and write it (collective: call on every rank).
+
+        ``objective``: an objective whose ``state_dict`` is not empty (its own head) is
+        saved in ``trainer_state.pt`` under ``"objective"``.
+        """
         rng = rng_state(env)
         if not env.is_main:
             return
@@ -110,6 +118,9 @@ class CheckpointWriter:
         state = {"step": step, "optimizer": _cpu_copy(optimizer.state_dict()),
                  "scheduler": copy.deepcopy(scheduler.state_dict()), "scaler": copy.deepcopy(scaler.state_dict()),
                  "rng": rng, "config": copy.deepcopy(config), "world_size": env.world_size}
+        own = objective.state_dict() if objective is not None else {}
+        if own:
+            state["objective"] = _cpu_copy(dict(own))
         args = (Path(out_dir), step, weights, state, copy.deepcopy(model_cfg), copy.deepcopy(preprocess_cfg))
         self.wait()
         if not self.background:
@@ -181,7 +192,8 @@ def _write(out_dir: Path, step: int, weights: dict, state: dict, model_cfg: dict
     logger.info("saved checkpoint %s", final)
 
 
-def load_checkpoint(out_dir, model, optimizer, scheduler, scaler, env: distributed.DistEnv, *, config) -> int:
+def load_checkpoint(out_dir, model, optimizer, scheduler, scaler, env: distributed.DistEnv, *, config,
+                    objective=None) -> int:
     """Load the latest checkpoint of ``out_dir`` into the run's objects; return its step (0 if none).
 
     Parameters
@@ -195,6 +207,8 @@ def load_checkpoint(out_dir, model, optimizer, scheduler, scaler, env: distribut
     config : dataclass
         The run's config; changed fields outside :data:`RESUME_HARMLESS` are
         logged as warnings.
+    objective : Objective, optional
+        Gets back the state of its own parameters, where the checkpoint has one.
 
     Returns
     -------
@@ -210,6 +224,8 @@ def load_checkpoint(out_dir, model, optimizer, scheduler, scaler, env: distribut
     model.load_state_dict(load_file(str(ckpt / WEIGHTS_FILE), device=str(env.device)))
     state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
     _warn_config_changes(state["config"], config)
+    if objective is not None and "objective" in state:
+        objective.load_state_dict(state["objective"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])

@@ -40,6 +40,9 @@ class Batch:
         outputs); None without captions.
     step : int
         The optimizer step (from 0) this batch is for.
+    total_steps : int or None
+        Optimizer steps of the whole run (``TrainConfig.steps``), for objectives
+        with a schedule; None outside the Trainer.
     extra_tokens : torch.Tensor of shape (B, K, T) or None
         Token ids of the K extra captions per image (long or short captions,
         hard negatives); set when the objective declares ``needs_extra_captions``.
@@ -55,6 +58,7 @@ class Batch:
     tokens: torch.Tensor | None = None
     caption_index: torch.Tensor | None = None
     step: int = 0
+    total_steps: int | None = None
     extra_tokens: torch.Tensor | None = None
     teacher: dict[str, torch.Tensor] | None = None
     targets: dict[str, torch.Tensor] | None = None
@@ -203,6 +207,15 @@ class Objective(torch.nn.Module):
             extra = ModelOutputs.from_clip(model(None, batch.extra_tokens.reshape(b * k, t)))
             out.extra_text_features = extra.text_features.reshape(b, k, -1)  # (B, K, D)
         return out
+
+    def setup(self, model: torch.nn.Module) -> None:
+        """Build the objective's own trainable modules for ``model``; the default builds none.
+
+        The Trainer calls it once, before it makes the optimizer: parameters created here
+        (a fusion head sized to the model's widths, as LightCLIP's) are trained with the
+        model's, saved in the checkpoint's ``trainer_state.pt``, restored on resume and,
+        under DDP, averaged across ranks.  They are not part of the saved model.
+        """
 
     def parameter_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict] | None:
         """AdamW parameter groups for ``model``; None (the default) uses the Trainer's rule.
