@@ -13,9 +13,10 @@ after the other.  Then, for each checkpoint:
   pre-rendered batch of 64 (data loading excluded), the two interleaved in ``--rounds``
   rounds; samples/s and the ratio to InfoNCE (median over rounds).
 
-Usage: python benchmarks/lightclip_shapes.py [--steps 300] [--runs DIR] [--n 40] [--threads 1]
+Usage: python benchmarks/lightclip_shapes.py [--steps 300] [--runs DIR] [--n 40] [--threads 1] [--no-train]
 A run folder that already holds a finished run (``DIR/<loss>/metrics.jsonl`` reaching
-``--steps``) is reused.  Writes benchmarks/results/lightclip_shapes.json and prints a summary.
+``--steps``) is reused; with ``--no-train`` an unfinished one is reported, not trained
+(``cliplab train ... --resume`` continues it exactly).  Writes benchmarks/results/lightclip_shapes.json and prints a summary.
 """
 
 from __future__ import annotations
@@ -121,12 +122,19 @@ def main() -> None:
     ap.add_argument("--n-val", type=int, default=16, help="shapes:seg train-split scenes (prob_thd choice)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the cost measurement")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-train", action="store_true", help="evaluate finished runs only; report the others' step")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     runs = Path(args.runs)
     result = {"settings": {"recipe": "shapes-tiny", **settings(args.steps)}, "runs": {}}
     for loss in LOSSES:
+        metrics = runs / loss / "metrics.jsonl"
+        last = json.loads(metrics.read_text().splitlines()[-1])["step"] if metrics.exists() else 0
+        if args.no_train and last != args.steps:
+            result["runs"][loss] = {"unfinished_at_step": last}
+            print(f"{loss:10s} unfinished (step {last} of {args.steps})", flush=True)
+            continue
         run = train(loss, args.steps, runs)
         zero_shot = {k[len("eval_"):]: v for k, v in run["row"].items() if k.startswith("eval_")}
         result["runs"][loss] = {"zero_shot": zero_shot, "dense_maskclip": dense_miou(run["checkpoint"], args.n, args.n_val),
@@ -137,6 +145,10 @@ def main() -> None:
     result["cost"] = step_cost(args.rounds, 3)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     r = result["runs"]
+    if any("unfinished_at_step" in v for v in r.values()):
+        print(f"lightclip_shapes: {result['cost']['ratio_to_infonce']:.2f}x InfoNCE per step; unfinished runs "
+              f"-> {args.out}")
+        return
     print(f"lightclip_shapes: zero-shot {100 * r['infonce']['zero_shot']['acc']:.1f} -> "
           f"{100 * r['lightclip']['zero_shot']['acc']:.1f}, MaskCLIP mIoU "
           f"{100 * r['infonce']['dense_maskclip']['mIoU']:.1f} -> {100 * r['lightclip']['dense_maskclip']['mIoU']:.1f}, "
