@@ -109,7 +109,11 @@ def gather_with_grad(tensors: list[torch.Tensor], world_size: int) -> list[torch
         return list(tensors)
     import torch.distributed.nn
 
-    return [torch.cat(torch.distributed.nn.all_gather(t), dim=0) for t in tensors]
+    out = [torch.cat(torch.distributed.nn.all_gather(t.contiguous()), dim=0) for t in tensors]
+    for t in out:  # the gather's backward (all-to-all under gloo) needs contiguous gradients; einsum's may not be
+        if t.requires_grad:
+            t.register_hook(lambda g: g.contiguous())
+    return out
 
 
 def held_fixed(value: torch.Tensor) -> torch.Tensor:

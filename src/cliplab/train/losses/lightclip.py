@@ -369,7 +369,10 @@ class LightCLIPLoss(Objective):
         """
         _check_model(model)
         tokens = batch.tokens
-        length = int(tokens.argmax(dim=-1).max()) + 1                                 # last EOT + 1
+        length = tokens.argmax(dim=-1).max() + 1                                      # last EOT + 1
+        if self.world_size > 1:                           # the same length on every rank, for the gathers
+            torch.distributed.all_reduce(length, op=torch.distributed.ReduceOp.MAX)
+        length = int(length)
         tokens = tokens[:, :length]                       # the text tower is causal: cropping changes nothing
         pooled, patches = _image_tokens(model.visual, batch.images)                    # (B, D), (B, P, Wv)
         states = self._text_states(model, model.token_embedding(tokens))              # (B, T', W)
