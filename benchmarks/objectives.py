@@ -74,10 +74,14 @@ BUDGET = ("steps", "batch_size", "lr", "warmup", "seed", "pool", "rewrites", "n_
 
 
 def row_names() -> list[str]:
-    """Every objective of the registry, then the data variants."""
-    from cliplab.train.losses import list_losses
+    """Every objective of the registry that trains on captions alone, then the data variants.
 
-    return [*list_losses(), *DATA_VARIANTS]
+    Objectives that read stored teacher outputs (``needs_teacher``: ``mobileclip-dr``)
+    need reinforced shards and have their own comparison (``benchmarks/distill_shapes.py``).
+    """
+    from cliplab.train.losses import get_loss_class, list_losses
+
+    return [*(n for n in list_losses() if not get_loss_class(n).needs_teacher), *DATA_VARIANTS]
 
 
 def row_spec(name: str, args) -> dict:

@@ -31,7 +31,7 @@ def _world():
 def _bound(steps=10, seed=0, **kw):
     built = init_model(CFG, loss="aclip", seed=seed)
     objective = get_loss("aclip", **kw)
-    objective.bind(built.model, TrainConfig(steps=steps))
+    objective.setup(built.model, TrainConfig(steps=steps))
     return built, objective
 
 

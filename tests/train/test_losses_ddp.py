@@ -1,4 +1,4 @@
-"""cloob, hard-negatives and hqclip under DDP: two ranks train exactly as one process on the global batch.
+"""cloob, hard-negatives, hqclip and lightclip under DDP: two ranks train exactly as one process on the global batch.
 
 aclip (its own family: a second, EMA forward and heads of its own) is checked in the same
 2-rank launch: every rank ends with the same model, heads and teacher.
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-LOSSES = ("cloob", "hard-negatives", "hqclip")
+LOSSES = ("cloob", "hard-negatives", "hqclip", "lightclip")
 CFG = {
     "embed_dim": 16,
     "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
@@ -84,6 +84,11 @@ def test_two_ranks_match_one_process(tmp_path):
                   for run in ("one", "two"))
         for k in w1:
             torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0, msg=f"{loss}: {k}")
+        h1, h2 = (torch.load(tmp_path / run / loss / "checkpoints/step_0000003/trainer_state.pt",
+                             weights_only=True).get("objective", {}) for run in ("one", "two"))
+        assert h1.keys() == h2.keys() and (loss != "lightclip" or h1)    # lightclip's own head, averaged too
+        for k in h1:
+            torch.testing.assert_close(h2[k], h1[k], atol=1e-5, rtol=0, msg=f"{loss}: objective {k}")
     # aclip: each rank draws its own crops and its heads' BatchNorm sees half the batch (the
     # reference's plain BatchNorm does too), so no one-process parity; but the heads' gradients
     # are averaged like the model's, and every rank holds the same model, heads and teacher.

@@ -221,6 +221,8 @@ def load_checkpoint(out_dir, model, optimizer, scheduler, scaler, env: distribut
     model.load_state_dict(load_file(str(ckpt / WEIGHTS_FILE), device=str(env.device)))
     state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
     _warn_config_changes(state["config"], config)
+    if objective is not None and "objective" in state:
+        objective.load_state_dict(state["objective"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])

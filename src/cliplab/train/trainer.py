@@ -147,6 +147,14 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
+def _own_parameter_groups(objective: Objective, groups: list[dict], weight_decay: float) -> list[dict]:
+    """AdamW groups (the Trainer's rule) for the objective's trainable parameters not already in ``groups``."""
+    seen = {id(p) for g in groups for p in g["params"]}
+    own = [{**g, "params": [p for p in g["params"] if id(p) not in seen]}
+           for g in parameter_groups(objective, weight_decay)]
+    return [g for g in own if g["params"]]
+
+
 class _StepBatches(torch.utils.data.Dataset):
     """Item ``k``: this rank's ready-to-use batch of step ``first + k``, as a dict of :class:`Batch` fields.
 
@@ -268,8 +276,9 @@ class _StepForward(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, objective: Objective):
         super().__init__()
         self.model = model
-        self.objective = objective  # its own parameters (heads) are averaged across ranks too
-        self.forward_model = objective.forward_model
+        self.forward_model = objective.forward_model  # a bound method, not a submodule
+        if any(p.requires_grad for p in objective.parameters()):
+            self.objective = objective  # its own trainable parameters: DDP averages their gradients too
 
     def forward(self, batch: Batch):
         return self.forward_model(self.model, batch)
@@ -433,10 +442,11 @@ class Trainer:
             out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed + env.rank)
         model = self.model.to(env.device).train()
-        objective = self._objective(env)
+        objective = self._objective(env, model)
         self._check_bias(model, objective)
-        objective.bind(model, cfg)
         groups = objective.parameter_groups(model, cfg.weight_decay) or parameter_groups(model, cfg.weight_decay)
+        groups += _own_parameter_groups(objective, groups, cfg.weight_decay)   # an objective's own head
+        params = [p for g in groups for p in g["params"]]
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS)
         scheduler = warmup_cosine_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
         amp_dtype = _PRECISIONS[cfg.precision] if env.device.type == "cuda" else None
@@ -472,7 +482,7 @@ class Trainer:
         try:
             for step, item in enumerate(loader, start=start):
                 n_bad = item.pop("n_bad")
-                batch = Batch(**_to_device(item, env.device))
+                batch = Batch(**_to_device(item, env.device), total_steps=cfg.steps)
                 with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     outputs = step_forward(batch)
                     terms = objective(outputs, batch)
@@ -481,7 +491,7 @@ class Trainer:
                 scaler.scale(loss).backward()
                 if cfg.grad_clip is not None:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_([*model.parameters(), *objective.parameters()], cfg.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step used
                 scaler.step(optimizer)
                 scaler.update()
@@ -519,8 +529,8 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------ helpers
-    def _objective(self, env: distributed.DistEnv) -> Objective:
-        """The run's objective on ``env.device``: the given instance, else ``config.loss`` by name."""
+    def _objective(self, env: distributed.DistEnv, model) -> Objective:
+        """The run's objective on ``env.device``, set up for ``model``: the given instance, else ``config.loss``."""
         if self.objective is None:
             objective = get_loss(self.config.loss, rank=env.rank, world_size=env.world_size)
         else:
@@ -529,6 +539,7 @@ class Trainer:
         if objective.needs_captions and self.tokenizer is None:
             raise UsageError(f"the {objective.name or type(objective).__name__!r} objective trains on captions: "
                              "pass a tokenizer")
+        objective.setup(model, self.config)
         return objective.to(env.device)
 
     @staticmethod

@@ -289,7 +289,7 @@ def _mlp(dims: list[int], *, bias: bool) -> nn.Sequential:
 class ACLIPLoss(Objective):
     """A-CLIP's forward pass (EMA teacher, attentive masking, two masked views) and its losses.
 
-    :meth:`bind` (called by the Trainer before it builds the optimizer) copies the model's
+    :meth:`setup` (called by the Trainer before it builds the optimizer) copies the model's
     image tower into the EMA teacher and builds the heads; the teacher, the heads and their
     BatchNorm statistics are this objective's state, saved in every checkpoint.
 
@@ -319,7 +319,7 @@ class ACLIPLoss(Objective):
     init_logit_scale : float
         log(1 / 0.07), CLIP's.
     teacher : torch.nn.Module
-        The EMA image tower (after :meth:`bind`); no parameter requires a gradient.
+        The EMA image tower (after :meth:`setup`); no parameter requires a gradient.
     """
 
     init_logit_scale = math.log(1 / 0.07)
@@ -344,7 +344,7 @@ class ACLIPLoss(Objective):
         self.total_steps = 1
         self.teacher: nn.Module | None = None
 
-    def bind(self, model, config) -> None:
+    def setup(self, model, config=None) -> None:
         """Copy ``model.visual`` into the EMA teacher and build the heads on its device.
 
         Parameters
@@ -352,7 +352,14 @@ class ACLIPLoss(Objective):
         model : open_clip.CLIP
         config : TrainConfig
             Its ``steps`` is T of eq. (M).
+
+        Raises
+        ------
+        UsageError
+            Without a config (T is needed).
         """
+        if config is None:
+            raise UsageError("the aclip objective needs the run's config (its steps set the EMA schedule)")
         visual = model.visual
         check_vit(visual)
         self.total_steps = int(config.steps)
@@ -370,7 +377,7 @@ class ACLIPLoss(Objective):
         from ..trainer import parameter_groups
 
         if self.teacher is None:
-            raise UsageError("the aclip objective must be bound to its model first (objective.bind(model, config))")
+            raise UsageError("the aclip objective must be bound to its model first (objective.setup(model, config))")
         groups = parameter_groups(model, weight_decay)
         if self.freeze_patch_embed:
             frozen = model.visual.conv1.weight
@@ -389,7 +396,7 @@ class ACLIPLoss(Objective):
             (2, B, K) the kept patch indices.
         """
         if self.teacher is None:
-            raise UsageError("the aclip objective must be bound to its model first (objective.bind(model, config))")
+            raise UsageError("the aclip objective must be bound to its model first (objective.setup(model, config))")
         visual, images = model.visual, batch.images
         b = images.shape[0]
         grid = _grid(visual)

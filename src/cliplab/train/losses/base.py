@@ -40,6 +40,9 @@ class Batch:
         outputs); None without captions.
     step : int
         The optimizer step (from 0) this batch is for.
+    total_steps : int or None
+        Optimizer steps of the whole run (``TrainConfig.steps``), for objectives
+        with a schedule; None outside the Trainer.
     extra_tokens : torch.Tensor of shape (B, K, T) or None
         Token ids of the K extra captions per image (long or short captions,
         hard negatives); set when the objective declares ``needs_extra_captions``.
@@ -55,6 +58,7 @@ class Batch:
     tokens: torch.Tensor | None = None
     caption_index: torch.Tensor | None = None
     step: int = 0
+    total_steps: int | None = None
     extra_tokens: torch.Tensor | None = None
     teacher: dict[str, torch.Tensor] | None = None
     targets: dict[str, torch.Tensor] | None = None
@@ -105,7 +109,11 @@ def gather_with_grad(tensors: list[torch.Tensor], world_size: int) -> list[torch
         return list(tensors)
     import torch.distributed.nn
 
-    return [torch.cat(torch.distributed.nn.all_gather(t), dim=0) for t in tensors]
+    out = [torch.cat(torch.distributed.nn.all_gather(t.contiguous()), dim=0) for t in tensors]
+    for t in out:  # the gather's backward (all-to-all under gloo) needs contiguous gradients; einsum's may not be
+        if t.requires_grad:
+            t.register_hook(lambda g: g.contiguous())
+    return out
 
 
 def held_fixed(value: torch.Tensor) -> torch.Tensor:
@@ -204,21 +212,25 @@ class Objective(torch.nn.Module):
             out.extra_text_features = extra.text_features.reshape(b, k, -1)  # (B, K, D)
         return out
 
-    def bind(self, model: torch.nn.Module, config) -> None:
-        """Build state that depends on the model or the run; the Trainer calls it once per ``fit``.
+    def setup(self, model: torch.nn.Module, config=None) -> None:
+        """Build the objective's own state for ``model``; the Trainer calls it once per ``fit``.
 
-        Called after the model and the objective are on the run's device and before the
-        optimizer is built (and before a checkpoint is loaded into them): an EMA teacher
-        copied from the model, heads sized to its width, a schedule over ``config.steps``.
-        The objective's ``state_dict`` (its own parameters and buffers) is saved in every
-        checkpoint and restored on resume; its trainable parameters are trained only if
-        :meth:`parameter_groups` returns them.  The default does nothing.
+        Called after the model is on the run's device and before the optimizer is built
+        (and before a checkpoint is loaded): an EMA teacher copied from the model (A-CLIP),
+        heads sized to its widths (LightCLIP's fusion head, A-CLIP's projectors), anything
+        that depends on ``config.steps``.  The objective's ``state_dict`` (its own
+        parameters and buffers) is saved in every checkpoint's ``trainer_state.pt`` and
+        restored on resume; its parameters that require a gradient are trained with the
+        model's (the Trainer's decay rule, unless :meth:`parameter_groups` already lists
+        them) and, under DDP, averaged across ranks.  They are not part of the saved
+        model.  The default does nothing.
 
         Parameters
         ----------
         model : torch.nn.Module
             The plain model.
-        config : TrainConfig
+        config : TrainConfig, optional
+            The run's config (the Trainer always passes it).
         """
 
     def parameter_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict] | None:
