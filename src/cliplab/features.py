@@ -52,7 +52,7 @@ from PIL import Image
 from ._progress import progress_bar
 from .data.images import DEFAULT_MAX_PIXELS
 from .data.records import EncodedImages, Skipped
-from .data.sources import canonical_path
+from .data.sources import canonical_path, fsync_dir  # fsync_dir re-exported: the one folder flush
 from .errors import BadImage, DataError, UsageError
 from .validation import check_choice, check_positive_int
 
@@ -160,21 +160,6 @@ def _pid_alive(pid: int) -> bool:
     except (PermissionError, OSError):
         return True
     return True
-
-
-def fsync_dir(folder: Path) -> None:
-    """Flush a folder's entry list to disk (after a rename into it); silently skipped where
-    the platform cannot open a folder."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class FeatureStore:

@@ -816,17 +816,24 @@ def write_webdataset_shard(path, samples) -> int:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    try:  # the rename itself survives a power cut once the folder is synced
-        fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)  # the rename itself survives a power cut once the folder is synced
+    return n
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entry list to disk (after a rename into it); silently skipped where
+    the platform cannot open a folder.  Shared by every atomic writer (shards, the feature
+    cache, Ray outputs)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
     except OSError:
-        return n
+        return
     try:
         os.fsync(fd)
     except OSError:
         pass
     finally:
         os.close(fd)
-    return n
 
 
 # ---------------------------------------------------------------- map-style datasets

@@ -61,7 +61,7 @@ from ..data.records import Skipped
 from ..data.sources import (IMAGE_COLUMNS, SkipLog, canonical_path, expand_shards, index_webdataset,
                             pick_column)
 from ..errors import BadImage, CliplabError, DataError, UsageError
-from ..features import fsync_dir
+from ..data.sources import fsync_dir
 from ..validation import check_positive_int
 
 logger = logging.getLogger(__name__)
