@@ -143,6 +143,8 @@ def test_the_objective_adds_the_balance_loss_of_each_tower(tiny):
         torch.testing.assert_close(out.extras[f"balance_{t}"], want[t])
     torch.testing.assert_close(terms["balance"], 0.5 * (want["visual"] + want["text"]))
     assert all(not m.router_logits for mods in blocks.values() for m in mods)  # nothing kept between steps
+    model(batch.images, batch.tokens)  # trained by another objective: nothing recorded, no graph kept
+    assert all(not m.router_logits and not m.record_router_logits for mods in blocks.values() for m in mods)
 
 
 def test_train_moe_trains_routers_and_experts_only_and_checkpoints_reload(tiny, train_set, tmp_path):

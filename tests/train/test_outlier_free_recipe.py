@@ -52,3 +52,25 @@ def test_attention_option_names_the_presets():
     assert "cliplab" not in get_recipe("shapes-tiny", attention="vanilla").model_cfg
     with pytest.raises(UsageError, match="sparsemax"):
         get_recipe("shapes-tiny", attention="sparsemax")
+
+
+def test_the_recorded_clipped_attention_survives_a_longer_context(tmp_path):
+    """The config records gamma, not alpha: stretching the text positions (Long-CLIP) and
+    reloading keeps the gamma the model was built with."""
+    from cliplab.models.backbone import Backbone
+    from cliplab.surgery import stretch_positions
+
+    recipe = get_recipe("shapes-tiny", attention="clipped", steps=1, out_dir=str(tmp_path))
+    built = init_model(recipe.model_cfg, recipe.preprocess_cfg, seed=0)
+    spec = built.model_cfg["cliplab"]["attention"]
+    assert spec["gamma"] == pytest.approx({"image": -3.2 / 65, "text": -3.2 / 32}) and "alpha" not in spec
+    bb = Backbone(built.model, model_cfg=built.model_cfg, preprocess_cfg=dict(built.model.visual.preprocess_cfg),
+                  tokenizer=built.tokenizer, name="clipped")
+    long = stretch_positions(bb)
+    long.save(tmp_path / "long")
+    back = cliplab.load(tmp_path / "long")
+    text_gammas = [m.gamma for m in back.model.transformer.modules() if isinstance(m, OutlierFreeAttention)]
+    assert text_gammas == pytest.approx([-3.2 / 32] * 3)
+    tokens = long.tokenize(["a red star above a blue square and a green circle"])
+    with torch.no_grad():
+        assert torch.allclose(back.model.encode_text(tokens), long.model.encode_text(tokens), atol=1e-6)

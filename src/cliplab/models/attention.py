@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..errors import UsageError
 
-__all__ = ["clipped_softmax", "gamma_for_length", "OutlierFreeAttention", "attention_modules",
+__all__ = ["attention_spec", "clipped_softmax", "gamma_for_length", "OutlierFreeAttention", "attention_modules",
            "swap_attention", "ATTENTION_PRESETS"]
 
 SOFTMAX_KINDS = ("vanilla", "clipped")
@@ -247,6 +247,25 @@ def _towers(model) -> dict:
     if text is not None:
         out["text"] = (text, int(getattr(model, "context_length", 77)))
     return out
+
+
+def attention_spec(model: torch.nn.Module) -> dict | None:
+    """The resolved spec of the outlier-free attention ``model`` holds, or None if it has none.
+
+    What :func:`swap_attention` returned when it built these blocks (``gamma`` per tower,
+    not ``alpha``), read from the blocks themselves: recorded in a config, it rebuilds the
+    same attention even after the sequence length changed (Long-CLIP's stretched context).
+    """
+    found = {}
+    for tower, (module, _) in _towers(model).items():
+        attns = [b.attn for _, b in attention_modules(module) if isinstance(b.attn, OutlierFreeAttention)]
+        if attns:
+            found[tower] = attns[0]
+    if not found:
+        return None
+    a = next(iter(found.values()))
+    return {"softmax": a.softmax, "gamma": {t: m.gamma for t, m in found.items()}, "zeta": a.zeta,
+            "gate": a.gate, "pi_init": a.pi_init, "fine_tuning": a.init_std is not None, "towers": list(found)}
 
 
 def swap_attention(model: torch.nn.Module, spec: dict, *, init_std: float | None = None) -> dict:

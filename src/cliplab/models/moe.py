@@ -56,8 +56,11 @@ class MoEMLP(nn.Module):
     gate : nn.Linear
         The router, (E, W) weight, no bias (reference ``self.gate``).
     router_logits : list of torch.Tensor of shape (N, E)
-        The gate logits of every forward pass in training mode since the last
-        :meth:`pop_router_logits`; what the load-balancing loss reads.
+        The gate logits of every forward pass since the last :meth:`pop_router_logits`
+        while ``record_router_logits`` is set (by the load-balancing objective, for one
+        step); what the load-balancing loss reads.  Nothing is recorded otherwise, so a
+        model trained with another objective keeps no logits (or graphs) across steps.
+    record_router_logits : bool, default False
     """
 
     def __init__(self, experts, width: int, top_k: int):
@@ -69,6 +72,7 @@ class MoEMLP(nn.Module):
         ref = next(self.experts[0].parameters())
         self.gate = nn.Linear(width, len(self.experts), bias=False, dtype=ref.dtype, device=ref.device)
         self.router_logits: list[torch.Tensor] = []
+        self.record_router_logits = False
 
     @property
     def num_experts(self) -> int:
@@ -94,7 +98,7 @@ class MoEMLP(nn.Module):
         shape = x.shape
         h = x.reshape(-1, shape[-1])                                      # (N, W)
         logits, weights, chosen = self.route(h)
-        if self.training:
+        if self.record_router_logits:
             self.router_logits.append(logits)
         out = torch.zeros_like(h)                                         # (N, W)
         for e, expert in enumerate(self.experts):

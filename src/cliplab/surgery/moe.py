@@ -230,7 +230,13 @@ class MoEObjective(InfoNCELoss):
         for mods in blocks.values():
             for m in mods:
                 m.pop_router_logits()
-        out = super().forward_model(model, batch)
+                m.record_router_logits = True
+        try:
+            out = super().forward_model(model, batch)
+        finally:
+            for mods in blocks.values():
+                for m in mods:
+                    m.record_router_logits = False
         for tower, mods in blocks.items():
             logits = [t for m in mods for t in m.pop_router_logits()]
             if logits:

@@ -227,6 +227,11 @@ def init_model(model_cfg: dict, preprocess_cfg: dict | None = None, *, loss: str
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(cfg)
+    if (cfg.get("cliplab") or {}).get("attention") is not None:
+        from ..models.attention import attention_spec
+
+        # record gamma itself, not alpha: a later change of the context (Long-CLIP) keeps it
+        cfg["cliplab"] = {**cfg["cliplab"], "attention": attention_spec(model)}
     pp = dataclasses.asdict(PreprocessCfg())
     pp.update(preprocess_cfg or {})
     pp["size"] = model.visual.image_size
