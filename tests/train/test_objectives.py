@@ -207,3 +207,29 @@ def test_missing_targets_are_one_clear_error(tmp_path):
     with pytest.raises(DataError, match="needs 'targets' in every training item"):
         Trainer(MeanHead(model), None, None, Colours(), config, objective=RegressBrightness(),
                 preprocess_cfg=pp).fit()
+
+
+def test_trainer_state_leaves_frozen_modules_out_and_refuses_a_foreign_state():
+    import torch
+
+    from cliplab.train.losses import Objective
+
+    class WithTeacher(Objective):
+        frozen_modules = ("teacher",)
+
+        def __init__(self):
+            super().__init__()
+            self.teacher = torch.nn.Linear(3, 3).requires_grad_(False)
+            self.head = torch.nn.Linear(3, 2)
+
+    obj = WithTeacher()
+    state = obj.trainer_state()
+    assert sorted(state) == ["head.bias", "head.weight"]          # the frozen teacher is not copied
+    other = WithTeacher()
+    other.load_trainer_state(state)                                # the teacher keeps its own weights
+    assert torch.equal(other.head.weight, obj.head.weight)
+    assert not torch.equal(other.teacher.weight, obj.teacher.weight)
+    with pytest.raises(RuntimeError, match="unexpected"):
+        other.load_trainer_state({**state, "extra.weight": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match="missing"):
+        other.load_trainer_state({"head.weight": state["head.weight"]})

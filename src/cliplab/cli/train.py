@@ -111,6 +111,22 @@ def _read_model_config(spec: str) -> tuple[dict, dict]:
     return cfg, {}
 
 
+def _check_caption_options(args) -> None:
+    """Refuse bad caption-option values before anything is scored or trained (exit code 2)."""
+    from ..validation import check_number, check_positive_int
+
+    if args.rewrites is not None:
+        check_positive_int("--rewrites", args.rewrites)
+    if args.pool is not None:
+        check_positive_int("--pool", args.pool)
+    if args.keep_fraction is not None and args.filter_threshold is not None:
+        raise UsageError("give --keep-fraction or --filter-threshold, not both")
+    if args.keep_fraction is not None:
+        check_number("--keep-fraction", args.keep_fraction, minimum=0.0, maximum=1.0, strict_minimum=True)
+    if (args.keep_fraction is not None or args.filter_threshold is not None) and args.captions != "filtered":
+        raise UsageError("--keep-fraction and --filter-threshold go with --captions filtered")
+
+
 def _recipe_options(args, name: str) -> dict:
     """The caption options given, checked against what recipe ``name`` accepts."""
     from ..train.recipes import recipe_options
@@ -118,6 +134,7 @@ def _recipe_options(args, name: str) -> dict:
     given = {"captions": args.captions, "rewrites": args.rewrites, "pool": args.pool,
              "keep_fraction": args.keep_fraction, "filter_threshold": args.filter_threshold}
     given = {k: v for k, v in given.items() if v is not None}
+    _check_caption_options(args)
     unknown = sorted(set(given) - set(recipe_options(name)))
     if unknown:
         raise UsageError(f"recipe {name!r} has no option {', '.join('--' + k.replace('_', '-') for k in unknown)}")
@@ -149,6 +166,12 @@ def run(args) -> int:
                              "--data trains on the table's captions (add rewrites with --rewrites)")
         recipe = recipe_from_table(args.data, model_cfg, preprocess_cfg, attention=args.attention, **overrides)
         if args.rewrites:
+            from ..train.reinforce import is_reinforced
+
+            _check_caption_options(args)
+            if is_reinforced(args.data):
+                raise UsageError("--rewrites cannot go with reinforced shards: their teacher embeddings "
+                                 "belong to the stored captions (cliplab reinforce stores its own)")
             from ..train.datasets import RewrittenSet
 
             recipe.train_set = RewrittenSet(recipe.train_set, args.rewrites, seed=recipe.config.seed)

@@ -528,8 +528,9 @@ def open_clip_to_hf(model_cfg: Mapping, state_dict: Mapping[str, torch.Tensor]) 
     ------
     CheckpointMismatch
         The model uses options transformers' CLIP lacks, or the weights do not
-        match the config (a model with outlier-free attention, ``model_cfg["cliplab"]``,
-        included: transformers' CLIP has no clipped softmax nor attention gates).
+        match the config (a model with outlier-free attention or MoE MLPs,
+        ``model_cfg["cliplab"]``, included: transformers' CLIP has no clipped softmax,
+        attention gates or experts).
     """
     attention = (model_cfg.get(CLIPLAB_KEY) or {}).get("attention")
     if attention:
@@ -537,6 +538,9 @@ def open_clip_to_hf(model_cfg: Mapping, state_dict: Mapping[str, torch.Tensor]) 
             f"the model uses outlier-free attention ({attention.get('softmax', 'vanilla')} softmax, "
             f"gate {attention.get('gate')}), which transformers' CLIP cannot express; keep it as an open_clip "
             "folder (convert --to open_clip), which records it")
+    if (model_cfg.get(CLIPLAB_KEY) or {}).get("moe"):
+        raise CheckpointMismatch("the model has mixture-of-experts MLPs (CLIP-MoE upcycling), which transformers' "
+                                 "CLIP cannot express; keep it as an open_clip folder, which records them")
     hf_config = model_cfg_to_hf_config(model_cfg)
     rows = key_map(hf_config["vision_config"]["num_hidden_layers"], hf_config["text_config"]["num_hidden_layers"])
     sd = {k: v for k, v in state_dict.items() if k != "attn_mask"}

@@ -63,6 +63,8 @@ class MoEMLP(nn.Module):
     record_router_logits : bool, default False
     """
 
+    skips_parameters = True   # an expert may get no token in a step (DDP: find_unused_parameters)
+
     def __init__(self, experts, width: int, top_k: int):
         super().__init__()
         self.experts = nn.ModuleList(experts)

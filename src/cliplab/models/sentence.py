@@ -470,6 +470,12 @@ def sentence_backbone(image_backbone: Backbone, *, encoder: str = "all-MiniLM-L6
     visual = getattr(image_backbone.model, "visual", None)
     if not isinstance(visual, nn.Module) or "vision_cfg" not in image_backbone.model_cfg:
         raise UsageError(f"{image_backbone.name} has no open_clip vision tower to pair with a sentence encoder")
+    if image_backbone.model_cfg.get("cliplab"):
+        # outlier-free attention or MoE blocks: the sentence-encoder format does not record them,
+        # so the saved model would reload with a plain image tower
+        raise UsageError(f"{image_backbone.name} has a modified image tower "
+                         f"({', '.join(sorted(image_backbone.model_cfg['cliplab']))}); "
+                         "a sentence-encoder model needs a plain open_clip image tower")
     path = encoder_path(encoder)
     cfg = {k: copy.deepcopy(v) for k, v in image_backbone.model_cfg.items()
            if k in ("embed_dim", "vision_cfg", "quick_gelu", "cast_dtype")}

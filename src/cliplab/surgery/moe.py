@@ -109,10 +109,15 @@ def load_balancing_loss(router_logits, top_k: int) -> torch.Tensor:
 # ---------------------------------------------------------------------- upcycling
 def _layout(model, n_experts: int, top_k: int, towers, layers) -> dict:
     towers = check_choice("towers", towers, TOWERS, many=True)
-    n_blocks = {"visual": len(model.visual.transformer.resblocks), "text": len(model.transformer.resblocks)}
+    stacks = {"visual": getattr(getattr(model, "visual", None), "transformer", None),
+              "text": getattr(model, "transformer", None)}
     out = {}
     for tower in towers:
-        n = n_blocks[tower]
+        blocks = getattr(stacks[tower], "resblocks", None)
+        if blocks is None:
+            raise UsageError(f"the model has no open_clip {tower} transformer to upcycle "
+                             "(MoE upcycling needs an open_clip CLIP tower; try towers=... of the ones it has)")
+        n = len(blocks)
         if layers is None:
             idx = list(range(n))
         elif isinstance(layers, int) and not isinstance(layers, bool):

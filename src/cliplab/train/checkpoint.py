@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..models.convert import save_open_clip_folder
+from ..errors import CheckpointMismatch
 from . import distributed
 
 logger = logging.getLogger("cliplab.train")
@@ -74,7 +75,8 @@ def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, scaler, env
     preprocess_cfg : dict, optional
         Saved with ``model_cfg``.
     objective : torch.nn.Module, optional
-        The run's objective; its ``state_dict``, when not empty, is saved too.
+        The run's objective; its :meth:`~cliplab.train.losses.Objective.trainer_state`,
+        when not empty, is saved too.
     """
     writer = CheckpointWriter(background=False)
     writer.save(out_dir, step, model, optimizer, scheduler, scaler, env, config=config,
@@ -115,7 +117,7 @@ class CheckpointWriter:
         state = {"step": step, "optimizer": _cpu_copy(optimizer.state_dict()),
                  "scheduler": copy.deepcopy(scheduler.state_dict()), "scaler": copy.deepcopy(scaler.state_dict()),
                  "rng": rng, "config": copy.deepcopy(config), "world_size": env.world_size}
-        objective_state = objective.state_dict() if objective is not None else {}
+        objective_state = objective.trainer_state() if objective is not None else {}
         if objective_state:
             state["objective"] = _cpu_copy(dict(objective_state))
         args = (Path(out_dir), step, weights, state, copy.deepcopy(model_cfg), copy.deepcopy(preprocess_cfg))
@@ -221,14 +223,16 @@ def load_checkpoint(out_dir, model, optimizer, scheduler, scaler, env: distribut
     model.load_state_dict(load_file(str(ckpt / WEIGHTS_FILE), device=str(env.device)))
     state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
     _warn_config_changes(state["config"], config)
-    if objective is not None and "objective" in state:
-        objective.load_state_dict(state["objective"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     if objective is not None and "objective" in state:
-        objective.load_state_dict(state["objective"])
-    elif objective is not None and objective.state_dict():
+        try:
+            objective.load_trainer_state(state["objective"])
+        except (RuntimeError, KeyError) as e:
+            raise CheckpointMismatch(f"{ckpt}: the objective's saved state does not fit this run's objective "
+                                     f"(another --loss or other options?): {str(e).splitlines()[0]}") from None
+    elif objective is not None and objective.trainer_state():
         logger.warning("checkpoint %s holds no objective state; the objective's state starts afresh", ckpt)
     if state["world_size"] == env.world_size:
         set_rng_state(state["rng"], env)

@@ -140,6 +140,10 @@ class ShapesTrainSet:
             raise ValueError(f"captions must be one of {', '.join(SHAPES_CAPTIONS)}, got {captions!r}")
         if captions != "scene" and "zh" in languages:
             raise ValueError(f"captions={captions!r} is English only; Chinese captions are the scenes' own")
+        if negatives and (captions == "noisy" or tuple(languages) != ("en",)):
+            # negatives swap one attribute of the canonical English caption: against a noisy caption
+            # (which may carry that very swap) or a Chinese one they are not hard negatives
+            raise ValueError("hard negatives go with the scenes' own or re-written English captions only, not noisy ones")
         self.world = world
         self.split = split
         self.negatives = int(negatives)

@@ -122,6 +122,8 @@ class _TeacherObjective(Objective):
         features to the teacher's width for the distillation terms.
     """
 
+    frozen_modules = ("teacher",)  # rebuilt by every run: not in checkpoints
+
     def __init__(self, teacher, *, preprocess_cfg: dict | None = None, student_dim: int | None = None,
                  rank: int = 0, world_size: int = 1):
         super().__init__(rank=rank, world_size=world_size)

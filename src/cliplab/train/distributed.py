@@ -99,11 +99,17 @@ def setup(device: str = "auto") -> DistEnv:
 
 
 def wrap(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
-    """Wrap ``model`` in ``DistributedDataParallel`` when running on several ranks."""
+    """Wrap ``model`` in ``DistributedDataParallel`` when running on several ranks.
+
+    A model holding a module whose class sets ``skips_parameters = True`` (mixture-of-experts
+    blocks, where an expert may get no token in a step) is wrapped with
+    ``find_unused_parameters=True``, so DDP does not wait for gradients that never come.
+    """
     if not env.is_distributed:
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    unused = any(getattr(m, "skips_parameters", False) for m in model.modules())
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
 
 
 def barrier(env: DistEnv) -> None:

@@ -365,6 +365,9 @@ def shapes_tiny(*, captions: str = "scene", rewrites: int = 0, pool: int | None 
         world = world.replace(split_sizes={**world.split_sizes, "train": n_single})
         multi = multi.replace(split_sizes={**multi.split_sizes, "train": pool - n_single})
     loss_cls = get_loss_class(config.loss)
+    if loss_cls.needs_extra_captions and captions in ("noisy", "filtered"):
+        raise UsageError(f"--loss {config.loss} reads hard negatives of the scenes' own captions; "
+                         f"it cannot train on --captions {captions}")
     extras = {"negatives": int(loss_cls.needs_extra_captions), "tags": loss_cls.needs_targets,  # hqclip
               "captions": "noisy" if captions == "filtered" else captions}
     train_set = ConcatSet(ShapesTrainSet(world, "train", **extras), ShapesTrainSet(multi, "train", **extras))

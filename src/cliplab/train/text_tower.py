@@ -130,6 +130,8 @@ class ProCLIPAlignment(Objective):
         The tokenizer given to the Trainer.
     """
 
+    frozen_modules = ("teacher",)  # rebuilt by every run: not in checkpoints
+
     def __init__(self, teacher, tokenizer: PairedTokenizer, *, rank: int = 0, world_size: int = 1):
         super().__init__(rank=rank, world_size=world_size)
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
@@ -165,6 +167,8 @@ class ProCLIPSelfDistillation(InfoNCELoss):
     distill_weight : float, default :data:`DEFAULT_DISTILL_WEIGHT`
         ``w``; 0 is LLM2CLIP-style contrastive tuning.
     """
+
+    frozen_modules = ("teacher_visual",)  # rebuilt by every run: not in checkpoints
 
     def __init__(self, teacher_visual, distill_weight: float = DEFAULT_DISTILL_WEIGHT, *, rank: int = 0,
                  world_size: int = 1):

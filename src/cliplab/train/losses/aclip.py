@@ -89,8 +89,9 @@ def check_vit(visual) -> None:
     if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False) \
             or getattr(visual, "pool_type", "tok") != "tok":
         raise UsageError("A-CLIP needs a ViT pooled by its [CLS] token (no attentional pooler, pool_type 'tok')")
-    if any(getattr(getattr(b, "attn", None), "in_proj_weight", None) is None for b in visual.transformer.resblocks):
-        raise UsageError("A-CLIP reads attention maps from standard open_clip blocks (nn.MultiheadAttention)")
+    if any(not isinstance(getattr(b, "attn", None), torch.nn.MultiheadAttention) for b in visual.transformer.resblocks):
+        raise UsageError("A-CLIP reads attention maps from standard open_clip blocks (nn.MultiheadAttention); "
+                         "outlier-free attention (clipped softmax, gates) is not supported")
 
 
 def _blocks(visual, x: torch.Tensor, attention: list | None = None) -> torch.Tensor:

@@ -179,6 +179,9 @@ class Objective(torch.nn.Module):
     needs_extra_captions: bool = False
     needs_captions: bool = True
     needs_targets: bool = False
+    frozen_modules: tuple[str, ...] = ()
+    """Attribute names of submodules the objective holds fixed for the whole run (a frozen
+    teacher): left out of :meth:`trainer_state`, so checkpoints do not copy them."""
 
     def __init__(self, *, rank: int = 0, world_size: int = 1):
         super().__init__()
@@ -232,6 +235,29 @@ class Objective(torch.nn.Module):
         config : TrainConfig, optional
             The run's config (the Trainer always passes it).
         """
+
+    def trainer_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps of the objective: its ``state_dict`` without :attr:`frozen_modules`.
+
+        An EMA teacher (A-CLIP) changes during the run and is kept; a frozen teacher
+        (DCLIP, ProCLIP) is rebuilt by the run and is not.
+        """
+        prefixes = tuple(f"{name}." for name in self.frozen_modules)
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(prefixes)}
+
+    def load_trainer_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`trainer_state` saved.
+
+        Raises
+        ------
+        RuntimeError
+            ``state`` does not fit this objective (missing or unexpected entries, other shapes).
+        """
+        prefixes = tuple(f"{name}." for name in self.frozen_modules)
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(prefixes)]
+        if missing or unexpected:
+            raise RuntimeError(f"missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
 
     def parameter_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict] | None:
         """AdamW parameter groups for ``model``; None (the default) uses the Trainer's rule.
