@@ -32,4 +32,4 @@ def test_upcycle_usage_errors(tiny_dir, tmp_path, capsys):
     assert "--recipe" in capsys.readouterr().err
     assert main(["upcycle", "--model", str(tiny_dir), "--recipe", "shapes-tiny", "--top-k", "3",
                  "--experts", "2", "--init", "copies", "--out", str(tmp_path)]) == 2
-    assert "top_k" in capsys.readouterr().err
+    assert "--top-k 3" in capsys.readouterr().err

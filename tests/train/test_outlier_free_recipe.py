@@ -74,3 +74,26 @@ def test_the_recorded_clipped_attention_survives_a_longer_context(tmp_path):
     tokens = long.tokenize(["a red star above a blue square and a green circle"])
     with torch.no_grad():
         assert torch.allclose(back.model.encode_text(tokens), long.model.encode_text(tokens), atol=1e-6)
+
+
+def test_resume_refuses_another_attention_or_objective(tmp_path):
+    from cliplab.errors import CheckpointMismatch
+
+    def run(attention, loss="infonce", resume=False, steps=1):
+        recipe = get_recipe("shapes-tiny", attention=attention, loss=loss, steps=steps, batch_size=4,
+                            warmup_steps=1, eval_every=0, ckpt_every=0, log_every=1, out_dir=str(tmp_path))
+        built = init_model(recipe.model_cfg, recipe.preprocess_cfg, loss=loss, seed=0)
+        Trainer(built.model, built.tokenizer, built.preprocess, recipe.train_set, recipe.config, None,
+                model_cfg=built.model_cfg, progress=False).fit(resume=resume)
+
+    run("clipped")
+    with pytest.raises(CheckpointMismatch, match="softmax|attention|clipped"):
+        run(None, resume=True, steps=2)          # would silently train a clipped model as vanilla
+    with pytest.raises(CheckpointMismatch, match="--loss infonce"):
+        run("clipped", loss="sigmoid", resume=True, steps=2)
+    run("clipped", resume=True, steps=2)          # the same options resume
+    with pytest.raises(UsageError, match="at least 2"):
+        recipe = get_recipe("shapes-tiny", steps=1, batch_size=1, out_dir=str(tmp_path / "b1"))
+        built = init_model(recipe.model_cfg, recipe.preprocess_cfg, seed=0)
+        Trainer(built.model, built.tokenizer, built.preprocess, recipe.train_set, recipe.config, None,
+                model_cfg=built.model_cfg, progress=False).fit()

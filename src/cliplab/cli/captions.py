@@ -32,6 +32,10 @@ def run(args) -> int:
         raise UsageError(f"--out {args.out}: the rewritten table is JSONL; give a .jsonl path")
     stats = rewrite_table(args.table, args.out, n=args.n, seed=args.seed, image_key=args.image_key,
                           caption_key=args.caption_key)
+    if not stats["images"]:
+        from ..errors import DataError
+
+        raise DataError(f"{args.table}: no usable row ({stats['skipped']} skipped); nothing was rewritten")
     print(f"{stats['images']} images, {stats['captions']} captions, {stats['rewrites']} rewrites added "
           f"({stats['skipped']} rows skipped) -> {args.out}")
     return 0

@@ -83,6 +83,8 @@ def run(args) -> int:
                          out_dir=str(out / "moe"))
     config.validate()
     experts = args.experts
+    if not 1 <= args.top_k <= args.experts:
+        raise UsageError(f"--top-k {args.top_k}: give 1..{args.experts} (at most --experts)")
     if args.init == "multiplet":
         mp = diversified_multiplet(bb, recipe.train_set,
                                    replace(config, steps=args.expert_steps, out_dir=str(out / "multiplet"),

@@ -192,7 +192,7 @@ def _write(out_dir: Path, step: int, weights: dict, state: dict, model_cfg: dict
 
 
 def load_checkpoint(out_dir, model, optimizer, scheduler, scaler, env: distributed.DistEnv, *, config,
-                    objective=None) -> int:
+                    objective=None, model_cfg: dict | None = None) -> int:
     """Load the latest checkpoint of ``out_dir`` into the run's objects; return its step (0 if none).
 
     Parameters
@@ -208,11 +208,20 @@ def load_checkpoint(out_dir, model, optimizer, scheduler, scaler, env: distribut
         logged as warnings.
     objective : torch.nn.Module, optional
         Gets the objective state the checkpoint holds.
+    model_cfg : dict, optional
+        The run's model config; its ``"cliplab"`` part (outlier-free attention, MoE
+        layout) must be the one the checkpoint recorded.
 
     Returns
     -------
     int
         The step to continue from.
+
+    Raises
+    ------
+    CheckpointMismatch
+        The checkpoint was trained with another objective (``loss``), another recorded
+        architecture (``model_cfg["cliplab"]``), or its states do not fit this run's.
     """
     ckpt = latest_checkpoint(out_dir)
     if ckpt is None:
@@ -220,10 +229,14 @@ def load_checkpoint(out_dir, model, optimizer, scheduler, scaler, env: distribut
         return 0
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(ckpt / WEIGHTS_FILE), device=str(env.device)))
     state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    _check_same_run(ckpt, state["config"], config, model_cfg)
+    model.load_state_dict(load_file(str(ckpt / WEIGHTS_FILE), device=str(env.device)))
     _warn_config_changes(state["config"], config)
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as e:
+        raise CheckpointMismatch(f"{ckpt}: the optimizer state does not fit this run's parameters: {e}") from None
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     if objective is not None and "objective" in state:
@@ -273,6 +286,32 @@ def set_rng_state(rng: dict, env: distributed.DistEnv) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in rng and env.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], env.device)
+
+
+def _check_same_run(ckpt: Path, saved: dict, config, model_cfg: dict | None) -> None:
+    """Refuse to resume a run with another objective or another recorded architecture."""
+    import json
+
+    old, new = saved.get("loss"), getattr(config, "loss", None)
+    if old is not None and new is not None and old != new:
+        raise CheckpointMismatch(f"{ckpt} was trained with --loss {old}, this run uses {new}: resume with "
+                                 "the same objective, or train into a new --out")
+    cfg_file = ckpt / "open_clip_config.json"
+    if model_cfg is None or not cfg_file.is_file():
+        return
+    try:
+        recorded = json.loads(cfg_file.read_text(encoding="utf-8")).get("cliplab") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    wanted = json.loads(json.dumps(model_cfg.get("cliplab") or {}))
+    if recorded != wanted:
+        def show(part):
+            return ", ".join(f"{k}={part[k].get('softmax', '') if k == 'attention' else 'yes'}"
+                             f"{'+gate-' + str(part[k].get('gate')) if k == 'attention' and part[k].get('gate') else ''}"
+                             for k in sorted(part)) or "plain"
+        raise CheckpointMismatch(f"{ckpt} records the architecture [{show(recorded)}] but this run builds "
+                                 f"[{show(wanted)}]: resume with the same options (e.g. --attention), "
+                                 "or train into a new --out")
 
 
 def _warn_config_changes(saved: dict, config) -> None:

@@ -412,6 +412,9 @@ def recipe_from_table(path, model_cfg: dict, preprocess_cfg: dict | None = None,
         raise UsageError(f"not TrainConfig fields: {', '.join(unknown)}")
     config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
     train_set = _data_set(path, seed=config.seed)
+    if getattr(train_set, "at_step", None) is not None and not get_loss_class(config.loss).needs_teacher:
+        logger.warning("%s is a reinforced dataset but --loss %s reads none of its teacher embeddings; "
+                       "train with --loss mobileclip-dr (or mobileclip-dr-mix) to use them", path, config.loss)
     size = model_cfg.get("vision_cfg", {}).get("image_size")
     if getattr(train_set, "size", None) is not None and size is not None and train_set.size != size:
         logger.warning("%s: the reinforced images are %d px but the model takes %s px; they will be resized",
@@ -430,7 +433,7 @@ def _data_set(path, *, seed: int = 0):
     from .reinforce import ReinforcedSet, is_reinforced
 
     if is_reinforced(path):
-        return ReinforcedSet(path, seed=seed)
+        return ReinforcedSet(path, seed=seed)   # the objective is checked by recipe_from_table
     if Path(path).suffix.lower() in TABLE_SUFFIXES:
         return CaptionTableSet(read_caption_table(path))
     shards = expand_shards(path)

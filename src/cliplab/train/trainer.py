@@ -437,6 +437,9 @@ class Trainer:
         cfg = self.config
         if cfg.batch_size % env.world_size:
             raise UsageError(f"batch_size {cfg.batch_size} is not divisible by {env.world_size} ranks")
+        if cfg.batch_size < 2 and (self.objective is None or self.objective.needs_captions):
+            raise UsageError(f"batch_size {cfg.batch_size}: image-text objectives contrast the samples of a batch, "
+                             "give at least 2")
         out_dir = Path(cfg.out_dir)
         if env.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -455,7 +458,7 @@ class Trainer:
         scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
         start = load_checkpoint(out_dir, model, optimizer, scheduler, scaler, env, config=cfg,
-                                objective=objective) if resume else 0
+                                objective=objective, model_cfg=self.model_cfg) if resume else 0
         end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
         step_forward = distributed.wrap(_StepForward(model, objective), env)
         metrics = _MetricsLog(out_dir, enabled=env.is_main, keep_until=start)
