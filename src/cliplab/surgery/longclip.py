@@ -50,11 +50,11 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import UsageError
 from ..validation import check_backbone, check_positive_int
 from ..train.losses.base import Batch, ModelOutputs, Objective, gather_with_grad
+from ..train.losses.infonce import symmetric_cross_entropy
 from ..train.trainer import Trainer, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -99,10 +99,7 @@ def smoothed_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor
     torch.Tensor
         A scalar, ``[CE_ls(t X Y^T, I) + CE_ls(t Y X^T, I)] / 2``.
     """
-    logits = logit_scale * image_features @ text_features.T       # (N, N)
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-            + F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)) / 2
+    return symmetric_cross_entropy(logit_scale * image_features @ text_features.T, label_smoothing)  # (N, N)
 
 
 class LongCLIPLoss(Objective):

@@ -30,6 +30,27 @@ from . import register_loss
 from .base import Batch, ModelOutputs, Objective
 
 
+def symmetric_cross_entropy(logits: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """InfoNCE of an (N, N) matching-score matrix: the mean of the row and column
+    cross-entropies against the diagonal, ``[CE(Z, I) + CE(Z^T, I)] / 2``.
+
+    Parameters
+    ----------
+    logits : torch.Tensor of shape (N, N)
+        Row i of images against column j of texts, already scaled by the temperature.
+    label_smoothing : float, default 0.0
+        As :func:`torch.nn.functional.cross_entropy` (Long-CLIP uses 0.1).
+
+    Returns
+    -------
+    torch.Tensor
+        A scalar.
+    """
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            + F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)) / 2
+
+
 def infonce_loss(image_features: torch.Tensor, text_features: torch.Tensor,
                  logit_scale: torch.Tensor | float) -> torch.Tensor:
     """Symmetric InfoNCE of paired (N, D) features.
@@ -46,9 +67,7 @@ def infonce_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     torch.Tensor
         A scalar.
     """
-    logits = logit_scale * image_features @ text_features.T  # (N, N)
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return symmetric_cross_entropy(logit_scale * image_features @ text_features.T)  # (N, N) logits
 
 
 @register_loss("infonce", help="CLIP's symmetric contrastive loss (open_clip ClipLoss)")

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from ...errors import UsageError
 from . import register_loss
 from .base import Batch, ModelOutputs, Objective, gather_with_grad
+from .infonce import symmetric_cross_entropy
 
 
 def label_softening_weight(step: int, total_steps: int | None, alpha_max: float) -> float:
@@ -172,8 +173,7 @@ def token_alignment_nce(patch_tokens: torch.Tensor, word_tokens: torch.Tensor, w
                         logit_scale: torch.Tensor | float) -> torch.Tensor:
     """Symmetric InfoNCE on the token-level scores of eq. (M) (eq. T); arguments as :func:`relaxed_matching_scores`."""
     logits = logit_scale * relaxed_matching_scores(patch_tokens, word_tokens, word_mask)   # (N, N)
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2     # eq. (T)
+    return symmetric_cross_entropy(logits)                                             # eq. (T)
 
 
 def word_positions(tokens: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from . import register_loss
 from .base import Batch, ModelOutputs, Objective, gather_with_grad
+from .infonce import symmetric_cross_entropy
 
 
 def ensemble_targets(feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor],
@@ -91,8 +92,7 @@ def dr_clip_terms(image_features: torch.Tensor, text_features: torch.Tensor, log
         Scalars, unweighted.
     """
     logits = logit_scale * image_features @ text_features.T                              # eq. (S), (N, N)
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    clip = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2     # eq. (C)
+    clip = symmetric_cross_entropy(logits)                                               # eq. (C)
     p_i2t = ensemble_targets(teacher_image, teacher_text, teacher_scales)                # (N, N)
     p_t2i = ensemble_targets(teacher_text, teacher_image, teacher_scales)                # (N, N)
     distill = (soft_cross_entropy(p_i2t, logits) + soft_cross_entropy(p_t2i, logits.T)) / 2  # eq. (D)
