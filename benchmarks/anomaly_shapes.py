@@ -67,11 +67,6 @@ def write_inspection_folder(root: Path, *, n_train: int = 8, n_good: int = 10, n
 
 def picture(backbone, root: Path, out: Path) -> None:
     """Test images, masks and WinCLIP / WinCLIP+ (4-shot) maps of one category."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from cliplab.data.anomaly_folder import read_anomaly_folder
     from cliplab.eval.anomaly import evaluate_category
 
@@ -81,33 +76,41 @@ def picture(backbone, root: Path, out: Path) -> None:
     cat.labels, cat.defects = np.r_[np.ones(len(keep), int), 0], [cat.defects[i] for i in keep] + ["good"]
     _, zs, masks = evaluate_category(backbone, cat, method="winclip")
     _, fs, _ = evaluate_category(backbone, cat, method="winclip+", shots=4)
-    from PIL import Image
-
-    fig, axes = plt.subplots(4, len(cat.test), figsize=(1.6 * len(cat.test), 6.6))
-    for j, path in enumerate(cat.test):
-        axes[0, j].imshow(Image.open(path))
-        axes[0, j].set_title(cat.defects[j], fontsize=8)
-        axes[1, j].imshow(masks[j], cmap="gray")
-        axes[2, j].imshow(zs.maps[j], cmap="jet")
-        axes[3, j].imshow(fs.maps[j], cmap="jet")
-    for i, label in enumerate(["image", "mask", "WinCLIP", "WinCLIP+ 4-shot"]):
-        axes[i, 0].set_ylabel(label, fontsize=8)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
+    _map_grid(cat, masks, [("WinCLIP", zs.maps), ("WinCLIP+ 4-shot", fs.maps)], out, column_width=1.6,
+              height=6.6, dpi=80)
 
 
-def anomalyclip_picture(backbone, root: Path, prompts: Path, out: Path) -> None:
-    """One held-out category: a test image per defect type, masks, WinCLIP and AnomalyCLIP maps."""
+def _map_grid(cat, masks, rows, out: Path, *, column_width: float, height: float, dpi: int,
+              image_size: int | None = None, compress: bool = False) -> None:
+    """One column per test image of ``cat``: the image, its mask, then one anomaly map per ``rows`` entry."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
 
+    fig, axes = plt.subplots(2 + len(rows), len(cat.test), figsize=(column_width * len(cat.test), height))
+    for j, path in enumerate(cat.test):
+        image = Image.open(path)
+        axes[0, j].imshow(image.resize((image_size, image_size)) if image_size else image)
+        axes[0, j].set_title(cat.defects[j].replace("_", " "), fontsize=8)
+        axes[1, j].imshow(masks[j], cmap="gray")
+        for i, (_, maps) in enumerate(rows, start=2):
+            axes[i, j].imshow(maps[j], cmap="jet")
+    for i, label in enumerate(["image", "mask", *(name for name, _ in rows)]):
+        axes[i, 0].set_ylabel(label, fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    if compress:  # a small PNG for the docs
+        Image.open(out).convert("RGB").quantize(colors=128, method=Image.MEDIANCUT).save(out, optimize=True)
+
+
+def anomalyclip_picture(backbone, root: Path, prompts: Path, out: Path) -> None:
+    """One held-out category: a test image per defect type, masks, WinCLIP and AnomalyCLIP maps."""
     from cliplab.data.anomaly_folder import read_anomaly_folder
     from cliplab.eval.anomaly import evaluate_category
 
@@ -117,22 +120,8 @@ def anomalyclip_picture(backbone, root: Path, prompts: Path, out: Path) -> None:
     cat.labels, cat.defects = cat.labels[keep], [cat.defects[i] for i in keep]
     _, wc, masks = evaluate_category(backbone, cat, method="winclip")
     _, ac, _ = evaluate_category(backbone, cat, method="anomalyclip", method_options={"prompts": prompts})
-    fig, axes = plt.subplots(4, len(cat.test), figsize=(1.5 * len(cat.test), 6.2))
-    for j, path in enumerate(cat.test):
-        axes[0, j].imshow(Image.open(path).resize((128, 128)))
-        axes[0, j].set_title(cat.defects[j].replace("_", " "), fontsize=8)
-        axes[1, j].imshow(masks[j], cmap="gray")
-        axes[2, j].imshow(wc.maps[j], cmap="jet")
-        axes[3, j].imshow(ac.maps[j], cmap="jet")
-    for i, label in enumerate(["image", "mask", "WinCLIP", "AnomalyCLIP"]):
-        axes[i, 0].set_ylabel(label, fontsize=8)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=72)
-    Image.open(out).convert("RGB").quantize(colors=128, method=Image.MEDIANCUT).save(out, optimize=True)  # small
+    _map_grid(cat, masks, [("WinCLIP", wc.maps), ("AnomalyCLIP", ac.maps)], out, column_width=1.5, height=6.2,
+              dpi=72, image_size=128, compress=True)
 
 
 def run_anomalyclip(bb, *, steps: int = 300, n_test: int = 10, seed: int = 0) -> dict:
