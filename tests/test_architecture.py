@@ -34,7 +34,8 @@ LAYERS: dict[str, int] = {
     "models": 3, "features": 3,
     "zeroshot": 4, "surgery": 4, "train": 4, "dense": 4,
     "adapt": 5, "resilience": 5,                # resilience trains through the Trainer
-    "eval": 6,
+    "eval": 6, "generative": 6,                # generative heads use eval's metrics and reports
+    "experiments": 6,
     "index": 7, "demo": 7,
     "scale": 7,                                    # Ray Data jobs (optional dependency)
     "serve": 8,

@@ -1,0 +1,9 @@
+"""Numerical experiments that check a theory paper's claim (no CLIP weights needed).
+
+The names below are imported on first use (:mod:`cliplab.lazy`).
+"""
+
+from ..lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+})
