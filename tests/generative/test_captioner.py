@@ -75,6 +75,12 @@ def test_decoding_shapes_determinism_and_files(bb, scenes, tmp_path):
     assert len(beam) == 4 and head.generate_ids(x, beam=3) == beam
     with pytest.raises(UsageError, match="beam"):
         head.generate_ids(x, beam=0)
+    tokens = bb.tokenize(["a red star", "a zebra"])                          # (2, 32) BPE ids
+    sub = head.to_sub_ids(tokens)
+    vocab = torch.tensor(head.config["vocab"])
+    assert torch.equal(vocab[sub[0, :5]], tokens[0, :5])                      # known words map back
+    assert 2 in sub[1].tolist()                                               # "zebra": the unknown slot
+    assert head.to_sub_ids(torch.tensor([[10 ** 6, -1]])).tolist() == [[2, 2]]
     # save / load: same captions; wrong or corrupt files refused with the project's errors
     head.save(tmp_path / "cap")
     again = load_captioner(tmp_path / "cap", bb)

@@ -83,6 +83,9 @@ def run(args) -> int:
                        on_error="raise" if args.strict else "skip", workers=args.workers or 0,
                        max_pixels=DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None))
     rows = [{"path": str(files[i]), "caption": c} for i, c in zip(res.kept, res.captions)]
+    if not rows:
+        report_skipped(res.skipped)
+        raise DataError(f"none of the {len(files)} image(s) could be read")
     if out is None:
         write_rows(rows, "table")
     else:
@@ -96,8 +99,6 @@ def run(args) -> int:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
         print(f"wrote {len(rows)} captions to {out}", file=sys.stderr)
     report_skipped(res.skipped)
-    if not rows:
-        raise DataError(f"none of the {len(files)} image(s) could be read")
     return 0
 
 

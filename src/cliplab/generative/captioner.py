@@ -69,6 +69,9 @@ WEIGHTS_NAME = "captioner.safetensors"
 UNK = -1
 """BPE id recorded for the unknown-token slot of a sub-vocabulary (no BPE id)."""
 
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+"""The position words of ShapesWorld captions (where an object's centre lies on a 3x3 grid)."""
+
 CAPTION_HEADS: Registry = Registry("caption head")
 """The caption heads: classes with ``build(backbone, **options)`` (:class:`Captioner`,
 :class:`~cliplab.generative.lightcap.LightCap`), each with a one-line ``help``."""
@@ -107,9 +110,7 @@ def shapes_caption_texts(world, n_scenes: int = 500) -> list[str]:
 
     _, scenes = world.render_batch("train", list(range(min(n_scenes, len(world.split("train"))))))
     texts = [c for s in scenes for c in s.captions]
-    positions = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom",
-                 "bottom right")
-    texts += [" ".join((*COLORS, *SHAPES, *SIZES)), " ".join(position_phrase(p) for p in positions),
+    texts += [" ".join((*COLORS, *SHAPES, *SIZES)), " ".join(position_phrase(p) for p in POSITIONS),
               " ".join(_COUNT_WORDS) + " shapes: , and ."]
     return texts
 
@@ -225,8 +226,8 @@ class CaptionHead(nn.Module):
 
     def to_sub_ids(self, tokens: torch.Tensor) -> torch.Tensor:
         """BPE ids (B, T) of the Backbone's tokenizer -> sub-vocabulary ids (B, T) (unknown -> slot 2)."""
-        tokens = tokens.clamp(0, len(self.lookup) - 1)
-        return self.lookup[tokens]
+        known = (tokens >= 0) & (tokens < len(self.lookup))
+        return torch.where(known, self.lookup[tokens.clamp(0, len(self.lookup) - 1)], 2)
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable weights (everything but the frozen Backbone)."""
@@ -442,7 +443,7 @@ class Captioner(CaptionHead):
         config["vision_width"] = _vision_width(backbone)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return cls(backbone, config)
+            return cls(backbone, config).to(backbone.device)
 
     def memory(self, images: torch.Tensor) -> torch.Tensor:
         _, tokens = vision_tokens(self.clip, images)            # (B, T, W_vision)
@@ -510,7 +511,7 @@ def caption_train_set(backbone, *, seed: int = 0):
     return ShapesTrainSet(world, "train")
 
 
-def train_captioner(head: CaptionHead, train_set=None, *, steps: int = 400, batch_size: int = 32,
+def train_captioner(head: CaptionHead, train_set=None, *, steps: int = 300, batch_size: int = 32,
                     lr: float = 2e-3, warmup_steps: int = 20, seed: int = 0, out_dir: str | Path = "runs/caption",
                     progress: bool | None = None) -> CaptionHead:
     """Train ``head`` (in place) with :class:`CaptionObjective` through the Trainer; return it.
@@ -633,6 +634,7 @@ def caption_latency(head: CaptionHead, images: torch.Tensor, *, runs: int = 5, b
         Preprocessed images; each run captions all N, one by one (after one warm-up image).
     runs : int, default 5
     """
+    images = images.to(head.backbone.device)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
