@@ -154,3 +154,23 @@ def test_parse_caption_and_attribute_accuracy_on_hand_written_captions():
     assert acc["precision"] == pytest.approx(3 / 5)
     assert acc["count"] == pytest.approx(2 / 3)
     assert acc["exact"] == pytest.approx(1 / 3)
+
+
+def test_objective_is_cross_entropy_up_to_the_end_token(bb, scenes):
+    from cliplab.generative.captioner import CaptionObjective
+    from cliplab.train.losses.base import Batch
+
+    head = Captioner.build(bb, width=32, layers=1, heads=2, seed=1)
+    images, _ = scenes
+    x = uint8_to_tensor(list(images[:2]), bb.preprocess_cfg)
+    tokens = bb.tokenize(["a red star", "a small blue circle in the center"])  # different lengths
+    obj = CaptionObjective()
+    batch = Batch(images=x, tokens=tokens)
+    loss = obj(obj.forward_model(head, batch), batch)["caption"]
+    terms = []
+    for i in range(2):                                  # by hand: each caption alone, up to its end token
+        ids = head.to_sub_ids(tokens[i:i + 1])
+        end = int((tokens[i] == head.tokenizer.eot_token_id).nonzero()[0])
+        logits = head(x[i:i + 1], ids[:, :end])         # predicts tokens 1..end
+        terms.append(torch.nn.functional.cross_entropy(logits[0], ids[0, 1:end + 1], reduction="none"))
+    torch.testing.assert_close(loss, torch.cat(terms).mean(), rtol=1e-5, atol=1e-6)
