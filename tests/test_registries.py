@@ -34,6 +34,7 @@ CLI = {
     "index type": "index build src --out o --index-type {name}",
     "anomaly method": "anomaly folder --method {name}",
     "proposal method": "detect img.png --labels a,b --proposals {name} --out o",
+    "caption head": "caption --train o --head {name}",
 }
 
 

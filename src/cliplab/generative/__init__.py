@@ -13,4 +13,7 @@ The names below are imported on first use (:mod:`cliplab.lazy`).
 from ..lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    ".captioner": ["CAPTION_HEADS", "CaptionHead", "CaptionObjective", "Captioner", "attribute_accuracy",
+                  "caption_latency", "cider", "head_size", "load_captioner", "parse_caption", "train_captioner"],
+    ".lightcap": ["ConceptExtractor", "LightCap"],
 })
