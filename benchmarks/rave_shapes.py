@@ -116,7 +116,8 @@ def main(argv=None) -> dict:
         "guided_beats_unguided_psnr": summary["guided"]["psnr"]["mean"] > summary["unguided"]["psnr"]["mean"],
         "wall_s": round(time.perf_counter() - tic, 1), "torch_threads": torch.get_num_threads(),
     }
-    out_path = Path(args.out) if args.out else RESULTS / ("rave_shapes_quick.json" if args.quick else "rave_shapes.json")
+    name = "rave_shapes_quick.json" if args.quick else "rave_shapes.json"
+    out_path = Path(args.out) if args.out else RESULTS / name
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
     if args.picture:

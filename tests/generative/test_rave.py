@@ -8,6 +8,7 @@ import torch
 
 from cliplab.errors import ModelLoadError, UsageError
 from cliplab.generative import rave
+from cliplab.train.losses import Batch
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_objective_schedule_warmup_then_guidance(backbone):
     res = rave.residual_direction(pos, neg)
     obj = rave.RaveObjective(backbone.model, backbone.preprocess_cfg, res, warmup_fraction=0.5)
     net = rave.EnhancementNet(width=4, seed=0)
-    batch = rave.Batch(images=torch.rand(2, 3, 64, 64), step=0, total_steps=10)
+    batch = Batch(images=torch.rand(2, 3, 64, 64), step=0, total_steps=10)
     out = obj.forward_model(net, batch)
     assert len(out["maps"]) == 1 + len(backbone.model.visual.transformer.resblocks)
     warm = obj(out, batch)
