@@ -11,8 +11,10 @@ mean projection ``cos(E(I_hat), r)`` of the enhanced images next to its target `
 Usage: python benchmarks/rave_shapes.py [--steps 150] [--seeds 0,1,2] [--width 16] [--lr 1e-4]
            [--n-train 256] [--n-test 128] [--picture docs/generative/rave_shapes.png]
        python benchmarks/rave_shapes.py --quick          (seconds: a smoke run, not the table)
-Writes benchmarks/results/rave_shapes.json (rave_shapes_quick.json with --quick) and prints
-one line per row.
+       python benchmarks/rave_shapes.py --probe          (seconds: no training; the projection on r
+                                                          and PSNR of the input under global gains)
+Writes benchmarks/results/rave_shapes.json (rave_shapes_quick.json with --quick,
+rave_shapes_probe.json with --probe) and prints one line per row.
 """
 
 from __future__ import annotations
@@ -35,6 +37,16 @@ def projection(bb, images: np.ndarray, r: np.ndarray) -> float:
     """Mean cos(E(image), r) of float images in [0, 1] (rounded to uint8 as written to disk)."""
     u8 = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
     return float((bb.encode_images(u8, progress=False).features @ r).mean())
+
+
+def gain_probe(bb, test_in: np.ndarray, test_gt: np.ndarray, r: np.ndarray,
+               gains=(0.5, 0.7, 1.0, 1.3, 2.0)) -> list[dict]:
+    """Which way along r does plain brightening move the backlit inputs? One row per global gain."""
+    rows = []
+    for g in gains:
+        x = np.clip(test_in / 255.0 * g, 0, 1)
+        rows.append({"gain": g, "projection": projection(bb, x, r), **image_quality(x, test_gt)})
+    return rows
 
 
 def picture(path: Path, rows: list[tuple[str, np.ndarray]], n: int = 5) -> None:
@@ -70,6 +82,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-test", type=int, default=128)
     ap.add_argument("--picture", default=None, help="write a PNG of the first test scenes (seed of the first run)")
     ap.add_argument("--quick", action="store_true", help="a few steps on a few images (a smoke run)")
+    ap.add_argument("--probe", action="store_true", help="only the global-gain probe (no training)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.quick:
@@ -88,6 +101,17 @@ def main(argv=None) -> dict:
             {"method": "well-lit ground truth", "seed": None, "psnr": None, "ssim": None,
              "projection": projection(bb, test_gt / 255.0, res.vector)}]
     print(f"residual: thr {res.threshold:.4f}")
+    if args.probe:
+        probe = gain_probe(bb, test_in, test_gt, res.vector)
+        for r in probe:
+            print(json.dumps(r))
+        out_path = Path(args.out) if args.out else RESULTS / "rave_shapes_probe.json"
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps({"benchmark": "rave_shapes --probe", "model": "shapes-tiny",
+                                        "threshold": res.threshold, "n_test": args.n_test, "n_train": args.n_train,
+                                        "inputs": rows, "gains": probe}, indent=2) + "\n")
+        print(f"wrote {out_path}")
+        return {"gains": probe}
     for r in rows:
         print(json.dumps(r))
     shown = {}
