@@ -16,4 +16,6 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     ".captioner": ["CAPTION_HEADS", "CaptionHead", "CaptionObjective", "Captioner", "attribute_accuracy",
                   "caption_latency", "cider", "head_size", "load_captioner", "parse_caption", "train_captioner"],
     ".lightcap": ["ConceptExtractor", "LightCap"],
+    ".rave": ["EnhancementNet", "enhance", "image_quality", "load_enhancer", "residual_vector", "save_enhancer",
+             "train_rave"],
 })

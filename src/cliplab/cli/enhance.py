@@ -1,0 +1,68 @@
+"""``cliplab enhance``: enhance backlit images with a trained RAVE enhancer (PNG out).
+
+The enhancer folder is what :func:`cliplab.generative.rave.save_enhancer` writes.  Each
+image is enhanced at its own size and written as ``OUT/<name>.png``; unreadable images are
+counted, listed and skipped (``--strict`` stops at the first one, exit code 4).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..errors import DataError
+from ._common import report_skipped
+
+HELP = "enhance backlit images with a trained RAVE enhancer (writes PNGs)"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("enhance", help=HELP,
+                       description="Enhance images (files or folders) with a RAVE enhancement net "
+                                   "(docs/generative.md#rave); writes OUT/<name>.png per image.")
+    p.add_argument("paths", nargs="+", metavar="IMAGES", help="image files or folders")
+    p.add_argument("--enhancer", required=True, help="folder written by cliplab.generative.rave.save_enhancer")
+    p.add_argument("--out", required=True, help="output folder of the enhanced PNGs")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="refuse images with more pixels than this; 0 = no limit "
+                        "(default: CLIPLAB_MAX_PIXELS or about 179 million)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad image instead of skipping it")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from ..data.images import DEFAULT_MAX_PIXELS, find_images, load_image
+    from ..data.records import Skipped
+    from ..errors import BadImage
+    from ..generative.rave import enhance, load_enhancer
+
+    items = find_images(args.paths)
+    if not items:
+        raise DataError(f"no image files found under {', '.join(args.paths)}")
+    net = load_enhancer(args.enhancer)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
+    skipped, written, names = [], 0, set()
+    for i, path in enumerate(items):
+        try:
+            image = np.asarray(load_image(path, max_pixels=max_pixels))      # (H, W, 3) uint8
+        except BadImage as err:
+            if args.strict:
+                raise
+            skipped.append(Skipped(i, str(path), err.reason))
+            continue
+        name = Path(path).stem
+        stem, k = name, 1
+        while name in names:  # two inputs with one stem (a.jpg, a.png) keep both outputs
+            name, k = f"{stem}_{k}", k + 1
+        names.add(name)
+        enhanced = enhance(net, image)[0]                                    # (H, W, 3) in [0, 1]
+        Image.fromarray((enhanced * 255.0).round().astype(np.uint8)).save(out / f"{name}.png")
+        written += 1
+    print(f"wrote {written} enhanced image(s) to {out}", file=sys.stderr)
+    report_skipped(skipped)
+    return 0
