@@ -13,4 +13,6 @@ The names below are imported on first use (:mod:`cliplab.lazy`).
 from ..lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    ".softpromptcomp": ["SoftPromptComp", "train_softpromptcomp", "load_softpromptcomp"],
+    ".capsulator": ["Capsulator"],
 })
