@@ -18,4 +18,6 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     ".lightcap": ["ConceptExtractor", "LightCap"],
     ".rave": ["EnhancementNet", "enhance", "image_quality", "load_enhancer", "residual_vector", "save_enhancer",
              "train_rave"],
+    ".softpromptcomp": ["SoftPromptComp", "train_softpromptcomp", "load_softpromptcomp"],
+    ".capsulator": ["Capsulator"],
 })

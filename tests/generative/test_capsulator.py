@@ -1,0 +1,80 @@
+"""Nano-Capsulator: capsules are real text within the token budget by the Backbone's tokenizer, keep
+the long caption's meaning better than truncation, and follow the greedy search's definition."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import cliplab
+from cliplab.errors import UsageError
+from cliplab.generative.capsulator import Capsulator, compact, text_units
+
+LONG = ("A picture of three shapes on a striped background. There are two circles and one star. "
+        "By colour: two red and one blue. The first shape is a large red circle at the top left. "
+        "The second shape is a small red circle at the bottom. The third shape is a large blue star "
+        "on the right. The red circle at the bottom is below the red circle at the top left. "
+        "There are no defects.")
+
+
+@pytest.fixture(scope="module")
+def shapes_tiny():
+    return cliplab.load("shapes-tiny")
+
+
+def test_units_and_compact_forms():
+    units = text_units(LONG)
+    assert len(units) == 8 and units[0] == "A picture of three shapes on a striped background."
+    first = "The first shape is a large red circle at the top left."
+    assert compact(first) == "first shape large red circle at top left"
+    assert compact("There are no defects.") == "no defects"
+
+
+def test_capsule_fits_the_budget_and_keeps_more_than_truncation(shapes_tiny):
+    cap = Capsulator(shapes_tiny)
+    tok = shapes_tiny.tokenizer
+    assert len(tok.encode(LONG)) + 2 > shapes_tiny.context_length              # the text tower would cut it
+    (capsule,), scores = cap.compress([LONG], return_scores=True)
+    assert len(tok.encode(capsule)) + 2 <= shapes_tiny.context_length == cap.budget
+    assert set(capsule.replace(".", "").lower().split()) <= set(LONG.replace(".", "").replace(":", "").lower().split())
+    goal = cap.targets([LONG])[0]
+    kept = float(shapes_tiny.encode_texts([capsule])[0] @ goal)
+    assert kept == pytest.approx(float(scores[0]), abs=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                                      # the truncation warning
+        truncated = float(shapes_tiny.encode_texts([LONG])[0] @ goal)         # the current behaviour
+    assert kept > truncated + 0.02
+
+
+def test_greedy_step_is_the_best_feasible_unit(shapes_tiny):
+    """With a budget that admits one unit, the capsule is the single unit form closest to the target."""
+    cap = Capsulator(shapes_tiny, budget=14)
+    goal = cap.targets([LONG])[0]
+    forms = {f for u in text_units(LONG) for f in (u, compact(u)) if cap.n_tokens(f) <= 14}
+    best = max(forms, key=lambda f: float(shapes_tiny.encode_texts([f])[0] @ goal))
+    (capsule,) = cap.compress([LONG])
+    assert cap.n_tokens(capsule) <= 14
+    assert best in capsule                                                 # the first greedy step
+
+
+def test_fit_removes_the_common_direction(shapes_tiny):
+    corpus = [LONG, "A picture of one shape on a plain background. The shape is a small green star. "
+                    "There are no defects."]
+    cap = Capsulator(shapes_tiny).fit(corpus)
+    units = [u for t in corpus for u in text_units(t)]
+    np.testing.assert_allclose(cap.common_, shapes_tiny.encode_texts(units).mean(0), atol=1e-6)
+    mean = shapes_tiny.encode_texts(text_units(LONG)).mean(0) - cap.common_
+    np.testing.assert_allclose(cap.targets([LONG])[0], mean / np.linalg.norm(mean), atol=1e-5)
+
+
+def test_short_text_is_its_own_capsule_and_errors(shapes_tiny):
+    cap = Capsulator(shapes_tiny)
+    assert cap.compress(["a red circle"]) == ["a red circle"]
+    with pytest.raises(UsageError, match="budget"):
+        Capsulator(shapes_tiny, budget=100)
+    with pytest.raises(UsageError, match="target"):
+        Capsulator(shapes_tiny, target="words")
+    with pytest.raises(UsageError, match="strings"):
+        cap.compress([1])
