@@ -78,3 +78,32 @@ def test_short_text_is_its_own_capsule_and_errors(shapes_tiny):
         Capsulator(shapes_tiny, target="words")
     with pytest.raises(UsageError, match="strings"):
         cap.compress([1])
+
+
+def test_captions_compress_command_rewrites_only_long_captions(tmp_path, capsys):
+    """`cliplab captions compress`: long captions become capsules within the context, short ones stay."""
+    import json
+
+    import cliplab
+    from cliplab.cli.main import main
+    from cliplab.surgery.longclip import longclip_world
+
+    bb = cliplab.load("shapes-tiny")
+    _, scenes = longclip_world(n_objects=(2, 3)).render_batch("test", range(3))
+    longs = [s.long_caption for s in scenes]                    # 64-112 tokens; shapes-tiny reads 32
+    short = scenes[0].captions[0]
+    rows = [{"filepath": f"{i}.png", "caption": t} for i, t in enumerate(longs + [short])]
+    table = tmp_path / "t.jsonl"
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "caps.jsonl"
+    assert main(["captions", "compress", str(table), "--out", str(out)]) == 0
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    n_tokens = [len(bb.tokenizer.encode(r["caption"][0])) + 2 for r in got]
+    assert len(got) == 4 and all(n <= bb.context_length for n in n_tokens)
+    assert [r["original"][0] for r in got] == [r["caption"] for r in rows]
+    assert got[3]["caption"] == [short]                          # already fits: kept as written
+    assert all(r["caption"][0] != r["original"][0] for r in got[:3])
+    assert "3 longer than" in capsys.readouterr().out
+    assert main(["captions", "compress", str(table), "--out", str(tmp_path / "x.csv")]) == 2
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    assert main(["captions", "compress", str(tmp_path / "bad.jsonl"), "--out", str(out)]) == 4
