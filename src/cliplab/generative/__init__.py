@@ -13,4 +13,5 @@ The names below are imported on first use (:mod:`cliplab.lazy`).
 from ..lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    ".vladva": ["train_vladva", "save_vladva", "load_vladva", "VladVAObjective", "VladVAModel", "VladVASet"],
 })
