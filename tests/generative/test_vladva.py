@@ -140,6 +140,8 @@ def test_save_load_round_trip_and_merge(tiny, trained, tmp_path):
     np.testing.assert_allclose(merged.encode_texts(TEXTS), tuned.encode_texts(TEXTS), atol=1e-5)
     with pytest.raises(UsageError, match="no soft prompt"):
         save_vladva(tiny, tmp_path / "none")
+    with pytest.raises(UsageError, match="no VladVA adapter"):
+        load_vladva(tiny, tmp_path)
 
 
 def test_vocabulary_and_model_shapes(tiny, world):
