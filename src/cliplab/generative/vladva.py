@@ -69,7 +69,7 @@ Deviations
 - Long captions are cut to the text tower's context (32 tokens for shapes-tiny), so the
   NTP target is the first ~30 tokens of a 28-110-token ShapesWorld long caption.
 - One soft prompt serves both passes (the embedding and the next-token one); the paper
-  inserts its prompts into the LVLM's instruction templates.
+  places its soft prompts in the LVLM's prompt templates (where exactly: not verified).
 - Not verified in the paper text available here: λ, the number of soft prompt vectors,
   the LoRA rank/targets, learning rate, batch size and schedule.  The values above are
   this module's choices.
