@@ -20,4 +20,5 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
              "train_rave"],
     ".softpromptcomp": ["SoftPromptComp", "train_softpromptcomp", "load_softpromptcomp"],
     ".capsulator": ["Capsulator"],
+    ".vladva": ["train_vladva", "save_vladva", "load_vladva", "VladVAObjective", "VladVAModel", "VladVASet"],
 })

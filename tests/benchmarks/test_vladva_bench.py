@@ -1,0 +1,23 @@
+"""benchmarks/vladva_shapes.py --quick: one row per λ and seed, the summary, and no NTP term at λ = 0."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_run_writes_rows_and_summary(tmp_path):
+    spec = importlib.util.spec_from_file_location("vladva_bench", ROOT / "benchmarks" / "vladva_shapes.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "vladva.json"
+    mod.main(["--quick", "--out", str(out)])
+    result = json.loads(out.read_text())
+    runs = [r["run"] for r in result["rows"]]
+    assert runs == ["shapes-tiny (not adapted)", "joint (λ=1)", "contrastive only (λ=0)"]
+    joint, contrastive = result["rows"][1], result["rows"][2]
+    assert "loss_ntp" in joint["final_loss"] and "loss_ntp" not in contrastive["final_loss"]
+    assert [c["step"] for c in joint["curve"]] == [3]
+    for name in runs[1:]:
+        assert 0 <= result["summary"][name]["t2i_r1"]["mean"] <= 1 and result["summary"][name]["n_seeds"] == 1
