@@ -40,9 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "feedback_shapes.json"
 
 FULL = dict(n_train=3000, pairs_fraction=0.3, gen_steps=400, fb_steps=150, batch_size=32, gen_lr=2e-3,
-            fb_lr=3e-5, n_pairs=240, n_zeroshot=640)
+            fb_lr=3e-5, n_pairs=240, n_zeroshot=640, n_heldout=256)
 QUICK = dict(n_train=64, pairs_fraction=0.3, gen_steps=3, fb_steps=2, batch_size=8, gen_lr=2e-3,
-             fb_lr=3e-5, n_pairs=12, n_zeroshot=32)
+             fb_lr=3e-5, n_pairs=12, n_zeroshot=32, n_heldout=16)
 
 
 def evaluate(backbone, *, n_pairs: int, n_zeroshot: int, seed: int = 0) -> dict:
@@ -70,10 +70,13 @@ def evaluate(backbone, *, n_pairs: int, n_zeroshot: int, seed: int = 0) -> dict:
     return out
 
 
-def run(params: dict, *, seed: int = 0, figures: Path | None = None, work: Path | None = None) -> dict:
+def run(params: dict, *, seed: int = 0, figures: Path | None = None, work: Path | None = None,
+        generators: Path | None = None) -> dict:
     import cliplab
     from cliplab.generative.diva import diva
-    from cliplab.generative.generator import generator_config, shapes_images, train_generator
+    from cliplab.generative.generator import (
+        GeneratorConfig, TinyUNet, denoising_error, generator_config, shapes_images, train_generator,
+    )
     from cliplab.generative.un2clip import un2clip
     from cliplab.train import TrainConfig
 
@@ -103,9 +106,17 @@ def run(params: dict, *, seed: int = 0, figures: Path | None = None, work: Path 
     warm = min(50, p["gen_steps"] // 8)
     gens = {}
     for mode in ("tokens", "global"):
-        gens[mode] = timed(f"generator[{mode}]", lambda m=mode: train_generator(
-            bb, images, mode=m, config=cfg(p["gen_steps"], p["gen_lr"], warm, f"gen-{m}")))
-        results[f"generator[{mode}]"] = {"config": generator_config(gens[mode]), "loss": losses(f"gen-{mode}")}
+        saved = Path(generators) / f"gen-{mode}" if generators else None
+        if saved is not None and (saved / "unet.pt").exists():     # a generator this script trained before
+            gens[mode] = train_generator(bb, images[:1], mode=mode, config=cfg(1, p["gen_lr"], 0, f"gen-{mode}-load"))
+            gens[mode].unet.load_state_dict(torch.load(saved / "unet.pt", weights_only=True))
+            rows = [json.loads(line) for line in (saved / "metrics.jsonl").read_text().splitlines()]
+            loss = {"first": rows[0]["loss"], "last": rows[-1]["loss"], "reused_from": str(saved)}
+        else:
+            gens[mode] = timed(f"generator[{mode}]", lambda m=mode: train_generator(
+                bb, images, mode=m, config=cfg(p["gen_steps"], p["gen_lr"], warm, f"gen-{m}")))
+            loss = losses(f"gen-{mode}")
+        results[f"generator[{mode}]"] = {"config": generator_config(gens[mode]), "loss": loss}
     fb_warm = min(10, p["fb_steps"] // 8)
     tuned = {"shapes-tiny": bb}
     tuned["diva"] = timed("diva", lambda: diva(bb, gens["tokens"], images,
@@ -113,11 +124,21 @@ def run(params: dict, *, seed: int = 0, figures: Path | None = None, work: Path 
     tuned["un2clip"] = timed("un2clip", lambda: un2clip(bb, gens["global"], images,
                                                         config=cfg(p["fb_steps"], p["fb_lr"], fb_warm, "un2clip")))
     results["diva_loss"], results["un2clip_loss"] = losses("diva"), losses("un2clip")
+    # how well each frozen generator denoises held-out test scenes from the tower before / after
+    from cliplab.data.shapes import shapes_task
+
+    held = list(shapes_task("retrieval", "test", p["n_heldout"], seed=seed).items)
+    for name, mode in (("diva", "tokens"), ("un2clip", "global")):
+        results[f"heldout_denoising_error[{name}]"] = {
+            "before": denoising_error(gens[mode], held, seed=seed),
+            "after": denoising_error(gens[mode], held, visual=tuned[name].model.visual, seed=seed),
+            "before, conditions shuffled": denoising_error(gens[mode], held, seed=seed, shuffle_conditions=True)}
     for name, model in tuned.items():
         results["models"][name] = timed(f"eval[{name}]", lambda m=model: evaluate(
             m, n_pairs=p["n_pairs"], n_zeroshot=p["n_zeroshot"], seed=seed))
     results["timings_s"] = timings
     for mode, gen in gens.items():
+        (work / f"gen-{mode}").mkdir(parents=True, exist_ok=True)
         torch.save(gen.unet.state_dict(), work / f"gen-{mode}" / "unet.pt")
     if figures is not None:
         figures_out(bb, gens, results, Path(figures), seed=seed)
@@ -140,7 +161,7 @@ def figures_out(bb, gens, results, out_dir: Path, *, seed: int = 0) -> None:
     rows = [("input (64 px)", inputs)]
     for mode, label in (("global", "unCLIP-style\n(global emb.)"), ("tokens", "DIVA-style\n(tokens)")):
         rows.append((f"{label}\nsample", list(sample(gens[mode], inputs, steps=40, seed=seed))))
-        rows.append((f"{label}\nrecon. t=0.6T", list(sample(gens[mode], inputs, steps=25, seed=seed, start=0.6))))
+        rows.append((f"{label}\nrecon. from t=T/2", list(sample(gens[mode], inputs, steps=25, seed=seed, start=0.5))))
     fig, axes = plt.subplots(len(rows), len(inputs), figsize=(1.1 * len(inputs), 1.15 * len(rows)))
     for i, (label, ims) in enumerate(rows):
         for j, im in enumerate(ims):
@@ -204,13 +225,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--figures", default=None, help="write feedback_*.png into this folder")
     ap.add_argument("--work", default=None, help="keep the training runs (metrics, checkpoints) here")
+    ap.add_argument("--generators", default=None,
+                    help="reuse the generators a run with --work DIR saved there (gen-*/unet.pt)")
+    ap.add_argument("--fb-lr", type=float, default=None, help="learning rate of DIVA and un2CLIP")
+    ap.add_argument("--fb-steps", type=int, default=None, help="steps of DIVA and un2CLIP")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    results = run(QUICK if args.quick else FULL, seed=args.seed,
-                  figures=Path(args.figures) if args.figures else None, work=args.work)
-    results["command"] = "python benchmarks/feedback_shapes.py" + (" --quick" if args.quick else "") + \
-        (f" --seed {args.seed}" if args.seed else "")
+    params = dict(QUICK if args.quick else FULL)
+    params.update({k: v for k, v in (("fb_lr", args.fb_lr), ("fb_steps", args.fb_steps)) if v is not None})
+    results = run(params, seed=args.seed, figures=Path(args.figures) if args.figures else None, work=args.work,
+                  generators=args.generators)
+    results["command"] = "python benchmarks/feedback_shapes.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results["wall_s"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,4 +13,7 @@ The names below are imported on first use (:mod:`cliplab.lazy`).
 from ..lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    ".generator": ["ConditionalGenerator", "TinyUNet", "train_generator", "sample", "shapes_images"],
+    ".diva": ["diva"],
+    ".un2clip": ["un2clip"],
 })

@@ -7,10 +7,10 @@ ICLR 2025, arXiv:2407.20171; reference code github.com/baaivision/DIVA (commit d
 
 Algorithm (per step, images only, no text):
 
-1. condition c = visual_proj([cls, p_{i_1}, ..., p_{i_k}]): the class token and k patch
+1. condition c = [cls, p_{i_1}, ..., p_{i_k}]: the class token and k patch
    tokens drawn uniformly *with replacement* (``torch.randint``), each through ``ln_post``
-   and the tower's projection (reference: k = 76 of ViT-L/14's 256, plus the empty-prompt
-   text embedding the projected tokens are added to);
+   and the tower's projection (reference: k = 76 of ViT-L/14's 256, mapped by a new
+   ``visual_proj`` Linear(768, 1024) and added to the empty-prompt text embedding);
 2. for each image, ``train_steps = 2`` draws of t ~ U{0, ..., 999} and ε ~ N(0, I);
    x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε;
 3. loss = ||ε - ε_θ(x_t, t, c)||² (``mse_loss``), gradients into the CLIP vision tower and
@@ -27,30 +27,18 @@ Deviations
 - The generator is :class:`~cliplab.generative.generator.TinyUNet` in pixel space at 32 px,
   trained on ShapesWorld conditioned on the *frozen original* tower's tokens
   (:func:`~cliplab.generative.generator.train_generator` with ``mode="tokens"``), where the
-  reference uses Stable Diffusion 2.1 trained on text.  Hence ``visual_proj`` starts at the
-  identity (the generator already reads the tower's token space) instead of at random,
-  and there is no empty-prompt embedding to add it to.
+  reference uses Stable Diffusion 2.1 trained on text.  Hence no ``visual_proj``: the
+  generator already reads the tower's D-dimensional tokens (the reference needs it to map
+  CLIP's 768 to SD's 1024-wide context), and no empty-prompt embedding.
 - AdamW (the one Trainer) with a warm-up and cosine schedule instead of SGD with momentum
   0.9 at a constant lr 1e-4; 150 steps of 32 instead of 4,600 steps of 640.
-- ShapesWorld scenes instead of CC3M; the adapter is discarded afterwards, as in the reference.
+- ShapesWorld scenes instead of CC3M.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
-
 from ..errors import UsageError
 from .generator import ConditionalGenerator, finetune_through
-
-
-def identity_linear(dim: int) -> nn.Linear:
-    """DIVA's ``visual_proj`` (a Linear on the condition tokens), started at the identity."""
-    proj = nn.Linear(dim, dim)
-    with torch.no_grad():
-        proj.weight.copy_(torch.eye(dim))
-        proj.bias.zero_()
-    return proj
 
 
 def diva(backbone, generator: ConditionalGenerator, images, *, config=None, n_timesteps: int = 2,
@@ -98,5 +86,4 @@ def diva(backbone, generator: ConditionalGenerator, images, *, config=None, n_ti
     config = config or TrainConfig(steps=150, batch_size=32, lr=3e-5, warmup_steps=10, weight_decay=0.0,
                                    ckpt_every=0, log_every=25, out_dir="runs/diva")
     return finetune_through(backbone, generator, images, config=config, n_timesteps=n_timesteps,
-                            adapter=identity_linear(generator.cfg.cond_dim), name=f"{backbone.name}+diva",
-                            progress=progress)
+                            name=f"{backbone.name}+diva", progress=progress)

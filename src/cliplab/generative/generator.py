@@ -284,7 +284,7 @@ class _NoAttention(nn.Module):
 
 
 class ConditionalGenerator(nn.Module):
-    """A vision tower, an optional condition adapter and a :class:`TinyUNet`: what the Trainer trains.
+    """A vision tower and a :class:`TinyUNet`: what the Trainer trains.
 
     The same module serves the three stages; only what requires a gradient changes:
     training the generator (tower frozen), DIVA and un²CLIP (UNet frozen, tower trained).
@@ -296,15 +296,12 @@ class ConditionalGenerator(nn.Module):
     unet : TinyUNet
     mean, std : sequence of 3 floats
         The Backbone's normalisation (``preprocess_cfg``), to recover pixels.
-    adapter : nn.Module, optional
-        Maps the condition before the UNet (DIVA's ``visual_proj``); default identity.
     """
 
-    def __init__(self, visual: nn.Module, unet: TinyUNet, mean, std, adapter: nn.Module | None = None):
+    def __init__(self, visual: nn.Module, unet: TinyUNet, mean, std):
         super().__init__()
         self.visual = visual
         self.unet = unet
-        self.adapter = adapter if adapter is not None else nn.Identity()
         self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
         self.register_buffer("alphas_cumprod", ddpm_alphas_cumprod(unet.cfg.steps), persistent=False)
 
@@ -313,8 +310,8 @@ class ConditionalGenerator(nn.Module):
         return self.unet.cfg
 
     def condition(self, images: torch.Tensor) -> torch.Tensor:
-        """The (adapted) condition of Backbone-normalised images (B, 3, H, W)."""
-        return self.adapter(clip_condition(self.visual, images, self.cfg.mode, self.cfg.n_tokens))
+        """The condition of Backbone-normalised images (B, 3, H, W)."""
+        return clip_condition(self.visual, images, self.cfg.mode, self.cfg.n_tokens)
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """x_0: the images in [-1, 1] at the generator's size (B, 3, S, S)."""
@@ -453,6 +450,45 @@ def generator_config(gen: ConditionalGenerator) -> dict:
     return asdict(gen.cfg)
 
 
+@torch.no_grad()
+def denoising_error(gen: ConditionalGenerator, images, *, visual: nn.Module | None = None, n_timesteps: int = 4,
+                    seed: int = 0, batch_size: int = 64, shuffle_conditions: bool = False) -> float:
+    """The generator's ``L_simple`` on ``images`` at seeded timesteps and noise (a held-out score).
+
+    Parameters
+    ----------
+    gen : ConditionalGenerator
+    images : sequence of uint8 arrays (S, S, 3) at the Backbone's size
+    visual : open_clip VisionTransformer, optional
+        Condition on this tower instead of ``gen.visual`` (a fine-tuned one: how well the
+        frozen generator reads it).
+    n_timesteps : int, default 4
+        Draws per image; the draws (timesteps, noise, tokens) depend only on ``seed``, so
+        two calls with the same seed see the same draws.
+    shuffle_conditions : bool, default False
+        Give every image the condition of the next one in its batch: the rise of the error
+        over the matched condition is how much the generator uses the condition (the
+        signal generative feedback can pass to the tower).
+    """
+    probe = ConditionalGenerator(visual if visual is not None else gen.visual, gen.unet, gen.mean, gen.std).eval()
+    total, n = 0.0, 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(0, len(images), batch_size):
+            x = _images_tensor(gen, images[i:i + batch_size])
+            cond = probe.condition(x)                                          # (B, D) or (B, K, D)
+            if shuffle_conditions:
+                cond = cond.roll(1, dims=0)
+            x0 = probe.pixels(x).repeat(n_timesteps, 1, 1, 1)                  # (nB, 3, S, S)
+            cond = cond.repeat(n_timesteps, *([1] * (cond.ndim - 1)))
+            t = torch.randint(0, gen.cfg.steps, (x0.shape[0],))
+            noise = torch.randn_like(x0)
+            eps = gen.unet(q_sample(x0, t, noise, gen.alphas_cumprod), t, cond)
+            total += float(F.mse_loss(eps, noise, reduction="sum")) / eps[0].numel()
+            n += eps.shape[0]
+    return total / n
+
+
 # ----------------------------------------------------------------------------- sampling
 
 
@@ -511,14 +547,14 @@ def sample(gen: ConditionalGenerator, images, *, steps: int = 50, seed: int = 0,
 # ----------------------------------------------------------------------------- feedback
 
 
-def finetune_through(backbone, gen: ConditionalGenerator, images, *, config, adapter: nn.Module | None = None,
-                     n_timesteps: int = 1, name: str, progress: bool | None = None):
+def finetune_through(backbone, gen: ConditionalGenerator, images, *, config, n_timesteps: int = 1, name: str,
+                     progress: bool | None = None):
     """Fine-tune ``backbone``'s vision tower by the denoising loss of the frozen generator ``gen``.
 
     What DIVA and un²CLIP share: a copy of the Backbone's model whose vision tower alone
     requires a gradient (the text tower, ``logit_scale`` and everything else stay frozen),
-    a frozen copy of ``gen``'s UNet conditioned on that tower (plus the trainable
-    ``adapter``, discarded afterwards), :class:`DenoisingObjective` through the Trainer.
+    ``gen``'s UNet, frozen, conditioned on that tower, :class:`DenoisingObjective` through
+    the Trainer.
 
     Returns
     -------
@@ -534,12 +570,19 @@ def finetune_through(backbone, gen: ConditionalGenerator, images, *, config, ada
     model = copy.deepcopy(backbone.model).float()
     model.requires_grad_(False)
     model.visual.requires_grad_(True)
-    student = ConditionalGenerator(model.visual, _frozen(copy.deepcopy(gen.unet)), gen.mean, gen.std,
-                                   adapter=adapter)
+    unet = gen.unet
+    was = {n: p.requires_grad for n, p in unet.named_parameters()}
+    unet.requires_grad_(False)          # frozen: the gradient passes through it to the condition only
+    student = ConditionalGenerator(model.visual, unet, gen.mean, gen.std)
     train_set = images if hasattr(images, "__getitem__") and not isinstance(images, (list, tuple)) else ImageSet(images)
     logger.info("%s: fine-tuning the vision tower (%d parameters) through the frozen generator for %d steps",
                 name, sum(p.numel() for p in student.parameters() if p.requires_grad), config.steps)
-    Trainer(student, None, None, train_set, config, objective=DenoisingObjective(n_timesteps=n_timesteps),
-            preprocess_cfg=_pp_cfg(backbone), progress=progress).fit()
+    try:
+        Trainer(student, None, None, train_set, config, objective=DenoisingObjective(n_timesteps=n_timesteps),
+                preprocess_cfg=_pp_cfg(backbone), progress=progress).fit()
+    finally:
+        unet.eval()
+        for n, p in unet.named_parameters():
+            p.requires_grad_(was[n])
     model.requires_grad_(False)
     return backbone.with_model(model.eval(), name=name)
