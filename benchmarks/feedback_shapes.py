@@ -16,7 +16,10 @@ Training images are unlabelled ShapesWorld train scenes (1-3 objects) plus, by d
 seen).  Every stage is seeded.
 
 Usage: python benchmarks/feedback_shapes.py [--quick] [--seed 0] [--out FILE] [--figures DIR]
-Default run: about 10 minutes on one CPU thread.  ``--quick``: seconds (a smoke run).
+       [--work DIR] [--generators DIR] [--fb-lr LR] [--fb-steps N]
+Default run: about 6 minutes of one CPU thread.  ``--quick``: seconds (a smoke run).
+``--work DIR`` keeps the runs and saves the generators; ``--generators DIR`` reuses them
+(the training is seeded, so this only skips repeating it).
 Writes benchmarks/results/feedback_shapes.json and prints a one-line summary.
 """
 
@@ -74,9 +77,7 @@ def run(params: dict, *, seed: int = 0, figures: Path | None = None, work: Path 
         generators: Path | None = None) -> dict:
     import cliplab
     from cliplab.generative.diva import diva
-    from cliplab.generative.generator import (
-        GeneratorConfig, TinyUNet, denoising_error, generator_config, shapes_images, train_generator,
-    )
+    from cliplab.generative.generator import denoising_error, generator_config, shapes_images, train_generator
     from cliplab.generative.un2clip import un2clip
     from cliplab.train import TrainConfig
 
@@ -151,7 +152,6 @@ def figures_out(bb, gens, results, out_dir: Path, *, seed: int = 0) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     from cliplab.data.shapes import shapes_task
     from cliplab.generative.generator import sample
@@ -188,7 +188,6 @@ def figures_out(bb, gens, results, out_dir: Path, *, seed: int = 0) -> None:
     fig.tight_layout()
     _save(fig, out_dir / "feedback_pairs.png")
     plt.close(fig)
-    del Image
 
 
 def _save(fig, path: Path) -> None:
