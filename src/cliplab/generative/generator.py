@@ -385,6 +385,13 @@ def shapes_images(n: int, *, split: str = "train", seed: int = 0, pairs_fraction
     return images
 
 
+def _train_set(images):
+    """A Trainer set of ``images``: a sequence or an array of uint8 images, or a set already."""
+    if isinstance(images, (list, tuple, np.ndarray)):
+        return ImageSet(images)
+    return images
+
+
 def _frozen(module: nn.Module) -> nn.Module:
     module.requires_grad_(False)
     return module.eval()
@@ -429,7 +436,7 @@ def train_generator(backbone, images, *, mode: str = "global", config=None, gen_
     gen = ConditionalGenerator(_frozen(copy.deepcopy(backbone.model.visual)), unet, pp["mean"], pp["std"])
     config = config or TrainConfig(steps=400, batch_size=32, lr=2e-3, warmup_steps=50, weight_decay=0.0,
                                    ckpt_every=0, log_every=50, out_dir="runs/generator")
-    train_set = images if hasattr(images, "__getitem__") and not isinstance(images, (list, tuple)) else ImageSet(images)
+    train_set = _train_set(images)
     logger.info("training a %s-conditioned generator (%d parameters) for %d steps", mode,
                 sum(p.numel() for p in unet.parameters()), config.steps)
     Trainer(gen, None, None, train_set, config, objective=DenoisingObjective(n_timesteps=n_timesteps),
@@ -475,13 +482,13 @@ def denoising_error(gen: ConditionalGenerator, images, *, visual: nn.Module | No
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for i in range(0, len(images), batch_size):
-            x = _images_tensor(gen, images[i:i + batch_size])
+            x = _images_tensor(gen, images[i:i + batch_size]).to(gen.alphas_cumprod.device)
             cond = probe.condition(x)                                          # (B, D) or (B, K, D)
             if shuffle_conditions:
                 cond = cond.roll(1, dims=0)
             x0 = probe.pixels(x).repeat(n_timesteps, 1, 1, 1)                  # (nB, 3, S, S)
             cond = cond.repeat(n_timesteps, *([1] * (cond.ndim - 1)))
-            t = torch.randint(0, gen.cfg.steps, (x0.shape[0],))
+            t = torch.randint(0, gen.cfg.steps, (x0.shape[0],), device=x0.device)
             noise = torch.randn_like(x0)
             eps = gen.unet(q_sample(x0, t, noise, gen.alphas_cumprod), t, cond)
             total += float(F.mse_loss(eps, noise, reduction="sum")) / eps[0].numel()
@@ -522,7 +529,8 @@ def sample(gen: ConditionalGenerator, images, *, steps: int = 50, seed: int = 0,
     if not 0 < start <= 1:
         raise UsageError(f"start must be in (0, 1], got {start}")
     gen = gen.eval()
-    x_in = _images_tensor(gen, images)
+    device = gen.alphas_cumprod.device
+    x_in = _images_tensor(gen, images).to(device)
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -532,16 +540,16 @@ def sample(gen: ConditionalGenerator, images, *, steps: int = 50, seed: int = 0,
     ts = np.linspace(t_first, 0, steps).round().astype(int)
     a = gen.alphas_cumprod
     S = gen.cfg.image_size
-    noise = torch.randn(len(x_in), 3, S, S, generator=g)
-    x = noise if start >= 1 else q_sample(gen.pixels(x_in), torch.full((len(x_in),), t_first), noise, a)
+    noise = torch.randn(len(x_in), 3, S, S, generator=g).to(device)
+    x = noise if start >= 1 else q_sample(gen.pixels(x_in), torch.full((len(x_in),), t_first, device=device), noise, a)
     for i, t in enumerate(ts):
-        tt = torch.full((len(x),), int(t), dtype=torch.long)
+        tt = torch.full((len(x),), int(t), dtype=torch.long, device=device)
         eps = gen.unet(x, tt, cond)
         a_t = a[t]
         x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)       # predicted x_0
-        a_prev = a[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+        a_prev = a[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, device=device)
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps                    # DDIM eq. 12, σ = 0
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- feedback
@@ -567,14 +575,15 @@ def finetune_through(backbone, gen: ConditionalGenerator, images, *, config, n_t
     if gen.cfg.cond_dim != backbone.embed_dim:
         raise UsageError(f"the generator is conditioned on {gen.cfg.cond_dim}-d features, the Backbone "
                          f"embeds in {backbone.embed_dim}")
-    model = copy.deepcopy(backbone.model).float()
+    dtype = next(backbone.model.parameters()).dtype
+    model = copy.deepcopy(backbone.model).float()       # trained in fp32, returned in the Backbone's dtype
     model.requires_grad_(False)
     model.visual.requires_grad_(True)
     unet = gen.unet
     was = {n: p.requires_grad for n, p in unet.named_parameters()}
     unet.requires_grad_(False)          # frozen: the gradient passes through it to the condition only
     student = ConditionalGenerator(model.visual, unet, gen.mean, gen.std)
-    train_set = images if hasattr(images, "__getitem__") and not isinstance(images, (list, tuple)) else ImageSet(images)
+    train_set = _train_set(images)
     logger.info("%s: fine-tuning the vision tower (%d parameters) through the frozen generator for %d steps",
                 name, sum(p.numel() for p in student.parameters() if p.requires_grad), config.steps)
     try:
@@ -585,4 +594,4 @@ def finetune_through(backbone, gen: ConditionalGenerator, images, *, config, n_t
         for n, p in unet.named_parameters():
             p.requires_grad_(was[n])
     model.requires_grad_(False)
-    return backbone.with_model(model.eval(), name=name)
+    return backbone.with_model(model.to(device=backbone.device, dtype=dtype).eval(), name=name)
