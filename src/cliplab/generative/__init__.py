@@ -21,4 +21,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     ".softpromptcomp": ["SoftPromptComp", "train_softpromptcomp", "load_softpromptcomp"],
     ".capsulator": ["Capsulator"],
     ".vladva": ["train_vladva", "save_vladva", "load_vladva", "VladVAObjective", "VladVAModel", "VladVASet"],
+    ".generator": ["ConditionalGenerator", "TinyUNet", "train_generator", "sample", "shapes_images"],
+    ".diva": ["diva"],
+    ".un2clip": ["un2clip"],
 })

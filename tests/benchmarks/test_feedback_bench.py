@@ -1,0 +1,32 @@
+"""benchmarks/feedback_shapes.py: the quick run writes every number the docs table reads."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_run_and_table(tmp_path):
+    spec = importlib.util.spec_from_file_location("feedback_bench", ROOT / "benchmarks" / "feedback_shapes.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--quick", "--out", str(tmp_path / "r.json"), "--work", str(tmp_path / "work")])
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert list(res["models"]) == ["shapes-tiny", "diva", "un2clip"]
+    for r in res["models"].values():
+        assert 0 <= r["pair_accuracy"] <= 1 and 0 <= r["zeroshot_color_shape"] <= 1
+        assert len(r["solved"]) == bench.QUICK["n_pairs"]
+        assert abs(r["pair_accuracy"] - sum(r["solved"]) / len(r["solved"])) < 1e-9   # the verdicts add up
+    for name in ("diva", "un2clip"):
+        err = res[f"heldout_denoising_error[{name}]"]
+        assert err["before"] > 0 and err["after"] > 0
+    assert (tmp_path / "work" / "gen-global" / "unet.pt").exists()
+    table = bench.table_markdown(res).splitlines()
+    assert len(table) == 5 and table[2].startswith("| `shapes-tiny` |") and "| +0.0 |" in table[2]

@@ -1,0 +1,79 @@
+"""DIVA and un²CLIP: only the vision tower trains; the generator and the text tower stay bit-identical."""
+
+import numpy as np
+import pytest
+import torch
+
+from cliplab.errors import UsageError
+from cliplab.generative.diva import diva
+from cliplab.generative.generator import denoising_error, train_generator
+from cliplab.generative.un2clip import un2clip
+from cliplab.train import TrainConfig
+
+GEN = {"image_size": 16, "width": 8, "mults": (1, 2), "n_tokens": 4}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small convolutions: a second thread only spins (and is many times slower on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def blobs(n, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        im = np.full((size, size, 3), 128, np.uint8)
+        x, y = rng.integers(0, size - 10, 2)
+        im[y:y + 10, x:x + 10] = rng.integers(0, 256, 3)
+        out.append(im)
+    return out
+
+
+def config(tmp_path, name, steps, lr):
+    return TrainConfig(steps=steps, batch_size=8, lr=lr, warmup_steps=0, weight_decay=0.0, ckpt_every=0,
+                       log_every=1, out_dir=str(tmp_path / name))
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("method, mode", [(diva, "tokens"), (un2clip, "global")])
+def test_only_the_vision_tower_changes(tiny, tmp_path, method, mode):
+    images = blobs(8)
+    gen = train_generator(tiny, images, mode=mode, config=config(tmp_path, "gen", 3, 3e-3), gen_config=GEN)
+    gen_before, model_before = snapshot(gen.unet), snapshot(tiny.model)
+    tuned = method(tiny, gen, images, config=config(tmp_path, "fb", 4, 1e-3))
+    assert tuned.name == f"{tiny.name}+{method.__name__}"
+    for k, v in gen.unet.state_dict().items():                             # the frozen generator
+        assert torch.equal(v, gen_before[k]), k
+    assert not any(p.requires_grad for p in gen.unet.parameters())
+    after = tuned.model.state_dict()
+    changed = [k for k in after if not torch.equal(after[k], model_before[k])]
+    assert changed and all(k.startswith("visual.") for k in changed), changed  # text tower, logit_scale intact
+    assert "visual.proj" in changed
+    for k, v in tiny.model.state_dict().items():                          # the input Backbone is not touched
+        assert torch.equal(v, model_before[k]), k
+    texts = ["a red square", "a blue square"]
+    # same weights; only torch's attention kernel may differ (frozen parameters take its fast path)
+    np.testing.assert_allclose(tuned.encode_texts(texts), tiny.encode_texts(texts), atol=1e-6)
+    x_old, x_new = tiny.encode_images(images[:4]).features, tuned.encode_images(images[:4]).features
+    assert x_new.shape == x_old.shape and not np.array_equal(x_new, x_old)  # a usable Backbone, changed
+    err = denoising_error(gen, images, seed=3)                             # seeded: a fixed held-out score
+    assert err == denoising_error(gen, images, seed=3) and 0 < err < 2
+    assert denoising_error(gen, images, visual=tuned.model.visual, seed=3) != err
+    assert denoising_error(gen, images, seed=3, shuffle_conditions=True) != err    # other conditions, same draws
+
+
+def test_each_method_refuses_the_other_condition(tiny, tmp_path):
+    images = blobs(8)
+    gen = train_generator(tiny, images, mode="global", config=config(tmp_path, "gen", 1, 1e-3), gen_config=GEN)
+    with pytest.raises(UsageError, match="mode='tokens'"):
+        diva(tiny, gen, images, config=config(tmp_path, "fb", 1, 1e-3))
+    gen.unet.cfg.mode = "tokens"
+    with pytest.raises(UsageError, match="mode='global'"):
+        un2clip(tiny, gen, images, config=config(tmp_path, "fb", 1, 1e-3))
