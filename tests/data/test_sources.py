@@ -294,3 +294,16 @@ def test_brace_pattern_cannot_size_the_shard_list(monkeypatch):
         sources.expand_braces("s{0..1}{0..2}")
     with pytest.raises(DataError, match="over the limit of 4"):
         sources.expand_braces("s{0..4}")
+
+
+def test_table_messages_name_the_command_line_option(tmp_path):
+    """A missing caption column or key names --caption-key; a folder is called a folder."""
+    (tmp_path / "t.csv").write_text("filepath,text_\na.png,x\n")
+    with pytest.raises(DataError, match=r"--caption-key \(caption_key= in Python\)"):
+        read_caption_table(tmp_path / "t.csv", caption_key="nosuch")
+    (tmp_path / "t.jsonl").write_text(json.dumps({"filepath": "a.png", "nosuch": "x"}) + "\n")
+    log = SkipLog()
+    assert read_caption_table(tmp_path / "t.jsonl", skip_log=log) == []
+    assert "no 'caption' key (name the caption key with --caption-key" in log.to_list()[0].reason
+    with pytest.raises(DataError, match="is a folder"):
+        read_caption_table(tmp_path)

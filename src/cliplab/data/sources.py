@@ -284,7 +284,8 @@ def read_table_header(path, columns: dict | None = None, *,
         key = pick_column(given, aliases, header)
         if key is None:
             raise DataError(f"{path}:1: no column {given!r} in header {header}; "
-                            f"rename the column or pass {option}=<column name>")
+                            f"rename the column or name it with --{option.replace('_', '-')} "
+                            f"({option}= in Python)")
         index[option] = header.index(key)
     return header, index
 
@@ -345,6 +346,8 @@ def read_caption_table(
         The file is missing, of an unknown type, or lacks the image or caption column.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; pass the path of a .csv, .tsv or .jsonl table")
     if not path.is_file():
         raise DataError(f"{path}: no such file; pass the path of a .csv, .tsv or .jsonl table")
     suffix = path.suffix.lower()
@@ -476,6 +479,10 @@ def _jsonl_rows(path: Path, image_key: str, caption_key: str, skip_log: SkipLog)
                 continue
             captions, dropped = _caption_list(obj[ckey]) if ckey is not None else ([], [])
             _count_dropped_captions(skip_log, f"{path}:{line_no}", ckey, captions, dropped)
+            if ckey is None:
+                skip_log.add(f"{path}:{line_no}", f"malformed row: no {caption_key!r} key (name the caption "
+                             "key with --caption-key, caption_key= in Python)", index=line_no)
+                continue
             if not captions:
                 skip_log.add(f"{path}:{line_no}", f"empty caption: no {caption_key!r} text", index=line_no)
                 continue
