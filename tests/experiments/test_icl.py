@@ -124,11 +124,11 @@ def test_distance_within_the_bound_over_a_random_sweep():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="expected A"):
+    with pytest.raises(UsageError, match="expected A"):
         compare_icl_gd(torch.zeros(3, 2), torch.zeros(2), torch.zeros(2), 0.1)
-    with pytest.raises(ValueError, match="step size"):
+    with pytest.raises(UsageError, match="step size"):
         gd_step(torch.zeros(3, 2), torch.zeros(3), torch.zeros(2), -0.1)
-    with pytest.raises(ValueError, match="d must be"):
+    with pytest.raises(UsageError, match="d must be"):
         run_icl_experiment((2,), (0.1,), d=0)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from cliplab.errors import UsageError
 from cliplab.generative.vladva import (VladVAModel, VladVAObjective, VladVASet, adapt_backbone,
-                                       attach_soft_prompt, caption_vocabulary, load_vladva, ntp_loss,
+                                       attach_soft_prompt, ntp_vocabulary, load_vladva, ntp_loss,
                                        save_vladva, soft_prompt_of, train_vladva)
 from cliplab.train.losses.base import ModelOutputs
 
@@ -146,7 +146,7 @@ def test_save_load_round_trip_and_merge(tiny, trained, tmp_path):
 
 def test_vocabulary_and_model_shapes(tiny, world):
     adapted = adapt_backbone(tiny, n_prompts=2)
-    vocab = caption_vocabulary(adapted.tokenizer, [world.scene("train", i).long_caption for i in range(8)])
+    vocab = ntp_vocabulary(adapted.tokenizer, [world.scene("train", i).long_caption for i in range(8)])
     assert vocab.ndim == 1 and (vocab > 0).all() and 49407 in vocab.tolist()   # end-of-text is predicted
     model = VladVAModel(adapted.model, vocab, n_image_tokens=3)
     assert model.image_proj.out_features == 3 * adapted.model.token_embedding.weight.shape[1]

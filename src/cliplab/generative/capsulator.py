@@ -108,6 +108,8 @@ class Capsulator:
     ----------
     common_ : ndarray (D,) or None
         The corpus mean unit feature m, set by :meth:`fit` (None before).
+    n_cut_ : int
+        Texts of the last :meth:`compress` call cut at the token level (no unit fitted).
 
     Examples
     --------
@@ -128,6 +130,7 @@ class Capsulator:
             raise UsageError(f"{backbone.name}: counting capsule tokens needs a BPE tokenizer with encode()")
         self.backbone, self.budget, self.target, self.compact_forms = backbone, budget, target, compact_forms
         self.common_ = None
+        self.n_cut_ = 0
 
     def fit(self, texts: Sequence[str]) -> "Capsulator":
         """Learn the common direction m: the mean feature of the units of ``texts`` (a training corpus).
@@ -181,11 +184,14 @@ class Capsulator:
         Returns
         -------
         list of str, or (list of str, ndarray (N,))
-            A text that already fits the budget is its own capsule (score of itself).
+            A text that already fits the budget is its own capsule (score of itself).  A text
+        none of whose units fits the budget (a long URL, a run-on word) is cut to its first
+        ``budget - 2`` tokens instead of becoming empty; :attr:`n_cut_` counts these.
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not all(isinstance(t, str) for t in texts):
             raise UsageError("texts must be strings")
+        self.n_cut_ = 0
         goals = self.targets(texts) if texts else np.zeros((0, self.backbone.embed_dim), np.float32)
         caps, scores = [], []
         with progress_bar(total=len(texts), progress=progress if len(texts) > 1 else False,
@@ -222,5 +228,18 @@ class Capsulator:
                 break
             best = float(s[j])
             chosen[cands[j][0]] = cands[j][1]
-        capsule = " ".join(chosen[j] for j in sorted(chosen))
-        return capsule, (best if chosen else float("nan"))
+        if not chosen:                                                        # no unit fits (one long URL, ...)
+            capsule = self._cut(text, self.budget)
+            self.n_cut_ += 1
+            return capsule, float(self.backbone.encode_texts([capsule], progress=False)[0] @ goal)
+        return " ".join(chosen[j] for j in sorted(chosen)), best
+
+    def _cut(self, text: str, limit: int) -> str:
+        """``text``'s first ``limit - 2`` tokens, decoded: the fallback when no whole unit fits."""
+        tok = self.backbone.tokenizer
+        ids = tok.encode(text)[:max(limit - 2, 1)]
+        cut = tok.decode(ids).strip() if hasattr(tok, "decode") else ""
+        while cut and self.n_tokens(cut) > limit:                             # a decode that re-tokenises longer
+            ids = ids[:-1]
+            cut = tok.decode(ids).strip()
+        return cut
