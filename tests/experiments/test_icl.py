@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cliplab.errors import UsageError
 from cliplab.experiments import (ICLWeightShiftResult, attention_context_shift, compare_icl_gd, gd_step,
                                  run_icl_experiment, softmax_regression_grad, softmax_regression_loss)
 
