@@ -138,6 +138,10 @@ def test_benchmark_quick_run(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "r.json"
-    mod.main(["--quick", "--out", str(out), "--no-figure"])
+    threads = torch.get_num_threads()
+    try:
+        mod.main(["--quick", "--out", str(out), "--no-figure"])
+    finally:
+        torch.set_num_threads(threads)
     data = json.loads(out.read_text())
     assert data["within_bound"] is True and data["rows"] and data["config"]["trials"] == 8

@@ -65,7 +65,8 @@ Deviations
   new and trained.
 - The LM head is tied to the frozen token embedding over the caption vocabulary (|V| = 66
   token ids on the long captions of 1,024 ShapesWorld scenes) instead of the full
-  49,408-token softmax; targets outside V are ignored (none in the next 8,000 scenes).
+  49,408-token softmax; targets outside V are ignored (none in the next 8,000 scenes:
+  ``python benchmarks/vladva_shapes.py --vocabulary``, benchmarks/results/vladva_vocabulary.json).
 - Long captions are cut to the text tower's context (32 tokens for shapes-tiny), so the
   NTP target is the first ~30 tokens of a 28-110-token ShapesWorld long caption.
 - One soft prompt serves both passes (the embedding and the next-token one); the paper
