@@ -118,7 +118,7 @@ def test_a_text_without_any_unit_within_the_budget_is_cut_not_emptied(shapes_tin
     cap = Capsulator(shapes_tiny, budget=12)
     (capsule,), scores = cap.compress([url], return_scores=True)
     assert capsule and cap.n_tokens(capsule) <= 12 and np.isfinite(scores[0])
-    assert url.startswith(capsule.replace(" ", "")[:8]) and cap.n_cut_ == 1
+    assert url.startswith(capsule) and cap.n_tokens(url[:len(capsule) + 1]) > 12 and cap.n_cut_ == 1
     cap.compress(["a red circle. a blue star."])
     assert cap.n_cut_ == 0                                       # counted per call
     table = tmp_path / "t.jsonl"

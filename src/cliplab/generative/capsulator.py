@@ -191,7 +191,7 @@ class Capsulator:
         list of str, or (list of str, ndarray (N,))
             A text that already fits the budget is its own capsule (score of itself).  A unit
         whose first word alone exceeds the budget (a long URL, a run-on word) is cut to its
-        first ``budget - 2`` tokens instead of being dropped, so no capsule is empty;
+        longest prefix within the budget instead of being dropped, so no capsule is empty;
         :attr:`n_cut_` counts the capsules holding such a cut.
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -245,11 +245,16 @@ class Capsulator:
         return " ".join(chosen[j] for j in sorted(chosen)), best
 
     def _cut(self, text: str, limit: int) -> str:
-        """``text``'s first ``limit - 2`` tokens, decoded: the fallback when no whole unit fits."""
-        tok = self.backbone.tokenizer
-        ids = tok.encode(text)[:max(limit - 2, 1)]
-        cut = tok.decode(ids).strip() if hasattr(tok, "decode") else ""
-        while cut and self.n_tokens(cut) > limit:                             # a decode that re-tokenises longer
-            ids = ids[:-1]
-            cut = tok.decode(ids).strip()
-        return cut
+        """The longest prefix of ``text`` within ``limit`` tokens: the fallback when no whole word fits.
+
+        A bisection over the prefix's length in characters, so the capsule keeps the
+        text's own characters (a decode of the first tokens would space them out).
+        """
+        lo, hi = 0, len(text)                                                 # text[:lo] fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.n_tokens(text[:mid].strip()) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        return text[:lo].strip()
