@@ -100,7 +100,9 @@ def main(argv=None) -> dict:
              "projection": projection(bb, test_in / 255.0, res.vector)},
             {"method": "well-lit ground truth", "seed": None, "psnr": None, "ssim": None,
              "projection": projection(bb, test_gt / 255.0, res.vector)}]
-    print(f"residual: thr {res.threshold:.4f}")
+    mean_pixel = {"backlit": float(test_in.mean() / 255.0), "well_lit": float(test_gt.mean() / 255.0)}
+    print(f"residual: thr {res.threshold:.4f}; mean pixel backlit {mean_pixel['backlit']:.3f}, "
+          f"well-lit {mean_pixel['well_lit']:.3f}")
     if args.probe:
         probe = gain_probe(bb, test_in, test_gt, res.vector)
         for r in probe:
@@ -109,7 +111,7 @@ def main(argv=None) -> dict:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps({"benchmark": "rave_shapes --probe", "model": "shapes-tiny",
                                         "threshold": res.threshold, "n_test": args.n_test, "n_train": args.n_train,
-                                        "inputs": rows, "gains": probe}, indent=2) + "\n")
+                                        "mean_pixel": mean_pixel, "inputs": rows, "gains": probe}, indent=2) + "\n")
         print(f"wrote {out_path}")
         return {"gains": probe}
     for r in rows:
@@ -136,7 +138,7 @@ def main(argv=None) -> dict:
         "benchmark": "rave_shapes", "model": "shapes-tiny", "domain": "backlit",
         "config": {k: getattr(args, k) for k in ("steps", "seeds", "width", "lr", "batch_size", "n_train",
                                                  "n_test", "quick")},
-        "threshold": res.threshold, "rows": rows, "summary": summary,
+        "threshold": res.threshold, "mean_pixel": mean_pixel, "rows": rows, "summary": summary,
         "guided_beats_unguided_psnr": summary["guided"]["psnr"]["mean"] > summary["unguided"]["psnr"]["mean"],
         "wall_s": round(time.perf_counter() - tic, 1), "torch_threads": torch.get_num_threads(),
     }

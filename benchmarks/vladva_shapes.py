@@ -16,9 +16,13 @@ computed once with the base model):
   own caption; per detail: size, position, count), the 4-way relation caption choice of
   ``shapes:relation`` and zero-shot count accuracy (``shapes:count``, "a photo of {c}.").
 
+The JSON also records the LM head's vocabulary (token ids of the first 1,024 training long
+captions) and how many next-token targets of the following 8,000 scenes fall outside it.
+
 Usage: python benchmarks/vladva_shapes.py [--steps 120] [--seeds 0,1] [--lambdas 1,0.1,0] [--quick]
+       python benchmarks/vladva_shapes.py --vocabulary     (seconds: only the vocabulary coverage)
 Writes benchmarks/results/vladva_shapes.json (and docs/generative/vladva_curves.png unless
---quick) and prints a one-line summary.
+--quick; vladva_vocabulary.json with --vocabulary) and prints a one-line summary.
 """
 
 from __future__ import annotations
@@ -82,6 +86,24 @@ def scores(backbone, data: dict, feats: dict) -> dict:
     return out
 
 
+def vocabulary_coverage(backbone, n_vocab: int = 1024, n_check: int = 8000) -> dict:
+    """The LM head's vocabulary (token ids of the first ``n_vocab`` training long captions, as
+    ``train_vladva`` builds it) and how many next-token targets of the following ``n_check``
+    scenes fall outside it (those targets are ignored in training)."""
+    import torch
+
+    from cliplab.generative.vladva import VladVASet, ntp_vocabulary, vladva_world
+
+    data = VladVASet(vladva_world())
+    tokenize = lambda texts: backbone.tokenizer(list(texts))   # noqa: E731  (cut at the context, as in training)
+    vocab = ntp_vocabulary(tokenize, data.long_captions(n_vocab))                 # (V,)
+    later = [data.world.scene("train", i).long_caption for i in range(n_vocab, min(n_vocab + n_check, len(data)))]
+    ids = tokenize(later)[:, 1:]                                                  # (N, T - 1), the targets
+    outside = (ids != 0) & ~torch.isin(ids, vocab)
+    return {"size": int(len(vocab)), "vocab_scenes": n_vocab, "checked_scenes": len(later),
+            "targets_outside": int(outside.sum()), "scenes_with_targets_outside": int(outside.any(1).sum())}
+
+
 def run_name(lam: float) -> str:
     return "contrastive only (λ=0)" if lam == 0 else f"joint (λ={lam:g})"
 
@@ -127,7 +149,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-every", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="a few steps on tiny sets (a smoke test)")
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--vocabulary", action="store_true",
+                    help="only the LM head's vocabulary coverage (seconds; writes vladva_vocabulary.json)")
+    ap.add_argument("--out", default=None, help=f"JSON result (default {RESULTS.name} in benchmarks/results)")
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.batch_size, args.seeds, args.n, args.n_pairs, args.eval_every = 3, 8, "0", 24, 12, 3
@@ -140,11 +164,21 @@ def main(argv=None) -> dict:
     import cliplab
     from cliplab.generative.vladva import train_vladva
 
+    if args.vocabulary:
+        cov = vocabulary_coverage(cliplab.load("shapes-tiny"))
+        path = Path(args.out) if args.out else RESULTS.parent / "vladva_vocabulary.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"benchmark": "vladva_shapes --vocabulary", "vocabulary": cov}, indent=2) + "\n")
+        print(f"vladva vocabulary: {cov}; wrote {path}")
+        return cov
+    args.out = args.out or str(RESULTS)
+
     t0 = time.perf_counter()
     base = cliplab.load("shapes-tiny")
     data = load_data(args.n, args.n_pairs)
     feats = image_feats(base, data)
     rows = [{"run": "shapes-tiny (not adapted)", "ntp_weight": None, "seed": None, **scores(base, data, feats)}]
+    coverage = vocabulary_coverage(base, n_check=64 if args.quick else 8000)
     for seed in [int(s) for s in args.seeds.split(",") if s]:
         for lam in lambdas:
             name, curve = run_name(lam), []
@@ -178,8 +212,8 @@ def main(argv=None) -> dict:
     out = {"benchmark": "vladva_shapes", "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
            "seeds": args.seeds, "n": args.n, "n_pairs": args.n_pairs, "threads": args.threads,
            "command": "python benchmarks/vladva_shapes.py" + (" --quick" if args.quick else " " + " ".join(
-               f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "quick"))),
-           "seconds": round(time.perf_counter() - t0, 1), "summary": summary, "rows": rows}
+               f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "quick", "vocabulary"))),
+           "seconds": round(time.perf_counter() - t0, 1), "vocabulary": coverage, "summary": summary, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     if not args.quick:

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -12,7 +14,11 @@ def test_quick_run_writes_rows_and_summary(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "vladva.json"
-    mod.main(["--quick", "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        mod.main(["--quick", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
     result = json.loads(out.read_text())
     runs = [r["run"] for r in result["rows"]]
     assert runs == ["shapes-tiny (not adapted)", "joint (λ=1)", "contrastive only (λ=0)"]
@@ -21,3 +27,12 @@ def test_quick_run_writes_rows_and_summary(tmp_path):
     assert [c["step"] for c in joint["curve"]] == [3]
     for name in runs[1:]:
         assert 0 <= result["summary"][name]["t2i_r1"]["mean"] <= 1 and result["summary"][name]["n_seeds"] == 1
+    # the vocabulary record and the base row, recomputed here
+    assert 0 < result["vocabulary"]["size"] < 49408 and result["vocabulary"]["checked_scenes"] == 64
+    import cliplab
+    from cliplab.data.shapes import shapes_task
+
+    base, cnt = cliplab.load("shapes-tiny"), shapes_task("count", "test", 24, seed=0)
+    img = base.encode_images(list(cnt.items), progress=False).features
+    txt = base.encode_texts([f"a photo of {c}." for c in cnt.classnames], progress=False)
+    assert result["rows"][0]["count_acc"] == float(((img @ txt.T).argmax(1) == cnt.labels).mean())

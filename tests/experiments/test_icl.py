@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cliplab.errors import UsageError
 from cliplab.experiments import (ICLWeightShiftResult, attention_context_shift, compare_icl_gd, gd_step,
                                  run_icl_experiment, softmax_regression_grad, softmax_regression_loss)
 
@@ -124,11 +125,11 @@ def test_distance_within_the_bound_over_a_random_sweep():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="expected A"):
+    with pytest.raises(UsageError, match="expected A"):
         compare_icl_gd(torch.zeros(3, 2), torch.zeros(2), torch.zeros(2), 0.1)
-    with pytest.raises(ValueError, match="step size"):
+    with pytest.raises(UsageError, match="step size"):
         gd_step(torch.zeros(3, 2), torch.zeros(3), torch.zeros(2), -0.1)
-    with pytest.raises(ValueError, match="d must be"):
+    with pytest.raises(UsageError, match="d must be"):
         run_icl_experiment((2,), (0.1,), d=0)
 
 
@@ -137,6 +138,10 @@ def test_benchmark_quick_run(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "r.json"
-    mod.main(["--quick", "--out", str(out), "--no-figure"])
+    threads = torch.get_num_threads()
+    try:
+        mod.main(["--quick", "--out", str(out), "--no-figure"])
+    finally:
+        torch.set_num_threads(threads)
     data = json.loads(out.read_text())
     assert data["within_bound"] is True and data["rows"] and data["config"]["trials"] == 8

@@ -107,3 +107,24 @@ def test_captions_compress_command_rewrites_only_long_captions(tmp_path, capsys)
     assert main(["captions", "compress", str(table), "--out", str(tmp_path / "x.csv")]) == 2
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     assert main(["captions", "compress", str(tmp_path / "bad.jsonl"), "--out", str(out)]) == 4
+
+
+def test_a_text_without_any_unit_within_the_budget_is_cut_not_emptied(shapes_tiny, tmp_path, capsys):
+    import json
+
+    from cliplab.cli.main import main
+
+    url = "https://example.com/" + "-".join(f"segment{i}" for i in range(40))   # one unit, ~100 tokens
+    cap = Capsulator(shapes_tiny, budget=12)
+    (capsule,), scores = cap.compress([url], return_scores=True)
+    assert capsule and cap.n_tokens(capsule) <= 12 and np.isfinite(scores[0])
+    assert url.startswith(capsule) and cap.n_tokens(url[:len(capsule) + 1]) > 12 and cap.n_cut_ == 1
+    cap.compress(["a red circle. a blue star."])
+    assert cap.n_cut_ == 0                                       # counted per call
+    table = tmp_path / "t.jsonl"
+    table.write_text(json.dumps({"filepath": "0.png", "caption": url}) + "\n")
+    out = tmp_path / "caps.jsonl"
+    assert main(["captions", "compress", str(table), "--out", str(out), "--budget", "12"]) == 0
+    row = json.loads(out.read_text())
+    assert row["caption"][0] and row["original"] == [url]
+    assert "1 caption(s) had no sentence or phrase within 12 tokens" in capsys.readouterr().err

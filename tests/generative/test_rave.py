@@ -177,3 +177,71 @@ def test_enhance_cli_writes_pngs_and_skips_bad_images(tmp_path, capsys):
     assert main(["enhance", str(src), "--enhancer", str(tmp_path / "enh"), "--out", str(tmp_path / "o2"),
                  "--strict"]) == 4
     assert main(["enhance", str(src), "--enhancer", str(tmp_path / "in"), "--out", str(tmp_path / "o3")]) == 3
+
+
+def test_training_leaves_the_callers_flags_train_mode_and_device():
+    import cliplab
+
+    bb = cliplab.load("shapes-tiny")
+    bb.model.train()                                     # the caller's state, whatever it is
+    bb.model.visual.conv1.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in bb.model.named_parameters()}
+    modes = {n: m.training for n, m in bb.model.named_modules()}
+    backlit, well_lit = rave.shapes_backlit("train", range(4))
+    res = rave.residual_vector(bb, well_lit, backlit, progress=False)
+    rave.train_rave(bb, backlit, res, steps=1, batch_size=4, width=4, progress=False)
+    assert {n: p.requires_grad for n, p in bb.model.named_parameters()} == flags
+    assert sum(flags.values()) == len(flags) - 1          # a mix of on and off, both restored
+    assert {n: m.training for n, m in bb.model.named_modules()} == modes and bb.model.training
+    assert {p.device for p in bb.model.parameters()} == {bb.device}
+
+
+def test_training_on_a_bf16_backbone():
+    import cliplab
+
+    bb = cliplab.load("shapes-tiny", precision="bf16")
+    backlit, well_lit = rave.shapes_backlit("train", range(4))
+    res = rave.residual_vector(bb, well_lit, backlit, progress=False)
+    net = rave.train_rave(bb, backlit, res, steps=2, batch_size=4, width=4, warmup_fraction=0.5, progress=False)
+    out = rave.enhance(net, backlit)
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    assert bb.model.visual.conv1.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("case, match", [
+    ("garbage weights", "not a readable"),
+    ("json list", "integer 'width'"),
+    ("json garbage", "not readable JSON"),
+    ("other width", "do not fit an enhancer of width 8"),
+])
+def test_corrupt_enhancer_folders_raise_one_line_model_load_errors(tmp_path, case, match):
+    rave.save_enhancer(rave.EnhancementNet(width=4, seed=0), tmp_path)
+    if case == "garbage weights":
+        (tmp_path / "enhancer.safetensors").write_bytes(b"\x00" * 64)
+    elif case == "json list":
+        (tmp_path / "enhancer.json").write_text("[4]")
+    elif case == "json garbage":
+        (tmp_path / "enhancer.json").write_text("{width")
+    else:
+        (tmp_path / "enhancer.json").write_text(json.dumps({"method": "RAVE", "width": 8}))
+    with pytest.raises(ModelLoadError, match=match) as info:
+        rave.load_enhancer(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_enhance_cli_exit_codes_for_a_corrupt_enhancer_and_no_readable_image(tmp_path, capsys):
+    from cliplab.cli.main import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "broken.png").write_bytes(b"not an image")
+    rave.save_enhancer(rave.EnhancementNet(width=4, seed=0), tmp_path / "enh")
+    assert main(["enhance", str(src), "--enhancer", str(tmp_path / "enh"), "--out", str(tmp_path / "out")]) == 4
+    err = capsys.readouterr().err
+    assert "none of the 1 image(s) could be read" in err and "Traceback" not in err
+    assert "wrote" not in err
+    (tmp_path / "enh" / "enhancer.safetensors").write_bytes(b"garbage")
+    (src / "ok.png").write_bytes(b"")
+    assert main(["enhance", str(src), "--enhancer", str(tmp_path / "enh"), "--out", str(tmp_path / "o2")]) == 3
+    err = capsys.readouterr().err
+    assert "not a readable" in err and len(err.strip().splitlines()) == 1

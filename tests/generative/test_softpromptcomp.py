@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import cliplab
-from cliplab.errors import CheckpointMismatch, UsageError
+from cliplab.errors import CheckpointMismatch, ModelLoadError, UsageError
 from cliplab.generative.softpromptcomp import (LongCaptionIds, SoftPromptComp, SoftPromptCompLoss,
                                                SoftPromptCompressor, load_softpromptcomp, long_token_ids,
                                                train_softpromptcomp)
@@ -118,5 +118,26 @@ def test_errors(shapes_tiny, tmp_path):
         _comp(shapes_tiny).encode_soft_tokens(np.zeros((1, 3, 64), np.float32))
     with pytest.raises(CheckpointMismatch, match="64 wide"):
         SoftPromptComp(shapes_tiny, SoftPromptCompressor(64, k=3))
-    with pytest.raises(UsageError, match="not found"):
+    with pytest.raises(ModelLoadError, match="not found"):
         load_softpromptcomp(shapes_tiny, tmp_path / "absent.safetensors")
+
+
+def test_corrupt_or_foreign_compressor_files_raise_model_load_errors(shapes_tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(ModelLoadError, match="not a readable") as info:
+        load_softpromptcomp(shapes_tiny, bad)
+    assert "\n" not in str(info.value)
+    path = _comp(shapes_tiny, k=3).save(tmp_path / "comp.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        state, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(state, str(tmp_path / "list.safetensors"), metadata={**meta, "config": "[1, 2]"})
+    with pytest.raises(CheckpointMismatch, match="do not fit"):
+        load_softpromptcomp(shapes_tiny, tmp_path / "list.safetensors")
+    save_file(state, str(tmp_path / "other.safetensors"), metadata={"format": "something else"})
+    with pytest.raises(CheckpointMismatch, match="not a SoftPromptComp"):
+        load_softpromptcomp(shapes_tiny, tmp_path / "other.safetensors")

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cliplab.errors import UsageError
+from cliplab.errors import ModelLoadError, UsageError
 from cliplab.generative.vladva import (VladVAModel, VladVAObjective, VladVASet, adapt_backbone,
-                                       attach_soft_prompt, caption_vocabulary, load_vladva, ntp_loss,
+                                       attach_soft_prompt, ntp_vocabulary, load_vladva, ntp_loss,
                                        save_vladva, soft_prompt_of, train_vladva)
 from cliplab.train.losses.base import ModelOutputs
 
@@ -140,13 +140,21 @@ def test_save_load_round_trip_and_merge(tiny, trained, tmp_path):
     np.testing.assert_allclose(merged.encode_texts(TEXTS), tuned.encode_texts(TEXTS), atol=1e-5)
     with pytest.raises(UsageError, match="no soft prompt"):
         save_vladva(tiny, tmp_path / "none")
-    with pytest.raises(UsageError, match="no VladVA adapter"):
+    with pytest.raises(ModelLoadError, match="no VladVA adapter"):
         load_vladva(tiny, tmp_path)
+    (tmp_path / "adapter" / "soft_prompt.safetensors").write_bytes(b"\x00" * 64)   # corrupt: one line, exit 3
+    with pytest.raises(ModelLoadError, match="not a readable") as info:
+        load_vladva(tiny, tmp_path / "adapter")
+    assert "\n" not in str(info.value)
+    save_vladva(tuned, tmp_path / "adapter")
+    (tmp_path / "adapter" / "lora.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ModelLoadError, match="not a readable"):
+        load_vladva(tiny, tmp_path / "adapter")
 
 
 def test_vocabulary_and_model_shapes(tiny, world):
     adapted = adapt_backbone(tiny, n_prompts=2)
-    vocab = caption_vocabulary(adapted.tokenizer, [world.scene("train", i).long_caption for i in range(8)])
+    vocab = ntp_vocabulary(adapted.tokenizer, [world.scene("train", i).long_caption for i in range(8)])
     assert vocab.ndim == 1 and (vocab > 0).all() and 49407 in vocab.tolist()   # end-of-text is predicted
     model = VladVAModel(adapted.model, vocab, n_image_tokens=3)
     assert model.image_proj.out_features == 3 * adapted.model.token_embedding.weight.shape[1]

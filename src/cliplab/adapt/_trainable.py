@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -39,28 +38,11 @@ from sklearn.utils.validation import check_is_fitted
 
 from .._progress import progress_bar
 from ..errors import UsageError
+from ..train.freezing import frozen
 from ..validation import check_choice, check_number, check_positive_int
 from ..zeroshot.classifier import check_classnames, softmax
 
 __all__ = ["TrainedClassifier", "count_trainable", "frozen", "supervised_loop"]
-
-
-@contextmanager
-def frozen(model: torch.nn.Module):
-    """Turn off ``requires_grad`` of every parameter of ``model`` for the block, then restore it.
-
-    Gradients still flow *through* the model to the trainable prompt/adapter tensors,
-    but none accumulate on the shared Backbone's weights.
-    """
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    model.requires_grad_(False).eval()
-    try:
-        yield model
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
 
 
 def count_trainable(*modules) -> int:

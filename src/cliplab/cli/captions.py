@@ -61,6 +61,7 @@ def run(args) -> int:
 
 def _compress(args) -> int:
     import json
+    import sys
     from pathlib import Path
 
     from ..data.sources import SkipLog, read_caption_table
@@ -88,4 +89,7 @@ def _compress(args) -> int:
                                 "original": list(rec.captions)}) + "\n")
     print(f"{len(records)} images, {len(texts)} distinct captions, {len(long)} longer than {cap.budget} tokens "
           f"compressed ({skipped.count} rows skipped) -> {out}")
+    if cap.n_cut_:
+        print(f"{cap.n_cut_} caption(s) had no sentence or phrase within {cap.budget} tokens and were cut to "
+              "their first tokens instead", file=sys.stderr)
     return 0

@@ -2,7 +2,12 @@
 
 The enhancer folder is what :func:`cliplab.generative.rave.save_enhancer` writes.  Each
 image is enhanced at its own size and written as ``OUT/<name>.png``; unreadable images are
-counted, listed and skipped (``--strict`` stops at the first one, exit code 4).
+counted, listed and skipped (``--strict`` stops at the first one, exit code 4); when no
+image could be enhanced the command fails with exit code 4.
+
+Exit codes: 0 ok, 2 usage, 3 the enhancer could not be loaded, 4 no image found or none
+readable (or a bad image with ``--strict``), 130 interrupted (enhanced images already
+written are kept).
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ HELP = "enhance backlit images with a trained RAVE enhancer (writes PNGs)"
 def add_parser(sub) -> None:
     p = sub.add_parser("enhance", help=HELP,
                        description="Enhance images (files or folders) with a RAVE enhancement net "
-                                   "(docs/generative.md#rave); writes OUT/<name>.png per image.")
+                                   "(docs/generative.md#rave); writes OUT/<name>.png per image.",
+                       epilog="exit codes: 0 ok, 2 usage, 3 the enhancer could not be loaded, 4 no image found or "
+                              "none readable (or a bad image with --strict), 130 interrupted (images already "
+                              "written are kept)")
     p.add_argument("paths", nargs="+", metavar="IMAGES", help="image files or folders")
     p.add_argument("--enhancer", required=True, help="folder written by cliplab.generative.rave.save_enhancer")
     p.add_argument("--out", required=True, help="output folder of the enhanced PNGs")
@@ -34,6 +42,7 @@ def run(args) -> int:
     import numpy as np
     from PIL import Image
 
+    from .._progress import progress_bar
     from ..data.images import DEFAULT_MAX_PIXELS, find_images, load_image
     from ..data.records import Skipped
     from ..errors import BadImage
@@ -47,7 +56,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
     skipped, written, names = [], 0, set()
-    for i, path in enumerate(items):
+    for i, path in enumerate(progress_bar(items, desc="enhance", unit="image")):
         try:
             image = np.asarray(load_image(path, max_pixels=max_pixels))      # (H, W, 3) uint8
         except BadImage as err:
@@ -63,6 +72,8 @@ def run(args) -> int:
         enhanced = enhance(net, image)[0]                                    # (H, W, 3) in [0, 1]
         Image.fromarray((enhanced * 255.0).round().astype(np.uint8)).save(out / f"{name}.png")
         written += 1
-    print(f"wrote {written} enhanced image(s) to {out}", file=sys.stderr)
     report_skipped(skipped)
+    if not written:
+        raise DataError(f"none of the {len(items)} image(s) could be read; nothing was enhanced")
+    print(f"wrote {written} enhanced image(s) to {out}", file=sys.stderr)
     return 0

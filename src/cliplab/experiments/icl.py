@@ -58,6 +58,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import UsageError
 from ..validation import check_number, check_positive_int
 
 __all__ = ["predict", "softmax_regression_loss", "softmax_regression_grad", "gd_step", "attention_context_shift",
@@ -73,10 +74,10 @@ def _as64(t) -> torch.Tensor:
 def _check(A, b, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     A, b, x = _as64(A), _as64(b), _as64(x)
     if A.ndim < 2 or b.shape != A.shape[:-1] or x.shape != A.shape[:-2] + A.shape[-1:]:
-        raise ValueError(f"expected A (..., n, d), b (..., n), x (..., d); got A {tuple(A.shape)}, "
+        raise UsageError(f"expected A (..., n, d), b (..., n), x (..., d); got A {tuple(A.shape)}, "
                          f"b {tuple(b.shape)}, x {tuple(x.shape)}")
     if not (torch.isfinite(A).all() and torch.isfinite(b).all() and torch.isfinite(x).all()):
-        raise ValueError("A, b and x must be finite")
+        raise UsageError("A, b and x must be finite")
     return A, b, x
 
 
@@ -104,7 +105,7 @@ def softmax_regression_loss(A, b, x) -> torch.Tensor:
 
     Raises
     ------
-    ValueError
+    UsageError
         Shapes that do not fit, or non-finite values.
     """
     A, b, x = _check(A, b, x)
@@ -290,7 +291,7 @@ def run_icl_experiment(context_lengths: Sequence[int] = (2, 4, 8, 16, 32, 64, 12
     ns = [check_positive_int("context length", n) for n in context_lengths]
     etas = [check_number("step size", e, minimum=0.0) for e in step_sizes]
     if not ns or not etas:
-        raise ValueError("give at least one context length and one step size")
+        raise UsageError("give at least one context length and one step size")
     rows = []
     for n in ns:
         A, b, x = sample_problems(n, d, trials, seed)

@@ -108,6 +108,9 @@ class Capsulator:
     ----------
     common_ : ndarray (D,) or None
         The corpus mean unit feature m, set by :meth:`fit` (None before).
+    n_cut_ : int
+        Capsules of the last :meth:`compress` call that hold a unit cut at the token level
+        (no whole word of it fitted the budget).
 
     Examples
     --------
@@ -128,6 +131,7 @@ class Capsulator:
             raise UsageError(f"{backbone.name}: counting capsule tokens needs a BPE tokenizer with encode()")
         self.backbone, self.budget, self.target, self.compact_forms = backbone, budget, target, compact_forms
         self.common_ = None
+        self.n_cut_ = 0
 
     def fit(self, texts: Sequence[str]) -> "Capsulator":
         """Learn the common direction m: the mean feature of the units of ``texts`` (a training corpus).
@@ -161,11 +165,15 @@ class Capsulator:
         return np.asarray(out, np.float32)                                    # (N, D)
 
     def _fit(self, unit: str, limit: int) -> str:
-        """``unit`` cut to whole words within ``limit`` tokens (a unit longer than the context)."""
+        """``unit`` cut to whole words within ``limit`` tokens (a unit longer than the context).
+
+        A first word longer than ``limit`` on its own (a URL) is cut at the token level.
+        """
         words = unit.split()
         while len(words) > 1 and self.n_tokens(" ".join(words)) > limit:
             words.pop()
-        return " ".join(words)
+        out = " ".join(words)
+        return self._cut(out, limit) if out and self.n_tokens(out) > limit else out
 
     def compress(self, texts: str | Sequence[str], *, progress: bool | None = None,
                  return_scores: bool = False):
@@ -181,11 +189,15 @@ class Capsulator:
         Returns
         -------
         list of str, or (list of str, ndarray (N,))
-            A text that already fits the budget is its own capsule (score of itself).
+            A text that already fits the budget is its own capsule (score of itself).  A unit
+        whose first word alone exceeds the budget (a long URL, a run-on word) is cut to its
+        longest prefix within the budget instead of being dropped, so no capsule is empty;
+        :attr:`n_cut_` counts the capsules holding such a cut.
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not all(isinstance(t, str) for t in texts):
             raise UsageError("texts must be strings")
+        self.n_cut_ = 0
         goals = self.targets(texts) if texts else np.zeros((0, self.backbone.embed_dim), np.float32)
         caps, scores = [], []
         with progress_bar(total=len(texts), progress=progress if len(texts) > 1 else False,
@@ -200,10 +212,13 @@ class Capsulator:
     def _one(self, text: str, goal: np.ndarray) -> tuple[str, float]:
         if self.n_tokens(text) <= self.budget:
             return text, float(self.backbone.encode_texts([text], progress=False)[0] @ goal)
-        options = []                                                          # (unit index, form)
+        options, token_cut = [], set()                                        # (unit index, form)
         for i, unit in enumerate(text_units(text)):
-            forms = {self._fit(f, self.budget) for f in ((unit, compact(unit)) if self.compact_forms else (unit,))}
+            raw = (unit, compact(unit)) if self.compact_forms else (unit,)
+            forms = {self._fit(f, self.budget) for f in raw}
             options += [(i, f) for f in sorted(forms) if f]
+            token_cut |= {(i, self._fit(f, self.budget)) for f in raw if f.split()
+                          and self.n_tokens(f.split()[0]) > self.budget}     # no whole word fits
         chosen: dict[int, str] = {}
         best = -np.inf
         while True:
@@ -222,5 +237,24 @@ class Capsulator:
                 break
             best = float(s[j])
             chosen[cands[j][0]] = cands[j][1]
-        capsule = " ".join(chosen[j] for j in sorted(chosen))
-        return capsule, (best if chosen else float("nan"))
+        if not chosen:                                                        # no unit at all: never empty
+            capsule = self._cut(text, self.budget)
+            self.n_cut_ += 1
+            return capsule, float(self.backbone.encode_texts([capsule], progress=False)[0] @ goal)
+        self.n_cut_ += any((i, form) in token_cut for i, form in chosen.items())
+        return " ".join(chosen[j] for j in sorted(chosen)), best
+
+    def _cut(self, text: str, limit: int) -> str:
+        """The longest prefix of ``text`` within ``limit`` tokens: the fallback when no whole word fits.
+
+        A bisection over the prefix's length in characters, so the capsule keeps the
+        text's own characters (a decode of the first tokens would space them out).
+        """
+        lo, hi = 0, len(text)                                                 # text[:lo] fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.n_tokens(text[:mid].strip()) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        return text[:lo].strip()

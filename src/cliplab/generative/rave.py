@@ -82,6 +82,7 @@ from torch import nn
 
 from ..errors import ModelLoadError, UsageError
 from ..train import TrainConfig, Trainer
+from ..train.freezing import frozen
 from ..train.losses import Batch, Objective
 
 __all__ = ["EnhancementNet", "RaveObjective", "Residual", "WARMUP_FRACTION", "encoder_layers", "enhance",
@@ -254,31 +255,39 @@ def encoder_layers(visual: nn.Module) -> list[nn.Module]:
 
 
 class _Encoder(nn.Module):
-    """A frozen CLIP image tower on [0, 1] images: the embedding and the intermediate maps."""
+    """A CLIP image tower on [0, 1] images: the embedding and the intermediate maps.
+
+    The CLIP model is held outside the module tree (not moved, trained, put in train mode
+    or saved with the objective); whoever trains freezes it for the run
+    (:func:`train_rave` does, and restores it after).  Images are cast to the tower's
+    dtype (a half-precision Backbone) and the outputs back to float32.
+    """
 
     def __init__(self, clip_model: nn.Module, preprocess_cfg: dict):
         super().__init__()
-        self.clip = clip_model.eval().requires_grad_(False)
+        self._clip = (clip_model,)                        # not a submodule: the caller's model, left as it is
         self.size = tuple(int(s) for s in preprocess_cfg["size"])
         self.register_buffer("mean", torch.tensor(preprocess_cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(preprocess_cfg["std"], dtype=torch.float32).view(1, 3, 1, 1))
-        self.layers = encoder_layers(clip_model.visual)
+        self.layers = encoder_layers(clip_model.visual)   # a plain list: not registered either
 
-    def train(self, mode: bool = True):  # the tower stays in eval mode
-        return super().train(False)
+    @property
+    def clip(self) -> nn.Module:
+        return self._clip[0]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """images (B, 3, H, W) in [0, 1] -> (embedding (B, D), [maps (B, ...)])."""
+        """images (B, 3, H, W) in [0, 1] -> (embedding (B, D), [maps (B, ...)]), float32."""
         if tuple(images.shape[-2:]) != self.size:
             images = F.interpolate(images, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        dtype = self.clip.visual.conv1.weight.dtype      # ViT and ModifiedResNet both start with conv1
         maps: list[torch.Tensor] = []
-        hooks = [m.register_forward_hook(lambda _m, _i, out: maps.append(out)) for m in self.layers]
+        hooks = [m.register_forward_hook(lambda _m, _i, out: maps.append(out.float())) for m in self.layers]
         try:
-            emb = self.clip.encode_image((images - self.mean) / self.std)   # (B, D)
+            emb = self.clip.encode_image(((images - self.mean) / self.std).to(dtype))   # (B, D)
         finally:
             for h in hooks:
                 h.remove()
-        return emb, maps
+        return emb.float(), maps
 
 
 # ----------------------------------------------------------------- enhancement net
@@ -391,7 +400,9 @@ class RaveObjective(Objective):
     Parameters
     ----------
     clip_model : torch.nn.Module
-        An open_clip model (``backbone.model``); held frozen (not in checkpoints).
+        An open_clip model (``backbone.model``).  Not changed, moved or saved in
+        checkpoints; freeze it for the run (``with cliplab.train.freezing.frozen(...)``,
+        as :func:`train_rave` does) so that no gradients collect on it.
     preprocess_cfg : dict
         The Backbone's input size, mean and std.
     residual : Residual
@@ -468,7 +479,8 @@ def train_rave(backbone, backlit, residual: Residual, *, guided: bool = True, st
     Parameters
     ----------
     backbone : Backbone
-        Frozen; its model is not changed.
+        Frozen for the run only: its weights, ``requires_grad`` flags, train mode and
+        device are as before afterwards.
     backlit : ndarray of uint8, shape (N, S, S, 3)
         Training images (square, one size).
     residual : Residual
@@ -499,10 +511,10 @@ def train_rave(backbone, backlit, residual: Residual, *, guided: bool = True, st
                               warmup_fraction=warmup_fraction)
     size = images.shape[1]
     pp = {"size": [size, size], "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}  # the net reads [0, 1]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, frozen(backbone.model):
         config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                              warmup_steps=0, grad_clip=None, seed=seed, ckpt_every=0, log_every=log_every,
-                             out_dir=str(out_dir if out_dir is not None else tmp))
+                             out_dir=str(out_dir if out_dir is not None else tmp), device=str(backbone.device))
         Trainer(net, None, None, _Unpaired(images), config, progress=progress, objective=objective,
                 preprocess_cfg=pp).fit()
     return net.eval()
@@ -593,20 +605,32 @@ def load_enhancer(path: str | Path) -> EnhancementNet:
     Raises
     ------
     ModelLoadError
-        The folder lacks the files or they do not fit (exit code 3 in the CLI).
+        The folder lacks the files, they are unreadable or corrupt, or the weights do not
+        fit the recorded width (exit code 3 in the CLI; one line, no traceback).
     """
-    from safetensors.torch import load_file
+    from ..models.state_dicts import read_state_dict
 
     path = Path(path)
     meta, weights = path / "enhancer.json", path / "enhancer.safetensors"
     if not meta.is_file() or not weights.is_file():
         raise ModelLoadError(f"{path} is not a RAVE enhancer folder (needs enhancer.json and enhancer.safetensors)")
     try:
-        cfg = json.loads(meta.read_text())
-        model = EnhancementNet(int(cfg["width"]))
-        model.load_state_dict(load_file(str(weights)))
-    except (ValueError, KeyError, RuntimeError, OSError) as err:
-        raise ModelLoadError(f"cannot load the enhancer in {path}: {err}") from None
+        cfg = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ModelLoadError(f"{meta}: not readable JSON ({err})") from None
+    width = cfg.get("width") if isinstance(cfg, dict) else None
+    if isinstance(width, bool) or not isinstance(width, int) or not 4 <= width <= 4096:
+        raise ModelLoadError(f"{meta}: needs a JSON object with an integer 'width' in [4, 4096], as save_enhancer "
+                             "writes")
+    state = read_state_dict(weights)                       # ModelLoadError for a corrupt or foreign file
+    model = EnhancementNet(width)
+    expected = model.state_dict()
+    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+    wrong = [k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        raise ModelLoadError(f"{weights}: the weights do not fit an enhancer of width {width} "
+                             f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of another shape)")
+    model.load_state_dict(state)
     return model.eval()
 
 

@@ -62,8 +62,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointMismatch, UsageError
+from ..errors import CheckpointMismatch, ModelLoadError, UsageError
 from ..models.backbone import encode_token_embeddings
+from ..train.freezing import frozen
 from ..train.losses.base import Batch, ModelOutputs, Objective, gather_with_grad
 from ..train.losses.infonce import symmetric_cross_entropy
 from ..train.trainer import Trainer, TrainConfig
@@ -248,20 +249,6 @@ class LongCaptionIds:
         return images, [None] * len(scenes), [{"targets": {"ids": row}} for row in ids]
 
 
-@contextlib.contextmanager
-def _frozen(model: nn.Module):
-    """``model`` with every parameter's ``requires_grad`` off and in eval mode; both restored after."""
-    flags = [p.requires_grad for p in model.parameters()]
-    was_training = model.training
-    model.requires_grad_(False).eval()
-    try:
-        yield model
-    finally:
-        for p, f in zip(model.parameters(), flags):
-            p.requires_grad_(f)
-        model.train(was_training)
-
-
 class SoftPromptComp:
     """A trained compressor bound to its Backbone: long captions -> features or soft tokens.
 
@@ -308,7 +295,7 @@ class SoftPromptComp:
     def soft_tokens(self, texts: str | Sequence[str], *, batch_size: int = 256) -> np.ndarray:
         """The k soft tokens of each text: float32 (N, k, W), W the text tower's width."""
         ids = self._ids(texts)
-        with torch.inference_mode(), _frozen(self.backbone.model):
+        with torch.inference_mode(), frozen(self.backbone.model):
             out = [self.module.compressor(self.backbone.model, ids[s:s + batch_size]).float().cpu()
                    for s in range(0, len(ids), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.k, self.module.compressor.config["width"]),
@@ -323,14 +310,14 @@ class SoftPromptComp:
         if soft.shape[1] + 2 > self.backbone.context_length:
             raise UsageError(f"{soft.shape[1]} soft tokens plus start and end exceed the context "
                              f"{self.backbone.context_length}")
-        with torch.inference_mode(), _frozen(self.backbone.model):
+        with torch.inference_mode(), frozen(self.backbone.model):
             g = self.module.encode_soft(soft)
         return F.normalize(g, dim=-1).cpu().numpy()
 
     def encode_long_texts(self, texts: str | Sequence[str], *, batch_size: int = 256) -> np.ndarray:
         """Features of whole long captions through their soft tokens: L2-normalised float32 (N, D)."""
         ids = self._ids(texts)
-        with torch.inference_mode(), _frozen(self.backbone.model):
+        with torch.inference_mode(), frozen(self.backbone.model):
             out = [self.module(ids[s:s + batch_size]).cpu() for s in range(0, len(ids), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.backbone.embed_dim), np.float32)
 
@@ -350,23 +337,30 @@ def load_softpromptcomp(backbone, path: str | Path) -> SoftPromptComp:
 
     Raises
     ------
-    UsageError
-        No such file.
+    ModelLoadError
+        No such file, or not a readable safetensors file (exit code 3 in the CLI).
     CheckpointMismatch
-        Not a SoftPromptComp file, or its width differs from the text tower's.
+        Not a SoftPromptComp file, or its config or width does not fit the text tower.
     """
     from safetensors import safe_open
-    from safetensors.torch import load_file
+
+    from ..models.state_dicts import read_state_dict
 
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"compressor file not found: {path}")
+        raise ModelLoadError(f"compressor file not found: {path}")
+    state = read_state_dict(path)                          # ModelLoadError for a corrupt file
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != _FORMAT:
         raise CheckpointMismatch(f"{path} is not a SoftPromptComp compressor (write it with SoftPromptComp.save)")
-    compressor = SoftPromptCompressor(**json.loads(meta["config"]))
-    compressor.load_state_dict(load_file(str(path)))
+    try:
+        config = json.loads(meta.get("config", ""))
+        compressor = SoftPromptCompressor(**config)
+        compressor.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointMismatch(f"{path}: the compressor's config or weights do not fit ({first})") from None
     return SoftPromptComp(backbone, compressor)
 
 
@@ -431,7 +425,7 @@ def train_softpromptcomp(backbone, steps: int = 300, out: str | Path | None = No
         if out is None:
             out = stack.enter_context(tempfile.TemporaryDirectory())
         config.out_dir = str(out)
-        stack.enter_context(_frozen(backbone.model))
+        stack.enter_context(frozen(backbone.model))
         comp.module.train()
         Trainer(comp.module, None, None, train_set, config, progress=progress, objective=SoftPromptCompLoss(),
                 preprocess_cfg=backbone.preprocess_cfg).fit()

@@ -65,7 +65,8 @@ Deviations
   new and trained.
 - The LM head is tied to the frozen token embedding over the caption vocabulary (|V| = 66
   token ids on the long captions of 1,024 ShapesWorld scenes) instead of the full
-  49,408-token softmax; targets outside V are ignored (none in the next 8,000 scenes).
+  49,408-token softmax; targets outside V are ignored (none in the next 8,000 scenes:
+  ``python benchmarks/vladva_shapes.py --vocabulary``, benchmarks/results/vladva_vocabulary.json).
 - Long captions are cut to the text tower's context (32 tokens for shapes-tiny), so the
   NTP target is the first ~30 tokens of a 28-110-token ShapesWorld long caption.
 - One soft prompt serves both passes (the embedding and the next-token one); the paper
@@ -87,7 +88,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointMismatch, UsageError
+from ..errors import CheckpointMismatch, ModelLoadError, UsageError
 from ..models.backbone import encode_token_embeddings
 from ..train.losses.base import Batch, ModelOutputs, Objective, gather_with_grad
 from ..train.losses.infonce import symmetric_cross_entropy
@@ -96,7 +97,7 @@ from ..validation import check_backbone, check_number, check_positive_int
 logger = logging.getLogger(__name__)
 
 __all__ = ["SoftPrefix", "VladVAModel", "VladVAObjective", "VladVASet", "attach_soft_prompt",
-           "adapt_backbone", "caption_vocabulary", "load_vladva", "ntp_loss", "save_vladva", "soft_prompt_of",
+           "adapt_backbone", "ntp_vocabulary", "load_vladva", "ntp_loss", "save_vladva", "soft_prompt_of",
            "train_vladva", "vladva_world"]
 
 PROMPT_ATTR = "soft_prompt"
@@ -200,8 +201,13 @@ def attach_soft_prompt(model: nn.Module, n: int, *, generator=None) -> SoftPrefi
 
 
 # ------------------------------------------------------------------------------ model
-def caption_vocabulary(tokenize, captions) -> torch.Tensor:
-    """Sorted token ids (V,) of ``captions`` (start-of-text excluded, end-of-text included)."""
+def ntp_vocabulary(tokenize, captions) -> torch.Tensor:
+    """Sorted token ids (V,) of ``captions``: the next-token head's vocabulary.
+
+    Start-of-text excluded, end-of-text included.  (The captioner's
+    :func:`cliplab.generative.captioner.caption_vocabulary` is another thing: a word list
+    with an unknown slot.)
+    """
     tokens = tokenize(list(captions))                                        # (N, T)
     ids = torch.unique(tokens[:, 1:])
     return ids[ids != 0]
@@ -487,7 +493,7 @@ def train_vladva(backbone, *, steps: int = 120, ntp_weight: float = 1.0, train_s
         longs = train_set.long_captions(vocab_scenes)
     else:
         longs = [train_set[i][2]["extra_captions"][0] for i in range(min(vocab_scenes, len(train_set)))]
-    vocabulary = caption_vocabulary(tokenize, longs)
+    vocabulary = ntp_vocabulary(tokenize, longs)
     logger.info("VladVA: LM head over %d token ids of %d long captions", len(vocabulary), len(longs))
     model = VladVAModel(adapted.model, vocabulary, n_image_tokens,
                         generator=torch.Generator().manual_seed(int(seed) + 1))
@@ -533,23 +539,33 @@ def load_vladva(base_backbone, path: str | Path):
 
     Raises
     ------
-    UsageError
-        ``path`` holds no adapter written by :func:`save_vladva`.
+    ModelLoadError
+        ``path`` holds no adapter written by :func:`save_vladva`, or its files are
+        unreadable or corrupt (exit code 3 in the CLI).
     CheckpointMismatch
         The saved adapter does not fit ``base_backbone``.
     """
     from safetensors import safe_open
 
+    from ..models.state_dicts import read_state_dict
     from ..surgery.lora import load_lora
 
     path = Path(path)
-    if not (path / "soft_prompt.safetensors").is_file():
-        raise UsageError(f"no VladVA adapter in {path} (write one with save_vladva)")
-    adapted = load_lora(base_backbone, path / "lora.safetensors")
-    with safe_open(str(path / "soft_prompt.safetensors"), framework="pt") as f:
+    prompt_file = path / "soft_prompt.safetensors"
+    if not prompt_file.is_file():
+        raise ModelLoadError(f"no VladVA adapter in {path} (write one with save_vladva)")
+    state = read_state_dict(prompt_file)                   # ModelLoadError for a corrupt file
+    with safe_open(str(prompt_file), framework="pt") as f:
         if (f.metadata() or {}).get("format") != _FORMAT:
-            raise CheckpointMismatch(f"{path / 'soft_prompt.safetensors'} is not a VladVA soft prompt")
-        vectors = f.get_tensor("vectors")
+            raise CheckpointMismatch(f"{prompt_file} is not a VladVA soft prompt")
+    vectors = state.get("vectors")
+    if vectors is None or vectors.ndim != 2 or not len(vectors):
+        raise CheckpointMismatch(f"{prompt_file} holds no (M, W) 'vectors' tensor")
+    lora_file = path / "lora.safetensors"
+    if not lora_file.is_file():
+        raise ModelLoadError(f"{path} lacks lora.safetensors (write the adapter with save_vladva)")
+    read_state_dict(lora_file)                             # a corrupt file: ModelLoadError, not a traceback
+    adapted = load_lora(base_backbone, lora_file)
     prompt = attach_soft_prompt(adapted.model, vectors.shape[0])
     if prompt.vectors.shape != vectors.shape:
         raise CheckpointMismatch(f"soft prompt of width {vectors.shape[1]}, "
