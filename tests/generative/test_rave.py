@@ -245,3 +245,41 @@ def test_enhance_cli_exit_codes_for_a_corrupt_enhancer_and_no_readable_image(tmp
     assert main(["enhance", str(src), "--enhancer", str(tmp_path / "enh"), "--out", str(tmp_path / "o2")]) == 3
     err = capsys.readouterr().err
     assert "not a readable" in err and len(err.strip().splitlines()) == 1
+
+
+def test_large_images_get_a_downscaled_illumination_map_at_full_output_size():
+    net = rave.EnhancementNet(width=4, seed=0)
+    backlit, _ = rave.shapes_backlit("test", range(1))
+    big = np.repeat(np.repeat(backlit, 4, axis=1), 4, axis=2)            # (1, 256, 256, 3)
+    full = rave.enhance(net, big)
+    capped = rave.enhance(net, big, max_side=64)
+    assert capped.shape == full.shape == (1, 256, 256, 3)
+    assert 0 < np.abs(capped - full).mean() < 0.05                       # close, not the same map
+    np.testing.assert_array_equal(rave.enhance(net, backlit, max_side=64), rave.enhance(net, backlit))
+    with pytest.raises(UsageError):
+        rave.enhance(net, backlit, max_side=2)
+
+
+def test_enhance_cli_refuses_to_overwrite_inputs_and_maps_names(tmp_path, capsys):
+    import csv
+
+    from PIL import Image
+
+    from cliplab.cli.main import main
+
+    backlit, _ = rave.shapes_backlit("test", range(2))
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    Image.fromarray(backlit[0]).save(tmp_path / "a" / "img.png")
+    Image.fromarray(backlit[1]).save(tmp_path / "b" / "img.png")
+    rave.save_enhancer(rave.EnhancementNet(width=4, seed=0), tmp_path / "enh")
+    assert main(["enhance", str(tmp_path / "a"), "--enhancer", str(tmp_path / "enh"),
+                 "--out", str(tmp_path / "a")]) == 2
+    assert "would overwrite an input image" in capsys.readouterr().err
+    assert main(["enhance", str(tmp_path / "a"), str(tmp_path / "b"), "--enhancer", str(tmp_path / "enh"),
+                 "--out", str(tmp_path / "out")]) == 0
+    rows = list(csv.reader(open(tmp_path / "out" / "enhanced.csv")))
+    assert rows[0] == ["input", "output"] and [r[1] for r in rows[1:]] == ["img.png", "img_1.png"]
+    assert [r[0] for r in rows[1:]] == [str(tmp_path / "a" / "img.png"), str(tmp_path / "b" / "img.png")]
+    assert main(["enhance", str(tmp_path / "a"), "--enhancer", str(tmp_path / "enh"), "--out", str(tmp_path / "o"),
+                 "--max-side", "3"]) == 2

@@ -1,7 +1,9 @@
 """``cliplab enhance``: enhance backlit images with a trained RAVE enhancer (PNG out).
 
 The enhancer folder is what :func:`cliplab.generative.rave.save_enhancer` writes.  Each
-image is enhanced at its own size and written as ``OUT/<name>.png``; unreadable images are
+image is enhanced at its own size and written as ``OUT/<name>.png`` (``<name>_1.png`` ... for
+inputs sharing a name; ``OUT/enhanced.csv`` maps each input to its output, and an output that
+would overwrite an input is refused, exit code 2); unreadable images are
 counted, listed and skipped (``--strict`` stops at the first one, exit code 4); when no
 image could be enhanced the command fails with exit code 4.
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, UsageError
 from ._common import report_skipped
 
 HELP = "enhance backlit images with a trained RAVE enhancer (writes PNGs)"
@@ -34,6 +36,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse images with more pixels than this; 0 = no limit "
                         "(default: CLIPLAB_MAX_PIXELS or about 179 million)")
+    p.add_argument("--max-side", type=int, default=1024,
+                   help="compute the illumination map on a copy at most this many pixels on the longer side "
+                        "and upsample it; the output keeps the input's size (default: 1024; 0 = always at "
+                        "full size, which needs several GB for a large photo)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad image instead of skipping it")
     p.set_defaults(run=run)
 
@@ -48,15 +54,29 @@ def run(args) -> int:
     from ..errors import BadImage
     from ..generative.rave import enhance, load_enhancer
 
+    if args.max_side < 0 or 0 < args.max_side < 8:
+        raise UsageError(f"--max-side must be 0 (full size) or >= 8 pixels, got {args.max_side}")
     items = find_images(args.paths)
     if not items:
         raise DataError(f"no image files found under {', '.join(args.paths)}")
-    net = load_enhancer(args.enhancer)
     out = Path(args.out)
+    targets, names = [], set()
+    for path in items:  # two inputs with one stem (a.jpg, a.png) keep both outputs: a.png, a_1.png
+        name = stem = Path(path).stem
+        k = 1
+        while name in names:
+            name, k = f"{stem}_{k}", k + 1
+        names.add(name)
+        targets.append(out / f"{name}.png")
+    inputs = {Path(p).resolve() for p in items}
+    clash = next((t for t in targets if t.resolve() in inputs), None)
+    if clash is not None:
+        raise UsageError(f"--out {out}: writing {clash.name} would overwrite an input image; choose another folder")
+    net = load_enhancer(args.enhancer)
     out.mkdir(parents=True, exist_ok=True)
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
-    skipped, written, names = [], 0, set()
-    for i, path in enumerate(progress_bar(items, desc="enhance", unit="image")):
+    skipped, written = [], []
+    for i, (path, target) in enumerate(zip(items, progress_bar(targets, desc="enhance", unit="image"))):
         try:
             image = np.asarray(load_image(path, max_pixels=max_pixels))      # (H, W, 3) uint8
         except BadImage as err:
@@ -64,16 +84,28 @@ def run(args) -> int:
                 raise
             skipped.append(Skipped(i, str(path), err.reason))
             continue
-        name = Path(path).stem
-        stem, k = name, 1
-        while name in names:  # two inputs with one stem (a.jpg, a.png) keep both outputs
-            name, k = f"{stem}_{k}", k + 1
-        names.add(name)
-        enhanced = enhance(net, image)[0]                                    # (H, W, 3) in [0, 1]
-        Image.fromarray((enhanced * 255.0).round().astype(np.uint8)).save(out / f"{name}.png")
-        written += 1
+        enhanced = enhance(net, image, max_side=args.max_side or None)[0]   # (H, W, 3) in [0, 1]
+        Image.fromarray((enhanced * 255.0).round().astype(np.uint8)).save(target)
+        written.append((str(path), target.name))
+        _write_manifest(out, written)
     report_skipped(skipped)
     if not written:
         raise DataError(f"none of the {len(items)} image(s) could be read; nothing was enhanced")
-    print(f"wrote {written} enhanced image(s) to {out}", file=sys.stderr)
+    print(f"wrote {len(written)} enhanced image(s) to {out} (input -> output in {out / MANIFEST})", file=sys.stderr)
     return 0
+
+
+MANIFEST = "enhanced.csv"
+
+
+def _write_manifest(out: Path, rows) -> None:
+    """``OUT/enhanced.csv``: which input each PNG came from (rewritten after every image)."""
+    import csv
+    import os
+
+    tmp = out / f".{MANIFEST}.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["input", "output"])
+        w.writerows(rows)
+    os.replace(tmp, out / MANIFEST)

@@ -535,7 +535,7 @@ def _to_float(images) -> torch.Tensor:
 
 
 @torch.no_grad()
-def enhance(model: EnhancementNet, images, *, batch_size: int = 32) -> np.ndarray:
+def enhance(model: EnhancementNet, images, *, batch_size: int = 32, max_side: int | None = None) -> np.ndarray:
     """Enhance images: ``clamp(I / M(I), 0, 1)``.
 
     Parameters
@@ -544,18 +544,43 @@ def enhance(model: EnhancementNet, images, *, batch_size: int = 32) -> np.ndarra
     images : ndarray of shape (N, H, W, 3) or (H, W, 3)
         uint8, or float in [0, 1].
     batch_size : int, default 32
+    max_side : int, optional
+        Images whose longer side exceeds this get their illumination map ``M`` computed on
+        a copy resized (area) to ``max_side`` on the longer side, then upsampled bilinearly
+        to full size; the division ``I / M`` is at full size, so the output keeps the
+        input's size.  Bounds the memory of the net's full-resolution feature maps (a
+        6000 x 4000 photo at width 16 needs several GB).  None: always at full size (as the
+        reference code).  A deviation for large images only: ``M`` is smooth, so little is
+        lost, but it is not the full-resolution map.
 
     Returns
     -------
     ndarray of float32, shape (N, H, W, 3)
         In [0, 1].
+
+    Raises
+    ------
+    UsageError
+        Bad image array or ``max_side`` < 8.
     """
+    if max_side is not None and int(max_side) < 8:
+        raise UsageError(f"max_side must be >= 8 pixels or None, got {max_side}")
     x = _to_float(images)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+
+    def one(batch: torch.Tensor) -> torch.Tensor:                        # (B, 3, H, W) -> same
+        h, w = batch.shape[-2:]
+        if max_side is None or max(h, w) <= max_side:
+            return model.enhance(batch)
+        scale = max_side / max(h, w)
+        small = F.interpolate(batch, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="area")
+        m = F.interpolate(model(small), size=(h, w), mode="bilinear", align_corners=False)   # (B, 1, H, W)
+        return torch.clamp(batch / (m + _EPS), 0, 1)
+
     try:
-        out = [model.enhance(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
+        out = [one(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(out).permute(0, 2, 3, 1).numpy() if out else np.zeros((0, *x.shape[2:], 3), np.float32)
