@@ -41,20 +41,38 @@ class Tiny:
         return self.images[i], [self.scenes[i].captions[0]]
 
 
-@pytest.mark.parametrize("cls", [Captioner, LightCap])
-def test_teacher_forcing_loss_falls_and_the_backbone_stays_bit_identical(bb, scenes, cls, tmp_path):
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    head = cls.build(bb, width=32, layers=1, heads=2)
-    before = {k: v.clone() for k, v in bb.model.state_dict().items()}
-    images, sc = scenes
-    train_captioner(head, Tiny(images, sc), steps=40, batch_size=4, lr=1e-2, warmup_steps=0,
-                    out_dir=tmp_path / "run", progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["loss_caption"] < 0.3 * rows[0]["loss_caption"]           # it learns the 4 captions
-    assert all(not p.requires_grad for p in head.clip.parameters())
-    for k, v in bb.model.state_dict().items():                                 # bit-identical Backbone
-        assert torch.equal(v, before[k]), k
-    assert not head.clip.training                                              # kept in eval mode
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("cls", [Captioner, LightCap])
+def test_teacher_forcing_loss_falls_and_the_callers_backbone_is_unchanged(bb, scenes, cls, tmp_path, one_thread):
+    flags = [p.requires_grad for p in bb.model.parameters()]
+    bb.model.train()                                                           # the caller's mode
+    bb.model.visual.proj.requires_grad_(False)                                 # and a mix of flags
+    try:
+        before_flags = [p.requires_grad for p in bb.model.parameters()]
+        head = cls.build(bb, width=32, layers=1, heads=2)
+        assert not any(n.startswith("clip.") for n, _ in head.named_parameters())   # not a submodule
+        before = {k: v.clone() for k, v in bb.model.state_dict().items()}
+        images, sc = scenes
+        train_captioner(head, Tiny(images, sc), steps=40, batch_size=4, lr=1e-2, warmup_steps=0,
+                        out_dir=tmp_path / "run", progress=False)
+        rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["loss_caption"] < 0.3 * rows[0]["loss_caption"]           # it learns the 4 captions
+        assert [p.requires_grad for p in bb.model.parameters()] == before_flags    # flags as the caller left them
+        assert bb.model.training and all(m.training for m in bb.model.modules())   # and its train mode
+        assert all(p.grad is None for p in bb.model.parameters())                  # frozen while training
+        for k, v in bb.model.state_dict().items():                                 # bit-identical Backbone
+            assert torch.equal(v, before[k]), k
+    finally:
+        bb.model.eval()
+        for p, flag in zip(bb.model.parameters(), flags):
+            p.requires_grad_(flag)
     x = uint8_to_tensor(list(images), bb.preprocess_cfg)
     caps = head.generate(x)
     assert sum(c == s.captions[0] for c, s in zip(caps, sc)) >= 3              # memorised (teacher forcing works)
@@ -100,7 +118,7 @@ def test_decoding_shapes_determinism_and_files(bb, scenes, tmp_path):
     (bad / "captioner.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="unreadable captioner config"):
         load_captioner(bad, bb)
-    other = bb.with_model(Captioner.build(bb).clip, name="other")             # same weights: accepted
+    other = bb.with_model(bb.model, name="other")                             # same weights: accepted
     load_captioner(tmp_path / "cap", other)
     import copy
 

@@ -15,4 +15,5 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     ".losses": ["LOSSES", "Objective", "ModelOutputs", "Batch", "get_loss", "list_losses", "register_loss"],
     ".recipes": ["RECIPES", "Recipe", "init_model", "get_recipe", "list_recipes", "register_recipe"],
     ".checkpoint": ["latest_checkpoint"],
+    ".freezing": ["frozen"],
 })
