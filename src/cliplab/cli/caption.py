@@ -87,12 +87,13 @@ def run(args) -> int:
     if out is not None and out.suffix not in (".csv", ".jsonl"):
         raise UsageError(f"--out must end in .csv or .jsonl, got {out.name}")
     from ..data.images import DEFAULT_MAX_PIXELS, find_images
-    from ..generative.captioner import load_captioner
+    from ..generative.captioner import load_captioner, recorded_precision
 
     files = find_images(args.paths)
     if not files:
         raise DataError(f"no image files found under {', '.join(args.paths)}")
     if args.model:
+        args.precision = args.precision or recorded_precision(args.captioner)
         head = load_captioner(args.captioner, load_backbone(args))
     else:
         head = load_captioner(args.captioner, device=args.device, precision=args.precision)

@@ -651,7 +651,11 @@ def load_captioner(path: str | Path, backbone=None, *, device: str = "cpu", prec
     if backbone is None:
         from ..models.loading import load
 
-        backbone = load(spec, device=device, precision=precision or recorded_precision)
+        try:
+            backbone = load(spec, device=device, precision=precision or recorded_precision)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{path}: cannot load the Backbone the head records ({e}); "
+                                 "pass it (backbone=, or --model SPEC on the command line)") from None
     if backbone.fingerprint != fingerprint:
         raise CheckpointMismatch(f"{path}: this head was trained on another Backbone ({spec}, {recorded_precision}, "
                                  f"fingerprint {fingerprint[:12]}), not on {backbone.name} ({backbone.precision}, "
@@ -677,6 +681,17 @@ def load_captioner(path: str | Path, backbone=None, *, device: str = "cpu", prec
         reason = str(e).splitlines()[-1].strip()
         raise CheckpointMismatch(f"{weights}: weights do not fit the config ({reason})") from None
     return head.to(backbone.device).eval()
+
+
+def recorded_precision(path: str | Path) -> str:
+    """The precision of the Backbone a saved head was trained with (``"fp32"`` when unreadable:
+    :func:`load_captioner` then reports what is wrong)."""
+    try:
+        meta = json.loads((Path(path) / CONFIG_NAME).read_text(encoding="utf-8"))
+        precision = meta["backbone"].get("precision", "fp32")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return "fp32"
+    return precision if precision in ("fp32", "fp16", "bf16") else "fp32"
 
 
 def _check_config(config: dict, backbone) -> None:
