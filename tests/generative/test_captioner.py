@@ -192,3 +192,82 @@ def test_objective_is_cross_entropy_up_to_the_end_token(bb, scenes):
         logits = head(x[i:i + 1], ids[:, :end])         # predicts tokens 1..end
         terms.append(torch.nn.functional.cross_entropy(logits[0], ids[0, 1:end + 1], reduction="none"))
     torch.testing.assert_close(loss, torch.cat(terms).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_corrupt_configs_are_refused_with_one_line_model_load_errors(bb, tmp_path):
+    head = Captioner.build(bb, width=32, layers=1, heads=2)
+    head.save(tmp_path / "cap")
+    good = json.loads((tmp_path / "cap" / "captioner.json").read_text())
+    mutations = {
+        "fingerprint an int": lambda m: m["backbone"].update(fingerprint=5),
+        "config a string": lambda m: m.update(config="abc"),
+        "backbone a string": lambda m: m.update(backbone="x"),
+        "huge vocab id": lambda m: m["config"]["vocab"].__setitem__(5, 10 ** 11),
+        "bool vocab id": lambda m: m["config"]["vocab"].__setitem__(5, True),
+        "huge context": lambda m: m["config"].update(context_length=10 ** 6),
+        "huge width": lambda m: m["config"].update(width=2 ** 30, heads=2),
+        "other vision width": lambda m: m["config"].update(vision_width=7),
+        "unknown kind": lambda m: m.update(kind=3),
+        "bad precision": lambda m: m["backbone"].update(precision="fp8"),
+    }
+    for what, mutate in mutations.items():
+        meta = json.loads(json.dumps(good))
+        mutate(meta)
+        (tmp_path / "cap" / "captioner.json").write_text(json.dumps(meta))
+        with pytest.raises(ModelLoadError) as e:
+            load_captioner(tmp_path / "cap", bb)
+        assert "malformed captioner config" in str(e.value) and "\n" not in str(e.value), what
+
+
+def test_lightcap_config_with_bad_concepts_is_refused(bb, tmp_path):
+    LightCap.build(bb, width=32, layers=1, heads=2).save(tmp_path / "lc")
+    meta = json.loads((tmp_path / "lc" / "captioner.json").read_text())
+    for concepts, top_k in (("colours", meta["config"]["top_k"]), (meta["config"]["concepts"], {"color": 99})):
+        meta["config"].update(concepts=concepts, top_k=top_k)
+        (tmp_path / "lc" / "captioner.json").write_text(json.dumps(meta))
+        with pytest.raises(ModelLoadError, match="malformed captioner config"):
+            load_captioner(tmp_path / "lc", bb)
+
+
+def test_beam_is_limited_and_caption_reads_through_the_backbone(bb, scenes):
+    from cliplab.generative.captioner import MAX_BEAM
+
+    head = Captioner.build(bb, width=32, layers=1, heads=2, seed=2)
+    images, _ = scenes
+    x = uint8_to_tensor(list(images), bb.preprocess_cfg)                       # (4, 3, 64, 64)
+    V = len(head.config["vocab"])
+    with pytest.raises(UsageError, match="too wide"):
+        head.generate_ids(x[:1], beam=min(MAX_BEAM, V) + 1)
+    for bad in (0, 2.5, True):
+        with pytest.raises(UsageError, match="beam"):
+            head.generate(x[:1], beam=bad)
+    # the Backbone's tokens: the same as Backbone.image_tokens; its image path: arrays, tensors, batches
+    _, tokens = bb.image_token_batch(x)
+    np.testing.assert_allclose(tokens.numpy(), bb.image_tokens(x), atol=1e-6)
+    want = head.generate(x)
+    assert head.caption(list(images)).captions == want                         # uint8 arrays
+    assert head.caption(x, batch_size=3).captions == want                      # preprocessed tensors, 2 batches
+    parts = list(head.iter_captions(list(images), batch_size=3))
+    assert [p.kept for p in parts] == [[0, 1, 2], [3]]
+    assert head.caption(list(images), batch_size=10 ** 9).kept == [0, 1, 2, 3]   # clamped, no huge buffer
+
+
+def test_training_runs_on_the_backbones_device_and_checkpoints_hold_the_head_only(bb, monkeypatch, tmp_path):
+    import cliplab.train
+
+    seen = {}
+
+    class Spy(cliplab.train.Trainer):
+        def __init__(self, model, *args, **kw):
+            seen["config"] = args[3]
+            super().__init__(model, *args, **kw)
+
+    monkeypatch.setattr(cliplab.train, "Trainer", Spy)
+    head = Captioner.build(bb, width=32, layers=1, heads=2)
+    train_captioner(head, steps=1, batch_size=2, out_dir=tmp_path / "run", progress=False)
+    assert seen["config"].device == str(bb.device)
+    from safetensors.torch import load_file
+
+    files = list((tmp_path / "run").rglob("*.safetensors"))
+    for f in files:                                                            # no Backbone weights in the run
+        assert not any(k.startswith(("clip.", "visual.", "transformer.resblocks")) for k in load_file(str(f))), f
