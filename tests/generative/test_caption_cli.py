@@ -147,3 +147,11 @@ def test_bf16_trains_and_captions(folder, tmp_path, capsys, monkeypatch):
     assert "a.png" in capsys.readouterr().out
     assert main(["caption", str(folder / "a.png"), "--captioner", str(head), "--precision", "fp32"]) == 3
     assert "another Backbone" in capsys.readouterr().err
+
+
+def test_no_output_file_is_left_when_nothing_was_captioned(trained, folder, tmp_path, capsys):
+    for extra in ([], ["--strict"]):
+        out = tmp_path / "none.jsonl"
+        assert main(["caption", str(folder / "broken.png"), "--captioner", str(trained), "--out", str(out),
+                     *extra]) == 4
+        assert not out.exists() and "Traceback" not in capsys.readouterr().err

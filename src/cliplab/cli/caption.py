@@ -148,8 +148,12 @@ def _write_incrementally(out: Path, files, captions) -> tuple[int, list]:
                 f.flush()
                 n += len(rows)
                 skipped.extend(part.skipped)
-        except KeyboardInterrupt:
-            print(f"interrupted: kept {n} finished caption(s) in {out}", file=sys.stderr)
+        except BaseException as e:      # Ctrl-C or a bad image with --strict: keep what is finished
+            if isinstance(e, KeyboardInterrupt) and n:
+                print(f"interrupted: kept {n} finished caption(s) in {out}", file=sys.stderr)
+            if not n:
+                f.close()
+                out.unlink(missing_ok=True)
             raise
     if not n:
         out.unlink(missing_ok=True)

@@ -640,10 +640,10 @@ def load_captioner(path: str | Path, backbone=None, *, device: str = "cpu", prec
     try:
         cls = caption_head(meta["kind"])
         spec, fingerprint = meta["backbone"]["spec"], meta["backbone"]["fingerprint"]
-        recorded_precision = meta["backbone"].get("precision", "fp32")
+        saved_precision = meta["backbone"].get("precision", "fp32")
         config = meta["config"]
         if not (isinstance(spec, str) and isinstance(fingerprint, str) and isinstance(config, dict)
-                and recorded_precision in ("fp32", "fp16", "bf16")):
+                and saved_precision in ("fp32", "fp16", "bf16")):
             raise TypeError("backbone spec and fingerprint must be strings, precision fp32/fp16/bf16, "
                             "config an object")
     except (KeyError, TypeError, UsageError) as e:
@@ -652,12 +652,12 @@ def load_captioner(path: str | Path, backbone=None, *, device: str = "cpu", prec
         from ..models.loading import load
 
         try:
-            backbone = load(spec, device=device, precision=precision or recorded_precision)
+            backbone = load(spec, device=device, precision=precision or saved_precision)
         except ModelLoadError as e:
             raise ModelLoadError(f"{path}: cannot load the Backbone the head records ({e}); "
                                  "pass it (backbone=, or --model SPEC on the command line)") from None
     if backbone.fingerprint != fingerprint:
-        raise CheckpointMismatch(f"{path}: this head was trained on another Backbone ({spec}, {recorded_precision}, "
+        raise CheckpointMismatch(f"{path}: this head was trained on another Backbone ({spec}, {saved_precision}, "
                                  f"fingerprint {fingerprint[:12]}), not on {backbone.name} ({backbone.precision}, "
                                  f"{backbone.fingerprint[:12]})")
     try:
