@@ -7,12 +7,14 @@ its ``test`` split (held-out compositions included) greedily.  Reported per head
 (pycocoevalcap, simple tokenisation, the scene's 5 captions as references), attribute
 accuracy parsed from the captions (colour, shape, colour+shape object, count, exact), head
 parameters and MB, and latency (median ms per image over ``--runs`` runs, one image at a
-time, one thread).
+time, one thread).  For scale, ``canonical_caption``: the CIDEr-D of each scene's own
+canonical caption (its first) against its five captions and against the other four (no
+training; ``--canonical-only`` adds just this entry to an existing result file).
 
 Writes ``benchmarks/results/caption_shapes.json`` and, unless ``--quick``,
 ``docs/generative/caption_examples.png`` (``--figure-from RESULT.json`` redraws it alone).
 
-    python benchmarks/caption_shapes.py [--steps 300] [--n-test 200] [--quick]
+    python benchmarks/caption_shapes.py [--steps 300] [--n-test 200] [--quick] [--canonical-only]
 """
 
 from __future__ import annotations
@@ -57,7 +59,26 @@ def figure(result: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def canonical_cider(scenes) -> dict:
+    """CIDEr-D of each scene's canonical caption against its own captions: all five, the other four."""
+    from cliplab.generative.captioner import cider
+
+    canon = [s.captions[0] for s in scenes]
+    return {"against_all_five": cider(canon, [s.captions for s in scenes])[0],
+            "against_other_four": cider(canon, [s.captions[1:] for s in scenes])[0]}
+
+
 def main(argv=None) -> dict:
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="training steps of each head")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -68,6 +89,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a few steps and scenes (a smoke run)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "caption_shapes.json"))
     parser.add_argument("--figure-from", metavar="JSON", help="only draw the picture from an earlier result")
+    parser.add_argument("--canonical-only", action="store_true",
+                        help="only compute canonical_caption (no training) and add it to the --out file")
     args = parser.parse_args(argv)
     if args.figure_from:
         result = json.loads(Path(args.figure_from).read_text())
@@ -90,11 +113,19 @@ def main(argv=None) -> dict:
     bb = cliplab.load("shapes-tiny")
     world = task_world(shapes_tiny_world(seed=args.seed), "captions")
     images, scenes = world.render_batch("test", list(range(args.n_test)))
+    if args.canonical_only:
+        out = Path(args.out)
+        result = json.loads(out.read_text())
+        if (result["seed"], result["test_scenes"]) != (args.seed, args.n_test):
+            parser.error(f"{out} holds seed {result['seed']}, {result['test_scenes']} scenes; give the same")
+        result["canonical_caption"] = canonical_cider(scenes)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        return result
     x = uint8_to_tensor(list(images), bb.preprocess_cfg)                               # (N, 3, 64, 64)
     refs = [s.captions for s in scenes]
     result = {"model": "shapes-tiny", "seed": args.seed, "world": "shapes-tiny, 1-3 objects, seed %d" % args.seed,
               "test_scenes": args.n_test, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-              "decoding": "greedy", "threads": 1, "heads": {}}
+              "decoding": "greedy", "threads": 1, "canonical_caption": canonical_cider(scenes), "heads": {}}
     for name, cls in (("captioner", Captioner), ("lightcap", LightCap)):
         head = cls.build(bb, seed=args.seed)
         tic = time.perf_counter()

@@ -41,20 +41,38 @@ class Tiny:
         return self.images[i], [self.scenes[i].captions[0]]
 
 
-@pytest.mark.parametrize("cls", [Captioner, LightCap])
-def test_teacher_forcing_loss_falls_and_the_backbone_stays_bit_identical(bb, scenes, cls, tmp_path):
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    head = cls.build(bb, width=32, layers=1, heads=2)
-    before = {k: v.clone() for k, v in bb.model.state_dict().items()}
-    images, sc = scenes
-    train_captioner(head, Tiny(images, sc), steps=40, batch_size=4, lr=1e-2, warmup_steps=0,
-                    out_dir=tmp_path / "run", progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["loss_caption"] < 0.3 * rows[0]["loss_caption"]           # it learns the 4 captions
-    assert all(not p.requires_grad for p in head.clip.parameters())
-    for k, v in bb.model.state_dict().items():                                 # bit-identical Backbone
-        assert torch.equal(v, before[k]), k
-    assert not head.clip.training                                              # kept in eval mode
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("cls", [Captioner, LightCap])
+def test_teacher_forcing_loss_falls_and_the_callers_backbone_is_unchanged(bb, scenes, cls, tmp_path, one_thread):
+    flags = [p.requires_grad for p in bb.model.parameters()]
+    bb.model.train()                                                           # the caller's mode
+    bb.model.visual.proj.requires_grad_(False)                                 # and a mix of flags
+    try:
+        before_flags = [p.requires_grad for p in bb.model.parameters()]
+        head = cls.build(bb, width=32, layers=1, heads=2)
+        assert not any(n.startswith("clip.") for n, _ in head.named_parameters())   # not a submodule
+        before = {k: v.clone() for k, v in bb.model.state_dict().items()}
+        images, sc = scenes
+        train_captioner(head, Tiny(images, sc), steps=40, batch_size=4, lr=1e-2, warmup_steps=0,
+                        out_dir=tmp_path / "run", progress=False)
+        rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["loss_caption"] < 0.3 * rows[0]["loss_caption"]           # it learns the 4 captions
+        assert [p.requires_grad for p in bb.model.parameters()] == before_flags    # flags as the caller left them
+        assert bb.model.training and all(m.training for m in bb.model.modules())   # and its train mode
+        assert all(p.grad is None for p in bb.model.parameters())                  # frozen while training
+        for k, v in bb.model.state_dict().items():                                 # bit-identical Backbone
+            assert torch.equal(v, before[k]), k
+    finally:
+        bb.model.eval()
+        for p, flag in zip(bb.model.parameters(), flags):
+            p.requires_grad_(flag)
     x = uint8_to_tensor(list(images), bb.preprocess_cfg)
     caps = head.generate(x)
     assert sum(c == s.captions[0] for c, s in zip(caps, sc)) >= 3              # memorised (teacher forcing works)
@@ -100,7 +118,7 @@ def test_decoding_shapes_determinism_and_files(bb, scenes, tmp_path):
     (bad / "captioner.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="unreadable captioner config"):
         load_captioner(bad, bb)
-    other = bb.with_model(Captioner.build(bb).clip, name="other")             # same weights: accepted
+    other = bb.with_model(bb.model, name="other")                             # same weights: accepted
     load_captioner(tmp_path / "cap", other)
     import copy
 
@@ -174,3 +192,82 @@ def test_objective_is_cross_entropy_up_to_the_end_token(bb, scenes):
         logits = head(x[i:i + 1], ids[:, :end])         # predicts tokens 1..end
         terms.append(torch.nn.functional.cross_entropy(logits[0], ids[0, 1:end + 1], reduction="none"))
     torch.testing.assert_close(loss, torch.cat(terms).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_corrupt_configs_are_refused_with_one_line_model_load_errors(bb, tmp_path):
+    head = Captioner.build(bb, width=32, layers=1, heads=2)
+    head.save(tmp_path / "cap")
+    good = json.loads((tmp_path / "cap" / "captioner.json").read_text())
+    mutations = {
+        "fingerprint an int": lambda m: m["backbone"].update(fingerprint=5),
+        "config a string": lambda m: m.update(config="abc"),
+        "backbone a string": lambda m: m.update(backbone="x"),
+        "huge vocab id": lambda m: m["config"]["vocab"].__setitem__(5, 10 ** 11),
+        "bool vocab id": lambda m: m["config"]["vocab"].__setitem__(5, True),
+        "huge context": lambda m: m["config"].update(context_length=10 ** 6),
+        "huge width": lambda m: m["config"].update(width=2 ** 30, heads=2),
+        "other vision width": lambda m: m["config"].update(vision_width=7),
+        "unknown kind": lambda m: m.update(kind=3),
+        "bad precision": lambda m: m["backbone"].update(precision="fp8"),
+    }
+    for what, mutate in mutations.items():
+        meta = json.loads(json.dumps(good))
+        mutate(meta)
+        (tmp_path / "cap" / "captioner.json").write_text(json.dumps(meta))
+        with pytest.raises(ModelLoadError) as e:
+            load_captioner(tmp_path / "cap", bb)
+        assert "malformed captioner config" in str(e.value) and "\n" not in str(e.value), what
+
+
+def test_lightcap_config_with_bad_concepts_is_refused(bb, tmp_path):
+    LightCap.build(bb, width=32, layers=1, heads=2).save(tmp_path / "lc")
+    meta = json.loads((tmp_path / "lc" / "captioner.json").read_text())
+    for concepts, top_k in (("colours", meta["config"]["top_k"]), (meta["config"]["concepts"], {"color": 99})):
+        meta["config"].update(concepts=concepts, top_k=top_k)
+        (tmp_path / "lc" / "captioner.json").write_text(json.dumps(meta))
+        with pytest.raises(ModelLoadError, match="malformed captioner config"):
+            load_captioner(tmp_path / "lc", bb)
+
+
+def test_beam_is_limited_and_caption_reads_through_the_backbone(bb, scenes):
+    from cliplab.generative.captioner import MAX_BEAM
+
+    head = Captioner.build(bb, width=32, layers=1, heads=2, seed=2)
+    images, _ = scenes
+    x = uint8_to_tensor(list(images), bb.preprocess_cfg)                       # (4, 3, 64, 64)
+    V = len(head.config["vocab"])
+    with pytest.raises(UsageError, match="too wide"):
+        head.generate_ids(x[:1], beam=min(MAX_BEAM, V) + 1)
+    for bad in (0, 2.5, True):
+        with pytest.raises(UsageError, match="beam"):
+            head.generate(x[:1], beam=bad)
+    # the Backbone's tokens: the same as Backbone.image_tokens; its image path: arrays, tensors, batches
+    _, tokens = bb.image_token_batch(x)
+    np.testing.assert_allclose(tokens.numpy(), bb.image_tokens(x), atol=1e-6)
+    want = head.generate(x)
+    assert head.caption(list(images)).captions == want                         # uint8 arrays
+    assert head.caption(x, batch_size=3).captions == want                      # preprocessed tensors, 2 batches
+    parts = list(head.iter_captions(list(images), batch_size=3))
+    assert [p.kept for p in parts] == [[0, 1, 2], [3]]
+    assert head.caption(list(images), batch_size=10 ** 9).kept == [0, 1, 2, 3]   # clamped, no huge buffer
+
+
+def test_training_runs_on_the_backbones_device_and_checkpoints_hold_the_head_only(bb, monkeypatch, tmp_path):
+    import cliplab.train
+
+    seen = {}
+
+    class Spy(cliplab.train.Trainer):
+        def __init__(self, model, *args, **kw):
+            seen["config"] = args[3]
+            super().__init__(model, *args, **kw)
+
+    monkeypatch.setattr(cliplab.train, "Trainer", Spy)
+    head = Captioner.build(bb, width=32, layers=1, heads=2)
+    train_captioner(head, steps=1, batch_size=2, out_dir=tmp_path / "run", progress=False)
+    assert seen["config"].device == str(bb.device)
+    from safetensors.torch import load_file
+
+    files = list((tmp_path / "run").rglob("*.safetensors"))
+    for f in files:                                                            # no Backbone weights in the run
+        assert not any(k.startswith(("clip.", "visual.", "transformer.resblocks")) for k in load_file(str(f))), f

@@ -9,6 +9,7 @@ from PIL import Image
 from cliplab.errors import BadImage, UsageError
 from cliplab.models.backbone import Backbone, Skipped
 from cliplab.models.loading import default_preprocess_cfg, make_tokenizer
+from cliplab.models.transforms import uint8_to_tensor
 
 from _tiny import TINY_CFG, make_model
 
@@ -137,6 +138,17 @@ def test_image_tokens_shape(any_tiny):
     assert any_tiny.image_tokens(img, project=True).shape == (1, 16, 32)
 
 
+def test_image_token_batch_is_image_tokens_and_the_pooled_embedding(any_tiny):
+    imgs = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    x = uint8_to_tensor(list(imgs), any_tiny.preprocess_cfg)                  # (2, 3, 32, 32)
+    pooled, tokens = any_tiny.image_token_batch(x)
+    assert pooled.dtype == tokens.dtype == torch.float32 and tokens.shape == (2, 16, 64)
+    np.testing.assert_allclose(tokens.numpy(), any_tiny.image_tokens(list(imgs)), atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(pooled, any_tiny.model.encode_image(x).float(), rtol=1e-5, atol=1e-5)
+    assert any_tiny.model.visual.output_tokens is False                       # the toggle is restored
+
+
 def test_text_tokens_pool_to_open_clips_text_features(tiny):
     texts = ["a red star.", "two blue squares on a striped background"]
     tok = tiny.text_tokens(texts)
@@ -175,6 +187,7 @@ from PIL import Image
 from _tiny import TINY_CFG, make_model
 from cliplab.models.backbone import Backbone, Skipped
 from cliplab.models.loading import default_preprocess_cfg, make_tokenizer
+from cliplab.models.transforms import uint8_to_tensor
 
 out, mode = sys.argv[1], sys.argv[2]
 cfg = {**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"], "image_size": 224, "patch_size": 32,

@@ -186,7 +186,7 @@ def test_load_errors(fp32_dir, exported, tmp_path):
     with pytest.raises(UsageError, match="arch do not apply"):
         cliplab.load(fp32_dir, arch="ViT-B-32")
     for method, args in [("image_tokens", ([np.zeros((32, 32, 3), np.uint8)],)), ("save", (tmp_path / "x",)),
-                         ("with_model", (None,))]:
+                         ("with_model", (None,)), ("image_token_batch", (torch.zeros(1, 3, 32, 32),))]:
         kwargs = {"name": "x"} if method == "with_model" else {}
         with pytest.raises(UsageError, match="ONNX export"):
             getattr(exported, method)(*args, **kwargs)

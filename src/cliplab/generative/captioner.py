@@ -4,8 +4,9 @@ The decoder is open_clip's own :class:`open_clip.transformer.MultimodalTransform
 text decoder: per layer a causal self-attention block, then a cross-attention block over
 the image tokens, each with its MLP), fed with learned token and position embeddings and
 projected onto the caption vocabulary.  It reads the patch tokens of the Backbone's vision
-tower (B, T, W) through one linear map; the Backbone is frozen (its parameters are marked
-``requires_grad=False`` and never change) and only the decoder trains, through the one
+tower (B, T, W) through one linear map; the Backbone is frozen (it is not a submodule of the
+head, its weights never change, and its ``requires_grad`` flags and train mode are switched
+off only while :func:`train_captioner` runs, then restored) and only the decoder trains, through the one
 :class:`~cliplab.train.Trainer`, with :class:`CaptionObjective`: teacher-forced next-token
 cross-entropy on the Backbone's own tokenizer's ids::
 
@@ -56,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.images import DEFAULT_MAX_PIXELS
 from ..errors import CheckpointMismatch, DataError, ModelLoadError, UsageError
 from ..registry import Registry
 from ..train.losses.base import Batch, Objective
@@ -68,6 +70,8 @@ CONFIG_NAME = "captioner.json"
 WEIGHTS_NAME = "captioner.safetensors"
 UNK = -1
 """BPE id recorded for the unknown-token slot of a sub-vocabulary (no BPE id)."""
+MAX_BEAM = 64
+"""The widest beam :meth:`CaptionHead.generate_ids` accepts (each image decodes ``beam`` hypotheses)."""
 
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 """The position words of ShapesWorld captions (where an object's centre lies on a 3x3 grid)."""
@@ -100,6 +104,21 @@ def caption_vocabulary(tokenizer, texts: Sequence[str]) -> list[int]:
     ids = {int(i) for t in texts for i in tokenizer.encode(t)}
     ids -= {tokenizer.sot_token_id, tokenizer.eot_token_id}
     return [int(tokenizer.sot_token_id), int(tokenizer.eot_token_id), UNK, *sorted(ids)]
+
+
+def _check_vocab(vocab, tokenizer) -> list[int]:
+    """``vocab`` as a list of ints: start, end, then ids within the tokenizer (or UNK), else UsageError."""
+    size = int(getattr(tokenizer, "vocab_size", None) or len(getattr(tokenizer, "encoder", ())) or 0)
+    if not isinstance(vocab, (list, tuple)) or len(vocab) < 3:
+        raise UsageError(f"vocab must be a list of at least 3 token ids, got {type(vocab).__name__}")
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in vocab):
+        raise UsageError("vocab must hold integer token ids")
+    bad = [int(v) for v in vocab if v != UNK and not 0 <= v < (size or v + 1)]
+    if bad:
+        raise UsageError(f"vocab id {bad[0]} is outside the tokenizer's {size} ids")
+    if (vocab[0], vocab[1]) != (tokenizer.sot_token_id, tokenizer.eot_token_id):
+        raise UsageError("vocab must start with the tokenizer's start and end token ids")
+    return [int(v) for v in vocab]
 
 
 def shapes_caption_texts(world, n_scenes: int = 500) -> list[str]:
@@ -155,27 +174,6 @@ class CaptionDecoder(nn.Module):
         return self.transformer(memory, x)                                           # (B, T, V)
 
 
-def vision_tokens(clip_model, images: torch.Tensor) -> torch.Tensor:
-    """Patch tokens (B, T, W) and pooled features (B, D) of an open_clip vision tower, no gradient.
-
-    Returns
-    -------
-    (Tensor (B, D), Tensor (B, T, W))
-        The image embedding (not normalised) and the patch tokens (class token excluded).
-    """
-    visual = clip_model.visual
-    if not hasattr(visual, "output_tokens"):
-        raise UsageError(f"{type(visual).__name__} does not expose patch tokens; captioning needs a ViT")
-    old = visual.output_tokens
-    visual.output_tokens = True
-    try:
-        with torch.no_grad():
-            pooled, tokens = visual(images)                   # (B, D), (B, T, W)
-    finally:
-        visual.output_tokens = old
-    return pooled.float(), tokens.float()
-
-
 class CaptionHead(nn.Module):
     """What every caption head shares: frozen Backbone, vocabulary, decoder, decoding, save.
 
@@ -185,7 +183,9 @@ class CaptionHead(nn.Module):
     Parameters
     ----------
     backbone : cliplab.Backbone
-        Frozen; its model becomes the submodule ``clip`` (parameters ``requires_grad=False``).
+        Frozen; its model is read (:attr:`clip`) but is not a submodule: the head's
+        ``state_dict``, ``to``, ``train`` and optimizer never see it, and its flags and
+        mode are the caller's (:func:`train_captioner` freezes it only while training).
     config : dict
         JSON-serialisable architecture: ``vocab`` (BPE ids), ``width``, ``layers``,
         ``heads``, ``context_length`` and the subclass's own keys.
@@ -197,9 +197,8 @@ class CaptionHead(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.config = dict(config)
-        self.clip = backbone.model.requires_grad_(False).eval()
-        vocab = [int(v) for v in self.config["vocab"]]
         self.tokenizer = backbone.tokenizer
+        vocab = _check_vocab(self.config["vocab"], self.tokenizer)
         self.register_buffer("vocab", torch.tensor(vocab, dtype=torch.long), persistent=False)   # (V,)
         lookup = torch.full((max(max(vocab), self.tokenizer.eot_token_id) + 1,), 2, dtype=torch.long)
         for sub, bpe in enumerate(vocab):
@@ -210,11 +209,10 @@ class CaptionHead(nn.Module):
                                       heads=self.config["heads"], context_length=self.config["context_length"])
 
     # ------------------------------------------------------------------ model
-    def train(self, mode: bool = True):
-        """Train mode for the head; the frozen Backbone stays in eval mode."""
-        super().train(mode)
-        self.clip.eval()
-        return self
+    @property
+    def clip(self) -> nn.Module:
+        """The Backbone's model (not a submodule of the head)."""
+        return self.backbone.model
 
     def memory(self, images: torch.Tensor) -> torch.Tensor:
         """What the decoder cross-attends to: (B, M, W) from preprocessed images (B, 3, H, W)."""
@@ -230,12 +228,12 @@ class CaptionHead(nn.Module):
         return torch.where(known, self.lookup[tokens.clamp(0, len(self.lookup) - 1)], 2)
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable weights (everything but the frozen Backbone)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("clip.")}
+        """The trainable weights (the Backbone is not part of the head)."""
+        return dict(self.state_dict())
 
     def head_parameters(self) -> int:
         """Number of parameters of the head (the frozen Backbone excluded)."""
-        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("clip."))
+        return sum(p.numel() for p in self.parameters())
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
@@ -246,8 +244,7 @@ class CaptionHead(nn.Module):
         image, finished ones ranked by mean token log-probability (length-normalised).
         Deterministic: no sampling.
         """
-        if int(beam) != beam or beam < 1:
-            raise UsageError(f"beam must be a positive integer, got {beam!r}")
+        beam = self.check_beam(beam)
         L = min(int(max_length or self.config["context_length"]), self.config["context_length"])
         was_training = self.training
         self.eval()
@@ -259,6 +256,16 @@ class CaptionHead(nn.Module):
             self.train(was_training)
         vocab = self.vocab.tolist()
         return [[vocab[i] for i in row if vocab[i] >= 0] for row in rows]
+
+    def check_beam(self, beam) -> int:
+        """``beam`` as an int within 1..:data:`MAX_BEAM` and the vocabulary size, else UsageError."""
+        if isinstance(beam, bool) or not isinstance(beam, (int, np.integer)) or beam < 1:
+            raise UsageError(f"beam must be a positive integer, got {beam!r}")
+        limit = min(MAX_BEAM, len(self.config["vocab"]))
+        if beam > limit:
+            raise UsageError(f"beam {beam} is too wide: at most {limit} (the vocabulary has "
+                             f"{len(self.config['vocab'])} tokens; the limit is {MAX_BEAM})")
+        return int(beam)
 
     def _next_logprobs(self, memory: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         logits = self.decoder(memory, ids)[:, -1].float()                           # (B, V)
@@ -306,50 +313,87 @@ class CaptionHead(nn.Module):
         return [decode_text(self.tokenizer, ids)
                 for ids in self.generate_ids(images, beam=beam, max_length=max_length)]
 
+    def iter_captions(self, images, *, beam: int = 1, batch_size: int = 64, on_error: str = "raise",
+                      max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int | None = 0, draft: bool = False,
+                      progress: bool | None = None):
+        """Caption images batch by batch: yield each batch's result as soon as it is decoded.
+
+        Images are read, preprocessed and cast to the Backbone's device and precision by
+        the Backbone's own image path (``Backbone.encode_images``' decoding: safe loading,
+        ``draft``, decoding workers); arguments as in :meth:`caption`.
+
+        Yields
+        ------
+        Captions
+            Per batch of ``batch_size`` inputs: ``captions`` of its kept images, ``kept``
+            their positions in ``images``, ``skipped`` records (positions in ``images``).
+        """
+        from dataclasses import replace
+
+        from .._progress import progress_bar
+        from ..validation import check_choice, check_positive_int
+
+        check_choice("on_error", on_error, ("raise", "skip"))
+        check_positive_int("batch_size", batch_size)
+        beam = self.check_beam(beam)
+        bb = self.backbone
+        items = bb._expand(images)
+        batch_size = min(int(batch_size), max(len(items), 1))
+        bar = progress_bar(total=len(items), progress=progress if len(items) > batch_size else False,
+                           desc="caption", unit="img")
+        with bar:
+            for start in range(0, len(items), batch_size):
+                chunk = items[start:start + batch_size]
+                # the Backbone's image path; fn keeps the preprocessed batch (B, 3, H, W)
+                outs, kept, skipped = bb._run_images(chunk, batch_size=len(chunk), progress=False,
+                                                     on_error=on_error, workers=workers, max_pixels=max_pixels,
+                                                     draft=draft, fn=lambda batch: batch, desc="caption",
+                                                     parallel="threads")
+                captions = self.generate(torch.cat(outs), beam=beam) if outs else []
+                bar.update(len(chunk))
+                yield Captions(captions, [start + k for k in kept],
+                               [replace(r, index=start + r.index) for r in skipped])
+
     def caption(self, images, *, beam: int = 1, batch_size: int = 64, on_error: str = "raise",
-                max_pixels: int | None = None, workers: int = 0, progress: bool | None = None) -> "Captions":
-        """Caption images given as paths, PIL images or uint8 arrays (decoded safely).
+                max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int | None = 0, draft: bool = False,
+                progress: bool | None = None) -> "Captions":
+        """Caption images given as paths, PIL images, uint8 arrays or preprocessed tensors.
 
         Parameters
         ----------
-        images : sequence of path, PIL image or uint8 array (H, W, 3)
+        images : sequence of path, PIL image, uint8 array (H, W, 3) or Tensor (3, H, W)
+            Decoded safely by the Backbone (``Backbone.encode_images``' image path).
         beam : int, default 1
-            1 for greedy decoding, else the beam width.
+            1 for greedy decoding, else the beam width (at most :data:`MAX_BEAM` and the
+            vocabulary size).
         batch_size : int, default 64
         on_error : {"raise", "skip"}, default "raise"
             A bad image raises :class:`~cliplab.errors.BadImage`, or is skipped and listed.
-        max_pixels : int, optional
-            Decompression-bomb guard (default: the project's limit).
+        max_pixels : int or None
+            Decompression-bomb guard (default: the project's limit; None: no limit).
         workers : int, default 0
-            Decoding threads (0: in the calling thread).
+            Decoding threads (0: in the calling thread; None: up to 4).
+        draft : bool, default False
+            Reduced-size JPEG decoding (as ``Backbone.encode_images``).
 
         Returns
         -------
         Captions
             ``captions`` of the kept images, ``kept`` their input positions, ``skipped`` records.
-        """
-        from .._progress import progress_bar
-        from ..data.images import DEFAULT_MAX_PIXELS, iter_filled
-        from ..validation import check_choice, check_positive_int
 
-        check_choice("on_error", on_error, ("raise", "skip"))
-        check_positive_int("batch_size", batch_size)
-        items = list(images)
-        bb = self.backbone
-        limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+        Raises
+        ------
+        UsageError
+            Bad ``beam``, ``batch_size`` or ``on_error``.
+        BadImage
+            An unreadable image with ``on_error="raise"``.
+        """
         out = Captions([], [], [])
-        bar = progress_bar(total=len(items), progress=progress if len(items) > batch_size else False,
-                           desc="caption", unit="img")
-        with bar:
-            for idx, tensor, skipped in iter_filled(items, batch_size, fill=lambda s, o: _fill(bb, s, o, limit),
-                                                    item_shape=(3, bb.image_size, bb.image_size),
-                                                    on_error=on_error, workers=workers,
-                                                    prefetch=2 if workers else 0):
-                out.skipped.extend(skipped)
-                if idx:
-                    out.captions.extend(self.generate(tensor.to(bb.device), beam=beam))
-                    out.kept.extend(idx)
-                bar.update(len(idx) + len(skipped))
+        for part in self.iter_captions(images, beam=beam, batch_size=batch_size, on_error=on_error,
+                                       max_pixels=max_pixels, workers=workers, draft=draft, progress=progress):
+            out.captions.extend(part.captions)
+            out.kept.extend(part.kept)
+            out.skipped.extend(part.skipped)
         return out
 
     # ------------------------------------------------------------------ files
@@ -368,9 +412,17 @@ class CaptionHead(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.head_state_dict().items()}
         save_file(state, str(out / WEIGHTS_NAME), metadata={"format": FORMAT})
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, "config": self.config,
-                "backbone": {"spec": self.backbone.name, "fingerprint": self.backbone.fingerprint}}
+                "backbone": {"spec": _loadable_spec(self.backbone.name), "fingerprint": self.backbone.fingerprint,
+                             "precision": self.backbone.precision}}
         (out / CONFIG_NAME).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         return out
+
+
+def _loadable_spec(name: str) -> str:
+    """The Backbone's spec as recorded: a local file or folder as its absolute path (loadable
+    from any working folder); anything else (a bundled or hub name, a surgery name) as is."""
+    path = Path(name)
+    return str(path.resolve()) if name and path.exists() else name
 
 
 @dataclass
@@ -380,22 +432,6 @@ class Captions:
     captions: list[str]
     kept: list[int]
     skipped: list = field(default_factory=list)
-
-
-def _fill(backbone, source, out: torch.Tensor, max_pixels) -> None:
-    """Decode ``source`` and write the Backbone's preprocessed (3, H, W) tensor into ``out``."""
-    from PIL import Image
-
-    from ..data.images import load_image
-    from ..errors import BadImage
-
-    if isinstance(source, np.ndarray):
-        source = Image.fromarray(source)
-    img = load_image(source, max_pixels=max_pixels)
-    try:
-        out.copy_(backbone.preprocess(img))
-    except (ValueError, RuntimeError, MemoryError) as exc:
-        raise BadImage(str(source), f"cannot preprocess a {img.width}x{img.height} image ({exc})") from None
 
 
 def _until_end(row: list[int]) -> list[int]:
@@ -446,7 +482,7 @@ class Captioner(CaptionHead):
             return cls(backbone, config).to(backbone.device)
 
     def memory(self, images: torch.Tensor) -> torch.Tensor:
-        _, tokens = vision_tokens(self.clip, images)            # (B, T, W_vision)
+        _, tokens = self.backbone.image_token_batch(images)     # (B, T, W_vision)
         return self.image_proj(tokens)                          # (B, T, W)
 
 
@@ -461,8 +497,10 @@ def _base_config(backbone, vocab, width, layers, heads, context_length) -> dict:
         from ..data.shapes import shapes_tiny_world
 
         vocab = caption_vocabulary(backbone.tokenizer, shapes_caption_texts(shapes_tiny_world()))
-    L = int(context_length or backbone.context_length)
-    check_positive_int("context_length", L, minimum=2)
+    L = check_positive_int("context_length", backbone.context_length if context_length is None else context_length,
+                           minimum=2)
+    if L > backbone.context_length:
+        raise UsageError(f"context_length {L} exceeds the Backbone's {backbone.context_length}")
     return {"vocab": [int(v) for v in vocab], "width": int(width), "layers": int(layers), "heads": int(heads),
             "context_length": L}
 
@@ -524,17 +562,33 @@ def train_captioner(head: CaptionHead, train_set=None, *, steps: int = 300, batc
     steps, batch_size, lr, warmup_steps, seed
         Trainer settings (AdamW, warm-up then cosine decay; weight decay 0.01).
     out_dir : path
-        The Trainer's folder (``metrics.jsonl``, ``checkpoints/``).
-    """
-    from ..train import TrainConfig, Trainer
+        The Trainer's folder (``metrics.jsonl``, ``checkpoints/``, which hold the head only).
 
+    Notes
+    -----
+    The Backbone's parameters are frozen and its model in eval mode only while training
+    (:func:`cliplab.train.frozen`); the caller's ``requires_grad`` flags and
+    train mode are restored afterwards.  Training runs on the Backbone's device.
+
+    Raises
+    ------
+    UsageError
+        ``batch_size`` below 2 (the Trainer's minimum for caption objectives) or other bad settings.
+    """
+    from ..train import TrainConfig, Trainer, frozen
+    from ..validation import check_positive_int
+
+    check_positive_int("batch_size", batch_size)
+    if batch_size < 2:
+        raise UsageError(f"batch_size {batch_size}: the Trainer takes caption batches of at least 2")
     bb = head.backbone
     train_set = caption_train_set(bb, seed=seed) if train_set is None else train_set
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, weight_decay=0.01,
                          seed=seed, out_dir=str(out_dir), ckpt_every=0, log_every=max(1, min(50, steps // 10)),
                          device=str(bb.device))
-    Trainer(head, bb.tokenize, bb.preprocess, train_set, config, objective=CaptionObjective(),
-            preprocess_cfg=bb.preprocess_cfg, progress=progress).fit()
+    with frozen(bb.model):
+        Trainer(head, bb.tokenize, bb.preprocess, train_set, config, objective=CaptionObjective(),
+                preprocess_cfg=bb.preprocess_cfg, progress=progress).fit()
     return head.eval()
 
 
@@ -546,7 +600,7 @@ def caption_head(kind: str):
     return CAPTION_HEADS.get(kind)
 
 
-def load_captioner(path: str | Path, backbone=None, *, device: str = "cpu") -> CaptionHead:
+def load_captioner(path: str | Path, backbone=None, *, device: str = "cpu", precision: str | None = None) -> CaptionHead:
     """Read a head written by :meth:`CaptionHead.save`.
 
     Parameters
@@ -554,8 +608,9 @@ def load_captioner(path: str | Path, backbone=None, *, device: str = "cpu") -> C
     path : path
         The folder holding ``captioner.json`` and ``captioner.safetensors``.
     backbone : cliplab.Backbone, optional
-        Default: loaded from the spec the head records; either way its fingerprint must
-        match the recorded one.
+        Default: loaded from the spec the head records (on ``device``, in ``precision``,
+        default the recorded precision); either way its fingerprint, which covers the
+        weights' dtype, must match the recorded one.
 
     Raises
     ------
@@ -585,24 +640,36 @@ def load_captioner(path: str | Path, backbone=None, *, device: str = "cpu") -> C
     try:
         cls = caption_head(meta["kind"])
         spec, fingerprint = meta["backbone"]["spec"], meta["backbone"]["fingerprint"]
-        config = dict(meta["config"])
+        saved_precision = meta["backbone"].get("precision", "fp32")
+        config = meta["config"]
+        if not (isinstance(spec, str) and isinstance(fingerprint, str) and isinstance(config, dict)
+                and saved_precision in ("fp32", "fp16", "bf16")):
+            raise TypeError("backbone spec and fingerprint must be strings, precision fp32/fp16/bf16, "
+                            "config an object")
     except (KeyError, TypeError, UsageError) as e:
         raise ModelLoadError(f"{cfg_file}: malformed captioner config ({type(e).__name__}: {e})") from None
     if backbone is None:
         from ..models.loading import load
 
-        backbone = load(spec, device=device)
+        try:
+            backbone = load(spec, device=device, precision=precision or saved_precision)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{path}: cannot load the Backbone the head records ({e}); "
+                                 "pass it (backbone=, or --model SPEC on the command line)") from None
     if backbone.fingerprint != fingerprint:
-        raise CheckpointMismatch(f"{path}: this head was trained on another Backbone ({spec}, fingerprint "
-                                 f"{fingerprint[:12]}), not on {backbone.name} ({backbone.fingerprint[:12]})")
+        raise CheckpointMismatch(f"{path}: this head was trained on another Backbone ({spec}, {saved_precision}, "
+                                 f"fingerprint {fingerprint[:12]}), not on {backbone.name} ({backbone.precision}, "
+                                 f"{backbone.fingerprint[:12]})")
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelLoadError(f"{weights}: corrupt or unreadable weights ({e})") from None
     try:
+        _check_config(config, backbone)
         head = cls(backbone, config)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelLoadError(f"{cfg_file}: malformed captioner config ({type(e).__name__}: {e})") from None
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, UsageError) as e:
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise ModelLoadError(f"{cfg_file}: malformed captioner config ({type(e).__name__}: {reason})") from None
     missing = set(head.head_state_dict()) - set(state)
     extra = set(state) - set(head.head_state_dict())
     if missing or extra:
@@ -614,6 +681,35 @@ def load_captioner(path: str | Path, backbone=None, *, device: str = "cpu") -> C
         reason = str(e).splitlines()[-1].strip()
         raise CheckpointMismatch(f"{weights}: weights do not fit the config ({reason})") from None
     return head.to(backbone.device).eval()
+
+
+def recorded_precision(path: str | Path) -> str:
+    """The precision of the Backbone a saved head was trained with (``"fp32"`` when unreadable:
+    :func:`load_captioner` then reports what is wrong)."""
+    try:
+        meta = json.loads((Path(path) / CONFIG_NAME).read_text(encoding="utf-8"))
+        precision = meta["backbone"].get("precision", "fp32")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return "fp32"
+    return precision if precision in ("fp32", "fp16", "bf16") else "fp32"
+
+
+def _check_config(config: dict, backbone) -> None:
+    """The architecture numbers of a head's config: positive ints within the Backbone's limits."""
+    from ..validation import check_positive_int
+
+    _check_vocab(config["vocab"], backbone.tokenizer)
+    for name in ("width", "layers", "heads"):
+        check_positive_int(name, config[name])
+    if config["width"] % config["heads"]:
+        raise UsageError(f"width {config['width']} is not divisible by heads {config['heads']}")
+    if config["width"] > 8192 or config["layers"] > 64:
+        raise UsageError(f"width {config['width']} / layers {config['layers']}: at most 8192 / 64")
+    if config["vision_width"] != _vision_width(backbone):
+        raise UsageError(f"vision_width {config['vision_width']!r} is not the Backbone's {_vision_width(backbone)}")
+    L = check_positive_int("context_length", config["context_length"], minimum=2)
+    if L > backbone.context_length:
+        raise UsageError(f"context_length {L} exceeds the Backbone's {backbone.context_length}")
 
 
 # --------------------------------------------------------------------------- size and speed

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
-from .captioner import CAPTION_HEADS, POSITIONS, CaptionHead, _base_config, _vision_width, vision_tokens
+from .captioner import CAPTION_HEADS, POSITIONS, CaptionHead, _base_config, _vision_width
 
 TEMPLATE = "a photo of a {}"
 """The concept prompt (LightCap's retrieval text)."""
@@ -148,8 +148,8 @@ class ConceptExtractor(nn.Module):
                  for kind, a, b in self.spans if self.top_k.get(kind, 0)]
         return torch.cat(parts, -1)
 
-    def forward(self, clip_model, images: torch.Tensor):
-        """Concepts of preprocessed images (B, 3, H, W).
+    def forward(self, backbone, images: torch.Tensor):
+        """Concepts of preprocessed images (B, 3, H, W), read by ``backbone``'s frozen image tower.
 
         Returns
         -------
@@ -159,15 +159,15 @@ class ConceptExtractor(nn.Module):
         """
         B = images.shape[0]
         crops = region_crops(images)                                                 # (B, R, 3, H, W)
-        pooled, tokens = vision_tokens(clip_model, crops.flatten(0, 1))              # (B*R, D), (B*R, T, W)
+        pooled, tokens = backbone.image_token_batch(crops.flatten(0, 1))             # (B*R, D), (B*R, T, W)
         pooled = pooled.view(B, crops.shape[1], -1)                                  # (B, R, D)
         grid = tokens.view(B, crops.shape[1], *tokens.shape[1:])[:, 0]               # (B, T, W) whole image
         scores = self.scores(pooled)
         return self.top(scores), scores, grid
 
-    def extract(self, clip_model, images: torch.Tensor) -> list[list[str]]:
+    def extract(self, backbone, images: torch.Tensor) -> list[list[str]]:
         """The top concept words of each image (kind after kind)."""
-        idx, _, _ = self(clip_model, images)
+        idx, _, _ = self(backbone, images)
         return [[self.words[i] for i in row] for row in idx.tolist()]
 
 
@@ -219,11 +219,11 @@ class LightCap(CaptionHead):
             return cls(backbone, config).to(backbone.device)
 
     def memory(self, images: torch.Tensor) -> torch.Tensor:
-        idx, _, grid = self.extractor(self.clip, images)                             # (B, K), _, (B, T, Wv)
+        idx, _, grid = self.extractor(self.backbone, images)                            # (B, K), _, (B, T, Wv)
         concepts = self.extractor.text[idx]                                          # (B, K, D)
         grid = self.modulator(concepts, grid)                                        # (B, T, Wv)
         return torch.cat([self.grid_proj(grid), self.concept_proj(concepts)], 1)     # (B, T + K, W)
 
     def concepts_of(self, images: torch.Tensor) -> list[list[str]]:
         """The concept words the extractor retrieves for preprocessed images (B, 3, H, W)."""
-        return self.extractor.extract(self.clip, images)
+        return self.extractor.extract(self.backbone, images)

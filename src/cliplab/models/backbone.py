@@ -580,17 +580,10 @@ class Backbone:
         dense methods such as MaskCLIP do).  Not L2-normalised.  Other arguments as in
         :meth:`encode_images`.
         """
-        visual = self.model.visual
-        if not hasattr(visual, "output_tokens"):
-            raise UsageError(f"{type(visual).__name__} does not expose patch tokens")
+        visual = self._token_tower()
 
         def fn(batch):
-            old = visual.output_tokens
-            visual.output_tokens = True
-            try:
-                _, tokens = visual(batch)                             # (B, T, W)
-            finally:
-                visual.output_tokens = old
+            _, tokens = self._visual_tokens(batch)                    # (B, T, W)
             if project and getattr(visual, "proj", None) is not None:
                 tokens = tokens @ visual.proj                         # (B, T, D)
             return tokens
@@ -600,6 +593,49 @@ class Backbone:
                                        on_error="raise", workers=workers, max_pixels=max_pixels,
                                        draft=draft, parallel=parallel, fn=fn, desc="image tokens")
         return torch.cat(outs).numpy()
+
+    def image_token_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features and patch tokens of a preprocessed batch, no gradient, thread-safe.
+
+        For heads that read the frozen tower inside their own forward pass (captioners):
+        unlike :meth:`image_tokens` no decoding, batching or copy to the CPU.
+
+        Parameters
+        ----------
+        images : Tensor (B, 3, H, W)
+            Preprocessed images; cast here to the model's device and precision.
+
+        Returns
+        -------
+        (Tensor (B, D), Tensor (B, T, W))
+            float32 on the model's device: the image embedding (not normalised) and the
+            patch tokens (class token excluded).
+
+        Raises
+        ------
+        UsageError
+            The vision tower does not expose patch tokens.
+        """
+        self._token_tower()
+        with self._lock, torch.no_grad():  # output_tokens is toggled on the shared module
+            pooled, tokens = self._visual_tokens(images.to(self.device, self._dtype))
+        return pooled.float(), tokens.float()
+
+    def _token_tower(self):
+        visual = self.model.visual
+        if not hasattr(visual, "output_tokens"):
+            raise UsageError(f"{type(visual).__name__} does not expose patch tokens")
+        return visual
+
+    def _visual_tokens(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled (B, D), tokens (B, T, W)) of the vision tower; the caller holds ``_lock``."""
+        visual = self.model.visual
+        old = visual.output_tokens
+        visual.output_tokens = True
+        try:
+            return visual(batch)
+        finally:
+            visual.output_tokens = old
 
     # ----------------------------------------------------------------- utilities
     def state_dict(self) -> dict:

@@ -246,6 +246,9 @@ class OnnxBackbone(Backbone):
     def image_tokens(self, images, **kwargs):
         self._unsupported("image_tokens")
 
+    def image_token_batch(self, images):
+        self._unsupported("image_token_batch")
+
     def text_tokens(self, texts):
         self._unsupported("text_tokens")
 
