@@ -16,8 +16,9 @@ Training images are unlabelled ShapesWorld train scenes (1-3 objects) plus, by d
 seen).  Every stage is seeded.
 
 Usage: python benchmarks/feedback_shapes.py [--quick] [--seed 0] [--out FILE] [--figures DIR]
-       [--work DIR] [--generators DIR] [--fb-lr LR] [--fb-steps N]
-Default run: about 6 minutes of one CPU thread.  ``--quick``: seconds (a smoke run).
+       [--work DIR] [--generators DIR] [--fb-lr LR] [--fb-steps N] [--timesteps LO HI]
+       [--gen-timesteps LO HI]
+Default run: about 8 minutes of one CPU thread.  ``--quick``: seconds (a smoke run).
 ``--work DIR`` keeps the runs and saves the generators; ``--generators DIR`` reuses them
 (the training is seeded, so this only skips repeating it).
 Writes benchmarks/results/feedback_shapes.json and prints a one-line summary.
@@ -43,13 +44,18 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "feedback_shapes.json"
 
 FULL = dict(n_train=3000, pairs_fraction=0.3, gen_steps=400, fb_steps=150, batch_size=32, gen_lr=2e-3,
-            fb_lr=3e-5, n_pairs=240, n_zeroshot=640, n_heldout=256)
+            fb_lr=3e-5, n_pairs=240, n_zeroshot=640, n_heldout=256, gen_timesteps=None, fb_timesteps=None)
 QUICK = dict(n_train=64, pairs_fraction=0.3, gen_steps=3, fb_steps=2, batch_size=8, gen_lr=2e-3,
-             fb_lr=3e-5, n_pairs=12, n_zeroshot=32, n_heldout=16)
+             fb_lr=3e-5, n_pairs=12, n_zeroshot=32, n_heldout=16, gen_timesteps=None, fb_timesteps=None)
+BANDS = ((0, 250), (250, 500), (500, 750), (750, 1000))
 
 
 def evaluate(backbone, *, n_pairs: int, n_zeroshot: int, seed: int = 0) -> dict:
-    """Pair accuracy (overall, per detail), per-pair verdicts, and colour × shape zero-shot top-1."""
+    """Pair accuracy (test: overall, per detail; val: overall), per-pair verdicts, colour × shape zero-shot top-1.
+
+    ``pair_accuracy[val]`` is on the ``pairs`` task's validation split, the one to choose
+    settings on; everything else is on test splits.
+    """
     from cliplab.data.shapes import shapes_task
     from cliplab.data.shapes.finegrained import PAIR_DETAILS
     from cliplab.eval.metrics import pair_accuracy
@@ -67,6 +73,10 @@ def evaluate(backbone, *, n_pairs: int, n_zeroshot: int, seed: int = 0) -> dict:
     s = x @ t.T                                                                       # (2P, 2P)
     a, b = np.arange(0, len(x), 2), np.arange(1, len(x), 2)                           # members of each pair
     out["solved"] = ((s[a, a] > s[a, b]) & (s[b, b] > s[b, a])).astype(int).tolist()
+    val = shapes_task("pairs", "val", n_pairs, seed=seed)
+    xv, _, _ = image_features(backbone, val.items, progress=False)
+    tv = backbone.encode_texts([c[0] for c in val.captions], progress=False)
+    out["pair_accuracy[val]"] = pair_accuracy(xv, tv, np.asarray(val.attributes["pair"]))
     zs = zeroshot_classification(backbone, shapes_task("color-shape", "test", n_zeroshot, seed=seed),
                                  progress=False)
     out["zeroshot_color_shape"] = zs.metrics["acc1"]
@@ -115,14 +125,16 @@ def run(params: dict, *, seed: int = 0, figures: Path | None = None, work: Path 
             loss = {"first": rows[0]["loss"], "last": rows[-1]["loss"], "reused_from": str(saved)}
         else:
             gens[mode] = timed(f"generator[{mode}]", lambda m=mode: train_generator(
-                bb, images, mode=m, config=cfg(p["gen_steps"], p["gen_lr"], warm, f"gen-{m}")))
+                bb, images, mode=m, config=cfg(p["gen_steps"], p["gen_lr"], warm, f"gen-{m}"),
+                timesteps=p["gen_timesteps"]))
             loss = losses(f"gen-{mode}")
         results[f"generator[{mode}]"] = {"config": generator_config(gens[mode]), "loss": loss}
     fb_warm = min(10, p["fb_steps"] // 8)
     tuned = {"shapes-tiny": bb}
-    tuned["diva"] = timed("diva", lambda: diva(bb, gens["tokens"], images,
+    band = p["fb_timesteps"]
+    tuned["diva"] = timed("diva", lambda: diva(bb, gens["tokens"], images, timesteps=band,
                                                config=cfg(p["fb_steps"], p["fb_lr"], fb_warm, "diva")))
-    tuned["un2clip"] = timed("un2clip", lambda: un2clip(bb, gens["global"], images,
+    tuned["un2clip"] = timed("un2clip", lambda: un2clip(bb, gens["global"], images, timesteps=band,
                                                         config=cfg(p["fb_steps"], p["fb_lr"], fb_warm, "un2clip")))
     results["diva_loss"], results["un2clip_loss"] = losses("diva"), losses("un2clip")
     # how well each frozen generator denoises held-out test scenes from the tower before / after
@@ -134,6 +146,13 @@ def run(params: dict, *, seed: int = 0, figures: Path | None = None, work: Path 
             "before": denoising_error(gens[mode], held, seed=seed),
             "after": denoising_error(gens[mode], held, visual=tuned[name].model.visual, seed=seed),
             "before, conditions shuffled": denoising_error(gens[mode], held, seed=seed, shuffle_conditions=True)}
+        # how much the generator relies on its condition per noise band, on *val* scenes (to choose a band on)
+        val = list(shapes_task("retrieval", "val", p["n_heldout"], seed=seed).items)
+        reliance = results[f"val_condition_reliance[{name}]"] = {}
+        for lo, hi in BANDS:
+            own = denoising_error(gens[mode], val, seed=seed, timesteps=(lo, hi))
+            shuffled = denoising_error(gens[mode], val, seed=seed, timesteps=(lo, hi), shuffle_conditions=True)
+            reliance[f"{lo}-{hi}"] = {"own": own, "shuffled": shuffled, "rise": shuffled / own - 1}
     for name, model in tuned.items():
         results["models"][name] = timed(f"eval[{name}]", lambda m=model: evaluate(
             m, n_pairs=p["n_pairs"], n_zeroshot=p["n_zeroshot"], seed=seed))
@@ -204,16 +223,18 @@ def summary(results: dict) -> str:
 
 
 def table_markdown(results: dict) -> str:
-    """The docs table: pair accuracy (overall, per detail) and zero-shot, each model, in %."""
+    """The docs table: test pair accuracy (overall, per detail), val pair accuracy and zero-shot, each model, in %."""
     base = results["models"]["shapes-tiny"]
-    lines = ["| model | pair acc. | size | position | count | Δ pairs | colour×shape zero-shot | Δ zero-shot |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | pair acc. | size | position | count | Δ pairs | val pairs | colour×shape zero-shot "
+             "| Δ zero-shot |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["models"].items():
         dp = 100 * (r["pair_accuracy"] - base["pair_accuracy"])
         dz = 100 * (r["zeroshot_color_shape"] - base["zeroshot_color_shape"])
         lines.append(f"| `{name}` | {100 * r['pair_accuracy']:.1f} | {100 * r['pair_accuracy[size]']:.1f} | "
                      f"{100 * r['pair_accuracy[position]']:.1f} | {100 * r['pair_accuracy[count]']:.1f} | "
-                     f"{dp:+.1f} | {100 * r['zeroshot_color_shape']:.1f} | {dz:+.1f} |")
+                     f"{dp:+.1f} | {100 * r['pair_accuracy[val]']:.1f} | {100 * r['zeroshot_color_shape']:.1f} | "
+                     f"{dz:+.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -228,11 +249,17 @@ def main(argv=None) -> dict:
                     help="reuse the generators a run with --work DIR saved there (gen-*/unet.pt)")
     ap.add_argument("--fb-lr", type=float, default=None, help="learning rate of DIVA and un2CLIP")
     ap.add_argument("--fb-steps", type=int, default=None, help="steps of DIVA and un2CLIP")
+    ap.add_argument("--timesteps", type=int, nargs=2, metavar=("LO", "HI"), default=None,
+                    help="DIVA and un2CLIP feed back only t in [LO, HI) (default all 1000)")
+    ap.add_argument("--gen-timesteps", type=int, nargs=2, metavar=("LO", "HI"), default=None,
+                    help="train the generators on t in [LO, HI) only (default all 1000)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     params = dict(QUICK if args.quick else FULL)
-    params.update({k: v for k, v in (("fb_lr", args.fb_lr), ("fb_steps", args.fb_steps)) if v is not None})
+    params.update({k: v for k, v in (("fb_lr", args.fb_lr), ("fb_steps", args.fb_steps),
+                                     ("fb_timesteps", args.timesteps), ("gen_timesteps", args.gen_timesteps))
+                   if v is not None})
     results = run(params, seed=args.seed, figures=Path(args.figures) if args.figures else None, work=args.work,
                   generators=args.generators)
     results["command"] = "python benchmarks/feedback_shapes.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -77,3 +77,36 @@ def test_each_method_refuses_the_other_condition(tiny, tmp_path):
     gen.unet.cfg.mode = "tokens"
     with pytest.raises(UsageError, match="mode='global'"):
         un2clip(tiny, gen, images, config=config(tmp_path, "fb", 1, 1e-3))
+
+
+@pytest.mark.parametrize("method, mode", [(diva, "tokens"), (un2clip, "global")])
+def test_feedback_draws_only_the_timesteps_asked_for(tiny, tmp_path, method, mode):
+    images = blobs(8)
+    gen = train_generator(tiny, images, mode=mode, config=config(tmp_path, "gen", 1, 1e-3), gen_config=GEN)
+    seen = []
+    hook = gen.unet.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
+    try:
+        method(tiny, gen, images, config=config(tmp_path, "fb", 3, 1e-3), timesteps=(600, 610))
+    finally:
+        hook.remove()
+    t = torch.cat(seen)
+    assert len(seen) == 3 and int(t.min()) >= 600 and int(t.max()) <= 609 and len(t.unique()) > 1
+    for bad in ((500, 500), (-1, 10), (0, 1001), (3,)):
+        with pytest.raises(UsageError, match="timesteps"):
+            method(tiny, gen, images, config=config(tmp_path, "bad", 1, 1e-3), timesteps=bad)
+
+
+def test_the_default_timesteps_are_all_of_them_as_before(tiny, tmp_path):
+    """``timesteps=None`` draws exactly what ``(0, T)`` draws: U{0..T-1}, the papers' objective."""
+    images = blobs(8)
+    gen = train_generator(tiny, images, mode="global", config=config(tmp_path, "gen", 1, 1e-3), gen_config=GEN)
+    x = torch.randn(4, 3, 32, 32)
+    draws = []
+    for timesteps in (None, (0, gen.cfg.steps)):
+        torch.manual_seed(5)
+        draws.append(gen.denoise(x, n_timesteps=50, timesteps=timesteps))
+    assert torch.equal(draws[0]["t"], draws[1]["t"]) and torch.equal(draws[0]["eps"], draws[1]["eps"])
+    assert int(draws[0]["t"].max()) > 900 and int(draws[0]["t"].min()) < 100        # 200 draws over all of T
+    band = denoising_error(gen, images, seed=1, timesteps=(0, 10))                   # nearly clean: tiny noise
+    assert denoising_error(gen, images, seed=1, timesteps=(0, 10)) == band
+    assert band != denoising_error(gen, images, seed=1, timesteps=(990, 1000))

@@ -121,3 +121,24 @@ def test_denoising_loss_falls_and_the_tower_stays_frozen(tiny, tmp_path):
     assert recon.shape == (2, 16, 16, 3)
     with pytest.raises(UsageError, match="start"):
         sample(gen, images[:2], start=0)
+
+
+def test_a_generator_trains_on_the_timesteps_asked_for(tiny, tmp_path, monkeypatch):
+    from cliplab.generative.generator import DenoisingObjective
+
+    seen = []
+    original = DenoisingObjective.forward_model
+
+    def recording(self, model, batch):
+        out = original(self, model, batch)
+        seen.append(out["t"])
+        return out
+
+    monkeypatch.setattr(DenoisingObjective, "forward_model", recording)
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=0, weight_decay=0.0, ckpt_every=0,
+                      log_every=1, out_dir=str(tmp_path / "gen"))
+    train_generator(tiny, blobs(4), mode="global", config=cfg, gen_config=GEN, timesteps=(700, 1000))
+    t = torch.cat(seen)
+    assert len(seen) == 2 and int(t.min()) >= 700 and int(t.max()) <= 999
+    with pytest.raises(UsageError, match="timesteps"):
+        train_generator(tiny, blobs(4), mode="global", config=cfg, gen_config=GEN, timesteps=(700, 1200))

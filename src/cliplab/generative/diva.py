@@ -11,7 +11,8 @@ Algorithm (per step, images only, no text):
    tokens drawn uniformly *with replacement* (``torch.randint``), each through ``ln_post``
    and the tower's projection (reference: k = 76 of ViT-L/14's 256, mapped by a new
    ``visual_proj`` Linear(768, 1024) and added to the empty-prompt text embedding);
-2. for each image, ``train_steps = 2`` draws of t ~ U{0, ..., 999} and ε ~ N(0, I);
+2. for each image, ``train_steps = 2`` draws of t ~ U{0, ..., 999} (``initiate_time_steps``,
+   ``torch.randint``) and ε ~ N(0, I);
    x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε;
 3. loss = ||ε - ε_θ(x_t, t, c)||² (``mse_loss``), gradients into the CLIP vision tower and
    ``visual_proj`` only: the diffusion UNet, its VAE and text encoder are frozen
@@ -42,6 +43,7 @@ from .generator import ConditionalGenerator, finetune_through
 
 
 def diva(backbone, generator: ConditionalGenerator, images, *, config=None, n_timesteps: int = 2,
+         timesteps: tuple[int, int] | None = None,
          progress: bool | None = None):
     """Fine-tune ``backbone``'s vision tower with DIVA's diffusion feedback.
 
@@ -58,6 +60,10 @@ def diva(backbone, generator: ConditionalGenerator, images, *, config=None, n_ti
         ``out_dir="runs/diva"``.
     n_timesteps : int, default 2
         Timestep draws per image and step (the reference's ``train_steps``).
+    timesteps : (int, int), optional
+        ``(lo, hi)``: feedback only from ``t ~ U{lo, ..., hi - 1}``.  Default: all
+        ``U{0, ..., 999}``, as the reference (``initiate_time_steps`` with its default
+        ``random_timestep_per_iteration``: ``torch.randint(0, 1000, ...)``).
 
     Returns
     -------
@@ -86,4 +92,4 @@ def diva(backbone, generator: ConditionalGenerator, images, *, config=None, n_ti
     config = config or TrainConfig(steps=150, batch_size=32, lr=3e-5, warmup_steps=10, weight_decay=0.0,
                                    ckpt_every=0, log_every=25, out_dir="runs/diva")
     return finetune_through(backbone, generator, images, config=config, n_timesteps=n_timesteps,
-                            name=f"{backbone.name}+diva", progress=progress)
+                            name=f"{backbone.name}+diva", timesteps=timesteps, progress=progress)

@@ -63,6 +63,25 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cump
     return a.sqrt() * x0 + (1.0 - a).sqrt() * noise
 
 
+def timestep_range(timesteps, steps: int) -> tuple[int, int]:
+    """``(lo, hi)``: the timesteps ``t ~ U{lo, ..., hi - 1}`` are drawn from; ``None`` is all of ``(0, steps)``.
+
+    Raises
+    ------
+    UsageError
+        Unless ``0 <= lo < hi <= steps``.
+    """
+    if timesteps is None:
+        return 0, steps
+    try:
+        lo, hi = (int(v) for v in timesteps)
+    except (TypeError, ValueError):
+        raise UsageError(f"timesteps must be a pair (lo, hi), got {timesteps!r}") from None
+    if not 0 <= lo < hi <= steps:
+        raise UsageError(f"timesteps must satisfy 0 <= lo < hi <= {steps}, got ({lo}, {hi})")
+    return lo, hi
+
+
 def denoising_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """DDPM's ``L_simple`` (Ho et al. eq. 14): mean squared error of the predicted noise."""
     return F.mse_loss(eps_pred.float(), noise.float())
@@ -317,22 +336,26 @@ class ConditionalGenerator(nn.Module):
         """x_0: the images in [-1, 1] at the generator's size (B, 3, S, S)."""
         return generator_pixels(images, self.mean, self.std, self.cfg.image_size)
 
-    def denoise(self, images: torch.Tensor, n_timesteps: int = 1) -> dict[str, torch.Tensor]:
+    def denoise(self, images: torch.Tensor, n_timesteps: int = 1,
+                timesteps: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         """One Monte-Carlo draw of the denoising loss's inputs for a batch.
 
-        Each image is noised at ``n_timesteps`` uniform timesteps with fresh noise (DIVA's
-        ``train_steps = 2``); returns ``{"eps": ε_θ(x_t, t, c), "noise": ε}``, both
-        (n_timesteps * B, 3, S, S).
+        Each image is noised at ``n_timesteps`` timesteps drawn uniformly from
+        ``timesteps = (lo, hi)`` (``t ~ U{lo, ..., hi - 1}``; default all T, as DDPM and
+        DIVA) with fresh noise (DIVA's ``train_steps = 2``); returns
+        ``{"eps": ε_θ(x_t, t, c), "noise": ε, "t": t}``, the first two
+        (n_timesteps * B, 3, S, S), ``t`` (n_timesteps * B,).
         """
+        lo, hi = timestep_range(timesteps, self.cfg.steps)
         cond = self.condition(images)                                          # (B, D) or (B, K, D)
         x0 = self.pixels(images)                                               # (B, 3, S, S)
         if n_timesteps > 1:
             x0 = x0.repeat(n_timesteps, 1, 1, 1)
             cond = cond.repeat(n_timesteps, *([1] * (cond.ndim - 1)))
-        t = torch.randint(0, self.cfg.steps, (x0.shape[0],), device=x0.device)  # t ~ U{0..T-1}
+        t = torch.randint(lo, hi, (x0.shape[0],), device=x0.device)           # t ~ U{lo..hi-1}
         noise = torch.randn_like(x0)
         eps = self.unet(q_sample(x0, t, noise, self.alphas_cumprod), t, cond)
-        return {"eps": eps, "noise": noise}
+        return {"eps": eps, "noise": noise, "t": t}
 
 
 class DenoisingObjective(Objective):
@@ -342,16 +365,19 @@ class DenoisingObjective(Objective):
     ----------
     n_timesteps : int, default 1
         Timesteps drawn per image and step.
+    timesteps : (int, int), optional
+        ``(lo, hi)``: draw ``t`` from ``U{lo, ..., hi - 1}`` only; default all T.
     """
 
     needs_captions = False
 
-    def __init__(self, *, n_timesteps: int = 1, **kwargs):
+    def __init__(self, *, n_timesteps: int = 1, timesteps: tuple[int, int] | None = None, **kwargs):
         super().__init__(**kwargs)
         self.n_timesteps = n_timesteps
+        self.timesteps = timesteps
 
     def forward_model(self, model: ConditionalGenerator, batch) -> dict:
-        return model.denoise(batch.images, self.n_timesteps)
+        return model.denoise(batch.images, self.n_timesteps, self.timesteps)
 
     def forward(self, outputs: dict, batch=None) -> dict[str, torch.Tensor]:
         return {"denoise": denoising_loss(outputs["eps"], outputs["noise"])}
@@ -398,7 +424,8 @@ def _frozen(module: nn.Module) -> nn.Module:
 
 
 def train_generator(backbone, images, *, mode: str = "global", config=None, gen_config: dict | None = None,
-                    n_timesteps: int = 1, progress: bool | None = None) -> ConditionalGenerator:
+                    n_timesteps: int = 1, timesteps: tuple[int, int] | None = None,
+                    progress: bool | None = None) -> ConditionalGenerator:
     """Train a :class:`TinyUNet` on ``images`` conditioned on the frozen ``backbone``'s vision tower.
 
     Parameters
@@ -414,6 +441,11 @@ def train_generator(backbone, images, *, mode: str = "global", config=None, gen_
     gen_config : dict, optional
         Overrides of :class:`GeneratorConfig` (``width``, ``image_size``, ``n_tokens``...).
     n_timesteps : int, default 1
+    timesteps : (int, int), optional
+        ``(lo, hi)``: train on ``t ~ U{lo, ..., hi - 1}`` only (e.g. high noise, where only
+        the condition can tell the generator what to draw; :func:`denoising_error` with
+        ``shuffle_conditions`` measures how much it does); default all T (DDPM).  Such a
+        generator denoises only that band well; feed it back on the same band.
 
     Returns
     -------
@@ -431,6 +463,7 @@ def train_generator(backbone, images, *, mode: str = "global", config=None, gen_
     from ..train import TrainConfig, Trainer
 
     cfg = GeneratorConfig(mode=mode, cond_dim=backbone.embed_dim, **(gen_config or {}))
+    timestep_range(timesteps, cfg.steps)
     unet = TinyUNet(cfg)
     pp = backbone.preprocess_cfg
     gen = ConditionalGenerator(_frozen(copy.deepcopy(backbone.model.visual)), unet, pp["mean"], pp["std"])
@@ -439,7 +472,8 @@ def train_generator(backbone, images, *, mode: str = "global", config=None, gen_
     train_set = _train_set(images)
     logger.info("training a %s-conditioned generator (%d parameters) for %d steps", mode,
                 sum(p.numel() for p in unet.parameters()), config.steps)
-    Trainer(gen, None, None, train_set, config, objective=DenoisingObjective(n_timesteps=n_timesteps),
+    Trainer(gen, None, None, train_set, config,
+            objective=DenoisingObjective(n_timesteps=n_timesteps, timesteps=timesteps),
             preprocess_cfg=_pp_cfg(backbone), progress=progress).fit()
     gen.visual.eval()
     return _frozen(gen)
@@ -459,7 +493,8 @@ def generator_config(gen: ConditionalGenerator) -> dict:
 
 @torch.no_grad()
 def denoising_error(gen: ConditionalGenerator, images, *, visual: nn.Module | None = None, n_timesteps: int = 4,
-                    seed: int = 0, batch_size: int = 64, shuffle_conditions: bool = False) -> float:
+                    seed: int = 0, batch_size: int = 64, shuffle_conditions: bool = False,
+                    timesteps: tuple[int, int] | None = None) -> float:
     """The generator's ``L_simple`` on ``images`` at seeded timesteps and noise (a held-out score).
 
     Parameters
@@ -476,7 +511,11 @@ def denoising_error(gen: ConditionalGenerator, images, *, visual: nn.Module | No
         Give every image the condition of the next one in its batch: the rise of the error
         over the matched condition is how much the generator uses the condition (the
         signal generative feedback can pass to the tower).
+    timesteps : (int, int), optional
+        ``(lo, hi)``: draw ``t`` from ``U{lo, ..., hi - 1}`` only (the error of one noise
+        band); default all T.
     """
+    lo, hi = timestep_range(timesteps, gen.cfg.steps)
     probe = ConditionalGenerator(visual if visual is not None else gen.visual, gen.unet, gen.mean, gen.std).eval()
     total, n = 0.0, 0
     with torch.random.fork_rng(devices=[]):
@@ -488,7 +527,7 @@ def denoising_error(gen: ConditionalGenerator, images, *, visual: nn.Module | No
                 cond = cond.roll(1, dims=0)
             x0 = probe.pixels(x).repeat(n_timesteps, 1, 1, 1)                  # (nB, 3, S, S)
             cond = cond.repeat(n_timesteps, *([1] * (cond.ndim - 1)))
-            t = torch.randint(0, gen.cfg.steps, (x0.shape[0],), device=x0.device)
+            t = torch.randint(lo, hi, (x0.shape[0],), device=x0.device)
             noise = torch.randn_like(x0)
             eps = gen.unet(q_sample(x0, t, noise, gen.alphas_cumprod), t, cond)
             total += float(F.mse_loss(eps, noise, reduction="sum")) / eps[0].numel()
@@ -556,13 +595,14 @@ def sample(gen: ConditionalGenerator, images, *, steps: int = 50, seed: int = 0,
 
 
 def finetune_through(backbone, gen: ConditionalGenerator, images, *, config, n_timesteps: int = 1, name: str,
-                     progress: bool | None = None):
+                     timesteps: tuple[int, int] | None = None, progress: bool | None = None):
     """Fine-tune ``backbone``'s vision tower by the denoising loss of the frozen generator ``gen``.
 
     What DIVA and un²CLIP share: a copy of the Backbone's model whose vision tower alone
     requires a gradient (the text tower, ``logit_scale`` and everything else stay frozen),
     ``gen``'s UNet, frozen, conditioned on that tower, :class:`DenoisingObjective` through
-    the Trainer.
+    the Trainer.  ``timesteps = (lo, hi)`` restricts the feedback to ``t ~ U{lo, ..., hi - 1}``
+    (default all T).
 
     Returns
     -------
@@ -575,6 +615,7 @@ def finetune_through(backbone, gen: ConditionalGenerator, images, *, config, n_t
     if gen.cfg.cond_dim != backbone.embed_dim:
         raise UsageError(f"the generator is conditioned on {gen.cfg.cond_dim}-d features, the Backbone "
                          f"embeds in {backbone.embed_dim}")
+    timestep_range(timesteps, gen.cfg.steps)                                  # a bad range fails before any copy
     dtype = next(backbone.model.parameters()).dtype
     model = copy.deepcopy(backbone.model).float()       # trained in fp32, returned in the Backbone's dtype
     model.requires_grad_(False)
@@ -587,7 +628,8 @@ def finetune_through(backbone, gen: ConditionalGenerator, images, *, config, n_t
     logger.info("%s: fine-tuning the vision tower (%d parameters) through the frozen generator for %d steps",
                 name, sum(p.numel() for p in student.parameters() if p.requires_grad), config.steps)
     try:
-        Trainer(student, None, None, train_set, config, objective=DenoisingObjective(n_timesteps=n_timesteps),
+        Trainer(student, None, None, train_set, config,
+                objective=DenoisingObjective(n_timesteps=n_timesteps, timesteps=timesteps),
                 preprocess_cfg=_pp_cfg(backbone), progress=progress).fit()
     finally:
         unet.eval()

@@ -40,6 +40,7 @@ from .generator import ConditionalGenerator, finetune_through
 
 
 def un2clip(backbone, generator: ConditionalGenerator, images, *, config=None, n_timesteps: int = 1,
+            timesteps: tuple[int, int] | None = None,
             progress: bool | None = None):
     """Fine-tune ``backbone``'s image encoder so that the frozen unCLIP-style ``generator`` reconstructs its input.
 
@@ -55,6 +56,9 @@ def un2clip(backbone, generator: ConditionalGenerator, images, *, config=None, n
         Default: 150 steps of 32, lr 3e-5, 10 warm-up steps, weight decay 0, grad clip 1,
         ``out_dir="runs/un2clip"``.
     n_timesteps : int, default 1
+    timesteps : (int, int), optional
+        ``(lo, hi)``: feedback only from ``t ~ U{lo, ..., hi - 1}``.  Default: all T, the
+        paper's objective (t uniform).
 
     Returns
     -------
@@ -83,4 +87,4 @@ def un2clip(backbone, generator: ConditionalGenerator, images, *, config=None, n
     config = config or TrainConfig(steps=150, batch_size=32, lr=3e-5, warmup_steps=10, weight_decay=0.0,
                                    ckpt_every=0, log_every=25, out_dir="runs/un2clip")
     return finetune_through(backbone, generator, images, config=config, n_timesteps=n_timesteps,
-                            name=f"{backbone.name}+un2clip", progress=progress)
+                            name=f"{backbone.name}+un2clip", timesteps=timesteps, progress=progress)
