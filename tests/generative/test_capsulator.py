@@ -128,3 +128,21 @@ def test_a_text_without_any_unit_within_the_budget_is_cut_not_emptied(shapes_tin
     row = json.loads(out.read_text())
     assert row["caption"][0] and row["original"] == [url]
     assert "1 caption(s) had no sentence or phrase within 12 tokens" in capsys.readouterr().err
+
+
+def test_captions_compress_checks_the_output_first_and_names_skipped_rows(tmp_path, capsys):
+    import json
+
+    from cliplab.cli.main import main
+
+    table = tmp_path / "t.jsonl"
+    table.write_text(json.dumps({"filepath": "a.png", "caption": "a red circle. a blue star."}) + "\n{bad\n")
+    (tmp_path / "d.jsonl").mkdir()
+    assert main(["captions", "compress", str(table), "--out", str(tmp_path / "d.jsonl")]) == 4
+    assert "is a folder" in capsys.readouterr().err
+    (tmp_path / "f").write_text("")
+    assert main(["captions", "compress", str(table), "--out", str(tmp_path / "f" / "c.jsonl")]) == 4
+    assert "cannot create its folder" in capsys.readouterr().err
+    assert main(["captions", "compress", str(table), "--out", str(tmp_path / "c.jsonl"), "--budget", "5"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {table}:2: malformed row" in err and "leaves room for only a few words" in err

@@ -59,6 +59,10 @@ def run(args) -> int:
     return 0
 
 
+#: Below this many tokens (start and end included) a capsule holds a few words only.
+MIN_USEFUL_BUDGET = 10
+
+
 def _compress(args) -> int:
     import json
     import sys
@@ -71,18 +75,27 @@ def _compress(args) -> int:
 
     if not str(args.out).lower().endswith((".jsonl", ".ndjson")):
         raise UsageError(f"--out {args.out}: the compressed table is JSONL; give a .jsonl path")
+    out = Path(args.out)
+    if out.is_dir():
+        raise DataError(f"--out {out}: is a folder; give a .jsonl file path")
+    try:                                                   # before the work, not after it
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot create its folder ({e.strerror or e})") from None
     skipped = SkipLog()
     records = read_caption_table(args.table, image_key=args.image_key, caption_key=args.caption_key,
                                  skip_log=skipped)
+    for s in skipped.to_list()[:5]:
+        print(f"skipped {s.source}: {s.reason}", file=sys.stderr)
     if not records:
         raise DataError(f"{args.table}: no usable row ({skipped.count} skipped); nothing was compressed")
+    if args.budget is not None and args.budget < MIN_USEFUL_BUDGET:
+        print(f"warning: --budget {args.budget} leaves room for only a few words per capsule", file=sys.stderr)
     bb = load_backbone(args)
     cap = Capsulator(bb, budget=args.budget)
     texts = list(dict.fromkeys(t for rec in records for t in rec.captions))
     long = [t for t in texts if cap.n_tokens(t) > cap.budget]
     capsules = dict(zip(long, cap.fit(texts).compress(long))) if long else {}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         for rec in records:
             f.write(json.dumps({"filepath": str(rec.image), "caption": [capsules.get(t, t) for t in rec.captions],
