@@ -53,6 +53,7 @@ def test_errors_are_one_line_with_the_documented_exit_code(trained, folder, tmp_
     cases = [
         (["caption", str(folder), "--captioner", str(tmp_path / "nope")], 3, "no such captioner folder"),
         (["caption", str(folder), "--captioner", str(folder)], 3, "not a captioner folder"),
+        (["caption", str(folder), "--captioner", str(folder / "a.png")], 3, "a file, not a captioner folder"),
         (["caption", str(folder), "--captioner", str(trained), "--out", str(tmp_path / "x.txt")], 2, ".csv or .jsonl"),
         (["caption", str(folder)], 2, "--captioner DIR"),
         (["caption", str(folder), "--train", str(tmp_path / "t")], 2, "--train DIR trains a head"),

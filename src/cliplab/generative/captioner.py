@@ -623,6 +623,9 @@ def load_captioner(path: str | Path, backbone=None, *, device: str = "cpu", prec
 
     path = Path(path)
     cfg_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if path.is_file():
+        raise ModelLoadError(f"{path}: a file, not a captioner folder (give the folder 'cliplab caption --train' "
+                             "wrote)")
     if not path.is_dir():
         raise ModelLoadError(f"{path}: no such captioner folder (write one with 'cliplab caption --train')")
     if not cfg_file.is_file() or not weights.is_file():

@@ -64,6 +64,7 @@ from torch import nn
 
 from ..errors import CheckpointMismatch, ModelLoadError, UsageError
 from ..models.backbone import encode_token_embeddings
+from ..train.datasets import SceneItems
 from ..train.freezing import frozen
 from ..train.losses.base import Batch, ModelOutputs, Objective, gather_with_grad
 from ..train.losses.infonce import symmetric_cross_entropy
@@ -211,7 +212,7 @@ class SoftPromptCompLoss(Objective):
         return {"contrastive": symmetric_cross_entropy(outputs.logit_scale * x @ g.T)}       # eq. (4)
 
 
-class LongCaptionIds:
+class LongCaptionIds(SceneItems):
     """A ShapesWorld split as SoftPromptComp training items.
 
     Items are ``(image, None, {"targets": {"ids": int64 (max_tokens,)}})``: the scene's
@@ -230,23 +231,12 @@ class LongCaptionIds:
     """
 
     def __init__(self, world, tokenizer, split: str = "train", n: int | None = None, max_tokens: int = MAX_TOKENS):
-        self.world, self.tokenizer, self.split, self.max_tokens = world, tokenizer, split, int(max_tokens)
-        total = len(world.split(split))
-        self.n = total if n is None else min(int(n), total)
+        super().__init__(world, split, n)
+        self.tokenizer, self.max_tokens = tokenizer, int(max_tokens)
 
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int):
-        scene = self.world.scene(self.split, int(index))
-        ids = long_token_ids(self.tokenizer, [scene.long_caption], self.max_tokens)[0].numpy()
-        return scene.image, None, {"targets": {"ids": ids}}
-
-    def get_batch(self, indices):
-        """``(uint8 images (N, H, W, 3), [None] * N, [{"targets": {"ids": ...}}])`` in one render call."""
-        images, scenes = self.world.render_batch(self.split, [int(i) for i in indices])
+    def items(self, scenes):
         ids = long_token_ids(self.tokenizer, [s.long_caption for s in scenes], self.max_tokens).numpy()
-        return images, [None] * len(scenes), [{"targets": {"ids": row}} for row in ids]
+        return [None] * len(scenes), [{"targets": {"ids": row}} for row in ids]
 
 
 class SoftPromptComp:

@@ -90,6 +90,7 @@ from torch import nn
 
 from ..errors import CheckpointMismatch, ModelLoadError, UsageError
 from ..models.backbone import encode_token_embeddings
+from ..train.datasets import SceneItems
 from ..train.losses.base import Batch, ModelOutputs, Objective, gather_with_grad
 from ..train.losses.infonce import symmetric_cross_entropy
 from ..validation import check_backbone, check_number, check_positive_int
@@ -360,7 +361,7 @@ class VladVAObjective(Objective):
         return terms
 
 
-class VladVASet:
+class VladVASet(SceneItems):
     """A ShapesWorld split as VladVA items: ``(image, short captions, {"extra_captions": [long]})``.
 
     The short captions are the scene's phrasings (:attr:`~cliplab.data.shapes.Scene.captions`,
@@ -375,22 +376,8 @@ class VladVASet:
         Use the first ``n`` scenes of the split (default: all).
     """
 
-    def __init__(self, world, split: str = "train", n: int | None = None):
-        self.world, self.split = world, split
-        total = len(world.split(split))
-        self.n = total if n is None else min(int(n), total)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int):
-        scene = self.world.scene(self.split, int(index))
-        return scene.image, list(scene.captions), {"extra_captions": [scene.long_caption]}
-
-    def get_batch(self, indices):
-        """``(uint8 images (N, H, W, 3), caption lists, extras)`` in one render call."""
-        images, scenes = self.world.render_batch(self.split, [int(i) for i in indices])
-        return images, [list(s.captions) for s in scenes], [{"extra_captions": [s.long_caption]} for s in scenes]
+    def items(self, scenes):
+        return [list(s.captions) for s in scenes], [{"extra_captions": [s.long_caption]} for s in scenes]
 
     def long_captions(self, n: int):
         """The long captions of the first ``n`` scenes (for the LM head's vocabulary)."""

@@ -56,6 +56,7 @@ from ..validation import check_backbone, check_positive_int
 from ..train.losses.base import Batch, ModelOutputs, Objective, gather_with_grad
 from ..train.losses.infonce import symmetric_cross_entropy
 from ..train.trainer import Trainer, TrainConfig
+from ..train.datasets import SceneItems
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def longclip_world(seed: int = 2, n_objects: tuple[int, int] = (1, 3)):
     return shapes_tiny_world(seed, n_objects=n_objects)
 
 
-class LongCaptionSet:
+class LongCaptionSet(SceneItems):
     """A ShapesWorld split as Long-CLIP training items.
 
     Items are ``(image, [long caption], {"extra_captions": [short caption]})``: the scene's
@@ -207,23 +208,8 @@ class LongCaptionSet:
         Use the first ``n`` scenes of the split (default: all of them).
     """
 
-    def __init__(self, world, split: str = "train", n: int | None = None):
-        self.world, self.split = world, split
-        total = len(world.split(split))
-        self.n = total if n is None else min(int(n), total)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int):
-        scene = self.world.scene(self.split, int(index))
-        return scene.image, [scene.long_caption], {"extra_captions": [scene.short_caption]}
-
-    def get_batch(self, indices):
-        """``(uint8 images (N, H, W, 3), [[long caption]], [{"extra_captions": [short]}])`` in one render call."""
-        images, scenes = self.world.render_batch(self.split, [int(i) for i in indices])
-        return (images, [[s.long_caption] for s in scenes],
-                [{"extra_captions": [s.short_caption]} for s in scenes])
+    def items(self, scenes):
+        return [[s.long_caption] for s in scenes], [{"extra_captions": [s.short_caption]} for s in scenes]
 
 
 def finetune_longclip(backbone, steps: int, out: str | Path, *, new_context: int | None = None, keep: int = 20,

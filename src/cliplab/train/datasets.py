@@ -17,6 +17,8 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import abc
+
 from functools import lru_cache
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -84,6 +86,45 @@ def caption_choice(n_captions: Sequence[int], seed: int, step: int, start: int =
 
 SHAPES_CAPTIONS = ("scene", "noisy", "recaptioned")
 """The caption kinds of :class:`ShapesTrainSet`."""
+
+
+class SceneItems(abc.ABC):
+    """The first ``n`` scenes of a ShapesWorld split, as training items a subclass builds.
+
+    A subclass defines :meth:`items`, what each scene contributes besides its image;
+    ``ds[i]`` and ``ds.get_batch(indices)`` (one render call) are built from it.  Used by the
+    Long-CLIP set, VladVA's and SoftPromptComp's.
+
+    Parameters
+    ----------
+    world : cliplab.data.shapes.ShapesWorld
+    split : str, default "train"
+    n : int, optional
+        Use the first ``n`` scenes of the split (default: all of them).
+    """
+
+    def __init__(self, world, split: str = "train", n: int | None = None):
+        self.world, self.split = world, split
+        total = len(world.split(split))
+        self.n = total if n is None else min(int(n), total)
+
+    @abc.abstractmethod
+    def items(self, scenes) -> tuple[list, list[dict]]:
+        """``(captions, extras)`` of ``scenes``: per scene its caption list (or None) and its extras dict."""
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        scene = self.world.scene(self.split, int(index))
+        captions, extras = self.items([scene])
+        return scene.image, captions[0], extras[0]
+
+    def get_batch(self, indices):
+        """``(uint8 images (N, H, W, 3), captions, extras)`` in one render call."""
+        images, scenes = self.world.render_batch(self.split, [int(i) for i in indices])
+        captions, extras = self.items(scenes)
+        return images, captions, extras
 
 
 class ShapesTrainSet:
