@@ -12,16 +12,7 @@ import cliplab
 from cliplab.errors import UsageError
 from cliplab.generative.capsulator import Capsulator, compact, text_units
 
-LONG = ("A picture of three shapes on a striped background. There are two circles and one star. "
-        "By colour: two red and one blue. The first shape is a large red circle at the top left. "
-        "The second shape is a small red circle at the bottom. The third shape is a large blue star "
-        "on the right. The red circle at the bottom is below the red circle at the top left. "
-        "There are no defects.")
-
-
-@pytest.fixture(scope="module")
-def shapes_tiny():
-    return cliplab.load("shapes-tiny")
+from _long_caption import LONG
 
 
 def test_units_and_compact_forms():

@@ -41,14 +41,6 @@ class Tiny:
         return self.images[i], [self.scenes[i].captions[0]]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("cls", [Captioner, LightCap])
 def test_teacher_forcing_loss_falls_and_the_callers_backbone_is_unchanged(bb, scenes, cls, tmp_path, one_thread):
     flags = [p.requires_grad for p in bb.model.parameters()]

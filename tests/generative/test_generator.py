@@ -13,16 +13,9 @@ from cliplab.generative.generator import (
 )
 from cliplab.train import TrainConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GEN = {"image_size": 16, "width": 8, "mults": (1, 2), "n_tokens": 4}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convolutions: a second thread only spins (and is many times slower on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def blobs(n, size=32, seed=0):

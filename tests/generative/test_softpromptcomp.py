@@ -17,25 +17,7 @@ from cliplab.generative.softpromptcomp import (LongCaptionIds, SoftPromptComp, S
                                                train_softpromptcomp)
 from cliplab.train.losses.base import ModelOutputs
 
-LONG = ("A picture of three shapes on a striped background. There are two circles and one star. "
-        "By colour: two red and one blue. The first shape is a large red circle at the top left. "
-        "The second shape is a small red circle at the bottom. The third shape is a large blue star "
-        "on the right. The red circle at the bottom is below the red circle at the top left. "
-        "There are no defects.")
-
-
-@pytest.fixture(scope="module")
-def shapes_tiny():
-    return cliplab.load("shapes-tiny")
-
-
-@pytest.fixture
-def one_thread():
-    """Small training steps: one thread is many times faster than two on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from _long_caption import LONG
 
 
 def _comp(backbone, k=5, seed=0):
