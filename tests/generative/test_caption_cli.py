@@ -147,7 +147,7 @@ def test_bf16_trains_and_captions(folder, tmp_path, capsys, monkeypatch):
     assert main(["caption", str(folder / "a.png"), "--captioner", str(head)]) == 0       # the recorded precision
     assert "a.png" in capsys.readouterr().out
     assert main(["caption", str(folder / "a.png"), "--captioner", str(head), "--precision", "fp32"]) == 3
-    assert "another Backbone" in capsys.readouterr().err
+    assert "trained on a bf16 Backbone, not on fp32" in capsys.readouterr().err
 
 
 def test_no_output_file_is_left_when_nothing_was_captioned(trained, folder, tmp_path, capsys):

@@ -273,7 +273,7 @@ def test_enhance_cli_refuses_to_overwrite_inputs_and_maps_names(tmp_path, capsys
     Image.fromarray(backlit[0]).save(tmp_path / "a" / "img.png")
     Image.fromarray(backlit[1]).save(tmp_path / "b" / "img.png")
     rave.save_enhancer(rave.EnhancementNet(width=4, seed=0), tmp_path / "enh")
-    assert main(["enhance", str(tmp_path / "a"), "--enhancer", str(tmp_path / "enh"),
+    assert main(["enhance", str(tmp_path / "a" / "img.png"), "--enhancer", str(tmp_path / "enh"),
                  "--out", str(tmp_path / "a")]) == 2
     assert "would overwrite an input image" in capsys.readouterr().err
     assert main(["enhance", str(tmp_path / "a"), str(tmp_path / "b"), "--enhancer", str(tmp_path / "enh"),
@@ -283,3 +283,18 @@ def test_enhance_cli_refuses_to_overwrite_inputs_and_maps_names(tmp_path, capsys
     assert [r[0] for r in rows[1:]] == [str(tmp_path / "a" / "img.png"), str(tmp_path / "b" / "img.png")]
     assert main(["enhance", str(tmp_path / "a"), "--enhancer", str(tmp_path / "enh"), "--out", str(tmp_path / "o"),
                  "--max-side", "3"]) == 2
+    (tmp_path / "c").mkdir()
+    Image.fromarray(backlit[0]).save(tmp_path / "c" / "photo.jpg")
+    assert main(["enhance", str(tmp_path / "c"), "--enhancer", str(tmp_path / "enh"),
+                 "--out", str(tmp_path / "c")]) == 2                   # no name clash, still refused
+    assert main(["enhance", str(tmp_path / "c"), "--enhancer", str(tmp_path / "enh"),
+                 "--out", str(tmp_path / "c" / "sub")]) == 2
+    assert "is an input folder or inside one" in capsys.readouterr().err
+    assert main(["enhance", str(tmp_path / "c"), "--enhancer", str(tmp_path / "enh"), "--out", str(tmp_path / "out")]) == 0
+    rows = list(csv.reader(open(tmp_path / "out" / "enhanced.csv")))       # earlier rows kept, one per output
+    assert sorted(r[1] for r in rows[1:]) == ["img.png", "img_1.png", "photo.png"]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"")
+    assert main(["enhance", str(tmp_path / "bad"), "--enhancer", str(tmp_path / "enh"),
+                 "--out", str(tmp_path / "never")]) == 4
+    assert not (tmp_path / "never").exists()

@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
                                    "ShapesWorld captions (the Backbone frozen): cliplab caption --train DIR "
                                    "[--head captioner|lightcap] [--model SPEC] [--steps N]. Captioning loads the "
                                    "Backbone the head records, or --model SPEC (its fingerprint must match), in "
-                                   "the recorded precision unless --precision is given. --batch-size defaults to "
+                                   "the precision the head was trained in (--precision must match it). --batch-size defaults to "
                                    "64 when captioning (at most the number of images), 32 when training. With "
                                    "--out, each batch is written as it finishes. Exit codes: 0 ok, 2 usage, "
                                    "3 captioner or model not loadable, 4 no readable image or bad output, "
@@ -85,7 +85,7 @@ def run(args) -> int:
         raise UsageError("give the IMAGES to caption (files or folders)")
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix not in (".csv", ".jsonl"):
-        raise UsageError(f"--out must end in .csv or .jsonl, got {out.name}")
+        raise UsageError(f"--out must end in .csv or .jsonl, got {out}")
     from ..data.images import DEFAULT_MAX_PIXELS, find_images
     from ..generative.captioner import load_captioner, recorded_precision
 

@@ -89,10 +89,10 @@ def _compress(args) -> int:
         print(f"skipped {s.source}: {s.reason}", file=sys.stderr)
     if not records:
         raise DataError(f"{args.table}: no usable row ({skipped.count} skipped); nothing was compressed")
-    if args.budget is not None and args.budget < MIN_USEFUL_BUDGET:
-        print(f"warning: --budget {args.budget} leaves room for only a few words per capsule", file=sys.stderr)
     bb = load_backbone(args)
     cap = Capsulator(bb, budget=args.budget)
+    if cap.budget < MIN_USEFUL_BUDGET:
+        print(f"warning: --budget {cap.budget} leaves room for only a few words per capsule", file=sys.stderr)
     texts = list(dict.fromkeys(t for rec in records for t in rec.captions))
     long = [t for t in texts if cap.n_tokens(t) > cap.budget]
     capsules = dict(zip(long, cap.fit(texts).compress(long))) if long else {}

@@ -659,6 +659,10 @@ def load_captioner(path: str | Path, backbone=None, *, device: str = "cpu", prec
         except ModelLoadError as e:
             raise ModelLoadError(f"{path}: cannot load the Backbone the head records ({e}); "
                                  "pass it (backbone=, or --model SPEC on the command line)") from None
+    if backbone.fingerprint != fingerprint and backbone.precision != saved_precision:
+        raise CheckpointMismatch(f"{path}: this head was trained on a {saved_precision} Backbone, not on "
+                                 f"{backbone.precision}: caption at {saved_precision} (the default), or train a "
+                                 f"head at {backbone.precision} (--precision with --train)")
     if backbone.fingerprint != fingerprint:
         raise CheckpointMismatch(f"{path}: this head was trained on another Backbone ({spec}, {saved_precision}, "
                                  f"fingerprint {fingerprint[:12]}), not on {backbone.name} ({backbone.precision}, "
