@@ -8,11 +8,10 @@ import warnings
 import numpy as np
 import pytest
 
-import cliplab
 from cliplab.errors import UsageError
 from cliplab.generative.capsulator import Capsulator, compact, text_units
 
-from _long_caption import LONG
+from _generative_data import LONG
 
 
 def test_units_and_compact_forms():

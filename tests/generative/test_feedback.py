@@ -10,20 +10,9 @@ from cliplab.generative.generator import denoising_error, train_generator
 from cliplab.generative.un2clip import un2clip
 from cliplab.train import TrainConfig
 
+from _generative_data import GEN, blobs
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-GEN = {"image_size": 16, "width": 8, "mults": (1, 2), "n_tokens": 4}
-
-
-def blobs(n, size=32, seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        im = np.full((size, size, 3), 128, np.uint8)
-        x, y = rng.integers(0, size - 10, 2)
-        im[y:y + 10, x:x + 10] = rng.integers(0, 256, 3)
-        out.append(im)
-    return out
 
 
 def config(tmp_path, name, steps, lr):

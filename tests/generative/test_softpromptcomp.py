@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-import cliplab
 from cliplab.errors import CheckpointMismatch, ModelLoadError, UsageError
 from cliplab.generative.softpromptcomp import (LongCaptionIds, SoftPromptComp, SoftPromptCompLoss,
                                                SoftPromptCompressor, load_softpromptcomp, long_token_ids,
                                                train_softpromptcomp)
 from cliplab.train.losses.base import ModelOutputs
 
-from _long_caption import LONG
+from _generative_data import LONG
 
 
 def _comp(backbone, k=5, seed=0):

@@ -43,6 +43,8 @@ Examples
 
 from __future__ import annotations
 
+import abc
+
 import json
 import logging
 import re
@@ -174,7 +176,7 @@ class CaptionDecoder(nn.Module):
         return self.transformer(memory, x)                                           # (B, T, V)
 
 
-class CaptionHead(nn.Module):
+class CaptionHead(nn.Module, metaclass=abc.ABCMeta):
     """What every caption head shares: frozen Backbone, vocabulary, decoder, decoding, save.
 
     A subclass sets ``kind`` and implements :meth:`memory` (images -> what the decoder
@@ -214,9 +216,9 @@ class CaptionHead(nn.Module):
         """The Backbone's model (not a submodule of the head)."""
         return self.backbone.model
 
+    @abc.abstractmethod
     def memory(self, images: torch.Tensor) -> torch.Tensor:
         """What the decoder cross-attends to: (B, M, W) from preprocessed images (B, 3, H, W)."""
-        raise NotImplementedError
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, T, V) of sub-vocabulary ``ids`` (B, T) given images (B, 3, H, W)."""
