@@ -1,8 +1,10 @@
 """benchmarks/caption_shapes.py: a --quick run writes one entry per head with every measure."""
 
-import importlib.util
 import json
 from pathlib import Path
+
+from _benchmarks import load_benchmark
+
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -10,9 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_quick_run_writes_every_measure(tmp_path):
     import torch
 
-    spec = importlib.util.spec_from_file_location("caption_bench", ROOT / "benchmarks" / "caption_shapes.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("caption_shapes.py")
     out = tmp_path / "caption.json"
     threads = torch.get_num_threads()
     torch.set_num_threads(2)                                            # the script runs on 1, then gives back 2
@@ -37,9 +37,7 @@ def test_recorded_canonical_caption_scores_are_the_ones_the_script_computes():
     ``canonical_cider`` gives for its seed and test scenes (no training involved)."""
     import pytest
 
-    spec = importlib.util.spec_from_file_location("caption_bench", ROOT / "benchmarks" / "caption_shapes.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("caption_shapes.py")
     from cliplab.data.shapes import shapes_tiny_world
     from cliplab.data.shapes.worlds import task_world
 

@@ -1,24 +1,14 @@
 """benchmarks/feedback_shapes.py: the quick run writes every number the docs table reads."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[2]
+from _benchmarks import load_benchmark, run_benchmark
 
 
 def test_quick_run_and_table(tmp_path):
-    spec = importlib.util.spec_from_file_location("feedback_bench", ROOT / "benchmarks" / "feedback_shapes.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    threads = torch.get_num_threads()
-    try:
-        bench.main(["--quick", "--out", str(tmp_path / "r.json"), "--work", str(tmp_path / "work"),
-                    "--timesteps", "500", "1000"])
-    finally:
-        torch.set_num_threads(threads)
+    bench = load_benchmark("feedback_shapes.py")
+    run_benchmark(bench, ["--quick", "--out", str(tmp_path / "r.json"), "--work", str(tmp_path / "work"),
+                          "--timesteps", "500", "1000"])
     res = json.loads((tmp_path / "r.json").read_text())
     assert list(res["models"]) == ["shapes-tiny", "diva", "un2clip"]
     for r in res["models"].values():

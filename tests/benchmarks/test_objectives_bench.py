@@ -1,20 +1,15 @@
 """benchmarks/objectives.py: rows from the registry, and the table written into the docs."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from _benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("objectives_bench", ROOT / "benchmarks" / "objectives.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("objectives.py")
 
 
 def _row(name, loss, sps, options=None, budget=None, **cols):

@@ -1,28 +1,18 @@
 """benchmarks/rave_shapes.py --quick: the JSON it writes and its rows, checked against independent numbers."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cliplab.generative.rave import image_quality, shapes_backlit
 
-ROOT = Path(__file__).resolve().parents[2]
+from _benchmarks import load_benchmark, run_benchmark
 
 
 def test_quick_run_writes_every_row(tmp_path):
-    spec = importlib.util.spec_from_file_location("rave_shapes_bench", ROOT / "benchmarks" / "rave_shapes.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     out = tmp_path / "rave.json"
-    threads = torch.get_num_threads()
-    try:
-        result = mod.main(["--quick", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
+    result = run_benchmark(load_benchmark("rave_shapes.py"), ["--quick", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["summary"] == result["summary"]
     methods = [r["method"] for r in saved["rows"]]

@@ -1,24 +1,13 @@
 """benchmarks/vladva_shapes.py --quick: one row per λ and seed, the summary, and no NTP term at λ = 0."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[2]
+from _benchmarks import load_benchmark, run_benchmark
 
 
 def test_quick_run_writes_rows_and_summary(tmp_path):
-    spec = importlib.util.spec_from_file_location("vladva_bench", ROOT / "benchmarks" / "vladva_shapes.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     out = tmp_path / "vladva.json"
-    threads = torch.get_num_threads()
-    try:
-        mod.main(["--quick", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
+    run_benchmark(load_benchmark("vladva_shapes.py"), ["--quick", "--out", str(out)])
     result = json.loads(out.read_text())
     runs = [r["run"] for r in result["rows"]]
     assert runs == ["shapes-tiny (not adapted)", "joint (λ=1)", "contrastive only (λ=0)"]

@@ -1,9 +1,7 @@
 """ICL vs weight shifting for softmax regression: hand-worked cases, gradients, the derived bound."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ from cliplab.errors import UsageError
 from cliplab.experiments import (ICLWeightShiftResult, attention_context_shift, compare_icl_gd, gd_step,
                                  run_icl_experiment, softmax_regression_grad, softmax_regression_loss)
 
-ROOT = Path(__file__).resolve().parents[2]
+from _benchmarks import load_benchmark, run_benchmark
 
 
 def sigmoid(t):
@@ -134,14 +132,7 @@ def test_errors():
 
 
 def test_benchmark_quick_run(tmp_path):
-    spec = importlib.util.spec_from_file_location("icl_bench", ROOT / "benchmarks" / "icl_weight_shift.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     out = tmp_path / "r.json"
-    threads = torch.get_num_threads()
-    try:
-        mod.main(["--quick", "--out", str(out), "--no-figure"])
-    finally:
-        torch.set_num_threads(threads)
+    run_benchmark(load_benchmark("icl_weight_shift.py"), ["--quick", "--out", str(out), "--no-figure"])
     data = json.loads(out.read_text())
     assert data["within_bound"] is True and data["rows"] and data["config"]["trials"] == 8
